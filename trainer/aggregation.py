@@ -1,0 +1,68 @@
+"""Masking and aggregation of per-token losses: pure tensor functions, no trainer state.
+
+A token counts when its response mask is set and its sample is kept (a rollout whose privileged context added
+nothing is dropped with `sample_mask` 0). Masked positions are selected away with `torch.where`, never
+multiplied by 0, so whatever a padded position holds (even inf or NaN) cannot leak into the loss value.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Aggregation = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]
+
+
+def combine_masks(response_mask: torch.Tensor, sample_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask of the tokens that carry loss.
+
+    response_mask: [B, T], nonzero on response tokens. sample_mask: [B] or None, nonzero for kept samples.
+    Returns a bool tensor [B, T].
+    """
+    mask = response_mask.bool()
+    if sample_mask is not None:
+        if sample_mask.shape != mask.shape[:1]:
+            raise ValueError(f"sample_mask has shape {tuple(sample_mask.shape)}, expected ({mask.shape[0]},)")
+        mask = mask & sample_mask.bool().unsqueeze(-1)
+    return mask
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    mode: Aggregation,
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss to a scalar over the masked tokens.
+
+    per_token: [B, T]; mask: [B, T] (bool, or nonzero = kept; build it with `combine_masks`).
+    - token_mean: sum over kept tokens / number of kept tokens.
+    - seq_mean_token_sum: per sequence, the sum over its kept tokens; mean over sequences with a kept token.
+    - seq_mean_token_mean: per sequence, the mean over its kept tokens; mean over sequences with a kept token.
+    `normalizer` replaces the count in the final division (tokens for token_mean, sequences for the seq modes):
+    pass the mini-batch's count so that the micro-batches of one optimizer step add up to the mini-batch mean.
+    With nothing kept the result is 0 and still has a gradient path (all-zero gradients), never NaN.
+    Returns a 0-dim tensor in per_token's dtype.
+    """
+    if per_token.shape != mask.shape:
+        raise ValueError(f"per_token {tuple(per_token.shape)} and mask {tuple(mask.shape)} differ in shape")
+    mask = mask.bool()
+    kept = torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+    if mode == "token_mean":
+        total = kept.sum()
+        count = mask.sum()
+    elif mode == "seq_mean_token_sum":
+        total = kept.sum(dim=-1).sum()
+        count = mask.any(dim=-1).sum()
+    elif mode == "seq_mean_token_mean":
+        tokens_per_seq = mask.sum(dim=-1).clamp(min=1).to(per_token.dtype)
+        total = (kept.sum(dim=-1) / tokens_per_seq).sum()
+        count = mask.any(dim=-1).sum()
+    else:
+        raise ValueError(f"unknown aggregation mode {mode!r}")
+    if normalizer is None:
+        # An empty batch divides 0 by 1: the loss is 0 and backward still runs.
+        return total / count.clamp(min=1).to(per_token.dtype)
+    return total / normalizer

@@ -1,0 +1,389 @@
+"""The OPSD losses of METHOD.md section 1 (steps 5-7) and the CREDIT reward of section 6, as pure tensor functions.
+
+Conventions shared by every function here:
+- B rollouts, T response positions, V vocabulary entries. Position t of a logits tensor [B, T, V] holds the
+  logits that predict token t of the response (the caller has already shifted them by one).
+- Both sides' logits are divided by the rollout `temperature` before any softmax, and computed in at least
+  float32 (bf16/fp16 inputs are upcast; float64 stays float64).
+- The teacher never receives a gradient: its logits are detached on entry, so it may be run under
+  `torch.no_grad()` or not at all differentiably. Gradients flow only through the student.
+- No logging, no devices, no distributed calls: functions return tensors, and `opsd_loss` returns
+  `(loss, metrics)` with detached 0-dim metric tensors for the caller to log.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from trainer.aggregation import Aggregation, aggregate, combine_masks
+
+Divergence = Literal["reverse_kl", "forward_kl", "jsd", "sampled_token"]
+Support = Literal["topk_tail", "topk_renorm", "full"]
+
+# exp() of a log-ratio beyond this overflows in float32; the reference code clamps the same way.
+_MAX_LOG_RATIO = 20.0
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits in at least float32, divided by the temperature. [..., V] -> [..., V]."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+
+
+def _log1mexp(log_p: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(log_p)) for log_p < 0, accurate at both ends (expm1 near 0, log1p far from it)."""
+    return torch.where(log_p > -math.log(2.0), torch.log(-torch.expm1(log_p)), torch.log1p(-torch.exp(log_p)))
+
+
+def _with_tail(top_logps: torch.Tensor) -> torch.Tensor:
+    """Append the tail bucket log(1 - sum p_topk) to full-vocabulary-normalised top-k log-probs.
+
+    top_logps: [..., k] -> [..., k + 1]. The covered mass is clamped just below 1, so a top-k that holds all
+    the mass up to rounding gives a tiny finite tail (and no gradient through the clamp) instead of log(0).
+    """
+    covered = torch.logsumexp(top_logps, dim=-1, keepdim=True)
+    covered = covered.clamp(max=-torch.finfo(top_logps.dtype).eps)
+    return torch.cat([top_logps, _log1mexp(covered)], dim=-1)
+
+
+def _divergence_over_categories(
+    student_logps: torch.Tensor, teacher_logps: torch.Tensor, *, divergence: str, alpha: float
+) -> torch.Tensor:
+    """Divergence between two normalised distributions over the same C categories. [..., C] -> [...]."""
+    if divergence == "reverse_kl":
+        return (student_logps.exp() * (student_logps - teacher_logps)).sum(-1)
+    elif divergence == "forward_kl":
+        return (teacher_logps.exp() * (teacher_logps - student_logps)).sum(-1)
+    elif divergence == "jsd":
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"jsd alpha must lie in [0, 1], got {alpha}")
+        # The mixture form vanishes at both ends; alpha=0 and 1 are defined as its limits divided by
+        # alpha and 1-alpha respectively, i.e. forward and reverse KL (the convention of GKD and the reference).
+        if alpha == 0.0:
+            return _divergence_over_categories(student_logps, teacher_logps, divergence="forward_kl", alpha=alpha)
+        if alpha == 1.0:
+            return _divergence_over_categories(student_logps, teacher_logps, divergence="reverse_kl", alpha=alpha)
+        mixture_logps = torch.logsumexp(
+            torch.stack([teacher_logps + math.log(alpha), student_logps + math.log(1.0 - alpha)]), dim=0
+        )
+        kl_teacher = (teacher_logps.exp() * (teacher_logps - mixture_logps)).sum(-1)
+        kl_student = (student_logps.exp() * (student_logps - mixture_logps)).sum(-1)
+        return alpha * kl_teacher + (1.0 - alpha) * kl_student
+    else:
+        raise ValueError(f"unknown divergence {divergence!r} (sampled_token is computed by sampled_token_loss)")
+
+
+def _support_logps(
+    student: torch.Tensor, teacher: torch.Tensor, *, support: str, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides' log-probs over the categories of `support`. Scaled logits [..., V] -> two [..., C].
+
+    C = V for full (and for top-k supports with k >= V, where the tail is empty and the result is exactly
+    the full divergence), k + 1 for topk_tail, k for topk_renorm. The top-k ids are the student's.
+    """
+    vocab = student.shape[-1]
+    if support == "full" or (support in ("topk_tail", "topk_renorm") and top_k >= vocab):
+        return student.log_softmax(-1), teacher.log_softmax(-1)
+    elif support in ("topk_tail", "topk_renorm"):
+        if top_k < 1:
+            raise ValueError(f"top_k must be positive, got {top_k}")
+        ids = student.detach().topk(top_k, dim=-1).indices
+        student_top = student.gather(-1, ids)
+        teacher_top = teacher.gather(-1, ids)
+        if support == "topk_renorm":
+            return student_top.log_softmax(-1), teacher_top.log_softmax(-1)
+        # Normalised by the full vocabulary, so the k ids keep their true mass and the tail holds the rest.
+        student_top = student_top - student.logsumexp(-1, keepdim=True)
+        teacher_top = teacher_top - teacher.logsumexp(-1, keepdim=True)
+        return _with_tail(student_top), _with_tail(teacher_top)
+    else:
+        raise ValueError(f"unknown support {support!r}")
+
+
+def _gather_logps(scaled: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Log-probs of token_ids under scaled logits, without materialising a log_softmax. [B,T,V],[B,T] -> [B,T]."""
+    return scaled.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
+
+
+def token_logps(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float) -> torch.Tensor:
+    """Log-probabilities of the taken tokens.
+
+    logits: [B, T, V] (position t predicts token_ids[:, t]); token_ids: [B, T] int64.
+    Returns [B, T] in at least float32: logits[token]/temperature - logsumexp(logits/temperature).
+    """
+    return _gather_logps(_scaled(logits, temperature), token_ids)
+
+
+def _position_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    token_ids: torch.Tensor | None,
+    *,
+    divergence: str,
+    support: str,
+    top_k: int,
+    alpha: float,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Everything one chunk of positions contributes: (per-token divergence, student and teacher token logps).
+
+    [B, t, V], [B, t, V], [B, t] or None -> three [B, t] (token logps None when token_ids is None). For
+    sampled_token the first output is the one-sample surrogate and token_ids are required.
+    """
+    student = _scaled(student_logits, temperature)
+    teacher = _scaled(teacher_logits.detach(), temperature)
+    student_tok = teacher_tok = None
+    if token_ids is not None:
+        student_tok = _gather_logps(student, token_ids)
+        teacher_tok = _gather_logps(teacher, token_ids)
+    if divergence == "sampled_token":
+        if token_ids is None:
+            raise ValueError("the sampled_token divergence needs the response token ids")
+        per_token = sampled_token_loss(student_tok, teacher_tok)
+    else:
+        student_logps, teacher_logps = _support_logps(student, teacher, support=support, top_k=top_k)
+        per_token = _divergence_over_categories(student_logps, teacher_logps, divergence=divergence, alpha=alpha)
+    return per_token, student_tok, teacher_tok
+
+
+def _chunked_position_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    token_ids: torch.Tensor | None,
+    *,
+    chunk_size: int | None,
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`_position_terms` over slices of at most chunk_size positions, concatenated along T.
+
+    Each slice runs under activation checkpointing: its [B, chunk, V] float32 intermediates are freed after the
+    forward and recomputed one slice at a time in the backward, so memory is bounded by one slice, not by T.
+    """
+    teacher_logits = teacher_logits.detach()
+    n_positions = student_logits.shape[1]
+    if chunk_size is None or chunk_size >= n_positions:
+        return _position_terms(student_logits, teacher_logits, token_ids, **options)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+
+    def run(student_part, teacher_part, ids_part):
+        return _position_terms(student_part, teacher_part, ids_part, **options)
+
+    recompute = torch.is_grad_enabled() and student_logits.requires_grad
+    parts = []
+    for start in range(0, n_positions, chunk_size):
+        window = slice(start, start + chunk_size)
+        args = (student_logits[:, window], teacher_logits[:, window],
+                None if token_ids is None else token_ids[:, window])
+        parts.append(checkpoint(run, *args, use_reentrant=False) if recompute else run(*args))
+    per_token = torch.cat([p[0] for p in parts], dim=1)
+    if token_ids is None:
+        return per_token, None, None
+    return per_token, torch.cat([p[1] for p in parts], dim=1), torch.cat([p[2] for p in parts], dim=1)
+
+
+def distillation_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"],
+    support: Support,
+    top_k: int,
+    alpha: float,
+    temperature: float,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Per-position divergence between the student's and the teacher's next-token distributions.
+
+    student_logits, teacher_logits: [B, T, V] (the teacher is detached). Returns [B, T] in at least float32.
+    Both sides are softmaxed at `temperature`, then compared over the categories of `support`:
+    - topk_tail: the student's top-k ids, each side normalised by its own full-vocabulary logsumexp, plus one
+      tail bucket log(1 - sum of the top-k probabilities) per side: k + 1 categories. k >= V is the full
+      vocabulary exactly (the tail is empty and dropped).
+    - topk_renorm: the student's top-k ids, renormalised over those k on each side; no tail.
+    - full: the whole vocabulary.
+    With S the student's and Q the teacher's distribution over those categories:
+    - reverse_kl = KL(S || Q) = sum S log(S / Q)  (the paper's setting)
+    - forward_kl = KL(Q || S) = sum Q log(Q / S)
+    - jsd, generalised with weight alpha (TRL's GKD convention): M = alpha Q + (1 - alpha) S,
+      JSD = alpha KL(Q || M) + (1 - alpha) KL(S || M); alpha = 0.5 is the symmetric JSD. At the ends the
+      mixture form vanishes, and alpha = 0 is defined as forward KL, alpha = 1 as reverse KL: the limits of
+      JSD / alpha as alpha -> 0 and JSD / (1 - alpha) as alpha -> 1.
+    chunk_size: compute at most this many positions at a time (see `opsd_loss`); the result is the same.
+    """
+    per_token, _, _ = _chunked_position_terms(
+        student_logits, teacher_logits, None, chunk_size=chunk_size,
+        divergence=divergence, support=support, top_k=top_k, alpha=alpha, temperature=temperature,
+    )
+    return per_token
+
+
+def sampled_token_loss(student_logps: torch.Tensor, teacher_logps: torch.Tensor) -> torch.Tensor:
+    """One-sample reverse-KL surrogate: (student_logps - teacher_logps).detach() * student_logps.
+
+    student_logps, teacher_logps: [B, T] log-probs of the sampled tokens (from `token_logps`). Returns [B, T].
+    With tokens drawn from the student, the expected gradient of this surrogate equals the gradient of
+    KL(student || teacher) (score-function estimator); its value is not the KL (the KL estimate is the
+    detached log-ratio itself).
+    """
+    return (student_logps - teacher_logps).detach() * student_logps
+
+
+def importance_weights(
+    student_logps: torch.Tensor, old_logps: torch.Tensor, *, clip: float | None
+) -> torch.Tensor:
+    """Detached per-token ratio exp(student_logps - old_logps), clipped from above at `clip` (None: unclipped).
+
+    student_logps, old_logps: [B, T]. Returns [B, T]. The log-ratio is clamped to [-20, 20] before exp so a
+    stale or padded position cannot overflow. Used for the mini-batch ratio against the policy that sampled the
+    batch, and (with trainer vs rollout-engine log-probs) for the optional rollout correction.
+    """
+    log_ratio = (student_logps.detach() - old_logps.detach()).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = log_ratio.exp()
+    return ratio if clip is None else ratio.clamp(max=clip)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Detached mean of values [B, T] over mask [B, T] (bool); 0 when nothing is kept."""
+    values = values.detach()
+    total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+    return total / mask.sum().clamp(min=1)
+
+
+def opsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    sample_mask: torch.Tensor | None = None,
+    *,
+    divergence: Divergence,
+    support: Support,
+    top_k: int,
+    jsd_alpha: float,
+    aggregation: Aggregation,
+    is_clip: float | None,
+    rollout_is_clip: float | None,
+    temperature: float,
+    old_logps: torch.Tensor | None = None,
+    rollout_logps: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The OPSD loss of one (micro-)batch: divergence per response token, importance weight, masked aggregate.
+
+    student_logits, teacher_logits: [B, T, V], position t predicting response_ids[:, t]; the teacher saw the
+    privileged context, the student did not, and only the student gets a gradient. response_ids: [B, T] int64.
+    response_mask: [B, T], nonzero on response tokens. sample_mask: [B] or None, 0 drops a rollout whose
+    context added nothing. The option names are LossConfig's fields, so `**cfg.loss.model_dump()` fits.
+    - divergence/support/top_k/jsd_alpha: see `distillation_divergence`; 'sampled_token' uses
+      `sampled_token_loss` on the response tokens and ignores support and top_k.
+    - old_logps [B, T]: log-probs of the response under the policy that sampled this batch (before this step's
+      earlier mini-batches). With it and is_clip set, each token's divergence is weighted by
+      `importance_weights(student, old, clip=is_clip)`; is_clip None or old_logps None applies no ratio
+      (None old_logps means the batch is on-policy, ratio 1).
+    - rollout_logps [B, T]: the rollout engine's log-probs of the same tokens. With rollout_is_clip set, tokens
+      are also weighted by exp(trainer - rollout) clipped at rollout_is_clip, where trainer is old_logps if
+      given, else the current student's (detached).
+    - chunk_size: positions per slice, computed under activation checkpointing; same loss and gradient.
+    - normalizer: passed to `aggregate` (e.g. the mini-batch's token count under gradient accumulation).
+    Returns (loss: 0-dim tensor, metrics: detached 0-dim tensors): divergence (mean over kept tokens of the
+    divergence; for sampled_token the log-ratio, whose expectation is the reverse KL), is_weight_mean,
+    is_clip_fraction, rollout_is_weight_mean, rollout_is_clip_fraction (over kept tokens; 1 and 0 when not
+    applied), valid_tokens.
+    """
+    mask = combine_masks(response_mask, sample_mask)
+    per_token, student_tok, teacher_tok = _chunked_position_terms(
+        student_logits, teacher_logits, response_ids, chunk_size=chunk_size,
+        divergence=divergence, support=support, top_k=top_k, alpha=jsd_alpha, temperature=temperature,
+    )
+    divergence_values = (student_tok - teacher_tok) if divergence == "sampled_token" else per_token
+
+    ones = torch.ones_like(per_token, dtype=per_token.dtype)
+    weights = ones
+    is_weights, is_clipped = ones, torch.zeros_like(mask)
+    if old_logps is not None and is_clip is not None:
+        is_weights = importance_weights(student_tok, old_logps, clip=is_clip)
+        is_clipped = (student_tok.detach() - old_logps) > math.log(is_clip)
+        weights = weights * is_weights
+    rollout_weights, rollout_clipped = ones, torch.zeros_like(mask)
+    if rollout_logps is not None and rollout_is_clip is not None:
+        trainer_logps = old_logps if old_logps is not None else student_tok
+        rollout_weights = importance_weights(trainer_logps, rollout_logps, clip=rollout_is_clip)
+        rollout_clipped = (trainer_logps.detach() - rollout_logps) > math.log(rollout_is_clip)
+        weights = weights * rollout_weights
+
+    loss = aggregate(per_token * weights, mask, mode=aggregation, normalizer=normalizer)
+    metrics = {
+        "divergence": _masked_mean(divergence_values, mask),
+        "is_weight_mean": _masked_mean(is_weights, mask),
+        "is_clip_fraction": _masked_mean(is_clipped.to(per_token.dtype), mask),
+        "rollout_is_weight_mean": _masked_mean(rollout_weights, mask),
+        "rollout_is_clip_fraction": _masked_mean(rollout_clipped.to(per_token.dtype), mask),
+        "valid_tokens": mask.sum().detach(),
+    }
+    return loss, metrics
+
+
+def credit_rewards(
+    teacher_logps: torch.Tensor,
+    student_logps: torch.Tensor,
+    contrast_teacher_logps: torch.Tensor,
+    *,
+    contrast_mask: torch.Tensor | None = None,
+    response_mask: torch.Tensor | None = None,
+    baseline: Literal["swapped_reward", "swapped_teacher_logps"] = "swapped_reward",
+    baseline_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CREDIT per-token rewards (METHOD.md section 6): the self-distillation reward minus a batch-contrastive baseline.
+
+    teacher_logps: [B, T], log pi_teacher(y_t | x_i, c_i, y_<t) of rollout i's own tokens.
+    student_logps: [B, T], log pi_student(y_t | x_i, y_<t).
+    contrast_teacher_logps: [B, J, T], log pi_teacher(y_t | x_j, c_j, y_<t): the teacher on the same tokens of
+    rollout i with its input (and context) swapped for the j-th other input of the batch.
+    contrast_mask: [B, J] or None, nonzero where contrast j exists. response_mask: [B, T] or None.
+
+    Formula implemented, with r_t = teacher_logps - student_logps the self-distillation reward and
+    J_i = {j : contrast_mask[i, j]}:
+      baseline 'swapped_reward':        b_t = mean_{j in J_i} (contrast_teacher_logps[i, j, t] - student_logps[i, t])
+                                        (the same reward recomputed with the teacher's input swapped; at weight
+                                        1 the student term cancels: reward = teacher - mean_j contrast)
+      baseline 'swapped_teacher_logps': b_t = mean_{j in J_i} contrast_teacher_logps[i, j, t]
+      reward_t = r_t - baseline_weight * b_t,  with b_t = 0 when J_i is empty (the plain reward).
+    Rewards are detached and 0 outside response_mask. Returns (rewards [B, T], metrics: mean reward, mean
+    baseline over response tokens, fraction of rollouts without any contrast).
+    """
+    teacher_logps, student_logps = teacher_logps.detach(), student_logps.detach()
+    contrast_teacher_logps = contrast_teacher_logps.detach()
+    n_batch, n_contrast, _ = contrast_teacher_logps.shape
+    if contrast_mask is None:
+        contrast_mask = torch.ones(n_batch, n_contrast, dtype=torch.bool, device=contrast_teacher_logps.device)
+    contrast_mask = contrast_mask.bool()
+    if response_mask is None:
+        response_mask = torch.ones_like(teacher_logps, dtype=torch.bool)
+    response_mask = response_mask.bool()
+
+    if baseline == "swapped_reward":
+        contrast_values = contrast_teacher_logps - student_logps.unsqueeze(1)
+    elif baseline == "swapped_teacher_logps":
+        contrast_values = contrast_teacher_logps
+    else:
+        raise ValueError(f"unknown CREDIT baseline {baseline!r}")
+    zero = torch.zeros((), dtype=contrast_values.dtype, device=contrast_values.device)
+    kept = torch.where(contrast_mask.unsqueeze(-1), contrast_values, zero)
+    n_kept = contrast_mask.sum(dim=1, keepdim=True)
+    baseline_values = kept.sum(dim=1) / n_kept.clamp(min=1).to(kept.dtype)
+
+    rewards = (teacher_logps - student_logps) - baseline_weight * baseline_values
+    rewards = torch.where(response_mask, rewards, zero)
+    metrics = {
+        "credit_reward_mean": _masked_mean(rewards, response_mask),
+        "credit_baseline_mean": _masked_mean(baseline_values, response_mask),
+        "credit_no_contrast_fraction": (n_kept.squeeze(1) == 0).to(rewards.dtype).mean(),
+    }
+    return rewards, metrics
