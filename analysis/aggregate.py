@@ -1,0 +1,75 @@
+"""Configurations (model × context) from trials: means and SDs over seeds, and the points a fit uses."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from analysis.errors import AnalysisError
+
+CONFIG_KEYS = ["model_family", "model", "model_size_b", "context"]
+Unit = Literal["configuration", "seed"]
+
+
+def aggregate_configs(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, context) of completed trials.
+
+    Columns: CONFIG_KEYS, n_seeds, gap_mean, gap_sd, improvement_mean, improvement_sd (sample SD, ddof=1;
+    0 for a single seed), initial_student_mean, initial_teacher_mean, final_student_mean.
+    """
+    grouped = trials.groupby(CONFIG_KEYS, sort=True, observed=True)
+    out = grouped.agg(
+        n_seeds=("seed", "size"),
+        gap_mean=("initial_gap", "mean"),
+        gap_sd=("initial_gap", "std"),
+        improvement_mean=("improvement", "mean"),
+        improvement_sd=("improvement", "std"),
+        initial_student_mean=("initial_student_acc", "mean"),
+        initial_teacher_mean=("initial_teacher_acc", "mean"),
+        final_student_mean=("final_student_acc", "mean"),
+    ).reset_index()
+    out[["gap_sd", "improvement_sd"]] = out[["gap_sd", "improvement_sd"]].fillna(0.0)
+    return out
+
+
+def fit_weights(improvement_sd: np.ndarray, n_seeds: np.ndarray) -> np.ndarray:
+    """Inverse-variance weights of configuration means, normalised to mean 1.
+
+    The variance of a mean is SD²/n; it is floored at 10% of the median positive variance so that a
+    configuration whose seeds happened to agree does not take all the weight. Normalising to mean 1 keeps the
+    residual variance of the fit on the scale of a typical configuration, which is what a prediction for a
+    new configuration needs.
+    """
+    n_seeds = np.asarray(n_seeds, dtype=float)
+    if (n_seeds < 2).any():
+        raise AnalysisError("weighted fit needs at least 2 seeds per configuration")
+    var = np.asarray(improvement_sd, dtype=float) ** 2 / n_seeds
+    positive = var[var > 0]
+    if positive.size == 0:
+        raise AnalysisError("weighted fit: every configuration has zero seed variance")
+    w = 1.0 / np.maximum(var, 0.1 * np.median(positive))
+    return w / w.mean()
+
+
+def fit_points(trials: pd.DataFrame, *, unit: Unit = "configuration", weighted: bool = False) -> pd.DataFrame:
+    """The points a law is fitted on: columns CONFIG_KEYS, config (model|context), gap, improvement, weight.
+
+    unit "configuration": one point per configuration (means over seeds); "seed": one point per trial, and a
+    weighted fit gives each trial its configuration's weight divided by its seed count.
+    """
+    configs = aggregate_configs(trials)
+    weights = fit_weights(configs["improvement_sd"], configs["n_seeds"]) if weighted else np.ones(len(configs))
+    configs = configs.assign(weight=weights, config=configs["model"] + "|" + configs["context"])
+    if unit == "configuration":
+        points = configs.rename(columns={"gap_mean": "gap", "improvement_mean": "improvement"})
+    elif unit == "seed":
+        per_config = configs[["model", "context", "config", "weight", "n_seeds"]]
+        points = trials.merge(per_config, on=["model", "context"], how="left")
+        points = points.rename(columns={"initial_gap": "gap"})
+        points["weight"] = points["weight"] / points["n_seeds"]
+        points["weight"] = points["weight"] / points["weight"].mean()
+    else:
+        raise AnalysisError(f"unknown fit unit {unit!r} (use 'configuration' or 'seed')")
+    return points[[*CONFIG_KEYS, "config", "gap", "improvement", "weight"]].reset_index(drop=True)

@@ -1,0 +1,216 @@
+"""The paper's three figures, from a FitResult (and steps for the dynamics), as PNG and PDF.
+
+Figures are built on matplotlib's object API (no pyplot, so no global state and no display) at paper size:
+single column 3.4 in, double 7 in, fonts of 7–8 pt. Each function returns what it drew, so tests can check
+the plotted lines against the fit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from analysis.fit import FitResult, fit_line
+
+SINGLE, DOUBLE = 3.4, 7.0  # column widths in inches
+STYLE = {
+    "font.size": 7, "axes.titlesize": 8, "axes.labelsize": 7.5, "legend.fontsize": 7,
+    "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.2, "axes.linewidth": 0.6,
+    "axes.spines.top": False, "axes.spines.right": False, "savefig.dpi": 300, "pdf.fonttype": 42,
+}
+GAP_LABEL = "Initial gap (self-teacher − student acc.)"
+IMPROVEMENT_LABEL = "Improvement (final − initial acc.)"
+MARKERS = "osD^vP*X"
+
+
+def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
+    for path in paths:
+        fig.savefig(path, bbox_inches="tight")
+    return paths
+
+
+def _palette(names) -> dict[str, tuple]:
+    cmap = matplotlib.colormaps["tab10"]
+    return {name: cmap(i % 10) for i, name in enumerate(names)}
+
+
+def _fit_curve(res, x_lo: float, x_hi: float, confidence: float) -> dict[str, np.ndarray]:
+    """The fitted line and its confidence band for the mean, on a grid across the gaps."""
+    pad = 0.05 * (x_hi - x_lo)
+    grid = np.linspace(x_lo - pad, x_hi + pad, 50)
+    frame = res.get_prediction(np.column_stack([np.ones_like(grid), grid])).summary_frame(alpha=1 - confidence)
+    return {"x": grid, "y": frame["mean"].to_numpy(),
+            "band_lo": frame["mean_ci_lower"].to_numpy(), "band_hi": frame["mean_ci_upper"].to_numpy()}
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.2f}"
+
+
+def fig1_law(fit: FitResult, out_dir: str | Path) -> dict:
+    """Fig. 1: improvement vs gap per family — configuration means with 1-SD error bars over seeds on both
+    axes, coloured by context, the fitted line with its confidence band, and slope, R², LOO R².
+
+    Returns {"paths": [...], "families": {family: {"x", "y", "band_lo", "band_hi", "slope", "intercept",
+    "n_points"}}} where slope/intercept are those of the drawn line.
+    """
+    law = fit.law
+    families = list(law.families)
+    configs = fit.configs[fit.configs["model_family"].isin(families)]
+    colours = _palette(sorted(configs["context"].unique()))
+    drawn: dict[str, dict] = {}
+    with matplotlib.rc_context(STYLE):
+        width = SINGLE if len(families) == 1 else DOUBLE
+        ncols = min(len(families), 3)
+        nrows = -(-len(families) // ncols)
+        fig = Figure(figsize=(width, 2.5 * nrows + 0.5), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+        for ax, family in zip(axes, families):
+            line = law.families[family]
+            sub = configs[configs["model_family"] == family]
+            models = sorted(sub["model"].unique())
+            for row in sub.itertuples():
+                ax.errorbar(row.gap_mean, row.improvement_mean, xerr=row.gap_sd, yerr=row.improvement_sd,
+                            fmt=MARKERS[models.index(row.model) % len(MARKERS)], color=colours[row.context],
+                            ms=4, elinewidth=0.7, capsize=1.5, mec="white", mew=0.4, zorder=3)
+            curve = _fit_curve(fit.models[family], line.x_min, line.x_max, law.settings["confidence"])
+            ax.fill_between(curve["x"], curve["band_lo"], curve["band_hi"], color="0.6", alpha=0.3, lw=0, zorder=1)
+            ax.plot(curve["x"], curve["y"], color="0.15", zorder=2)
+            ax.axhline(0, color="0.7", lw=0.5, zorder=0)
+            ax.set_title(family)
+            ax.set_xlabel(GAP_LABEL)
+            ax.set_ylabel(IMPROVEMENT_LABEL)
+            ax.text(0.03, 0.97, f"slope {line.slope:.2f} [{line.slope_ci[0]:.2f}, {line.slope_ci[1]:.2f}]\n"
+                    f"$R^2$ {_fmt(line.r2)}, LOO $R^2$ {_fmt(line.loo_r2)}\n{line.n_configs} configs, "
+                    f"{line.n_trials} trials", transform=ax.transAxes, va="top", fontsize=7,
+                    bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "0.8", "lw": 0.5})
+            if len(models) > 1:
+                handles = [Line2D([], [], ls="", marker=MARKERS[i % len(MARKERS)], color="0.3", ms=4, label=m)
+                           for i, m in enumerate(models)]
+                ax.legend(handles=handles, loc="lower right", frameon=False, title="model", title_fontsize=7)
+            slope, intercept = np.polyfit(curve["x"], curve["y"], 1)
+            drawn[family] = {**curve, "slope": float(slope), "intercept": float(intercept), "n_points": len(sub)}
+        for ax in axes[len(families):]:
+            ax.set_visible(False)
+        handles = [Line2D([], [], ls="", marker="o", color=c, ms=4, label=ctx) for ctx, c in colours.items()]
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), frameon=False,
+                   title="context", title_fontsize=7)
+        paths = _save(fig, Path(out_dir), "fig1_law")
+    return {"paths": paths, "families": drawn}
+
+
+def fig2_dynamics(steps: pd.DataFrame, out_dir: str | Path) -> dict:
+    """Fig. 2: student (solid) and self-teacher (dashed) validation accuracy over training steps, one panel
+    per context, one colour per model, mean over seeds with a ±1 SD band.
+
+    steps: results.join_steps() output. Returns {"paths": [...], "curves": {(context, model): DataFrame
+    with step, student_mean, student_sd, teacher_mean, teacher_sd}}.
+    """
+    contexts = sorted(steps["context"].unique())
+    colours = _palette(sorted(steps["model"].unique()))
+    curves: dict[tuple[str, str], pd.DataFrame] = {}
+    with matplotlib.rc_context(STYLE):
+        ncols = min(len(contexts), 3)
+        nrows = -(-len(contexts) // ncols)
+        width = SINGLE if ncols == 1 else DOUBLE
+        fig = Figure(figsize=(width, 1.9 * nrows + 0.6), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True).ravel()
+        for ax, context in zip(axes, contexts):
+            for model, rows in steps[steps["context"] == context].groupby("model", sort=True):
+                curve = rows.groupby("step").agg(
+                    student_mean=("student_acc", "mean"), student_sd=("student_acc", "std"),
+                    teacher_mean=("teacher_acc", "mean"), teacher_sd=("teacher_acc", "std")).fillna(0.0)
+                curve = curve.reset_index()
+                curves[(context, model)] = curve
+                for who, ls in (("student", "-"), ("teacher", "--")):
+                    mean, sd = curve[f"{who}_mean"], curve[f"{who}_sd"]
+                    ax.plot(curve["step"], mean, ls=ls, color=colours[model])
+                    ax.fill_between(curve["step"], mean - sd, mean + sd, color=colours[model], alpha=0.15, lw=0)
+            ax.set_title(context)
+        for ax in axes[len(contexts):]:
+            ax.set_visible(False)
+        for ax in axes[: len(contexts)]:
+            ax.tick_params(labelbottom=True, labelleft=True)
+        fig.supxlabel("Training step", fontsize=7.5)
+        fig.supylabel("Validation accuracy", fontsize=7.5)
+        handles = [Line2D([], [], color=c, label=m) for m, c in colours.items()]
+        handles += [Line2D([], [], color="0.3", ls="-", label="student"),
+                    Line2D([], [], color="0.3", ls="--", label="self-teacher")]
+        fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 4), frameon=False)
+        paths = _save(fig, Path(out_dir), "fig2_dynamics")
+    return {"paths": paths, "curves": curves}
+
+
+def fig3_scale(fit: FitResult, out_dir: str | Path) -> dict:
+    """Fig. 3: the law across model sizes. (a) improvement vs gap coloured by size, one fitted line per model
+    that has at least 3 configurations; (b) each model's slope with its confidence interval against size,
+    beside its family's slope (dashed line) and band.
+
+    Returns {"paths": [...], "models": {model: {"size", "family", "slope", "slope_ci", "line_slope"}}}.
+    """
+    law = fit.law
+    confidence = law.settings["confidence"]
+    configs = fit.configs[fit.configs["model_family"].isin(list(law.families))]
+    sizes = sorted(configs["model_size_b"].unique())
+    cmap = matplotlib.colormaps["viridis"]
+    size_colour = {s: cmap(0.85 * i / max(len(sizes) - 1, 1)) for i, s in enumerate(sizes)}
+    families = sorted(configs["model_family"].unique())
+    per_model: dict[str, dict] = {}
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(DOUBLE, 2.8), layout="constrained")
+        ax_law, ax_slope = fig.subplots(1, 2)
+        for model, sub in configs.groupby("model", sort=True):
+            size, family = float(sub["model_size_b"].iloc[0]), sub["model_family"].iloc[0]
+            colour, marker = size_colour[size], MARKERS[families.index(family) % len(MARKERS)]
+            ax_law.errorbar(sub["gap_mean"], sub["improvement_mean"], xerr=sub["gap_sd"], yerr=sub["improvement_sd"],
+                            fmt=marker, color=colour, ms=4, elinewidth=0.6, capsize=1.2, mec="white", mew=0.4)
+            if len(sub) >= 3 and np.ptp(sub["gap_mean"].to_numpy()) > 0:
+                res = fit_line(sub["gap_mean"], sub["improvement_mean"])
+                lo, hi = sub["gap_mean"].min(), sub["gap_mean"].max()
+                xs = np.array([lo, hi])
+                ys = res.params[0] + res.params[1] * xs
+                ax_law.plot(xs, ys, color=colour, lw=1)
+                ci = np.asarray(res.conf_int(alpha=1 - confidence))[1]
+                per_model[model] = {"size": size, "family": family, "slope": float(res.params[1]),
+                                    "slope_ci": (float(ci[0]), float(ci[1])),
+                                    "line_slope": float((ys[1] - ys[0]) / (xs[1] - xs[0]))}
+        ax_law.axhline(0, color="0.7", lw=0.5, zorder=0)
+        ax_law.set_xlabel(GAP_LABEL)
+        ax_law.set_ylabel(IMPROVEMENT_LABEL)
+        ax_law.set_title("(a) the law at each size")
+        handles = [Line2D([], [], ls="", marker="o", color=c, ms=4, label=f"{s:g}B") for s, c in size_colour.items()]
+        if len(families) > 1:
+            handles += [Line2D([], [], ls="", marker=MARKERS[i % len(MARKERS)], color="0.3", ms=4, label=f)
+                        for i, f in enumerate(families)]
+        ax_law.legend(handles=handles, loc="upper left", frameon=False, ncols=2 if len(handles) > 5 else 1)
+
+        for i, family in enumerate(families):
+            line = law.families[family]
+            colour = f"C{i}"
+            ax_slope.axhline(line.slope, color=colour, ls="--", lw=0.8, label=f"{family} (all sizes)")
+            ax_slope.axhspan(*line.slope_ci, color=colour, alpha=0.12, lw=0)
+            items = [v for v in per_model.values() if v["family"] == family]
+            if items:
+                xs = [v["size"] for v in items]
+                ys = [v["slope"] for v in items]
+                err = np.array([[v["slope"] - v["slope_ci"][0], v["slope_ci"][1] - v["slope"]] for v in items]).T
+                ax_slope.errorbar(xs, ys, yerr=err, fmt=MARKERS[i % len(MARKERS)], color=colour, ms=4,
+                                  capsize=2, elinewidth=0.8)
+        lo, hi = ax_slope.get_ylim()
+        ax_slope.set_ylim(lo, hi + 0.3 * (hi - lo))  # headroom for the legend above the intervals
+        ax_slope.set_xscale("log")
+        ax_slope.set_xticks(sizes, [f"{s:g}" for s in sizes])
+        ax_slope.minorticks_off()
+        ax_slope.set_xlabel("Model size (billions of parameters)")
+        ax_slope.set_ylabel(f"Slope ({100 * confidence:g}% CI)")
+        ax_slope.set_title("(b) slope of the law by size")
+        ax_slope.legend(loc="upper left", frameon=False, ncols=2)
+        paths = _save(fig, Path(out_dir), "fig3_scale")
+    return {"paths": paths, "models": per_model}

@@ -1,0 +1,184 @@
+"""Fitting the law improvement = a + b·gap: one line per model family, a pooled line, and the test of whether
+families share a slope (METHOD.md §5). Every reported line is a statsmodels OLS (or WLS) fit."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+import statsmodels.api as sm
+from statsmodels.regression.linear_model import RegressionResultsWrapper
+
+from analysis.aggregate import Unit, aggregate_configs, fit_points
+from analysis.crossval import leave_group_out
+from analysis.errors import AnalysisError
+from analysis.law import Law, LineLaw
+
+MIN_CONFIGS = 3  # two points always lie on a line; a third is the least that can disagree with it
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A fitted law and what the report and figures show beside it."""
+
+    law: Law
+    configs: pd.DataFrame  # aggregate_configs() of the completed trials
+    # fit_points() + family_fitted, fitted, residual, leverage, cooks_d, student_resid, loo_prediction
+    points: pd.DataFrame
+    models: dict[str, RegressionResultsWrapper]  # per fitted family, and "pooled"
+
+
+def fit_line(x, y, *, weights=None, confidence: float = 0.95) -> RegressionResultsWrapper:
+    """OLS (or WLS with `weights`) of y on [1, x]. params are (intercept, slope)."""
+    design = sm.add_constant(np.asarray(x, dtype=float), has_constant="add")
+    y = np.asarray(y, dtype=float)
+    model = sm.OLS(y, design) if weights is None else sm.WLS(y, design, weights=np.asarray(weights, dtype=float))
+    with warnings.catch_warnings():
+        # A perfect fit (zero residual variance) makes t statistics infinite; the numbers stay meaningful.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return model.fit()
+
+
+def _cv_dict(x, y, groups, weights) -> dict | None:
+    if len(np.unique(groups)) < 2:
+        return None
+    cv = leave_group_out(x, y, groups, weights)
+    return {"r2": cv.r2, "rmse": cv.rmse, "n_groups": cv.n_groups}
+
+
+def _line_law(res: RegressionResultsWrapper, points: pd.DataFrame, n_trials: int, *, confidence: float,
+              loo) -> LineLaw:
+    ci = np.asarray(res.conf_int(alpha=1 - confidence))
+    cov = np.asarray(res.cov_params())
+    x = points["gap"].to_numpy()
+    sizes = tuple(sorted(float(s) for s in points["model_size_b"].unique()))
+    by_size = _cv_dict(x, points["improvement"].to_numpy(), points["model_size_b"].to_numpy(),
+                       points["weight"].to_numpy()) if len(sizes) > 1 else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pvalues = np.asarray(res.pvalues, dtype=float)
+    return LineLaw(
+        slope=float(res.params[1]), intercept=float(res.params[0]),
+        slope_ci=(float(ci[1, 0]), float(ci[1, 1])), intercept_ci=(float(ci[0, 0]), float(ci[0, 1])),
+        slope_se=float(res.bse[1]), intercept_se=float(res.bse[0]),
+        slope_p=float(pvalues[1]), intercept_p=float(pvalues[0]),
+        r2=float(res.rsquared), loo_r2=loo.r2, loo_rmse=loo.rmse,
+        n_configs=int(points["config"].nunique()), n_trials=n_trials, n_points=len(points),
+        df_resid=float(res.df_resid), residual_var=float(res.scale),
+        coef_cov=((float(cov[0, 0]), float(cov[0, 1])), (float(cov[1, 0]), float(cov[1, 1]))),
+        x_mean=float(x.mean()), x_min=float(x.min()), x_max=float(x.max()), sizes=sizes,
+        leave_one_size_out=by_size,
+    )
+
+
+def _why_not_fittable(points: pd.DataFrame) -> str | None:
+    n_configs = points["config"].nunique()
+    if n_configs < MIN_CONFIGS:
+        return f"{n_configs} configuration(s), a fit needs at least {MIN_CONFIGS}"
+    if np.ptp(points["gap"].to_numpy()) <= 1e-12 * max(1.0, float(points["gap"].abs().max())):
+        return f"all {n_configs} configurations have the same gap ({points['gap'].iloc[0]:.4g}), no slope can be fitted"
+    return None
+
+
+def interaction_test(points: pd.DataFrame, *, confidence: float = 0.95) -> dict | None:
+    """Do families share a slope? F-test of improvement ~ gap·family against improvement ~ gap + family.
+
+    Also reports the common slope of the restricted model (family as a factor: one intercept per family,
+    one slope). None with fewer than two families.
+    """
+    families = sorted(points["model_family"].unique())
+    if len(families) < 2:
+        return None
+    gap = points["gap"].to_numpy(dtype=float)
+    dummies = np.column_stack([(points["model_family"] == f).to_numpy(dtype=float) for f in families[1:]])
+    restricted_x = np.column_stack([np.ones_like(gap), gap, dummies])
+    full_x = np.column_stack([restricted_x, dummies * gap[:, None]])
+    y = points["improvement"].to_numpy(dtype=float)
+    w = points["weight"].to_numpy(dtype=float)
+    restricted = sm.WLS(y, restricted_x, weights=w).fit()
+    full = sm.WLS(y, full_x, weights=w).fit()
+    if full.df_resid < 1:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        f_value, p_value, df_diff = full.compare_f_test(restricted)
+    ci = np.asarray(restricted.conf_int(alpha=1 - confidence))
+    return {
+        "test": "F: improvement ~ gap*family vs improvement ~ gap + family",
+        "f": float(f_value), "p": float(p_value), "df_num": float(df_diff), "df_den": float(full.df_resid),
+        "families": families,
+        "common_slope": float(restricted.params[1]), "common_slope_ci": [float(ci[1, 0]), float(ci[1, 1])],
+    }
+
+
+def fit_law(trials: pd.DataFrame, *, unit: Unit = "configuration", weighted: bool = False,
+            confidence: float = 0.95) -> FitResult:
+    """Fit the law on completed trials (see results.completed_trials).
+
+    One line per family with at least 3 configurations of different gaps (others are listed in
+    law.skipped), a pooled line over the fitted families, LOO (leave one configuration out), leave one size
+    out per family and leave one family out for the pooled line where there are groups to leave out, and
+    per-point diagnostics (leverage, Cook's distance, studentised residuals).
+    """
+    if not 0 < confidence < 1:
+        raise AnalysisError(f"confidence must lie in (0, 1), got {confidence}")
+    configs = aggregate_configs(trials)
+    points = fit_points(trials, unit=unit, weighted=weighted)
+    why = _why_not_fittable(points)
+    if why:
+        raise AnalysisError(f"cannot fit the law: {why}")
+    weights = points["weight"].to_numpy() if weighted else None
+
+    families: dict[str, LineLaw] = {}
+    skipped: dict[str, str] = {}
+    models: dict[str, RegressionResultsWrapper] = {}
+    columns = {c: np.full(len(points), np.nan) for c in
+               ("fitted", "residual", "leverage", "cooks_d", "student_resid", "loo_prediction")}
+    fitted_mask = np.zeros(len(points), dtype=bool)
+    for family, rows in points.groupby("model_family", sort=True).groups.items():
+        sub = points.loc[rows]
+        why = _why_not_fittable(sub)
+        if why:
+            skipped[family] = why
+            continue
+        w = None if weights is None else sub["weight"].to_numpy()
+        res = fit_line(sub["gap"], sub["improvement"], weights=w, confidence=confidence)
+        loo = leave_group_out(sub["gap"], sub["improvement"], sub["config"], sub["weight"])
+        n_trials = int(trials["model_family"].eq(family).sum())
+        families[family] = _line_law(res, sub, n_trials, confidence=confidence, loo=loo)
+        models[family] = res
+        idx = np.asarray(rows)
+        fitted_mask[idx] = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            # WLS results have no influence measures; those of OLS on the whitened data are the WLS ones.
+            influence = sm.OLS(res.model.wendog, res.model.wexog).fit().get_influence()
+            columns["leverage"][idx] = influence.hat_matrix_diag
+            columns["cooks_d"][idx] = influence.cooks_distance[0]
+            columns["student_resid"][idx] = influence.resid_studentized_external
+        columns["fitted"][idx] = res.fittedvalues
+        columns["residual"][idx] = sub["improvement"].to_numpy() - res.fittedvalues
+        columns["loo_prediction"][idx] = loo.predictions
+    if not families:
+        reasons = "; ".join(f"{f}: {r}" for f, r in skipped.items())
+        raise AnalysisError(f"cannot fit the law for any model family ({reasons})")
+
+    pooled_points = points[fitted_mask]
+    w = None if weights is None else pooled_points["weight"].to_numpy()
+    res = fit_line(pooled_points["gap"], pooled_points["improvement"], weights=w, confidence=confidence)
+    loo = leave_group_out(pooled_points["gap"], pooled_points["improvement"], pooled_points["config"],
+                          pooled_points["weight"])
+    pooled = _line_law(res, pooled_points, int(trials["model_family"].isin(list(families)).sum()),
+                       confidence=confidence, loo=loo)
+    by_family = _cv_dict(pooled_points["gap"].to_numpy(), pooled_points["improvement"].to_numpy(),
+                         pooled_points["model_family"].to_numpy(), pooled_points["weight"].to_numpy())
+    pooled = replace(pooled, families=tuple(families), leave_one_family_out=by_family,
+                     interaction_test=interaction_test(pooled_points, confidence=confidence))
+    models["pooled"] = res
+
+    settings = {"unit": unit, "weighted": weighted, "confidence": confidence, "bootstrap": 0, "seed": None}
+    law = Law(settings=settings, families=families, pooled=pooled, skipped=skipped)
+    points = points.assign(family_fitted=fitted_mask, **columns)
+    return FitResult(law=law, configs=configs, points=points, models=models)

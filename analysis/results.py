@@ -1,0 +1,164 @@
+"""Loading and validating sweep results: `trials.parquet` (one row per trial) and `steps.parquet`.
+
+trials.parquet needs the columns in `TRIAL_COLUMNS`; only rows with status "completed" count, and any other
+columns (the orchestrator adds GPU-hours, config, code version, ...) are ignored. steps.parquet, used only by
+the dynamics figure, needs `STEP_COLUMNS`; `model`, `model_family`, `context` and `seed` are taken from it when
+present, else joined from trials.parquet through `trial_id`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.errors import AnalysisError
+
+TRIAL_COLUMNS: dict[str, str] = {
+    "model": "str",
+    "model_family": "str",
+    "model_size_b": "float",
+    "context": "str",
+    "seed": "int",
+    "initial_student_acc": "float",
+    "initial_teacher_acc": "float",
+    "initial_gap": "float",
+    "final_student_acc": "float",
+    "improvement": "float",
+    "status": "str",
+}
+STEP_COLUMNS: dict[str, str] = {
+    "trial_id": "str",
+    "step": "int",
+    "phase": "str",
+    "student_acc": "float",
+    "teacher_acc": "float",
+}
+# Columns that identify a trial's place in the grid; steps.parquet may carry them or borrow them from trials.
+STEP_JOIN_COLUMNS = ("model", "model_family", "model_size_b", "context", "seed")
+COMPLETED = "completed"
+
+
+def read_table(path: Path, *, what: str) -> pd.DataFrame:
+    """One table from .parquet, .csv, .json (records) or .jsonl, chosen by the file's suffix."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnalysisError(f"{what} not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        if suffix == ".csv":
+            return pd.read_csv(path)
+        if suffix == ".jsonl":
+            return pd.read_json(path, lines=True)
+        if suffix == ".json":
+            return pd.read_json(path, orient="records")
+    except (OSError, ValueError) as err:  # pyarrow and pandas raise subclasses of these on corrupt files
+        raise AnalysisError(f"cannot read {what} {path}: {str(err).splitlines()[0]}") from err
+    raise AnalysisError(f"{what} {path}: unknown format {suffix!r} (use .parquet, .csv, .json or .jsonl)")
+
+
+def load_results(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Read RESULTS (a folder holding trials.parquet and maybe steps.parquet, or a trials file itself).
+
+    Returns `(trials, steps)`: all trial rows as stored (validate with `completed_trials`), and the step rows
+    or None when there is no steps.parquet beside the trials.
+    """
+    path = Path(path)
+    if path.is_dir():
+        trials_path = path / "trials.parquet"
+        if not trials_path.is_file():
+            raise AnalysisError(f"{path} holds no trials.parquet")
+    elif path.exists():
+        trials_path = path
+    else:
+        raise AnalysisError(f"results not found: {path}")
+    trials = read_table(trials_path, what="trials file")
+    steps_path = trials_path.parent / "steps.parquet"
+    steps = read_table(steps_path, what="steps file") if steps_path.is_file() else None
+    return trials, steps
+
+
+def _row_names(frame: pd.DataFrame, mask: np.ndarray, limit: int = 5) -> str:
+    """Rows named by trial_id when there is one, else by their 0-based position in the file."""
+    if "trial_id" in frame.columns:
+        names = [f"trial_id={v}" for v in frame.loc[mask, "trial_id"].astype(str)]
+    else:
+        names = [f"row {i}" for i in np.flatnonzero(mask)]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def completed_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """The completed trials, checked and typed, with the columns of `TRIAL_COLUMNS` (+ trial_id if present).
+
+    Raises AnalysisError naming missing columns, the rows holding NaN or non-numeric values, duplicate
+    (model, context, seed) trials, a model listed under two families or sizes, or an empty result.
+    """
+    missing = [c for c in TRIAL_COLUMNS if c not in trials.columns]
+    if missing:
+        raise AnalysisError(f"trials file lacks column(s): {', '.join(missing)}")
+    frame = trials.reset_index(drop=True)
+    done = frame["status"].astype(str).str.lower().eq(COMPLETED).to_numpy()
+    if not done.any():
+        statuses = ", ".join(sorted(frame["status"].astype(str).unique())) or "none"
+        raise AnalysisError(f"no completed trials ({len(frame)} row(s), statuses: {statuses})")
+    keep = [c for c in ("trial_id", *TRIAL_COLUMNS) if c in frame.columns]
+    out = frame.loc[done, keep].copy()
+    for col, kind in TRIAL_COLUMNS.items():
+        if kind in ("float", "int"):
+            values = pd.to_numeric(out[col], errors="coerce")
+            bad = values.isna().to_numpy() | ~np.isfinite(values.to_numpy(dtype=float, na_value=np.nan))
+            if bad.any():
+                rows = np.zeros(len(frame), dtype=bool)
+                rows[np.flatnonzero(done)[bad]] = True
+                raise AnalysisError(
+                    f"column {col} has NaN or non-numeric values in completed trials: {_row_names(frame, rows)}")
+            out[col] = values.astype(float if kind == "float" else "int64")
+        else:
+            bad = out[col].isna().to_numpy()
+            if bad.any():
+                rows = np.zeros(len(frame), dtype=bool)
+                rows[np.flatnonzero(done)[bad]] = True
+                raise AnalysisError(f"column {col} is empty in completed trials: {_row_names(frame, rows)}")
+            out[col] = out[col].astype(str)
+    dup = out.duplicated(["model", "context", "seed"], keep=False).to_numpy()
+    if dup.any():
+        rows = np.zeros(len(frame), dtype=bool)
+        rows[np.flatnonzero(done)[dup]] = True
+        raise AnalysisError(f"more than one completed trial for the same model, context and seed: "
+                            f"{_row_names(frame, rows)}")
+    for col in ("model_family", "model_size_b"):
+        per_model = out.groupby("model")[col].nunique()
+        if (per_model > 1).any():
+            models = ", ".join(per_model.index[per_model > 1])
+            raise AnalysisError(f"model(s) {models} appear with more than one {col}")
+    return out.reset_index(drop=True)
+
+
+def join_steps(steps: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    """Step rows of completed trials with model, family, size, context and seed attached.
+
+    Keeps phase "eval" rows when there are any (the dynamics figure shows evaluations), else all rows.
+    """
+    missing = [c for c in STEP_COLUMNS if c not in steps.columns]
+    if missing:
+        raise AnalysisError(f"steps file lacks column(s): {', '.join(missing)}")
+    frame = steps.copy()
+    frame["trial_id"] = frame["trial_id"].astype(str)
+    need = [c for c in STEP_JOIN_COLUMNS if c not in frame.columns]
+    if need:
+        if "trial_id" not in trials.columns:
+            raise AnalysisError(f"steps file lacks {', '.join(need)} and trials file has no trial_id to join them")
+        table = trials[["trial_id", *need]].drop_duplicates("trial_id").copy()
+        table["trial_id"] = table["trial_id"].astype(str)
+        frame = frame.merge(table, on="trial_id", how="inner")
+    if "trial_id" in trials.columns:
+        frame = frame[frame["trial_id"].isin(trials["trial_id"].astype(str))]
+    if frame["phase"].astype(str).eq("eval").any():
+        frame = frame[frame["phase"].astype(str) == "eval"]
+    for col in ("step", "student_acc", "teacher_acc"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    return frame.dropna(subset=["step", "student_acc", "teacher_acc"]).reset_index(drop=True)
