@@ -1,1 +1,27 @@
-"""sandbox"""
+"""sandbox: the world of a trial (problems and their tests, code extraction, isolated execution, grading,
+feedback text). Imports no torch."""
+
+from sandbox.extract import assemble_program, code_blocks, extract_code
+from sandbox.feedback import FORMAT_ERROR_TEXT, TRUNCATED_TEXT, TestResult, render_feedback
+from sandbox.grader import GradeRequest, Grader, Verdict, stdout_matches, validate_problem, values_equal
+from sandbox.loaders import (
+    RELEASE_WINDOWS,
+    decode_lcb_tests,
+    filter_by_date,
+    lcb_row_to_problem,
+    load_humaneval,
+    load_livecodebench_file,
+    load_livecodebench_hf,
+    load_problems_jsonl,
+    release_window,
+    save_problems_jsonl,
+)
+from sandbox.problems import Problem, ProblemError, ProblemTest, SandboxError
+
+__all__ = [
+    "FORMAT_ERROR_TEXT", "RELEASE_WINDOWS", "TRUNCATED_TEXT", "GradeRequest", "Grader", "Problem", "ProblemError",
+    "ProblemTest", "SandboxError", "TestResult", "Verdict", "assemble_program", "code_blocks", "decode_lcb_tests",
+    "extract_code", "filter_by_date", "lcb_row_to_problem", "load_humaneval", "load_livecodebench_file",
+    "load_livecodebench_hf", "load_problems_jsonl", "release_window", "render_feedback", "save_problems_jsonl",
+    "stdout_matches", "validate_problem", "values_equal",
+]

@@ -16,12 +16,23 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class SandboxError(ValueError):
+    """Bad input to the sandbox a user can fix (a file, a problem, a setting); the message says what to fix."""
+
+    user_facing = True
+
+
+class ProblemError(SandboxError):
+    """A problem that cannot be graded: no tests, a malformed test, trusted test code that fails by itself."""
+
+
 class ProblemTest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["stdin", "functional", "check"]
     input: str
     output: str = ""
+    public: bool = Field(False, description="Shown in the problem statement (LiveCodeBench public tests).")
 
 
 class Problem(BaseModel):

@@ -1,0 +1,456 @@
+"""Grading: run a response's program on a problem's tests in the executor, compare in this (trusted) process.
+
+The untrusted program only produces output (stdout, or a returned value decoded to plain data); every
+comparison, and the trusted test code of `check` tests, runs here. Comparison rules:
+- stdin: the whole output and the expected output are stripped and split into lines; lines match when equal
+  after stripping, or when both hold the same number of whitespace-separated tokens that all parse as numbers
+  and are pairwise equal (as Decimals, so "1.0" equals "1"; within `float_tolerance` when it is > 0), as
+  LiveCodeBench does.
+- functional: each input line is one JSON argument; the returned value (tuples read as lists) must equal the
+  JSON-decoded expected output; numbers compare within `float_tolerance` when it is > 0.
+- check: the trusted test code runs with `candidate` calling the program; AssertionError (or another exception
+  raised by the test code after a call) is a wrong answer, a failed call has the call's status.
+Verdict of a response: accepted when every test passed, else the most telling failure: runtime error, time
+limit, memory limit, output limit, wrong answer (the order in which feedback reports them).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sandbox.extract import CodeBlockMode, assemble_program, extract_code
+from sandbox.feedback import TestResult, render_feedback
+from sandbox.problems import Problem, ProblemError, ProblemTest
+
+VerdictName = Literal[
+    "accepted", "wrong_answer", "runtime_error", "time_limit", "memory_limit", "output_limit", "format_error"
+]
+# Failure statuses by precedence: the verdict of a response is the first of these that any test has.
+FAILURE_ORDER = ("runtime_error", "time_limit", "memory_limit", "output_limit", "wrong_answer")
+_SANDBOX_FAILURES = ("runtime_error", "time_limit", "memory_limit", "output_limit")
+
+
+class Verdict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    verdict: VerdictName
+    passed: bool = Field(description="Every test passed (reward 1).")
+    tests_passed: int
+    tests_total: int
+    feedback: str = Field(description="World feedback text (METHOD.md section 3); empty when accepted.")
+    tests: list[TestResult] = Field(default_factory=list, description="Per-test results, in test order.")
+
+    @property
+    def fraction_passed(self) -> float:
+        return self.tests_passed / self.tests_total if self.tests_total else 0.0
+
+
+@dataclass(frozen=True)
+class GradeRequest:
+    """One response to grade; `tests` picks a subset of the problem's tests (e.g. the train half)."""
+
+    problem: Problem
+    response: str
+    tests: Sequence[ProblemTest] | None = None
+    truncated: bool = False
+
+
+# ----------------------------------------------------------------------------------------------- comparisons
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _numbers_close(a: float, b: float, tol: float) -> bool:
+    if tol <= 0:
+        return a == b
+    return math.isclose(a, b, rel_tol=tol, abs_tol=tol)
+
+
+def values_equal(actual: Any, expected: Any, *, float_tolerance: float = 0.0) -> bool:
+    """A returned value against a JSON-decoded expected value: tuples count as lists, numbers within tolerance."""
+    if isinstance(actual, tuple):
+        actual = list(actual)
+    if _is_number(actual) and _is_number(expected):
+        return _numbers_close(actual, expected, float_tolerance)
+    if isinstance(actual, list) and isinstance(expected, list):
+        return len(actual) == len(expected) and all(
+            values_equal(a, e, float_tolerance=float_tolerance) for a, e in zip(actual, expected))
+    if isinstance(actual, dict) and isinstance(expected, dict):
+        return actual.keys() == expected.keys() and all(
+            values_equal(actual[k], expected[k], float_tolerance=float_tolerance) for k in expected)
+    if type(actual) is not type(expected) and not (_is_number(actual) or _is_number(expected)):
+        return False
+    return actual == expected
+
+
+def _decimal_tokens(line: str) -> list[Decimal] | None:
+    try:
+        return [Decimal(tok) for tok in line.split()]
+    except InvalidOperation:
+        return None
+
+
+def stdout_matches(actual: str, expected: str, *, float_tolerance: float = 0.0) -> bool:
+    """Stdin-test output rule (see the module docstring)."""
+    actual_lines = [line.strip() for line in actual.strip().splitlines()]
+    expected_lines = [line.strip() for line in expected.strip().splitlines()]
+    if len(actual_lines) != len(expected_lines):
+        return False
+    for a, e in zip(actual_lines, expected_lines):
+        if a == e:
+            continue
+        a_nums, e_nums = _decimal_tokens(a), _decimal_tokens(e)
+        if a_nums is None or e_nums is None or len(a_nums) != len(e_nums) or not a_nums:
+            return False
+        if any(not x.is_finite() or not y.is_finite() for x, y in zip(a_nums, e_nums)):
+            if any(x != y for x, y in zip(a_nums, e_nums)):
+                return False
+            continue
+        if float_tolerance > 0:
+            ok = all(_numbers_close(float(x), float(y), float_tolerance) for x, y in zip(a_nums, e_nums))
+        else:
+            ok = all(x == y for x, y in zip(a_nums, e_nums))
+        if not ok:
+            return False
+    return True
+
+
+def show_value(value: Any) -> str:
+    """A returned value as feedback text: JSON where it is JSON, else Python's repr."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _decode(data: bytes) -> tuple[str, bool]:
+    """(text, valid UTF-8); invalid bytes become U+FFFD so the text can still be shown."""
+    try:
+        return data.decode("utf-8"), True
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace"), False
+
+
+# ------------------------------------------------------------------------------------------ problem validation
+
+
+def functional_args(test: ProblemTest) -> list[Any]:
+    """The JSON arguments of a functional test, one per non-blank input line."""
+    return [json.loads(line) for line in test.input.split("\n") if line.strip()]
+
+
+def validate_problem(problem: Problem, tests: Sequence[ProblemTest] | None = None) -> None:
+    """Raise ProblemError (naming the problem and test) if `problem` cannot be graded with `tests`."""
+    tests = problem.tests if tests is None else tests
+    where = f"problem {problem.id}"
+    if not tests:
+        raise ProblemError(f"{where} has no tests to grade against")
+    for i, test in enumerate(tests):
+        try:
+            if test.kind == "functional":
+                if not problem.func_name:
+                    raise ProblemError("functional test without func_name")
+                functional_args(test)
+                json.loads(test.output)
+            elif test.kind == "check":
+                if not problem.func_name:
+                    raise ProblemError("check test without func_name")
+                compile(test.input, "<check>", "exec")
+        except (json.JSONDecodeError, SyntaxError) as err:
+            raise ProblemError(f"{where}: test {i + 1} ({test.kind}) is malformed: {err}") from None
+        except ProblemError as err:
+            raise ProblemError(f"{where}: test {i + 1}: {err}") from None
+    if any(t.kind == "check" for t in tests) and problem.check_setup:
+        try:
+            exec(compile(problem.check_setup, "<check_setup>", "exec"), {"__name__": "check_setup"})
+        except Exception as err:  # trusted code that fails by itself: the problem, not the program, is wrong
+            raise ProblemError(f"{where}: check_setup fails: {type(err).__name__}: {err}") from None
+
+
+def call_target(problem: Problem, program: str) -> str:
+    """What functional and check tests call: `Solution.<func_name>` when the program (or, if it does not parse,
+    the starter code) defines class Solution with that method, else `<func_name>`."""
+    name = problem.func_name or ""
+    if "." in name:
+        return name
+    for code in (program, problem.starter_code):
+        try:
+            tree = ast.parse(code)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and node.name == "Solution":
+                if any(isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and m.name == name for m in node.body):
+                    return f"Solution.{name}"
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+                return name
+    return name
+
+
+# ------------------------------------------------------------------------------------------------ check tests
+
+
+class _CallFailed(Exception):
+    """A candidate call that did not return (runtime error, limit); ends the check test with that status."""
+
+    def __init__(self, outcome: Any):
+        super().__init__(outcome.status)
+        self.outcome = outcome
+
+
+def _call_text(name: str, args: Sequence[Any]) -> str:
+    return f"{name}({', '.join(show_value(a) for a in args)})"
+
+
+def _expected_of_assert(test_code: str, namespace: dict[str, Any]) -> str | None:
+    """For `assert candidate(...) == EXPR`, the value of EXPR (evaluated by the trusted test code's namespace)."""
+    try:
+        tree = ast.parse(test_code)
+    except SyntaxError:
+        return None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
+        return None
+    test = tree.body[0].test
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return None
+    left, right = test.left, test.comparators[0]
+
+    def is_call(node: ast.AST) -> bool:
+        return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "candidate"
+
+    other = right if is_call(left) else left if is_call(right) else None
+    if other is None or any(isinstance(n, ast.Name) and n.id == "candidate" for n in ast.walk(other)):
+        return None
+    try:
+        return show_value(eval(compile(ast.Expression(other), "<expected>", "eval"), namespace))
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------- grader
+
+
+class Grader:
+    """Grades responses on an executor (`sandbox.executor.Executor`): one session per response.
+
+    time_limit_s: per run of a stdin test, per call of a functional or check test.
+    stop_at_first_failure: skip the remaining tests after the first failure (they count as not passed).
+    stop_after_time_limit: skip the remaining tests after a time or memory limit (each would likely cost the
+      full limit again); they count as not passed.
+    float_tolerance: relative and absolute tolerance for numbers (0: exact, as LiveCodeBench).
+    n_threads: responses graded at once by `grade_many` (default: the executor's worker count).
+    """
+
+    def __init__(
+        self,
+        executor: Any,
+        *,
+        code_block: CodeBlockMode = "longest",
+        time_limit_s: float = 6.0,
+        stop_at_first_failure: bool = False,
+        stop_after_time_limit: bool = True,
+        float_tolerance: float = 0.0,
+        n_threads: int | None = None,
+    ):
+        if code_block not in ("longest", "last"):
+            raise ValueError(f"unknown code block mode {code_block!r} (longest | last)")
+        self.executor = executor
+        self.code_block = code_block
+        self.time_limit_s = time_limit_s
+        self.stop_at_first_failure = stop_at_first_failure
+        self.stop_after_time_limit = stop_after_time_limit
+        self.float_tolerance = float_tolerance
+        self.n_threads = n_threads or getattr(executor, "n_workers", None) or os.cpu_count() or 1
+
+    # -- one response
+
+    def grade(
+        self, problem: Problem, response: str, *, tests: Sequence[ProblemTest] | None = None, truncated: bool = False
+    ) -> Verdict:
+        """Extract the program from `response` and grade it; no code block is a format error."""
+        tests = list(problem.tests if tests is None else tests)
+        validate_problem(problem, tests)
+        code = extract_code(response, mode=self.code_block)
+        if code is None:
+            return Verdict(verdict="format_error", passed=False, tests_passed=0, tests_total=len(tests),
+                           feedback=render_feedback([], format_error=True, truncated=truncated))
+        return self._run(problem, assemble_program(problem, code), tests)
+
+    def grade_program(self, problem: Problem, code: str, *, tests: Sequence[ProblemTest] | None = None) -> Verdict:
+        """Grade a bare program (no extraction; HumanEval bodies are still assembled with the prompt)."""
+        tests = list(problem.tests if tests is None else tests)
+        validate_problem(problem, tests)
+        return self._run(problem, assemble_program(problem, code), tests)
+
+    def _run(self, problem: Problem, program: str, tests: list[ProblemTest]) -> Verdict:
+        target = call_target(problem, program)
+        results: list[TestResult] = []
+        with self.executor.session(program) as session:
+            stop = False
+            for index, test in enumerate(tests):
+                if stop:
+                    results.append(TestResult(index=index, kind=test.kind, status="not_run", input=test.input))
+                    continue
+                if test.kind == "stdin":
+                    result = self._stdin_test(session, index, test)
+                elif test.kind == "functional":
+                    result = self._functional_test(session, index, test, target)
+                elif test.kind == "check":
+                    result = self._check_test(session, index, test, problem, target)
+                else:
+                    raise ProblemError(f"problem {problem.id}: unknown test kind {test.kind!r}")
+                results.append(result)
+                stop = (self.stop_at_first_failure and result.status != "passed") or (
+                    self.stop_after_time_limit and result.status in ("time_limit", "memory_limit"))
+        return self.verdict_from_results(results)
+
+    @staticmethod
+    def verdict_from_results(results: Sequence[TestResult]) -> Verdict:
+        """The verdict and feedback of a response from its per-test results (pure)."""
+        n_passed = sum(r.status == "passed" for r in results)
+        statuses = {r.status for r in results}
+        name = next((s for s in FAILURE_ORDER if s in statuses), "accepted")
+        if name == "accepted" and n_passed < len(results):
+            name = "wrong_answer"  # only not-run tests left: cannot happen without a failure, kept for safety
+        return Verdict(verdict=name, passed=name == "accepted", tests_passed=n_passed, tests_total=len(results),
+                       feedback=render_feedback(results), tests=list(results))
+
+    # -- one test of each kind
+
+    def _stdin_test(self, session: Any, index: int, test: ProblemTest) -> TestResult:
+        outcome = session.run_stdin(test.input.encode("utf-8"), timeout_s=self.time_limit_s)
+        stdout, utf8 = _decode(outcome.stdout)
+        stderr, _ = _decode(outcome.stderr)
+        base = dict(index=index, kind="stdin", input=test.input, expected=test.output.strip(), stderr=stderr,
+                    wall_s=outcome.wall_s)
+        status = outcome.status
+        if status == "ok" and outcome.exit_code not in (0, None):
+            return TestResult(**base, status="runtime_error", output=stdout,
+                              error=outcome.error or f"the program exited with code {outcome.exit_code}")
+        if status != "ok":
+            return TestResult(**base, status=status, output=stdout, error=outcome.error)
+        if not utf8:
+            return TestResult(**base, status="wrong_answer", output=stdout,
+                              error="(the output is not valid UTF-8)")
+        ok = stdout_matches(stdout, test.output, float_tolerance=self.float_tolerance)
+        return TestResult(**base, status="passed" if ok else "wrong_answer", output=stdout.strip())
+
+    def _functional_test(self, session: Any, index: int, test: ProblemTest, target: str) -> TestResult:
+        args = functional_args(test)
+        expected = json.loads(test.output)
+        outcome = session.call(target, args, timeout_s=self.time_limit_s)
+        stderr, _ = _decode(outcome.stderr)
+        base = dict(index=index, kind="functional", input=test.input.strip(), expected=show_value(expected),
+                    stderr=stderr, wall_s=outcome.wall_s)
+        if outcome.status != "ok":
+            return TestResult(**base, status=outcome.status, error=outcome.error)
+        ok = values_equal(outcome.value, expected, float_tolerance=self.float_tolerance)
+        return TestResult(**base, status="passed" if ok else "wrong_answer", output=show_value(outcome.value))
+
+    def _check_test(self, session: Any, index: int, test: ProblemTest, problem: Problem, target: str) -> TestResult:
+        calls: list[tuple[list[Any], Any]] = []  # (arguments, returned value) of each call, in order
+        stderr_parts: list[str] = []
+        wall = 0.0
+        shown_name = problem.func_name or target
+
+        def candidate(*args: Any, **kwargs: Any) -> Any:
+            nonlocal wall
+            if kwargs:
+                raise ProblemError(f"problem {problem.id}: check tests may call candidate with positional arguments only")
+            outcome = session.call(target, list(args), timeout_s=self.time_limit_s)
+            wall += outcome.wall_s
+            stderr_parts.append(_decode(outcome.stderr)[0])
+            calls.append((list(args), outcome.value if outcome.status == "ok" else None))
+            if outcome.status != "ok":
+                raise _CallFailed(outcome)
+            return outcome.value
+
+        namespace: dict[str, Any] = {"__name__": "check"}
+        if problem.check_setup:
+            exec(compile(problem.check_setup, "<check_setup>", "exec"), namespace)
+        namespace["candidate"] = candidate
+        status, error = "passed", None
+        try:
+            exec(compile(test.input, "<check>", "exec"), namespace)
+        except _CallFailed as failed:
+            status, error = failed.outcome.status, failed.outcome.error
+        except ProblemError:
+            raise
+        except AssertionError as err:
+            status, error = "wrong_answer", (f"AssertionError: {err}" if str(err) else None)
+        except Exception as err:
+            if not calls:
+                raise ProblemError(
+                    f"problem {problem.id}: check test {index + 1} fails before calling candidate: "
+                    f"{type(err).__name__}: {err}") from None
+            # The test code choked on what the program returned (e.g. arithmetic on None): a wrong answer.
+            status, error = "wrong_answer", f"the test raised {type(err).__name__}: {err}"
+        last_args, last_value = calls[-1] if calls else ([], None)
+        shown_input = _call_text(shown_name, last_args) if calls else test.input.strip()
+        expected = _expected_of_assert(test.input, namespace) if status == "wrong_answer" else None
+        if status == "wrong_answer" and expected is None:
+            expected = test.input.strip()  # the assertion itself says what was expected
+        return TestResult(
+            index=index, kind="check", status=status, input=shown_input,
+            output=show_value(last_value) if calls and status in ("passed", "wrong_answer") else None,
+            expected=expected, error=error, stderr="".join(stderr_parts), wall_s=wall)
+
+    # -- many responses
+
+    def grade_many(self, items: Sequence[GradeRequest | tuple], *, progress: bool = False) -> list[Verdict]:
+        """Grade many responses on `n_threads` threads (each holds one executor session at a time), in order.
+
+        Every problem is validated first, so a malformed problem raises ProblemError before anything runs.
+        """
+        requests = [item if isinstance(item, GradeRequest) else GradeRequest(*item) for item in items]
+        checked: set[tuple[int, int]] = set()
+        for req in requests:
+            key = (id(req.problem), id(req.tests))
+            if key not in checked:
+                validate_problem(req.problem, req.tests)
+                checked.add(key)
+        verdicts: list[Verdict | None] = [None] * len(requests)
+        if not requests:
+            return []
+        lock = threading.Lock()
+        bar = _progress_bar(len(requests)) if progress else None
+
+        def work(i: int) -> None:
+            req = requests[i]
+            verdicts[i] = self.grade(req.problem, req.response, tests=req.tests, truncated=req.truncated)
+            if bar is not None:
+                with lock:
+                    bar[0].advance(bar[1])
+
+        try:
+            if bar is not None:
+                bar[0].start()
+            with ThreadPoolExecutor(max_workers=min(self.n_threads, len(requests))) as pool:
+                for future in [pool.submit(work, i) for i in range(len(requests))]:
+                    future.result()
+        finally:
+            if bar is not None:
+                bar[0].stop()
+        return [v for v in verdicts if v is not None]
+
+
+def _progress_bar(total: int) -> tuple[Any, Any]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("grading"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=Console(stderr=True), transient=False)
+    return progress, progress.add_task("grading", total=total)
