@@ -35,20 +35,17 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
 
 
-def _log1mexp(log_p: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(log_p)) for log_p < 0, accurate at both ends (expm1 near 0, log1p far from it)."""
-    return torch.where(log_p > -math.log(2.0), torch.log(-torch.expm1(log_p)), torch.log1p(-torch.exp(log_p)))
+def _tail_logps(scaled: torch.Tensor, top_ids: torch.Tensor, log_normalizer: torch.Tensor) -> torch.Tensor:
+    """Log of the mass outside the top-k ids: logsumexp of the other logits minus the full logsumexp.
 
-
-def _with_tail(top_logps: torch.Tensor) -> torch.Tensor:
-    """Append the tail bucket log(1 - sum p_topk) to full-vocabulary-normalised top-k log-probs.
-
-    top_logps: [..., k] -> [..., k + 1]. The covered mass is clamped just below 1, so a top-k that holds all
-    the mass up to rounding gives a tiny finite tail (and no gradient through the clamp) instead of log(0).
+    scaled: [..., V]; top_ids: [..., k] with k < V; log_normalizer: [..., 1]. Returns [..., 1].
+    Summing the tail directly, rather than taking log(1 - sum p_topk), is exact however little mass the tail
+    holds: with log1p(-exp(.)) and a clamp, a student tail below float eps (common at low entropy) is pinned
+    at eps, which changes forward KL and JSD by tens of nats where the teacher puts real mass there. The cost is
+    one masked copy of the logits per side (bounded by `chunk_size`).
     """
-    covered = torch.logsumexp(top_logps, dim=-1, keepdim=True)
-    covered = covered.clamp(max=-torch.finfo(top_logps.dtype).eps)
-    return torch.cat([top_logps, _log1mexp(covered)], dim=-1)
+    outside = scaled.scatter(-1, top_ids, float("-inf"))
+    return outside.logsumexp(-1, keepdim=True) - log_normalizer
 
 
 def _divergence_over_categories(
@@ -79,16 +76,24 @@ def _divergence_over_categories(
 
 
 def _support_logps(
-    student: torch.Tensor, teacher: torch.Tensor, *, support: str, top_k: int
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    student_lse: torch.Tensor,
+    teacher_lse: torch.Tensor,
+    *,
+    support: str,
+    top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both sides' log-probs over the categories of `support`. Scaled logits [..., V] -> two [..., C].
+    """Both sides' log-probs over the categories of `support`.
 
+    student, teacher: scaled logits [..., V]; student_lse, teacher_lse: their logsumexp [..., 1].
+    Returns two [..., C].
     C = V for full (and for top-k supports with k >= V, where the tail is empty and the result is exactly
     the full divergence), k + 1 for topk_tail, k for topk_renorm. The top-k ids are the student's.
     """
     vocab = student.shape[-1]
     if support == "full" or (support in ("topk_tail", "topk_renorm") and top_k >= vocab):
-        return student.log_softmax(-1), teacher.log_softmax(-1)
+        return student - student_lse, teacher - teacher_lse
     elif support in ("topk_tail", "topk_renorm"):
         if top_k < 1:
             raise ValueError(f"top_k must be positive, got {top_k}")
@@ -98,16 +103,16 @@ def _support_logps(
         if support == "topk_renorm":
             return student_top.log_softmax(-1), teacher_top.log_softmax(-1)
         # Normalised by the full vocabulary, so the k ids keep their true mass and the tail holds the rest.
-        student_top = student_top - student.logsumexp(-1, keepdim=True)
-        teacher_top = teacher_top - teacher.logsumexp(-1, keepdim=True)
-        return _with_tail(student_top), _with_tail(teacher_top)
+        student_logps = torch.cat([student_top - student_lse, _tail_logps(student, ids, student_lse)], dim=-1)
+        teacher_logps = torch.cat([teacher_top - teacher_lse, _tail_logps(teacher, ids, teacher_lse)], dim=-1)
+        return student_logps, teacher_logps
     else:
         raise ValueError(f"unknown support {support!r}")
 
 
-def _gather_logps(scaled: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Log-probs of token_ids under scaled logits, without materialising a log_softmax. [B,T,V],[B,T] -> [B,T]."""
-    return scaled.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
+def _gather_logps(scaled: torch.Tensor, token_ids: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Log-probs of token_ids without materialising a log_softmax. [B,T,V], [B,T], lse [B,T,1] -> [B,T]."""
+    return (scaled.gather(-1, token_ids.unsqueeze(-1)) - lse).squeeze(-1)
 
 
 def token_logps(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float) -> torch.Tensor:
@@ -116,7 +121,8 @@ def token_logps(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: f
     logits: [B, T, V] (position t predicts token_ids[:, t]); token_ids: [B, T] int64.
     Returns [B, T] in at least float32: logits[token]/temperature - logsumexp(logits/temperature).
     """
-    return _gather_logps(_scaled(logits, temperature), token_ids)
+    scaled = _scaled(logits, temperature)
+    return _gather_logps(scaled, token_ids, scaled.logsumexp(-1, keepdim=True))
 
 
 def _position_terms(
@@ -133,20 +139,24 @@ def _position_terms(
     """Everything one chunk of positions contributes: (per-token divergence, student and teacher token logps).
 
     [B, t, V], [B, t, V], [B, t] or None -> three [B, t] (token logps None when token_ids is None). For
-    sampled_token the first output is the one-sample surrogate and token_ids are required.
+    sampled_token the first output is the one-sample surrogate and token_ids are required. Each side's
+    logsumexp over V is computed once and shared by its token log-probs and its support.
     """
     student = _scaled(student_logits, temperature)
     teacher = _scaled(teacher_logits.detach(), temperature)
+    student_lse = student.logsumexp(-1, keepdim=True)
+    teacher_lse = teacher.logsumexp(-1, keepdim=True)
     student_tok = teacher_tok = None
     if token_ids is not None:
-        student_tok = _gather_logps(student, token_ids)
-        teacher_tok = _gather_logps(teacher, token_ids)
+        student_tok = _gather_logps(student, token_ids, student_lse)
+        teacher_tok = _gather_logps(teacher, token_ids, teacher_lse)
     if divergence == "sampled_token":
         if token_ids is None:
             raise ValueError("the sampled_token divergence needs the response token ids")
         per_token = sampled_token_loss(student_tok, teacher_tok)
     else:
-        student_logps, teacher_logps = _support_logps(student, teacher, support=support, top_k=top_k)
+        student_logps, teacher_logps = _support_logps(student, teacher, student_lse, teacher_lse,
+                                                      support=support, top_k=top_k)
         per_token = _divergence_over_categories(student_logps, teacher_logps, divergence=divergence, alpha=alpha)
     return per_token, student_tok, teacher_tok
 
@@ -203,7 +213,8 @@ def distillation_divergence(
     student_logits, teacher_logits: [B, T, V] (the teacher is detached). Returns [B, T] in at least float32.
     Both sides are softmaxed at `temperature`, then compared over the categories of `support`:
     - topk_tail: the student's top-k ids, each side normalised by its own full-vocabulary logsumexp, plus one
-      tail bucket log(1 - sum of the top-k probabilities) per side: k + 1 categories. k >= V is the full
+      tail bucket holding the remaining mass 1 - sum of the top-k probabilities on each side (summed directly
+      over the other ids, in log space, so it stays exact when tiny): k + 1 categories. k >= V is the full
       vocabulary exactly (the tail is empty and dropped).
     - topk_renorm: the student's top-k ids, renormalised over those k on each side; no tail.
     - full: the whole vocabulary.
