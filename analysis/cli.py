@@ -1,0 +1,130 @@
+"""`opsd analyze` (fit the law, write law.json, figures and report.md) and `opsd screen` (predict
+improvements from measured gaps with an earlier law). No torch, Ray or vLLM: both run on a laptop."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ANALYZE_EPILOG = """\
+examples:
+  opsd analyze runs/sweep --out report/                      configuration means, 1000 bootstrap resamples
+  opsd analyze runs/sweep/trials.parquet --out report/ --seed-level --bootstrap 0
+  opsd analyze runs/sweep --out report/ --weighted --bootstrap 2000 --seed 7
+
+RESULTS is a folder holding trials.parquet (and optionally steps.parquet for Fig. 2) or the trials file.
+Writes OUT/law.json, OUT/report.md, OUT/fig1_law.{png,pdf}, OUT/fig2_dynamics.{png,pdf} (when steps
+exist) and OUT/fig3_scale.{png,pdf} (when several model sizes exist).
+"""
+
+SCREEN_EPILOG = """\
+examples:
+  opsd screen gaps.csv --law report/law.json                  print predictions
+  opsd screen gaps.parquet --law report/law.json --out predictions.csv
+  opsd screen gaps.json --law report/law.json --pooled        use the pooled law for every row
+
+GAPS (.parquet, .csv, .json records or .jsonl) has columns model_family, model, context, initial_gap.
+Output columns: predicted_improvement, ci_lo/ci_hi (the law's mean), pi_lo/pi_hi (a new configuration's
+prediction interval), extrapolated (gap outside the fitted range), law (the line used).
+"""
+
+
+def register(subparsers) -> None:
+    analyze = subparsers.add_parser(
+        "analyze", help="fit the predictive law from sweep results",
+        description="Fit improvement = a + b·gap per model family from trials.parquet: intervals, "
+                    "leave-one-configuration-out CV, seed bootstrap, figures and a report.",
+        epilog=ANALYZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    analyze.add_argument("results", metavar="RESULTS", help="results folder or trials file")
+    analyze.add_argument("--out", required=True, metavar="DIR", help="folder for law.json, figures, report.md")
+    analyze.add_argument("--seed-level", action="store_true",
+                         help="fit every seed as a point instead of configuration means")
+    analyze.add_argument("--weighted", action="store_true",
+                         help="weight configurations by the inverse variance of their mean over seeds")
+    analyze.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                         help="seed-bootstrap resamples (0 = none; default 1000)")
+    analyze.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of the bootstrap (default 0)")
+    analyze.add_argument("--confidence", type=float, default=0.95, help="level of every interval (default 0.95)")
+    analyze.set_defaults(func=_analyze)
+
+    screen = subparsers.add_parser(
+        "screen", help="predict improvements from measured gaps with a fitted law",
+        description="Predicted improvement and prediction interval for configurations whose initial gap was "
+                    "measured but which were not trained.",
+        epilog=SCREEN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    screen.add_argument("gaps", metavar="GAPS", help="table of model_family, model, context, initial_gap")
+    screen.add_argument("--law", required=True, metavar="LAW.json", help="law.json written by `opsd analyze`")
+    screen.add_argument("--out", metavar="FILE", help="write predictions to .csv, .parquet or .json")
+    screen.add_argument("--pooled", action="store_true", help="predict every row with the pooled law")
+    screen.set_defaults(func=_screen)
+
+
+class _DelayedProgress:
+    """A rich progress bar that appears only once the work has run for more than `delay` seconds."""
+
+    def __init__(self, description: str, delay: float = 1.0):
+        self.description, self.delay = description, delay
+        self.started = time.monotonic()
+        self.bar = None
+        self.task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if time.monotonic() - self.started < self.delay or done >= total:
+                return
+            from rich.progress import Progress
+
+            self.bar = Progress(transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.description, total=total)
+        self.bar.update(self.task, completed=done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from analysis.report import run_analysis
+
+    progress = _DelayedProgress("bootstrap over seeds")
+    try:
+        output = run_analysis(args.results, args.out, unit="seed" if args.seed_level else "configuration",
+                              weighted=args.weighted, n_bootstrap=args.bootstrap, seed=args.seed,
+                              confidence=args.confidence, progress=progress)
+    finally:
+        progress.close()
+    for name, line in output.law.families.items():
+        print(f"{name}: improvement = {line.intercept:.4f} + {line.slope:.3f}·gap  "
+              f"slope CI [{line.slope_ci[0]:.3f}, {line.slope_ci[1]:.3f}]  R² {line.r2:.3f}  "
+              f"LOO R² {line.loo_r2:.3f}  ({line.n_configs} configs, {line.n_trials} trials)")
+    for name, reason in output.law.skipped.items():
+        print(f"{name}: no law ({reason})")
+    print(f"wrote {output.law_path}, {output.report_path} and "
+          f"{sum(len(f['paths']) for f in output.figures.values())} figure files in {output.out_dir}")
+    return 0
+
+
+def _screen(args: argparse.Namespace) -> int:
+    from analysis.errors import AnalysisError
+    from analysis.predict import load_gaps, screen
+
+    predictions = screen(args.law, load_gaps(Path(args.gaps)), pooled=args.pooled)
+    if args.out:
+        out = Path(args.out)
+        suffix = out.suffix.lower()
+        if suffix == ".csv":
+            predictions.to_csv(out, index=False)
+        elif suffix == ".parquet":
+            predictions.to_parquet(out, index=False)
+        elif suffix == ".json":
+            predictions.to_json(out, orient="records", indent=2)
+        else:
+            raise AnalysisError(f"--out {out}: unknown format {suffix!r} (use .csv, .parquet or .json)")
+        print(f"wrote {len(predictions)} predictions to {out}", file=sys.stderr)
+    columns = ["model_family", "model", "context", "initial_gap", "predicted_improvement", "pi_lo", "pi_hi",
+               "extrapolated", "law"]
+    print(predictions[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0

@@ -1,0 +1,196 @@
+"""`opsd analyze` end to end: results → fit → bootstrap → law.json, figures and report.md."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from analysis.aggregate import Unit
+from analysis.bootstrap import attach_bootstrap, bootstrap_draws
+from analysis.errors import AnalysisError
+from analysis.figures import fig1_law, fig2_dynamics, fig3_scale
+from analysis.fit import FitResult, fit_law
+from analysis.law import Law, LineLaw
+from analysis.results import completed_trials, join_steps, load_results
+
+# The verdict's thresholds: a law "holds" when its slope is positive with an interval that excludes zero and
+# it predicts held-out configurations better than half their variance.
+LOO_R2_HOLDS = 0.5
+ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class AnalysisOutput:
+    law: Law
+    fit: FitResult
+    out_dir: Path
+    law_path: Path
+    report_path: Path
+    figures: dict[str, dict] = field(default_factory=dict)  # fig name → what the figure function returned
+
+
+def run_analysis(results: str | Path, out_dir: str | Path, *, unit: Unit = "configuration",
+                 weighted: bool = False, n_bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95,
+                 progress: Callable[[int, int], None] | None = None) -> AnalysisOutput:
+    """Fit the law from RESULTS (folder with trials.parquet [+ steps.parquet], or the trials file) and write
+    out_dir/law.json, out_dir/report.md and the figures (PNG and PDF). n_bootstrap=0 skips the bootstrap."""
+    if n_bootstrap < 0:
+        raise AnalysisError(f"--bootstrap must be 0 or more, got {n_bootstrap}")
+    raw_trials, raw_steps = load_results(results)
+    trials = completed_trials(raw_trials)
+    fit = fit_law(trials, unit=unit, weighted=weighted, confidence=confidence)
+    law = fit.law
+    if n_bootstrap:
+        draws = bootstrap_draws(trials, fit, n_resamples=n_bootstrap, seed=seed, progress=progress)
+        law = attach_bootstrap(law, draws, seed=seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    law_path = out / "law.json"
+    law.save(law_path)
+
+    figures = {"fig1_law": fig1_law(fit, out)}
+    steps = join_steps(raw_steps, raw_trials) if raw_steps is not None else None
+    if steps is not None and not steps.empty:
+        figures["fig2_dynamics"] = fig2_dynamics(steps, out)
+    fitted_configs = fit.configs[fit.configs["model_family"].isin(list(law.families))]
+    if fitted_configs["model_size_b"].nunique() > 1:
+        figures["fig3_scale"] = fig3_scale(fit, out)
+
+    report_path = out / "report.md"
+    report_path.write_text(render_report(law, fit, figures, results=Path(results), n_all=len(raw_trials)))
+    return AnalysisOutput(law=law, fit=fit, out_dir=out, law_path=law_path, report_path=report_path,
+                          figures=figures)
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _ci(pair, digits: int = 3) -> str:
+    return "n/a" if pair is None else f"[{_num(pair[0], digits)}, {_num(pair[1], digits)}]"
+
+
+def _p(value) -> str:
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"{value:.2g}" if value >= 1e-4 else "<1e-4"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict(name: str, line: LineLaw) -> str:
+    """One plain-language sentence on whether the law holds for this line."""
+    lo, hi = line.slope_ci
+    boot = (line.bootstrap or {}).get("slope_ci")
+    positive = lo > 0 and (boot is None or boot[0] > 0)
+    loo = line.loo_r2
+    loo_text = f"held-out configurations are predicted with LOO R² {_num(loo, 2)}"
+    if not positive:
+        return (f"**{name}: not supported.** The slope's interval {_ci(line.slope_ci, 2)} does not exclude zero"
+                f"{' (or its seed bootstrap does not)' if lo > 0 else ''}: the gap does not reliably predict "
+                f"improvement here; {loo_text}.")
+    intercept = ("the intercept's interval includes zero (no gap, no improvement)"
+                 if line.intercept_ci[0] <= 0 <= line.intercept_ci[1] else
+                 f"the intercept {_num(line.intercept)} differs from zero")
+    if loo is not None and np.isfinite(loo) and loo >= LOO_R2_HOLDS:
+        return (f"**{name}: the law holds.** Each point of gap buys {_num(line.slope, 2)} points of improvement "
+                f"({_ci(line.slope_ci, 2)}), {loo_text}, and {intercept}.")
+    return (f"**{name}: weak.** The slope {_num(line.slope, 2)} {_ci(line.slope_ci, 2)} is positive, but "
+            f"{loo_text} (below {LOO_R2_HOLDS}): the gap ranks configurations but predicts them poorly.")
+
+
+def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results: Path, n_all: int) -> str:
+    settings = law.settings
+    unit = "configuration means" if settings["unit"] == "configuration" else "every seed as a point"
+    parts = [
+        "# The predictive law: improvement = a + b · initial gap",
+        f"Results: `{results}` — {len(fit.configs)} configurations, {int(fit.configs['n_seeds'].sum())} "
+        f"completed trials (of {n_all} rows). Fit on {unit}, "
+        f"{'weighted by inverse seed variance' if settings['weighted'] else 'unweighted'} OLS; intervals at "
+        f"{100 * settings['confidence']:g}%; "
+        + (f"seed bootstrap with {settings['bootstrap']} resamples (seed {settings['seed']})."
+           if settings["bootstrap"] else "no bootstrap."),
+        "## Verdict",
+        "\n".join(f"- {verdict(name, line)}" for name, line in law.families.items()),
+    ]
+    if len(law.families) > 1 and law.pooled is not None:
+        parts.append(f"- {verdict('pooled (all families)', law.pooled)}")
+        test = law.pooled.interaction_test
+        if test:
+            differ = test["p"] < ALPHA
+            parts.append(
+                f"- Do families share one slope? F = {_num(test['f'], 2)} (df {test['df_num']:g}, "
+                f"{test['df_den']:g}), p = {_p(test['p'])}: "
+                + ("**the slopes differ**; use each family's own law." if differ else
+                   f"no evidence that the slopes differ; the common slope is {_num(test['common_slope'], 2)} "
+                   f"{_ci(test['common_slope_ci'], 2)}."))
+    if law.skipped:
+        parts.append("Families without a law: " + "; ".join(f"{f} ({r})" for f, r in law.skipped.items()) + ".")
+
+    parts.append("## Fits")
+    rows = []
+    lines = {**law.families, **({"pooled": law.pooled} if law.pooled else {})}
+    for name, line in lines.items():
+        boot = line.bootstrap or {}
+        loso = line.leave_one_size_out
+        rows.append([
+            name, str(line.n_configs), str(line.n_trials), f"{_num(line.slope)} {_ci(line.slope_ci)}",
+            f"{_num(line.intercept)} {_ci(line.intercept_ci)}", _num(line.r2), _p(line.slope_p),
+            _num(line.loo_r2), _num(line.loo_rmse), _num(loso["r2"]) if loso else "n/a",
+            _ci(boot.get("slope_ci")), _ci(boot.get("loo_r2_ci")),
+        ])
+    parts.append(_table(["law", "configs", "trials", "slope [CI]", "intercept [CI]", "R²", "p (slope)",
+                         "LOO R²", "LOO RMSE", "leave-size-out R²", "bootstrap slope", "bootstrap LOO R²"], rows))
+    parts.append("LOO: each configuration (model × context) held out in turn, the line refitted on the rest "
+                 "and the held-out configuration predicted; LOO R² = 1 − PRESS/SS_tot. Leave-size-out holds out "
+                 "every configuration of one model size at once.")
+    lofo = law.pooled.leave_one_family_out if law.pooled else None
+    if lofo:
+        parts.append(f"Leave one family out (pooled line, predicting a whole family from the others): "
+                     f"R² {_num(lofo['r2'])}, RMSE {_num(lofo['rmse'])}.")
+
+    parts.append("## Configurations")
+    rows = [[r.model_family, r.model, f"{r.model_size_b:g}", r.context, str(r.n_seeds),
+             f"{_num(r.gap_mean)} ± {_num(r.gap_sd)}", f"{_num(r.improvement_mean)} ± {_num(r.improvement_sd)}",
+             _num(r.initial_student_mean), _num(r.initial_teacher_mean), _num(r.final_student_mean)]
+            for r in fit.configs.itertuples()]
+    parts.append(_table(["family", "model", "size (B)", "context", "seeds", "gap (mean ± SD)",
+                         "improvement (mean ± SD)", "student₀", "teacher₀", "student final"], rows))
+
+    parts.append("## Diagnostics")
+    points = fit.points[fit.points["family_fitted"]]
+    parts.append("Per fitted point of each family's line: residual, externally studentised residual, leverage, "
+                 "Cook's distance and the leave-one-configuration-out prediction. Points with Cook's distance "
+                 "above 4/n are marked ⚠ (they move the line on their own).")
+    rows = []
+    for family, sub in points.groupby("model_family", sort=True):
+        threshold = 4 / len(sub)
+        for r in sub.itertuples():
+            flag = " ⚠" if r.cooks_d > threshold else ""
+            rows.append([family, r.model, r.context, _num(r.gap), _num(r.improvement), _num(r.fitted),
+                         _num(r.residual), _num(r.student_resid, 2), _num(r.leverage, 2),
+                         _num(r.cooks_d, 2) + flag, _num(r.loo_prediction)])
+    parts.append(_table(["family", "model", "context", "gap", "improvement", "fitted", "residual",
+                         "stud. resid.", "leverage", "Cook's D", "LOO pred."], rows))
+
+    parts.append("## Figures")
+    captions = {
+        "fig1_law": "Fig. 1 — improvement vs initial gap per family (1-SD error bars over seeds), fitted line "
+                    "and its confidence band.",
+        "fig2_dynamics": "Fig. 2 — student (solid) and self-teacher (dashed) validation accuracy over training.",
+        "fig3_scale": "Fig. 3 — the law across model sizes.",
+    }
+    for name, caption in captions.items():
+        if name in figures:
+            parts.append(f"![{caption}]({name}.png)\n\n{caption} ([PDF]({name}.pdf))")
+    return "\n\n".join(parts) + "\n"
+
