@@ -61,6 +61,14 @@ class ContextConfig(_Section):
     max_teacher_prompt_tokens: int = Field(10240, gt=0, description="Longer teacher prompts are truncated.")
     truncation: Literal["left", "right"] = Field("left", description="Which end of an over-long privileged context is cut.")
 
+    @model_validator(mode="after")
+    def _known_construction(self) -> "ContextConfig":
+        # Imported here: trainer.contexts imports this module for its types.
+        from trainer.contexts import check_context
+
+        check_context(self.name, self.template)
+        return self
+
 
 class RolloutConfig(_Section):
     prompts_per_step: int = Field(32, gt=0, description="Prompts sampled per training step.")

@@ -1,0 +1,354 @@
+"""The self-teacher's privileged contexts: the constructions of METHOD.md section 2 and user templates.
+
+Each rollout of a prompt group gets one teacher text. The teacher's `{prompt}` is the student's whole user
+message (instruction + problem), so with the control `none` the teacher's prompt equals the student's.
+
+`has_context` is False when a construction had nothing to add for that rollout (no peer solution and no
+feedback, an accepted rollout with empty feedback, an empty hint); the trainer gives such rollouts loss 0.
+The control `none` and `expert_preamble` always have context: they are a fixed change of the prompt. For
+`none` that keeps the control on the exact code path of the other constructions, differing only in the
+teacher's prompt, so its loss (the EMA teacher's lag behind the student, plus weight decay and numerical
+noise) and its improvement measure what the pipeline does without any privileged information.
+
+Truncation (trainer/prompts.py `teacher_prompt_ids`) may shorten only the `cuttable` spans: the inserted
+solution, feedback or hint, never the problem or the fixed wording.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+from sandbox.problems import Problem
+
+if TYPE_CHECKING:
+    from trainer.config import ContextConfig
+
+CONTEXT_NAMES: tuple[str, ...] = (
+    "none",
+    "expert_preamble",
+    "feedback",
+    "llm_peer_hints",
+    "own_solution_feedback",
+    "peer_solution_feedback",
+)
+
+# Fields a user template may use; every one but `prompt` is privileged and may be truncated.
+TEMPLATE_FIELDS: tuple[str, ...] = ("prompt", "feedback", "own_solution", "peer_solution", "hint")
+
+# The wording of METHOD.md section 2, laid out as the reference code lays it out (a section starts on a
+# new line, its body after a blank line; the closing instruction after a blank line).
+SOLUTION_HEADER = "\nCorrect solution:\n\n"
+FEEDBACK_HEADER = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
+OWN_FEEDBACK_HEADER = "\nFeedback:\n\n"
+CLOSING = "\n\nCorrectly solve the original question."
+EXPERT_SEPARATOR = "\n\n---\n\n"
+EXPERT_CLOSING = "\n\nThink step by step first, then write the solution."
+
+EXPERT_PREAMBLE = """\
+You are an expert competitive programmer. Before writing code, work through this checklist.
+
+Data structures and algorithms to consider:
+- Hash maps and sets for membership, counting and de-duplication in O(1) per operation.
+- Sorting, then two pointers or binary search; binary search on the answer when feasibility is monotone.
+- Prefix sums and difference arrays for range sums and range updates.
+- Stacks (monotonic stacks for next greater/smaller element), queues and deques (sliding-window extremes).
+- Heaps for the k smallest/largest items, scheduling and Dijkstra's shortest paths.
+- BFS/DFS on graphs and grids; union-find for connectivity; topological sort for dependencies.
+- Dynamic programming over prefixes, intervals, subsets (bitmasks) or digits; memoised recursion.
+- Greedy choices, only with an exchange argument that they are optimal.
+- Number theory: gcd, modular arithmetic (10^9 + 7), fast exponentiation, sieve of Eratosthenes.
+- Strings: counting characters, sliding windows, prefix function/KMP, hashing.
+
+Complexity that fits in about one second of Python, by input size n:
+| n up to | acceptable complexity |
+|---|---|
+| 10 | O(n!) or O(2^n * n) |
+| 20 | O(2^n * n) |
+| 500 | O(n^3) |
+| 5,000 | O(n^2) |
+| 10^5 to 10^6 | O(n log n) or O(n) |
+| 10^9 and more | O(log n) or O(1): a formula, binary search or fast exponentiation |
+
+Pattern rules:
+- "Minimum/maximum number of operations" or "number of ways": look for dynamic programming or a greedy rule.
+- "Smallest value such that ..." with a monotone condition: binary search on the answer.
+- Contiguous subarrays or substrings: prefix sums, sliding window or two pointers.
+- Pairs satisfying a condition: sort first, or count with a hash map in one pass.
+- Grids and shortest paths with unit weights: BFS; with non-negative weights: Dijkstra.
+- Answers that can be huge: take the modulus the statement asks for at every step.
+
+Edge cases to check:
+- Empty input, a single element, all elements equal, already sorted or reverse-sorted input.
+- The smallest and largest values allowed by the constraints; negative numbers and zero.
+- Duplicates, ties, off-by-one errors at the boundaries of loops and ranges.
+- Integer overflow does not happen in Python, but slow big-number arithmetic can.
+- Reading the input exactly as specified: several test cases, trailing spaces, blank lines.
+
+Method, step by step:
+1. Restate the task and its input and output formats in your own words.
+2. Read the constraints and decide which complexity is acceptable from the table above.
+3. Work through the examples by hand and find the pattern.
+4. Choose the algorithm and data structures; argue briefly why it is correct.
+5. Write clean Python: fast input reading (sys.stdin) for large inputs, no needless recursion depth.
+6. Check the code against the examples and the edge cases before giving the final answer."""
+
+_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
+
+
+class ContextError(ValueError):
+    """A context setting or template that cannot be used; the message names the field."""
+
+    user_facing = True
+
+
+@dataclass(frozen=True)
+class GradedRollout:
+    """One rollout of a prompt group after grading on the train tests."""
+
+    text: str
+    passed: bool
+    feedback: str = ""
+
+
+@dataclass(frozen=True)
+class TeacherContext:
+    """The self-teacher's user message for one rollout.
+
+    `cuttable` holds (start, end) character spans of `text` that truncation may shorten: the privileged
+    insertions (solutions, feedback, hints), never the problem or the fixed wording.
+    """
+
+    text: str
+    has_context: bool
+    used_peer: bool = False
+    used_feedback: bool = False
+    used_own_solution: bool = False
+    used_hint: bool = False
+    cuttable: tuple[tuple[int, int], ...] = ()
+
+
+def strip_thinking(text: str) -> str:
+    """Remove <think>...</think> blocks; a response that starts inside a thought (the template opened the
+    <think> tag in the prompt) loses everything up to its first </think>."""
+    first_close = text.find("</think>")
+    first_open = text.find("<think>")
+    if first_close != -1 and (first_open == -1 or first_close < first_open):
+        text = text[first_close + len("</think>"):].lstrip()
+    return _THINK_BLOCK.sub("", text)
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names a template uses, in order; raises ContextError for malformed braces."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ContextError(
+            f"context.template: malformed braces ({err}); write a literal brace as '{{{{' or '}}}}'") from None
+    names = []
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if field == "" or not field.isidentifier():
+            raise ContextError(
+                f"context.template: field {{{field}}} is not a plain name; allowed fields: "
+                + ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
+        if spec or conversion:
+            raise ContextError(f"context.template: field {{{field}}} must not have a format spec or conversion")
+        names.append(field)
+    return names
+
+
+def check_context(name: str, template: str | None) -> None:
+    """Raise ContextError unless `name`/`template` describe a usable construction."""
+    if template is None:
+        if name not in CONTEXT_NAMES:
+            raise ContextError(
+                f"context.name: unknown construction {name!r}; built-in ones: {', '.join(CONTEXT_NAMES)} "
+                "(or give context.template for a user-defined one)")
+        return
+    if name in CONTEXT_NAMES:
+        raise ContextError(
+            f"context.name: a user template needs its own name, not the built-in {name!r}")
+    if not name.strip():
+        raise ContextError("context.name: a user template needs a non-empty name")
+    fields = template_fields(template)
+    unknown = sorted(set(fields) - set(TEMPLATE_FIELDS))
+    if unknown:
+        raise ContextError(
+            "context.template: unknown field " + ", ".join("{" + f + "}" for f in unknown)
+            + "; allowed fields: " + ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
+    if "prompt" not in fields:
+        raise ContextError("context.template: must contain {prompt} (the teacher has to see the problem)")
+
+
+def validate_context(cfg: "ContextConfig") -> None:
+    """Raise ContextError unless the context section describes a usable construction."""
+    check_context(cfg.name, cfg.template)
+
+
+def needs_hints(cfg: "ContextConfig") -> bool:
+    """Whether the construction reads a per-problem hint (trainer/hints.py)."""
+    if cfg.template is not None:
+        return "hint" in template_fields(cfg.template)
+    return cfg.name == "llm_peer_hints"
+
+
+class _Text:
+    """Concatenates pieces and records which of them truncation may cut."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.spans: list[tuple[int, int]] = []
+        self.length = 0
+
+    def add(self, piece: str, *, cuttable: bool = False) -> None:
+        if cuttable and piece:
+            self.spans.append((self.length, self.length + len(piece)))
+        self.pieces.append(piece)
+        self.length += len(piece)
+
+    def done(self, **flags) -> TeacherContext:
+        return TeacherContext(text="".join(self.pieces), cuttable=tuple(self.spans), **flags)
+
+
+def _peer_solution(group: Sequence[GradedRollout], index: int) -> str | None:
+    """The first successful rollout of the group other than `index`, without its thinking."""
+    for j, other in enumerate(group):
+        if j != index and other.passed:
+            return strip_thinking(other.text)
+    return None
+
+
+def build_teacher_texts(
+    group: Sequence[GradedRollout],
+    *,
+    problem: Problem,
+    context: "ContextConfig",
+    hint: str | None = None,
+    prompt: str | None = None,
+) -> list[TeacherContext]:
+    """One teacher context per rollout of a prompt group (all rollouts of one problem).
+
+    `prompt` is the student's user message; by default it is built from `problem` (trainer/prompts.py).
+    `hint` is the problem's hint (llm_peer_hints, or a template using {hint}).
+    """
+    if prompt is None:
+        from trainer.prompts import student_prompt_text
+
+        prompt = student_prompt_text(problem)
+    validate_context(context)
+    if needs_hints(context) and hint is None:
+        raise ContextError(f"context {context.name!r} needs a hint for problem {problem.id!r}; none was given")
+    return [
+        _build_one(group, i, prompt=prompt, context=context, hint=hint or "")
+        for i in range(len(group))
+    ]
+
+
+def _build_one(group: Sequence[GradedRollout], i: int, *, prompt: str, context: "ContextConfig",
+               hint: str) -> TeacherContext:
+    rollout = group[i]
+    feedback = rollout.feedback if rollout.feedback.strip() else ""
+    out = _Text()
+    name = context.name
+    if context.template is not None:
+        return _build_from_template(group, i, prompt=prompt, template=context.template, hint=hint,
+                                    feedback_only_without_solution=context.feedback_only_without_solution)
+    if name == "none":
+        out.add(prompt)
+        return out.done(has_context=True)
+    elif name == "expert_preamble":
+        out.add(EXPERT_PREAMBLE + EXPERT_SEPARATOR + prompt + EXPERT_CLOSING)
+        return out.done(has_context=True)
+    elif name == "feedback":
+        if not feedback:
+            out.add(prompt)
+            return out.done(has_context=False)
+        out.add(prompt + FEEDBACK_HEADER)
+        out.add(feedback, cuttable=True)
+        out.add(CLOSING)
+        return out.done(has_context=True, used_feedback=True)
+    elif name == "llm_peer_hints":
+        if not hint.strip():
+            out.add(prompt)
+            return out.done(has_context=False)
+        out.add(prompt + SOLUTION_HEADER)
+        out.add(hint, cuttable=True)
+        out.add(CLOSING)
+        return out.done(has_context=True, used_hint=True)
+    elif name == "own_solution_feedback":
+        if rollout.passed:
+            out.add(prompt + SOLUTION_HEADER)
+            out.add(strip_thinking(rollout.text), cuttable=True)
+            out.add(CLOSING)
+            return out.done(has_context=True, used_own_solution=True)
+        if not feedback:
+            out.add(prompt)
+            return out.done(has_context=False)
+        out.add(prompt + OWN_FEEDBACK_HEADER)
+        out.add(feedback, cuttable=True)
+        out.add(CLOSING)
+        return out.done(has_context=True, used_feedback=True)
+    elif name == "peer_solution_feedback":
+        peer = _peer_solution(group, i)
+        use_feedback = bool(feedback) and not (context.feedback_only_without_solution and peer is not None)
+        if peer is None and not use_feedback:
+            out.add(prompt)
+            return out.done(has_context=False)
+        out.add(prompt)
+        if peer is not None:
+            out.add(SOLUTION_HEADER)
+            out.add(peer, cuttable=True)
+        if use_feedback:
+            out.add(FEEDBACK_HEADER)
+            out.add(feedback, cuttable=True)
+        out.add(CLOSING)
+        return out.done(has_context=True, used_peer=peer is not None, used_feedback=use_feedback)
+    else:
+        raise ContextError(f"context.name: unknown construction {name!r}")
+
+
+def _build_from_template(group: Sequence[GradedRollout], i: int, *, prompt: str, template: str, hint: str,
+                         feedback_only_without_solution: bool) -> TeacherContext:
+    """Fill a user template. Fields without a value are empty strings; the context counts as present when
+    the template uses no privileged field (fixed wording) or at least one of them is non-empty."""
+    rollout = group[i]
+    fields = template_fields(template)
+    values = {
+        "prompt": prompt,
+        "own_solution": strip_thinking(rollout.text) if rollout.passed else "",
+        "peer_solution": _peer_solution(group, i) or "",
+        "hint": hint,
+        "feedback": rollout.feedback if rollout.feedback.strip() else "",
+    }
+    has_solution = any(values[f] for f in ("own_solution", "peer_solution") if f in fields)
+    if feedback_only_without_solution and has_solution:
+        values["feedback"] = ""
+    out = _Text()
+    for literal, field, _, _ in string.Formatter().parse(template):
+        out.add(literal)
+        if field is not None:
+            out.add(values[field], cuttable=field != "prompt")
+    privileged = [f for f in fields if f != "prompt"]
+    return out.done(
+        has_context=not privileged or any(values[f] for f in privileged),
+        used_peer="peer_solution" in fields and bool(values["peer_solution"]),
+        used_feedback="feedback" in fields and bool(values["feedback"]),
+        used_own_solution="own_solution" in fields and bool(values["own_solution"]),
+        used_hint="hint" in fields and bool(values["hint"]),
+    )
+
+
+def context_metrics(contexts: Sequence[TeacherContext]) -> dict[str, float]:
+    """Fractions of rollouts whose teacher context had something, a peer solution, feedback, ..."""
+    n = max(len(contexts), 1)
+    return {
+        "context/has_context_fraction": sum(c.has_context for c in contexts) / n,
+        "context/peer_fraction": sum(c.used_peer for c in contexts) / n,
+        "context/feedback_fraction": sum(c.used_feedback for c in contexts) / n,
+        "context/own_solution_fraction": sum(c.used_own_solution for c in contexts) / n,
+        "context/hint_fraction": sum(c.used_hint for c in contexts) / n,
+    }
