@@ -197,7 +197,8 @@ def call_target(problem: Problem, program: str) -> str:
                     return f"Solution.{name}"
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
                 return name
-    return name
+    # LeetCode starter code ends in an empty method body, so it rarely parses.
+    return f"Solution.{name}" if "class Solution" in problem.starter_code else name
 
 
 # ------------------------------------------------------------------------------------------------ check tests

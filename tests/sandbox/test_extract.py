@@ -1,0 +1,112 @@
+"""Code extraction from responses and the assembly of HumanEval programs."""
+
+from __future__ import annotations
+
+import pytest
+
+from sandbox.extract import assemble_program, code_blocks, defines_function, extract_code, strip_function
+from sandbox.problems import Problem, ProblemTest
+
+TWO_BLOCKS = """Here is a first try:
+
+```python
+print(1)
+```
+
+and a longer, better one:
+
+```py
+import sys
+print(sum(map(int, sys.stdin.read().split())))
+```
+
+Finally a short one:
+```
+x = 1
+```
+"""
+
+
+def test_longest_and_last_pick_different_blocks():
+    assert extract_code(TWO_BLOCKS, mode="longest") == "import sys\nprint(sum(map(int, sys.stdin.read().split())))\n"
+    assert extract_code(TWO_BLOCKS, mode="last") == "x = 1\n"
+    assert code_blocks(TWO_BLOCKS) == ["print(1)\n", "import sys\nprint(sum(map(int, sys.stdin.read().split())))\n",
+                                       "x = 1\n"]
+
+
+def test_unknown_mode_raises():
+    with pytest.raises(ValueError, match="longest"):
+        extract_code(TWO_BLOCKS, mode="first")
+
+
+def test_no_block_is_none():
+    assert extract_code("def f():\n    return 1\n") is None
+    assert extract_code("") is None
+
+
+def test_unclosed_block_is_not_code():
+    # A response cut by the length limit leaves its last fence open: nothing to run.
+    assert extract_code("```python\ndef f():\n    return") is None
+
+
+def test_other_languages_and_empty_blocks_are_skipped():
+    response = "```cpp\nint main() { return 0; }\n```\n```python\n\n```\n```python3\nprint(2)\n```\n"
+    assert extract_code(response) == "print(2)\n"
+    assert extract_code("```bash\nls\n```") is None
+
+
+def test_indented_fence_in_a_list_item_is_dedented():
+    response = "1. Code:\n   ```python\n   def f():\n       return 3\n   ```\n"
+    assert extract_code(response) == "def f():\n    return 3\n"
+
+
+def test_longer_fence_may_contain_triple_backticks():
+    response = '````python\ns = """```"""\nprint(s)\n````\n'
+    assert extract_code(response) == 's = """```"""\nprint(s)\n'
+
+
+def test_equally_long_blocks_longest_takes_the_first():
+    assert extract_code("```python\na = 1\n```\n```python\nb = 2\n```") == "a = 1\n"
+
+
+PROMPT = 'import math\n\n\ndef helper(x):\n    return x + 1\n\n\ndef entry(x: int) -> int:\n    """Doc."""\n'
+HE = Problem(id="HumanEval/x", prompt=PROMPT, tests=[ProblemTest(kind="check", input="assert candidate(1) == 2")],
+             func_name="entry", source="humaneval")
+
+
+def test_strip_function_removes_only_the_entry_point():
+    stripped = strip_function(PROMPT, "entry")
+    assert "def entry" not in stripped and "def helper" in stripped and "import math" in stripped
+    decorated = "import functools\n@functools.cache\ndef entry():\n    return 1\nY = 2\n"
+    assert strip_function(decorated, "entry") == "import functools\nY = 2\n"
+    assert strip_function("not python (", "entry") == "not python ("
+
+
+def test_full_function_is_preceded_by_the_prompt_helpers():
+    code = "def entry(x):\n    return helper(x)\n"
+    program = assemble_program(HE, code)
+    namespace: dict = {}
+    exec(program, namespace)
+    assert namespace["entry"](1) == 2
+    assert program.count("def entry") == 1
+
+
+@pytest.mark.parametrize("body", ["    return helper(x)\n", "return helper(x)\n", "\n\nreturn helper(x)\n"])
+def test_body_continues_the_prompt(body):
+    program = assemble_program(HE, body)
+    assert program.startswith(PROMPT)
+    namespace: dict = {}
+    exec(program, namespace)
+    assert namespace["entry"](4) == 5
+
+
+def test_other_sources_run_the_code_as_is():
+    lcb = Problem(id="1", prompt="Add.", tests=[ProblemTest(kind="stdin", input="1 2", output="3")],
+                  source="livecodebench")
+    assert assemble_program(lcb, "print(3)\n") == "print(3)\n"
+
+
+def test_defines_function_only_at_top_level():
+    assert defines_function("def entry():\n    pass\n", "entry")
+    assert not defines_function("class A:\n    def entry(self):\n        pass\n", "entry")
+    assert not defines_function("def entry(:\n", "entry")
