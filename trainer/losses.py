@@ -17,7 +17,6 @@ import math
 from typing import Literal
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from trainer.aggregation import Aggregation, aggregate, combine_masks
 
@@ -28,11 +27,11 @@ Support = Literal["topk_tail", "topk_renorm", "full"]
 _MAX_LOG_RATIO = 20.0
 
 
-def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Logits in at least float32, divided by the temperature. [..., V] -> [..., V]."""
+def _scaled(logits: torch.Tensor, temperature: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Logits in `dtype` (default: at least float32), divided by the temperature. [..., V] -> [..., V]."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    return logits.to(dtype or torch.promote_types(logits.dtype, torch.float32)) / temperature
 
 
 def _tail_logps(scaled: torch.Tensor, top_ids: torch.Tensor, log_normalizer: torch.Tensor) -> torch.Tensor:
@@ -142,8 +141,10 @@ def _position_terms(
     sampled_token the first output is the one-sample surrogate and token_ids are required. Each side's
     logsumexp over V is computed once and shared by its token log-probs and its support.
     """
-    student = _scaled(student_logits, temperature)
-    teacher = _scaled(teacher_logits.detach(), temperature)
+    # A bf16 teacher beside a float32 student (or any mix) is compared in one common dtype.
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    student = _scaled(student_logits, temperature, dtype)
+    teacher = _scaled(teacher_logits.detach(), temperature, dtype)
     student_lse = student.logsumexp(-1, keepdim=True)
     teacher_lse = teacher.logsumexp(-1, keepdim=True)
     student_tok = teacher_tok = None
@@ -161,6 +162,62 @@ def _position_terms(
     return per_token, student_tok, teacher_tok
 
 
+def _terms_by_window(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    token_ids: torch.Tensor | None,
+    windows: list[slice],
+    options: dict,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`_position_terms` window by window along T, concatenated. Same shapes as `_position_terms`."""
+    parts = [
+        _position_terms(student_logits[:, w], teacher_logits[:, w], None if token_ids is None else token_ids[:, w],
+                        **options)
+        for w in windows
+    ]
+    per_token = torch.cat([p[0] for p in parts], dim=1)
+    if token_ids is None:
+        return per_token, None, None
+    return per_token, torch.cat([p[1] for p in parts], dim=1), torch.cat([p[2] for p in parts], dim=1)
+
+
+class _ChunkedTerms(torch.autograd.Function):
+    """`_position_terms` with memory bounded by one window of positions, forward and backward.
+
+    The forward keeps no graph. The backward recomputes one window at a time with a graph and writes that
+    window's gradient straight into a single [B, T, V] buffer: no [B, T, V] float32 intermediates live beyond
+    one window, and no per-window full-size gradient is materialised (as slicing under autograd would).
+    Outputs: per_token [B, T], and with token_ids also student and teacher token logps [B, T] (the teacher's
+    are not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, token_ids, windows, options):
+        per_token, student_tok, teacher_tok = _terms_by_window(student_logits, teacher_logits, token_ids, windows,
+                                                               options)
+        ctx.save_for_backward(student_logits, teacher_logits, token_ids)
+        ctx.windows, ctx.options = windows, options
+        if token_ids is None:
+            return per_token
+        ctx.mark_non_differentiable(teacher_tok)
+        return per_token, student_tok, teacher_tok
+
+    @staticmethod
+    def backward(ctx, grad_per_token, grad_student_tok=None, _grad_teacher_tok=None):
+        student_logits, teacher_logits, token_ids = ctx.saved_tensors
+        grad = torch.empty_like(student_logits)
+        for w in ctx.windows:
+            with torch.enable_grad():
+                part = student_logits[:, w].detach().requires_grad_(True)
+                per_token, student_tok, _ = _position_terms(
+                    part, teacher_logits[:, w], None if token_ids is None else token_ids[:, w], **ctx.options)
+                objective = (per_token * grad_per_token[:, w]).sum()
+                if student_tok is not None and grad_student_tok is not None:
+                    objective = objective + (student_tok * grad_student_tok[:, w]).sum()
+                grad[:, w] = torch.autograd.grad(objective, part)[0]
+        return grad, None, None, None, None
+
+
 def _chunked_position_terms(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -169,32 +226,20 @@ def _chunked_position_terms(
     chunk_size: int | None,
     **options,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """`_position_terms` over slices of at most chunk_size positions, concatenated along T.
-
-    Each slice runs under activation checkpointing: its [B, chunk, V] float32 intermediates are freed after the
-    forward and recomputed one slice at a time in the backward, so memory is bounded by one slice, not by T.
-    """
+    """`_position_terms` over windows of at most chunk_size positions (None: all at once). Same outputs."""
     teacher_logits = teacher_logits.detach()
     n_positions = student_logits.shape[1]
     if chunk_size is None or chunk_size >= n_positions:
         return _position_terms(student_logits, teacher_logits, token_ids, **options)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-
-    def run(student_part, teacher_part, ids_part):
-        return _position_terms(student_part, teacher_part, ids_part, **options)
-
-    recompute = torch.is_grad_enabled() and student_logits.requires_grad
-    parts = []
-    for start in range(0, n_positions, chunk_size):
-        window = slice(start, start + chunk_size)
-        args = (student_logits[:, window], teacher_logits[:, window],
-                None if token_ids is None else token_ids[:, window])
-        parts.append(checkpoint(run, *args, use_reentrant=False) if recompute else run(*args))
-    per_token = torch.cat([p[0] for p in parts], dim=1)
+    windows = [slice(start, start + chunk_size) for start in range(0, n_positions, chunk_size)]
+    if not (torch.is_grad_enabled() and student_logits.requires_grad):
+        return _terms_by_window(student_logits, teacher_logits, token_ids, windows, options)
+    outputs = _ChunkedTerms.apply(student_logits, teacher_logits, token_ids, windows, options)
     if token_ids is None:
-        return per_token, None, None
-    return per_token, torch.cat([p[1] for p in parts], dim=1), torch.cat([p[2] for p in parts], dim=1)
+        return outputs, None, None
+    return outputs
 
 
 def distillation_divergence(
@@ -301,7 +346,9 @@ def opsd_loss(
     - rollout_logps [B, T]: the rollout engine's log-probs of the same tokens. With rollout_is_clip set, tokens
       are also weighted by exp(trainer - rollout) clipped at rollout_is_clip, where trainer is old_logps if
       given, else the current student's (detached).
-    - chunk_size: positions per slice, computed under activation checkpointing; same loss and gradient.
+    - chunk_size: compute at most this many positions at a time, in the forward and again in the backward, so
+      the [B, chunk, V] float32 intermediates never exist for all T at once; same loss and gradient. The
+      backward then recomputes the forward (about 1.5-2x the loss's compute); use it for long responses.
     - normalizer: passed to `aggregate` (e.g. the mini-batch's token count under gradient accumulation).
     Returns (loss: 0-dim tensor, metrics: detached 0-dim tensors): divergence (mean over kept tokens of the
     divergence; for sampled_token the log-ratio, whose expectation is the reverse KL), is_weight_mean,

@@ -111,11 +111,12 @@ def test_divergence_gradients_match_finite_differences(divergence, alpha, suppor
     student = make_logits(1, 2, 6, seed=4).requires_grad_(True)
     teacher = make_logits(1, 2, 6, seed=5)
 
-    def fn(s):
-        return distillation_divergence(s, teacher, divergence=divergence, support=support, top_k=2,
-                                       alpha=alpha, temperature=1.3)
+    for chunk_size in (None, 1):  # the chunked path has its own hand-written backward
+        def fn(s):
+            return distillation_divergence(s, teacher, divergence=divergence, support=support, top_k=2,
+                                           alpha=alpha, temperature=1.3, chunk_size=chunk_size)
 
-    assert torch.autograd.gradcheck(fn, (student,), eps=1e-6, atol=1e-7)
+        assert torch.autograd.gradcheck(fn, (student,), eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("support", ["topk_tail", "topk_renorm"])
@@ -477,6 +478,18 @@ def test_bf16_inputs_are_computed_in_float32():
         (grad,) = torch.autograd.grad(loss, student16)
         assert grad.dtype == torch.bfloat16 and bool(torch.isfinite(grad.float()).all())
     assert token_logps(student16, ids, temperature=1.0).dtype == torch.float32
+
+
+def test_a_bf16_teacher_beside_a_float32_student_is_compared_in_float32():
+    student = make_logits(2, 3, 12, seed=43, dtype=torch.float32)
+    teacher16 = make_logits(2, 3, 12, seed=44, dtype=torch.float32).bfloat16()
+    for chunk_size in (None, 2):
+        got = distillation_divergence(student, teacher16, divergence="jsd", support="topk_tail", top_k=4, alpha=0.5,
+                                      temperature=1.0, chunk_size=chunk_size)
+        want = ref_per_token(student.double(), teacher16.double(), divergence="jsd", support="topk_tail", top_k=4,
+                             alpha=0.5, temperature=1.0)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_options_raise():
