@@ -146,10 +146,12 @@ def _summary(verdict: Any) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from sandbox.extract import extract_code
+    from sandbox.grader import validate_problem
 
     problem = read_problem_file(args.problem, args.format)
     text = _read_text(args.code, "code")
     _check_choice(args.code_block, ("longest", "last"), "code block")
+    validate_problem(problem)  # zero or malformed tests: exit 2 before any sandbox starts
     executor, grader = _make_grader(args, workers=1)
     with executor:
         if extract_code(text, mode=args.code_block) is None:
@@ -201,6 +203,10 @@ def cmd_grade(args: argparse.Namespace) -> int:
         requests.append(GradeRequest(problems[row["problem_id"]], row["response"], truncated=bool(row.get("truncated"))))
     if not requests:
         raise SandboxError(f"{args.responses}: no responses to grade")
+    from sandbox.grader import validate_problem
+
+    for problem_id in dict.fromkeys(row["problem_id"] for row in rows):
+        validate_problem(problems[problem_id])
     executor, grader = _make_grader(args, workers=args.workers)
     with executor:
         verdicts = grader.grade_many(requests, progress=True)

@@ -8,8 +8,11 @@ comparison, and the trusted test code of `check` tests, runs here. Comparison ru
   LiveCodeBench does.
 - functional: each input line is one JSON argument; the returned value (tuples read as lists) must equal the
   JSON-decoded expected output; numbers compare within `float_tolerance` when it is > 0.
-- check: the trusted test code runs with `candidate` calling the program; AssertionError (or another exception
-  raised by the test code after a call) is a wrong answer, a failed call has the call's status.
+- check: the trusted test code runs with `candidate` (and the entry point's own name) calling the program;
+  AssertionError (or another exception raised by the test code after a call) is a wrong answer, a failed call
+  has the call's status. Feedback shows the last call, its returned value and, for `assert candidate(..) == X`,
+  the value of X, as Python reprs (functional tests show JSON, as their tests are written).
+Texts kept per test (input, output, expected, stderr) are cut at 10,000 characters so verdicts stay small.
 Verdict of a response: accepted when every test passed, else the most telling failure: runtime error, time
 limit, memory limit, output limit, wrong answer (the order in which feedback reports them).
 """
@@ -39,6 +42,20 @@ VerdictName = Literal[
 # Failure statuses by precedence: the verdict of a response is the first of these that any test has.
 FAILURE_ORDER = ("runtime_error", "time_limit", "memory_limit", "output_limit", "wrong_answer")
 _SANDBOX_FAILURES = ("runtime_error", "time_limit", "memory_limit", "output_limit")
+
+
+_KEEP_CHARS = 10_000
+
+
+def _keep(text: str | None) -> str | None:
+    return text if text is None or len(text) <= _KEEP_CHARS else text[:_KEEP_CHARS] + "..."
+
+
+def _test_result(**fields: Any) -> TestResult:
+    for name in ("input", "output", "expected", "error", "stderr"):
+        if name in fields:
+            fields[name] = _keep(fields[name])
+    return TestResult(**fields)
 
 
 class Verdict(BaseModel):
@@ -213,11 +230,11 @@ class _CallFailed(Exception):
 
 
 def _call_text(name: str, args: Sequence[Any]) -> str:
-    return f"{name}({', '.join(show_value(a) for a in args)})"
+    return f"{name}({', '.join(repr(a) for a in args)})"
 
 
 def _expected_of_assert(test_code: str, namespace: dict[str, Any]) -> str | None:
-    """For `assert candidate(...) == EXPR`, the value of EXPR (evaluated by the trusted test code's namespace)."""
+    """For `assert candidate(...) == EXPR`, the repr of EXPR evaluated in the trusted test code's namespace."""
     try:
         tree = ast.parse(test_code)
     except SyntaxError:
@@ -236,7 +253,7 @@ def _expected_of_assert(test_code: str, namespace: dict[str, Any]) -> str | None
     if other is None or any(isinstance(n, ast.Name) and n.id == "candidate" for n in ast.walk(other)):
         return None
     try:
-        return show_value(eval(compile(ast.Expression(other), "<expected>", "eval"), namespace))
+        return repr(eval(compile(ast.Expression(other), "<expected>", "eval"), namespace))
     except Exception:
         return None
 
@@ -303,7 +320,7 @@ class Grader:
             stop = False
             for index, test in enumerate(tests):
                 if stop:
-                    results.append(TestResult(index=index, kind=test.kind, status="not_run", input=test.input))
+                    results.append(_test_result(index=index, kind=test.kind, status="not_run", input=test.input))
                     continue
                 if test.kind == "stdin":
                     result = self._stdin_test(session, index, test)
@@ -339,15 +356,15 @@ class Grader:
                     wall_s=outcome.wall_s)
         status = outcome.status
         if status == "ok" and outcome.exit_code not in (0, None):
-            return TestResult(**base, status="runtime_error", output=stdout,
+            return _test_result(**base, status="runtime_error", output=stdout,
                               error=outcome.error or f"the program exited with code {outcome.exit_code}")
         if status != "ok":
-            return TestResult(**base, status=status, output=stdout, error=outcome.error)
+            return _test_result(**base, status=status, output=stdout, error=outcome.error)
         if not utf8:
-            return TestResult(**base, status="wrong_answer", output=stdout,
+            return _test_result(**base, status="wrong_answer", output=stdout,
                               error="(the output is not valid UTF-8)")
         ok = stdout_matches(stdout, test.output, float_tolerance=self.float_tolerance)
-        return TestResult(**base, status="passed" if ok else "wrong_answer", output=stdout.strip())
+        return _test_result(**base, status="passed" if ok else "wrong_answer", output=stdout.strip())
 
     def _functional_test(self, session: Any, index: int, test: ProblemTest, target: str) -> TestResult:
         args = functional_args(test)
@@ -357,9 +374,9 @@ class Grader:
         base = dict(index=index, kind="functional", input=test.input.strip(), expected=show_value(expected),
                     stderr=stderr, wall_s=outcome.wall_s)
         if outcome.status != "ok":
-            return TestResult(**base, status=outcome.status, error=outcome.error)
+            return _test_result(**base, status=outcome.status, error=outcome.error)
         ok = values_equal(outcome.value, expected, float_tolerance=self.float_tolerance)
-        return TestResult(**base, status="passed" if ok else "wrong_answer", output=show_value(outcome.value))
+        return _test_result(**base, status="passed" if ok else "wrong_answer", output=show_value(outcome.value))
 
     def _check_test(self, session: Any, index: int, test: ProblemTest, problem: Problem, target: str) -> TestResult:
         calls: list[tuple[list[Any], Any]] = []  # (arguments, returned value) of each call, in order
@@ -383,6 +400,10 @@ class Grader:
         if problem.check_setup:
             exec(compile(problem.check_setup, "<check_setup>", "exec"), namespace)
         namespace["candidate"] = candidate
+        if problem.func_name and "." not in problem.func_name:
+            # Some HumanEval checks name the entry point itself (HumanEval/33 calls sort_third): the original
+            # harness runs them in the program's namespace, so that name is the program's function too.
+            namespace[problem.func_name] = candidate
         status, error = "passed", None
         try:
             exec(compile(test.input, "<check>", "exec"), namespace)
@@ -404,9 +425,9 @@ class Grader:
         expected = _expected_of_assert(test.input, namespace) if status == "wrong_answer" else None
         if status == "wrong_answer" and expected is None:
             expected = test.input.strip()  # the assertion itself says what was expected
-        return TestResult(
+        return _test_result(
             index=index, kind="check", status=status, input=shown_input,
-            output=show_value(last_value) if calls and status in ("passed", "wrong_answer") else None,
+            output=repr(last_value) if calls and status in ("passed", "wrong_answer") else None,
             expected=expected, error=error, stderr="".join(stderr_parts), wall_s=wall)
 
     # -- many responses

@@ -347,3 +347,18 @@ def test_grade_many_keeps_order_and_validates_first():
     with pytest.raises(ProblemError, match="problem empty has no tests"):
         grader.grade_many([GradeRequest(ADD, respond("a")), GradeRequest(empty, respond("b"))])
     assert ex.programs == []  # nothing ran
+
+
+def test_check_code_may_name_the_entry_point_itself():
+    # HumanEval/33's check compares candidate(x) with sort_third(x): both must reach the program.
+    problem = CHECK.model_copy(update={"tests": [ProblemTest(kind="check", input="assert candidate(2) == sq(2)\n")]})
+    ex = FakeExecutor(on_call=lambda t, args: Call(value=args[0] + 1))
+    verdict = Grader(ex).grade(problem, respond("def sq(x):\n    return x + 1\n"))
+    assert verdict.verdict == "accepted"
+    assert [entry[1:] for entry in ex.log] == [("sq", [2]), ("sq", [2])]
+
+
+def test_check_feedback_uses_python_reprs():
+    problem = CHECK.model_copy(update={"tests": [ProblemTest(kind="check", input="assert candidate('a') == False\n")]})
+    verdict = Grader(FakeExecutor(on_call=lambda t, args: Call(value=None))).grade(problem, respond("def sq(x): pass"))
+    assert verdict.feedback == "Test Case 1: Wrong Answer\n\nInput\nsq('a')\n\nOutput\nNone\n\nExpected\nFalse"
