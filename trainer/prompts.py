@@ -171,3 +171,34 @@ def teacher_prompt_ids(
     raise PromptTooLongError(
         f"the teacher prompt does not fit context.max_teacher_prompt_tokens={max_tokens} even without its "
         f"privileged part ({len(ids)} tokens); raise the limit")
+
+
+def teacher_prompts_for_group(
+    tokenizer: Any,
+    group: Sequence[Any],
+    *,
+    problem: Problem,
+    context: Any,
+    hint: str | None = None,
+    thinking: bool = False,
+) -> tuple[list[list[int]], list[bool], dict[str, float]]:
+    """The teacher phase for one prompt group (METHOD.md section 1, step 3): each rollout's context built
+    by `context` (a ContextConfig), chat-templated and truncated to `context.max_teacher_prompt_tokens`.
+
+    Returns (teacher prompt ids per rollout, has_context per rollout: False means loss 0, metrics).
+    """
+    from trainer.contexts import build_teacher_texts, context_metrics
+
+    contexts = build_teacher_texts(group, problem=problem, context=context, hint=hint,
+                                   prompt=student_prompt_text(problem))
+    all_ids, tokens, cut = [], 0, 0
+    for teacher in contexts:
+        ids, m = teacher_prompt_ids(tokenizer, teacher, max_tokens=context.max_teacher_prompt_tokens,
+                                    truncation=context.truncation, thinking=thinking)
+        all_ids.append(ids)
+        tokens += m["teacher_prompt_tokens"]
+        cut += m["teacher_prompt_cut_tokens"] > 0
+    n = max(len(contexts), 1)
+    metrics = {**context_metrics(contexts), "context/teacher_prompt_tokens_mean": tokens / n,
+               "context/truncated_fraction": cut / n}
+    return all_ids, [c.has_context for c in contexts], metrics

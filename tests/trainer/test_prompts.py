@@ -150,3 +150,18 @@ def test_teacher_prompt_errors(tokenizer):
     base = len(chat_prompt_ids(tokenizer, student_prompt_text(PROBLEM)))
     with pytest.raises(PromptTooLongError, match="even without its privileged part"):
         teacher_prompt_ids(tokenizer, long_teacher(), max_tokens=base, truncation="right")
+
+
+def test_teacher_prompts_for_group(tokenizer):
+    from trainer.prompts import teacher_prompts_for_group
+
+    group = [GradedRollout("bad", False, "Wrong Answer"), GradedRollout("```python\n" + PEER + "\n```", True, ""),
+             GradedRollout("bad too", False, "")]
+    context = ContextConfig(name="peer_solution_feedback", max_teacher_prompt_tokens=400, truncation="left")
+    ids, has_context, metrics = teacher_prompts_for_group(tokenizer, group, problem=PROBLEM, context=context)
+    assert has_context == [True, False, True]  # the lone success has no other successful rollout
+    assert all(len(x) <= 400 for x in ids)
+    # the lone success's teacher prompt is exactly the student's
+    assert ids[1] == student_prompt_ids(tokenizer, PROBLEM)
+    assert metrics["context/truncated_fraction"] == pytest.approx(2 / 3)
+    assert metrics["context/peer_fraction"] == pytest.approx(2 / 3)
