@@ -1,0 +1,268 @@
+"""Isolated execution of untrusted, model-written Python programs: the public API.
+
+    with Executor(n_workers=2) as ex:
+        with ex.session(code) as s:
+            s.run_stdin(b"1 2\\n", timeout_s=2.0)          # a fresh run of the program as __main__
+            s.call("Solution.add", [1, 2], timeout_s=2.0)    # a function of the program, plain data back
+
+Each worker is a long-lived bubblewrap sandbox holding a warm fork server (``sandbox/runner.py``); every
+program runs in its own PID namespace as an unprivileged uid with no capabilities, rlimits and a seccomp
+filter (layers and their checks: ``sandbox/isolation.py``, tests/sandbox/test_hostile.py).
+
+Call sessions: the program's top-level code runs on the first ``call``; later calls reuse the module. An
+exception raised by the called function is that call's ``runtime_error`` and the program keeps serving. A
+call that ends the program (time, memory or output limit, an exit, an error in the top-level code, a
+crash) ends the session's program for good: every later call of the session returns that same status at
+once, without running anything. ``run_stdin`` always starts a fresh program and is not affected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+import threading
+from typing import Any, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sandbox import isolation as _isolation
+from sandbox.codec import PlainDataError, decode_value, encode_value
+from sandbox.pool import Pool, Worker, WorkerDied
+from sandbox.runner import STATUSES
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["ok", "runtime_error", "time_limit", "memory_limit", "output_limit"]
+_TARGET = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+# The trusted side's own deadline on a worker's answer, beyond the program's timeout.
+_WORKER_GRACE_S = 10.0
+
+
+class ExecutorError(RuntimeError):
+    """The executor cannot provide what was asked (e.g. a missing isolation layer with isolation='full')."""
+
+    user_facing = True
+
+
+class Limits(BaseModel):
+    """Resource limits of one program."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    wall_s: float = Field(10.0, gt=0, description="Wall-clock budget of the whole program: one run_stdin run, or "
+                          "the top-level code plus every call of a session together (time between calls not counted).")
+    cpu_s: float = Field(10.0, gt=0, description="CPU seconds of the program (RLIMIT_CPU; a session's calls share it).")
+    memory_mb: int = Field(1024, ge=32, description="Address space of each process of the program, in MiB (RLIMIT_AS).")
+    output_bytes: int = Field(1 << 20, ge=1, description="Cap on stdout+stderr of one run or one call; the program is killed beyond it.")
+    file_bytes: int = Field(1 << 20, ge=0, description="Largest file the program may write in its scratch dir (RLIMIT_FSIZE).")
+    n_procs: int = Field(32, ge=1, description="Processes and threads the program may have at once (RLIMIT_NPROC).")
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    """One execution of the program as __main__ with the given stdin."""
+
+    status: Status
+    exit_code: int | None  # negative: killed by that signal; None when the sandbox killed it (limits)
+    stdout: bytes
+    stderr: bytes
+    wall_s: float
+    error: str | None  # runtime errors: type, message, ≤3 frames of the solution's code (made in the sandbox)
+
+
+@dataclasses.dataclass
+class CallOutcome:
+    """One call of a function of the program."""
+
+    status: Status
+    value: Any  # the decoded return value (plain data) when status == "ok", else None
+    stdout: bytes
+    stderr: bytes
+    wall_s: float
+    error: str | None
+
+
+def _text(x: Any, limit: int = 8000) -> str | None:
+    return x[:limit] if type(x) is str else None
+
+
+def _blobs(blobs: list[bytes], cap: int) -> tuple[bytes, bytes]:
+    out = blobs[0] if len(blobs) > 0 else b""
+    err = blobs[1] if len(blobs) > 1 else b""
+    return out[:cap], err[: max(0, cap - len(out[:cap]))]
+
+
+def _wall(reply: dict) -> float:
+    w = reply.get("wall_s")
+    return float(w) if type(w) in (int, float) and 0 <= w < 1e6 else 0.0
+
+
+class Session:
+    """One program inside one worker. Use it from one thread at a time."""
+
+    def __init__(self, worker: Worker, code: str, limits: Limits):
+        self._worker, self._code, self._limits = worker, code, limits
+        self._limits_dict = limits.model_dump()
+        self._call_wall_s = 0.0
+        self._started = False
+        self._failure: CallOutcome | None = None
+        self.worker_died = False
+
+    def _request(self, header: dict, blobs: list[bytes], timeout_s: float) -> dict | None:
+        try:
+            reply, out_blobs = self._worker.request(header, blobs, timeout_s=timeout_s + _WORKER_GRACE_S)
+        except WorkerDied as e:
+            logger.warning("sandbox worker died, it will be replaced: %s", e)
+            self.worker_died = True
+            return None
+        if "fatal" in reply:
+            raise ExecutorError("sandbox failure: %s" % _text(reply["fatal"]))
+        self._last_blobs = out_blobs
+        return reply
+
+    def run_stdin(self, stdin: bytes, *, timeout_s: float) -> RunOutcome:
+        """Run the program once as __main__ on ``stdin``; output is captured at the file-descriptor level."""
+        if self.worker_died:
+            return RunOutcome("runtime_error", None, b"", b"", 0.0, "the sandbox worker died")
+        timeout = min(float(timeout_s), self._limits.wall_s)
+        header = {"op": "run", "code": self._code, "limits": self._limits_dict, "timeout": timeout}
+        reply = self._request(header, [bytes(stdin)], timeout)
+        if reply is None:
+            return RunOutcome("runtime_error", None, b"", b"", timeout, "the sandbox worker died during the run")
+        status = reply.get("status") if reply.get("status") in STATUSES else "runtime_error"
+        code = reply.get("exit_code")
+        out, err = _blobs(self._last_blobs, self._limits.output_bytes)
+        return RunOutcome(status, code if type(code) is int else None, out, err, _wall(reply), _text(reply.get("error")))
+
+    def call(self, target: str, args: list, *, timeout_s: float) -> CallOutcome:
+        """Call ``target`` ("func" or "Solution.method", a fresh Solution() per call) with plain-data args."""
+        if not _TARGET.match(target):
+            raise ValueError("call target must be 'name' or 'Class.name', got %r" % (target,))
+        try:
+            args_text = encode_value(list(args))
+        except PlainDataError as e:
+            raise ValueError("call arguments must be plain data: %s" % e) from None
+        if self._failure is not None:
+            f = self._failure
+            return CallOutcome(f.status, None, b"", b"", 0.0, f.error)
+        left = self._limits.wall_s - self._call_wall_s
+        if left <= 0:
+            return self._fail(CallOutcome("time_limit", None, b"", b"", 0.0, "the session's wall-clock budget is used up"))
+        timeout = min(float(timeout_s), left)
+        header = {"op": "call", "code": self._code, "target": target, "args": args_text,
+                  "limits": self._limits_dict, "timeout": timeout}
+        self._started = True
+        reply = self._request(header, [], timeout)
+        if reply is None:
+            return self._fail(CallOutcome("runtime_error", None, b"", b"", timeout, "the sandbox worker died during the call"))
+        self._call_wall_s += _wall(reply)
+        status = reply.get("status") if reply.get("status") in STATUSES else "runtime_error"
+        out, err = _blobs(self._last_blobs, self._limits.output_bytes)
+        error, value = _text(reply.get("error")), None
+        if status == "ok":
+            try:
+                value = decode_value(reply.get("value") if type(reply.get("value")) is str else "")
+            except PlainDataError as e:
+                status, error = "runtime_error", "the returned value could not be decoded: %s" % e
+        outcome = CallOutcome(status, value, out, err, _wall(reply), error)
+        if status in ("time_limit", "memory_limit", "output_limit") or reply.get("ended"):
+            self._fail(outcome)
+        return outcome
+
+    def _fail(self, outcome: CallOutcome) -> CallOutcome:
+        self._failure = outcome
+        return outcome
+
+    def _finish(self) -> None:
+        """End the session's program (if any) so the worker is clean for the next session."""
+        if self._started and not self.worker_died:
+            try:
+                self._worker.request({"op": "end"}, [], timeout_s=_WORKER_GRACE_S)
+            except WorkerDied:
+                self.worker_died = True
+
+
+class Executor:
+    """A pool of warm, isolated workers running untrusted programs. ``session`` is thread-safe."""
+
+    def __init__(self, n_workers: int | None = None, *, isolation: Literal["auto", "full", "none"] = "auto",
+                 limits: Limits = Limits(), disable: frozenset[str] | set[str] = frozenset()):
+        """``disable`` turns off named layers (tests use it to check that each layer holds on its own)."""
+        if isolation not in ("auto", "full", "none"):
+            raise ExecutorError("isolation must be 'auto', 'full' or 'none', got %r" % (isolation,))
+        unknown = set(disable) - set(_isolation.LAYERS)
+        if unknown:
+            raise ExecutorError("unknown isolation layers to disable: %s" % sorted(unknown))
+        self.limits = limits
+        self.n_workers = max(1, n_workers or os.cpu_count() or 1)
+        plan = _isolation.make_plan(isolation, frozenset(disable))
+        if isolation == "full" and plan.missing:
+            raise ExecutorError("isolation='full' but layers are unavailable: " +
+                                "; ".join("%s (%s)" % kv for kv in plan.missing.items()))
+        probe_limits = Limits(wall_s=10, cpu_s=10, memory_mb=1024).model_dump()
+        tmpfs = max(64 << 20, 8 * limits.file_bytes)
+        self._pool = Pool(self.n_workers, lambda: Worker(plan, probe_limits, tmpfs))
+        worker_layers = self._pool._all[0].layers
+        report = {
+            "bwrap": plan.bwrap is not None,
+            "seccomp": plan.bpf is not None and worker_layers.get("seccomp", False),
+            "pid_namespace": plan.pidns and worker_layers.get("pid_namespace", False),
+            "uid_drop": plan.drop is not None and worker_layers.get("uid_drop", False),
+            "rlimits": True,
+        }
+        for layer, ok in report.items():
+            if not ok and layer not in plan.missing:
+                plan.missing[layer] = "failed the worker's self-test"
+        self._report = report
+        self._closed = False
+        self._lock = threading.Lock()
+        if isolation == "none":
+            logger.warning("SANDBOX ISOLATION IS OFF (isolation='none'): untrusted programs run with only "
+                           "rlimits and time limits, as a process of this user. For debugging only.")
+        elif isolation == "full" and not all(report.values()):
+            self.close()
+            raise ExecutorError("isolation='full' but layers failed: %s" % plan.missing)
+        else:
+            logger.info("sandbox: %d workers, interpreter %s, layers: %s", self.n_workers, plan.python,
+                        ", ".join("%s=%s" % (k, "on" if v else "OFF") for k, v in report.items()))
+            for layer, why in plan.missing.items():
+                logger.warning("sandbox isolation layer MISSING: %s (%s)", layer, why)
+
+    def isolation_report(self) -> dict[str, bool]:
+        """Which layers are active: bwrap, seccomp, pid_namespace, uid_drop, rlimits."""
+        return dict(self._report)
+
+    @contextlib.contextmanager
+    def session(self, code: str, *, limits: Limits | None = None) -> Iterator[Session]:
+        """Lend a worker for one program; blocks until one is free."""
+        if self._closed:
+            raise ExecutorError("the executor is closed")
+        worker = self._pool.acquire()
+        session = Session(worker, code, limits or self.limits)
+        try:
+            yield session
+        finally:
+            session._finish()
+            self._pool.release(worker)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._pool.close()
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+

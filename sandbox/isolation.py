@@ -1,0 +1,133 @@
+"""Which isolation layers this machine offers, and the command line of one sandbox worker."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+LAYERS = ("bwrap", "seccomp", "pid_namespace", "uid_drop", "rlimits")
+NOBODY = 65534
+# The program's whole environment: fixed values, nothing is copied from the caller's environment.
+SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/tmp"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How workers are started: the layers requested and the interpreter they run."""
+
+    bwrap: str | None  # path of bubblewrap, None to run the fork server directly
+    python: str
+    as_nobody: bool  # start the worker as uid/gid 65534 (the caller is root)
+    pidns: bool
+    drop: str | None  # "caps" (inside bubblewrap's user namespace), "setuid" (root without it) or None
+    bpf: bytes | None
+    missing: dict[str, str]  # layer -> why it is not available
+
+
+def _world_accessible(path: str) -> bool:
+    """True when uid 65534 can reach and read ``path`` (every parent directory searchable by others)."""
+    p = Path(path).resolve()
+    try:
+        for parent in reversed(p.parents):
+            if not os.stat(parent).st_mode & stat.S_IXOTH:
+                return False
+        return bool(os.stat(p).st_mode & stat.S_IROTH)
+    except OSError:
+        return False
+
+
+def find_python(as_nobody: bool) -> str:
+    """The interpreter of the sandbox: this Python's base interpreter, else the system python3."""
+    candidates = [getattr(sys, "_base_executable", None), sys.executable, "/usr/bin/python3", shutil.which("python3")]
+    for c in candidates:
+        if not c or not os.path.exists(c):
+            continue
+        real = os.path.realpath(c)
+        if as_nobody and not _world_accessible(real):
+            continue
+        return real
+    raise FileNotFoundError("no Python interpreter the sandbox user can read")
+
+
+@functools.lru_cache(maxsize=8)
+def python_prefixes(python: str) -> tuple[str, ...]:
+    """Directories the interpreter needs (stdlib, its shared library), asked from the interpreter."""
+    code = "import sys, sysconfig; print(sys.base_prefix); print(sysconfig.get_paths()['stdlib']); print(sysconfig.get_config_var('LIBDIR') or '')"
+    out = subprocess.run([python, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=30, env=SANDBOX_ENV)
+    return tuple(line for line in out.stdout.splitlines() if line)
+
+
+def bwrap_command(bwrap: str, python: str, source: str, *, tmpfs_bytes: int) -> list[str]:
+    """bubblewrap around the fork server: every namespace unshared, an empty root with only read-only
+    system libraries and the interpreter, a fresh /proc and /dev, a size-limited /tmp, no environment."""
+    cmd = [bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--disable-userns",
+           "--uid", str(NOBODY), "--gid", str(NOBODY),
+           # Kept by the fork server only: per-program PID/mount namespaces need CAP_SYS_ADMIN in the
+           # worker's user namespace; every program drops all capabilities before its code runs.
+           "--cap-add", "CAP_SYS_ADMIN", "--cap-add", "CAP_SETPCAP",
+           "--hostname", "sandbox"]
+    for d in ("/usr/lib", "/usr/lib64", "/usr/libexec"):
+        if os.path.isdir(d):
+            cmd += ["--ro-bind", d, d]
+    for d in ("/lib", "/lib64", "/lib32"):
+        if os.path.islink(d):
+            cmd += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            cmd += ["--ro-bind", d, d]
+    cmd += ["--ro-bind", python, python]
+    for d in python_prefixes(python)[1:]:
+        if os.path.isdir(d) and not d.startswith("/usr/lib"):
+            cmd += ["--ro-bind", d, d]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmpfs_bytes), "--tmpfs", "/tmp",
+            "--remount-ro", "/dev", "--clearenv"]
+    for k, v in SANDBOX_ENV.items():
+        cmd += ["--setenv", k, v]
+    cmd += ["--chdir", "/tmp", python, "-I", "-S", "-c", source]
+    return cmd
+
+
+def direct_command(python: str, source: str) -> list[str]:
+    return [python, "-I", "-S", "-c", source]
+
+
+def make_plan(isolation: str, disable: frozenset[str]) -> Plan:
+    """Decide the layers to request; the worker's self-test then confirms what really holds."""
+    missing: dict[str, str] = {}
+    root = os.geteuid() == 0
+    if isolation == "none":
+        for layer in LAYERS:
+            if layer != "rlimits":
+                missing[layer] = "isolation='none'"
+        return Plan(None, find_python(False), False, False, None, None, missing)
+    bwrap = shutil.which("bwrap") if "bwrap" not in disable else None
+    if bwrap is None:
+        missing["bwrap"] = "disabled" if "bwrap" in disable else "bubblewrap (bwrap) is not installed"
+    python = find_python(root and bwrap is not None)
+    if bwrap is not None:
+        drop = "caps"
+    elif root:
+        drop = "setuid"
+    else:
+        drop = None
+        missing["uid_drop"] = "not root and no bubblewrap: programs run as the caller's user"
+    if "uid_drop" in disable:
+        drop, missing["uid_drop"] = None, "disabled"
+    pidns = "pid_namespace" not in disable
+    if not pidns:
+        missing["pid_namespace"] = "disabled"
+    bpf = None
+    if "seccomp" in disable:
+        missing["seccomp"] = "disabled"
+    else:
+        from sandbox.seccomp_filter import build_bpf
+
+        bpf, why = build_bpf()
+        if bpf is None:
+            missing["seccomp"] = why or "unavailable"
+    return Plan(bwrap, python, root and bwrap is not None, pidns, drop, bpf, missing)

@@ -1,0 +1,204 @@
+"""Long-lived sandbox workers (one bubblewrap + fork server each) and the pool that lends them out."""
+
+from __future__ import annotations
+
+import os
+import queue
+import select
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from sandbox import isolation
+from sandbox.runner import FrameReader, pack_frame
+
+_SANDBOX_DIR = Path(__file__).resolve().parent
+READY_TIMEOUT_S = 30.0
+
+
+class WorkerDied(RuntimeError):
+    """The worker process ended or stopped answering; it has been killed and must be restarted."""
+
+
+def worker_source() -> str:
+    """The fork server's program: the codec, then the runner (both standard-library only)."""
+    return (_SANDBOX_DIR / "codec.py").read_text() + "\n\n" + (_SANDBOX_DIR / "runner.py").read_text()
+
+
+class Worker:
+    """One sandbox process. Not thread-safe: the pool hands it to one session at a time."""
+
+    def __init__(self, plan: isolation.Plan, probe_limits: dict, tmpfs_bytes: int):
+        self.plan, self.probe_limits, self.tmpfs_bytes = plan, probe_limits, tmpfs_bytes
+        self.proc: subprocess.Popen | None = None
+        self.layers: dict[str, bool] = {}
+        self.scratch_root: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        plan, source = self.plan, worker_source()
+        if plan.bwrap:
+            cmd = isolation.bwrap_command(plan.bwrap, plan.python, source, tmpfs_bytes=self.tmpfs_bytes)
+            scratch_root = "/tmp"
+        else:
+            cmd = isolation.direct_command(plan.python, source)
+            self.scratch_root = scratch_root = tempfile.mkdtemp(prefix="opsd-sandbox-")
+            os.chmod(scratch_root, 0o711)
+        kwargs = {}
+        if plan.as_nobody:
+            kwargs = dict(user=isolation.NOBODY, group=isolation.NOBODY, extra_groups=[])
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=dict(isolation.SANDBOX_ENV), cwd="/", start_new_session=True, close_fds=True, **kwargs,
+        )
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self._reader = FrameReader()
+        cfg = {
+            "pidns": plan.pidns, "mounts": bool(plan.bwrap) and plan.pidns, "drop": plan.drop,
+            "env": isolation.SANDBOX_ENV, "scratch_root": scratch_root, "probe_limits": self.probe_limits,
+        }
+        try:
+            header, _ = self.request({"cfg": cfg}, [plan.bpf or b""], timeout_s=READY_TIMEOUT_S)
+        except WorkerDied as e:
+            raise WorkerDied("the sandbox worker did not start: %s" % e) from None
+        layers = header.get("layers")
+        if not header.get("ready") or type(layers) is not dict or "error" in layers:
+            self.kill()
+            raise WorkerDied("the sandbox worker failed its self-test: %s" % (layers,))
+        self.layers = {k: v is True for k, v in layers.items()}
+
+    def request(self, header: dict, blobs: list[bytes], *, timeout_s: float) -> tuple[dict, list[bytes]]:
+        """Send one frame and wait for the reply; kill the worker on EOF, garbage or timeout."""
+        proc = self.proc
+        try:
+            proc.stdin.write(pack_frame(header, blobs))
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            self.kill()
+            raise WorkerDied("the worker's input closed") from None
+        fd = proc.stdout.fileno()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.kill()
+                raise WorkerDied("the worker did not answer within %.1f s" % timeout_s)
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                why = self._stderr_tail()
+                self.kill()
+                raise WorkerDied("the worker exited" + (": " + why if why else ""))
+            try:
+                frames = self._reader.feed(chunk)
+            except ValueError as e:
+                self.kill()
+                raise WorkerDied("garbled reply from the worker (%s)" % e) from None
+            if frames:
+                reply, out_blobs = frames[0]
+                if type(reply) is not dict:
+                    self.kill()
+                    raise WorkerDied("garbled reply from the worker")
+                return reply, out_blobs
+
+    def _stderr_tail(self) -> str:
+        try:
+            self.proc.wait(timeout=1.0)
+            return self.proc.stderr.read()[-2000:].decode("utf-8", "replace").strip()
+        except Exception:  # noqa: BLE001 - only a diagnostic
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL the worker's whole process group (bubblewrap takes its namespaces down with it)."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            for f in (proc.stdin, proc.stdout, proc.stderr):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        if self.scratch_root:
+            import shutil
+
+            shutil.rmtree(self.scratch_root, ignore_errors=True)
+            self.scratch_root = None
+
+
+class Pool:
+    """A fixed number of workers; ``acquire`` blocks until one is free and restarts dead ones."""
+
+    def __init__(self, n_workers: int, make_worker):
+        self._make = make_worker
+        self._idle: queue.Queue[Worker] = queue.Queue()
+        self._all: list[Worker] = []
+        self._closed = False
+        self._lock = threading.Lock()
+        workers = [make_worker() for _ in range(n_workers)]
+        try:
+            self._start_all(workers)
+        except BaseException:
+            for w in workers:
+                w.kill()
+            raise
+        for w in workers:
+            self._all.append(w)
+            self._idle.put(w)
+
+    @staticmethod
+    def _start_all(workers: list[Worker]) -> None:
+        errors: list[BaseException] = []
+
+        def start(w: Worker) -> None:
+            try:
+                w.start()
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                errors.append(e)
+
+        threads = [threading.Thread(target=start, args=(w,)) for w in workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def acquire(self) -> Worker:
+        if self._closed:
+            raise RuntimeError("the executor is closed")
+        worker = self._idle.get()
+        if not worker.alive:
+            try:
+                worker.start()
+            except BaseException:
+                self._idle.put(worker)
+                raise
+        return worker
+
+    def release(self, worker: Worker) -> None:
+        self._idle.put(worker)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for w in self._all:
+                w.kill()

@@ -1,0 +1,674 @@
+"""The code that runs INSIDE the sandbox: a warm fork server and the program runner (stdlib only).
+
+The executor starts ``python -I -S -c <codec.py + this file>`` inside bubblewrap. This process (the fork
+server) pre-imports the modules programs commonly use, then serves one request at a time from the trusted
+process on fds 0/1 (frames: 4-byte length, JSON header, raw blobs). Per program it forks A, which enters a
+fresh PID (and mount) namespace and forks B: B is PID 1 there, so when B dies the kernel kills every process
+the program started. B mounts its own /proc and a size-limited tmpfs scratch dir, sets rlimits, drops to an
+unprivileged uid with no capabilities, loads the seccomp filter, and only then compiles the program.
+The fork server (a child subreaper) reads B's pipes itself, so it enforces the output cap and the wall
+clock (SIGKILL of B ends the namespace). Nothing the fork server sends back is trusted by the executor.
+"""
+
+import ctypes
+import io
+import json
+import os
+import resource
+import select
+import signal
+import struct
+import sys
+import time
+
+if "encode_value" not in globals():  # imported by the trusted side; in the sandbox codec.py comes first
+    from sandbox.codec import PlainDataError, decode_value, encode_value  # noqa: F401
+
+PRELOAD = (
+    "abc array bisect calendar cmath collections contextlib copy dataclasses datetime decimal enum fractions "
+    "functools hashlib heapq itertools json math numbers operator queue random re statistics string "
+    "textwrap threading traceback types typing unicodedata linecache"
+).split()
+
+STATUSES = ("ok", "runtime_error", "time_limit", "memory_limit", "output_limit")
+SOLUTION_FILE = "<solution>"
+NOBODY = 65534
+MAX_FRAME = 64 << 20
+MAX_RECURSION = 100_000  # programs may raise the limit up to this; the main stack is sized for it
+STACK_BYTES = 1 << 30
+SETUP_FAILED = 97
+
+CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER = 38, 22, 24, 36
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER = 47, 4, 2
+
+
+# ----------------------------------------------------------------------------------------------- frames
+def pack_frame(header, blobs=()):
+    header = dict(header, blobs=[len(b) for b in blobs])
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return struct.pack(">I", len(head)) + head + b"".join(blobs)
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class FrameReader:
+    """Incremental parser of frames; ``feed`` returns the complete frames as (header, blobs)."""
+
+    def __init__(self):
+        self.buf = bytearray()
+
+    def feed(self, data):
+        self.buf += data
+        frames = []
+        while len(self.buf) >= 4:
+            (n_head,) = struct.unpack(">I", self.buf[:4])
+            if n_head > MAX_FRAME:
+                raise ValueError("frame header too large")
+            if len(self.buf) < 4 + n_head:
+                break
+            header = json.loads(bytes(self.buf[4 : 4 + n_head]))
+            sizes = header.get("blobs", []) if type(header) is dict else None
+            if type(sizes) is not list or not all(type(s) is int and 0 <= s <= MAX_FRAME for s in sizes):
+                raise ValueError("malformed frame header")
+            end = 4 + n_head + sum(sizes)
+            if len(self.buf) < end:
+                break
+            blobs, pos = [], 4 + n_head
+            for s in sizes:
+                blobs.append(bytes(self.buf[pos : pos + s]))
+                pos += s
+            del self.buf[:end]
+            frames.append((header, blobs))
+        return frames
+
+
+def read_frame(fd):
+    """Blocking read of one frame (the fork server's requests); None at EOF."""
+    reader = FrameReader()
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return None
+        frames = reader.feed(chunk)
+        if frames:
+            return frames[0]
+
+
+# --------------------------------------------------------------------------------- inside the program (B)
+_libc = None
+
+
+def libc():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _check(res, what):
+    if res != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "%s: %s" % (what, os.strerror(err)))
+
+
+def _drop_capabilities():
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    c = libc()
+    for cap in range(64):  # needs CAP_SETPCAP, which is still held here; EINVAL past the last cap
+        c.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    c.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    header, data = Header(0x20080522, 0), (Data * 2)()
+    _check(c.capset(ctypes.byref(header), data), "capset")
+
+
+def _load_seccomp(bpf):
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = Prog(len(bpf) // 8, ctypes.addressof(buf))
+    c = libc()
+    _check(c.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)), "no_new_privs")
+    _check(c.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(prog), ctypes.c_ulong(0), ctypes.c_ulong(0)), "seccomp")
+
+
+def _set_rlimits(limits):
+    def lim(which, soft, hard=None):
+        hard = soft if hard is None else hard
+        resource.setrlimit(which, (soft, hard))
+
+    cpu = max(1, int(limits["cpu_s"] + 0.999))
+    lim(resource.RLIMIT_CPU, cpu, cpu + 1)  # SIGXCPU at the soft limit, SIGKILL one second later
+    lim(resource.RLIMIT_AS, limits["memory_mb"] << 20)
+    lim(resource.RLIMIT_FSIZE, limits["file_bytes"])
+    lim(resource.RLIMIT_NOFILE, 256)
+    lim(resource.RLIMIT_CORE, 0)
+    lim(resource.RLIMIT_MEMLOCK, 0)
+    lim(resource.RLIMIT_MSGQUEUE, 0)
+    # RLIMIT_NPROC counts this uid's processes in the worker's user namespace: the worker's own two
+    # (bubblewrap's init, the fork server) and A are included.
+    lim(resource.RLIMIT_NPROC, limits["n_procs"] + 3)
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    want = STACK_BYTES if hard == resource.RLIM_INFINITY else min(hard, STACK_BYTES)
+    resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
+
+
+def enter_program(cfg, limits, fds, scratch):
+    """Turn this fresh process (B) into the sandboxed program's process. Order matters."""
+    os.setsid()
+    c = libc()
+    if cfg["mounts"]:
+        _check(c.mount(b"proc", b"/proc", b"proc", ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC), None), "mount /proc")
+        size = ("size=%d,mode=0700" % max(16 << 20, 4 * limits["file_bytes"])).encode()
+        _check(c.mount(b"tmpfs", scratch.encode(), b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV), size), "mount scratch")
+    import fcntl
+
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in fds]  # so no source is overwritten below
+    for target, fd in enumerate(high):
+        os.dup2(fd, target)
+    os.closerange(len(fds), 1 << 16)
+    os.chdir(scratch)
+    _set_rlimits(limits)
+    if cfg["drop"] == "caps":  # bubblewrap already runs us as an unprivileged uid in its user namespace
+        _drop_capabilities()
+    elif cfg["drop"] == "setuid":  # no user namespace: root drops to nobody (also clears capabilities)
+        os.setgroups([])
+        os.setresgid(NOBODY, NOBODY, NOBODY)
+        os.setresuid(NOBODY, NOBODY, NOBODY)
+    if cfg["bpf"]:
+        _load_seccomp(cfg["bpf"])
+    os.environ.clear()
+    os.environ.update(cfg["env"])
+    os.environ["HOME"] = scratch
+    for sig in (signal.SIGTERM, signal.SIGALRM, signal.SIGCHLD, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    import random
+
+    random.seed()  # the fork server's state is shared by every fork
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8")
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8")
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding="utf-8", errors="backslashreplace", line_buffering=True
+    )
+    sys.argv = ["main.py"]
+    real_setrecursionlimit = sys.setrecursionlimit
+    sys.setrecursionlimit = lambda n: real_setrecursionlimit(max(50, min(int(n), MAX_RECURSION)))
+
+
+def _flush_std():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+
+
+def format_error(exc):
+    """Exception type + message + at most 3 traceback frames from the solution's own code."""
+    import collections
+    import traceback
+
+    frames = collections.deque(maxlen=3)
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == SOLUTION_FILE:
+            frames.append((tb.tb_frame.f_code.co_name, tb.tb_lineno))
+        tb = tb.tb_next
+    lines = []
+    if frames:
+        import linecache
+
+        lines.append("Traceback (most recent call last):\n")
+        for name, lineno in frames:
+            lines.append('  File "%s", line %d, in %s\n' % (SOLUTION_FILE, lineno, name))
+            src = linecache.getline(SOLUTION_FILE, lineno).strip()
+            if src:
+                lines.append("    %s\n" % src)
+    try:
+        lines.extend(traceback.format_exception_only(type(exc), exc))
+    except BaseException:
+        lines.append("%s: <message could not be printed>\n" % type(exc).__name__)
+    return "".join(lines)[:4000]
+
+
+def _compile(code):
+    import linecache
+
+    linecache.cache[SOLUTION_FILE] = (len(code), None, code.splitlines(True), SOLUTION_FILE)
+    return compile(code, SOLUTION_FILE, "exec")
+
+
+def _new_main():
+    import types
+
+    module = types.ModuleType("__main__")
+    module.__file__ = SOLUTION_FILE
+    module.__builtins__ = __builtins__
+    sys.modules["__main__"] = module
+    return module
+
+
+_MEMORY_FRAME = pack_frame({"status": "memory_limit", "error": "MemoryError"})
+
+
+def _exit_code(exc):
+    code = exc.code
+    if code is None:
+        return 0
+    if type(code) is int:
+        return code & 0xFF
+    try:
+        sys.stderr.write("%s\n" % (code,))
+    except BaseException:
+        pass
+    return 1
+
+
+def program_run(code):
+    """B, stdin mode: run the program once as __main__; report an uncaught exception on fd 4."""
+    outcome, exit_code = None, 0
+    try:
+        compiled = _compile(code)
+        exec(compiled, _new_main().__dict__)
+    except MemoryError:
+        outcome = _MEMORY_FRAME
+        exit_code = 1
+    except SystemExit as e:
+        exit_code = _exit_code(e)
+    except BaseException as e:
+        outcome = pack_frame({"status": "runtime_error", "error": format_error(e)})
+        exit_code = 1
+    _flush_std()
+    if outcome is not None:
+        try:
+            write_all(4, outcome)
+        except OSError:
+            pass
+    os._exit(exit_code)
+
+
+def _resolve(module, target):
+    names = target.split(".")
+    if len(names) == 1:
+        return module.__dict__[names[0]]
+    if len(names) == 2:
+        return getattr(module.__dict__[names[0]](), names[1])
+    raise ValueError("bad call target %r" % target)
+
+
+def program_session(code):
+    """B, call mode: top-level code runs on the first request, then one call per request (fd 3 → fd 4).
+
+    An exception raised by a call is that call's runtime_error and the program keeps serving; an exception
+    in the top-level code, an exit or a MemoryError ends the program ("fatal")."""
+    module = None
+    while True:
+        request = read_frame(3)
+        if request is None:
+            os._exit(0)
+        header, _ = request
+        loading = module is None
+        try:
+            if loading:
+                module = _new_main()
+                exec(_compile(code), module.__dict__)
+                loading = False
+            fn = _resolve(module, header["target"])
+            args = decode_value(header["args"])
+            value = fn(*args)
+            try:
+                response = {"status": "ok", "value": encode_value(value)}
+            except PlainDataError as e:
+                response = {"status": "runtime_error", "error": str(e)}
+            except RecursionError:
+                response = {"status": "runtime_error", "error": "returned a value nested too deeply"}
+        except MemoryError:
+            _flush_std()
+            write_all(4, _MEMORY_FRAME)
+            os._exit(1)
+        except SystemExit as e:
+            _flush_std()
+            error = "the program exited (code %s) during the call" % (_exit_code(e),)
+            write_all(4, pack_frame({"status": "runtime_error", "fatal": True, "error": error}))
+            os._exit(1)
+        except BaseException as e:
+            response = {"status": "runtime_error", "error": format_error(e), "fatal": loading}
+        _flush_std()
+        write_all(4, pack_frame(response))
+        if response.get("fatal"):
+            os._exit(1)
+
+
+# ---------------------------------------------------------------------------------------- fork server
+class Program:
+    """The fork server's handle on one program process B and its pipes."""
+
+    def __init__(self, pid, out_fd, err_fd, req_fd, resp_fd, scratch):
+        self.pid, self.pidfd = pid, os.pidfd_open(pid)
+        self.out_fd, self.err_fd, self.req_fd, self.resp_fd = out_fd, err_fd, req_fd, resp_fd
+        self.scratch = scratch
+        self.status = None  # wait status once reaped
+        self.rusage = None
+        self.frames = FrameReader()
+        self.cpu_used = 0.0
+
+    def reap(self, block=True):
+        if self.status is None:
+            pid, status, rusage = os.wait4(self.pid, 0 if block else os.WNOHANG)
+            if pid:
+                self.status, self.rusage = status, rusage
+        return self.status
+
+    def kill(self):
+        if self.status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.reap()
+
+    def close(self, server):
+        self.kill()
+        for fd in (self.pidfd, self.out_fd, self.err_fd, self.req_fd, self.resp_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.pidfd = self.out_fd = self.err_fd = self.req_fd = self.resp_fd = None
+        server.remove_scratch(self.scratch)
+
+
+class ForkServer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.session = None  # Program of the current call session
+        self.session_failure = None
+        self.counter = 0
+
+    # --- scratch dirs: a tmpfs in the program's own mount namespace, or a directory removed afterwards
+    def make_scratch(self):
+        if self.cfg["mounts"]:
+            return "/tmp"
+        import tempfile
+
+        path = tempfile.mkdtemp(prefix="p", dir=self.cfg["scratch_root"])
+        if self.cfg["drop"] == "setuid":
+            os.chown(path, NOBODY, NOBODY)
+        return path
+
+    def remove_scratch(self, path):
+        if not self.cfg["mounts"]:
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+
+    def spawn(self, limits, stdin_bytes, mode, code):
+        """Fork A → (new namespaces) → fork B. Returns the Program handle of B."""
+        scratch = self.make_scratch()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        resp_r, resp_w = os.pipe()
+        req_r, req_w = os.pipe() if mode == "session" else (None, None)
+        if mode == "run":
+            in_fd = os.memfd_create("stdin")
+            write_all(in_fd, stdin_bytes)
+            os.lseek(in_fd, 0, os.SEEK_SET)
+        else:
+            in_fd = os.open(os.devnull, os.O_RDONLY)
+        pid_r, pid_w = os.pipe()
+        a = os.fork()
+        if a == 0:  # A
+            try:
+                os.close(pid_r)
+                if self.cfg["pidns"]:
+                    flags = CLONE_NEWPID | (CLONE_NEWNS if self.cfg["mounts"] else 0)
+                    _check(libc().unshare(flags), "unshare")
+                b = os.fork()
+                if b == 0:  # B
+                    try:
+                        os.close(pid_w)
+                        keep = [in_fd, out_w, err_w, req_r if req_r is not None else os.open(os.devnull, os.O_RDONLY), resp_w]
+                        enter_program(self.cfg, limits, keep, scratch)
+                    except BaseException as e:
+                        try:
+                            os.write(4, pack_frame({"setup_error": "%s: %s" % (type(e).__name__, e)}))
+                        finally:
+                            os._exit(SETUP_FAILED)
+                    if mode == "run":
+                        program_run(code)
+                    else:
+                        program_session(code)
+                    os._exit(0)
+                os.write(pid_w, struct.pack(">i", b))
+            except BaseException as e:
+                os.write(pid_w, struct.pack(">i", -1) + ("%s: %s" % (type(e).__name__, e)).encode()[:500])
+            os._exit(0)
+        for fd in (pid_w, in_fd, out_w, err_w, resp_w) + ((req_r,) if req_r is not None else ()):
+            os.close(fd)
+        os.waitpid(a, 0)
+        data = os.read(pid_r, 4096)
+        os.close(pid_r)
+        if len(data) < 4 or struct.unpack(">i", data[:4])[0] <= 0:
+            for fd in (out_r, err_r, resp_r, req_w):
+                if fd is not None:
+                    os.close(fd)
+            self.remove_scratch(scratch)
+            raise RuntimeError("could not start the program: %s" % data[4:].decode("utf-8", "replace"))
+        (b,) = struct.unpack(">i", data[:4])
+        for fd in (out_r, err_r, resp_r):
+            os.set_blocking(fd, False)
+        return Program(b, out_r, err_r, req_w, resp_r, scratch)
+
+    def pump(self, prog, deadline, cap, out, err, want_frame):
+        """Read B's pipes until a response frame (want_frame), B's exit, the deadline or the output cap.
+
+        Returns "frame", "exit", "timeout" or "output"; frames go to prog.frames' queue via the return of
+        ``self.frame``."""
+        self.frame = None
+        fds = {prog.out_fd: out, prog.err_fd: err}
+        poller = select.poll()
+        for fd in (prog.out_fd, prog.err_fd, prog.resp_fd, prog.pidfd):
+            poller.register(fd, select.POLLIN)
+        exited = False
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return "timeout"
+            events = poller.poll(max(1, int((deadline - now) * 1000)) if not exited else 0)
+            if not events and exited:
+                return "exit"
+            for fd, _ in events:
+                if fd == prog.pidfd:
+                    exited = True  # drain what is left in the pipes, then report the exit
+                    poller.unregister(fd)
+                    continue
+                try:
+                    chunk = os.read(fd, 1 << 16)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    poller.unregister(fd)
+                    continue
+                if fd == prog.resp_fd:
+                    try:
+                        frames = prog.frames.feed(chunk)
+                    except ValueError:
+                        frames = [({"status": "runtime_error", "error": "garbled response from the program", "fatal": True}, [])]
+                    if frames and self.frame is None:
+                        self.frame = frames[0][0]
+                    if frames and want_frame:
+                        self._drain(prog, out, err, cap)
+                        return "output" if len(out) + len(err) > cap else "frame"
+                    continue
+                fds[fd] += chunk
+                if len(out) + len(err) > cap:
+                    return "output"
+
+    def _drain(self, prog, out, err, cap):
+        for fd, buf in ((prog.out_fd, out), (prog.err_fd, err)):
+            while len(out) + len(err) <= cap:
+                try:
+                    chunk = os.read(fd, 1 << 16)
+                except (BlockingIOError, OSError):
+                    break
+                if not chunk:
+                    break
+                buf += chunk
+
+    def verdict(self, prog, reason, limits, started):
+        """Status, exit code and error of a finished (or to-be-killed) program."""
+        if reason in ("timeout", "output"):
+            prog.kill()
+            status = "time_limit" if reason == "timeout" else "output_limit"
+            return status, None, None
+        prog.reap()
+        frame = self.frame
+        st = prog.status
+        code = os.waitstatus_to_exitcode(st)
+        cpu = prog.rusage.ru_utime + prog.rusage.ru_stime
+        if frame and "setup_error" in frame:
+            raise RuntimeError("sandbox setup failed: %s" % frame["setup_error"])
+        if frame and frame.get("status") in STATUSES:
+            return frame["status"], code, frame.get("error")
+        if code == 0:
+            return "ok", 0, None
+        if code > 0:
+            return "runtime_error", code, "the program exited with code %d" % code
+        sig = -code
+        if sig == signal.SIGXCPU or cpu >= limits["cpu_s"]:
+            return "time_limit", code, None
+        if prog.rusage.ru_maxrss * 1024 >= 0.9 * (limits["memory_mb"] << 20):
+            return "memory_limit", code, None
+        return "runtime_error", code, "the program was killed by signal %s" % signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else "signal %d" % sig
+
+    # --- requests
+    def do_run(self, req, blobs):
+        limits = req["limits"]
+        started = time.monotonic()
+        prog = self.spawn(limits, blobs[0], "run", req["code"])
+        out, err = bytearray(), bytearray()
+        try:
+            reason = self.pump(prog, started + req["timeout"], limits["output_bytes"], out, err, want_frame=False)
+            status, code, error = self.verdict(prog, reason, limits, started)
+        finally:
+            prog.close(self)
+        cap = limits["output_bytes"]
+        return {"status": status, "exit_code": code, "error": error, "wall_s": time.monotonic() - started}, [bytes(out[:cap]), bytes(err[: max(0, cap - len(out))])]
+
+    def do_call(self, req, blobs):
+        limits = req["limits"]
+        started = time.monotonic()
+        if self.session_failure is not None:
+            return dict(self.session_failure, wall_s=0.0), [b"", b""]
+        if self.session is None:
+            self.session = self.spawn(limits, b"", "session", req["code"])
+        prog = self.session
+        out, err = bytearray(), bytearray()
+        try:
+            write_all(prog.req_fd, pack_frame({"target": req["target"], "args": req["args"]}))
+        except OSError:
+            pass  # B is gone: pump reports its exit
+        reason = self.pump(prog, started + req["timeout"], limits["output_bytes"], out, err, want_frame=True)
+        value = None
+        if reason == "frame":
+            frame = self.frame
+            status = frame.get("status") if frame.get("status") in STATUSES else "runtime_error"
+            error, value = frame.get("error"), frame.get("value")
+            if frame.get("fatal") or status == "memory_limit":
+                self.end_session(failure={"status": status, "error": error, "exit_code": None})
+        else:
+            status, code, error = self.verdict(prog, reason, limits, started)
+            if error is None and status == "runtime_error":
+                error = "the program ended during the call"
+            self.end_session(failure={"status": status, "error": error, "exit_code": code})
+        cap = limits["output_bytes"]
+        reply = {"status": status, "error": error, "value": value, "wall_s": time.monotonic() - started}
+        return reply, [bytes(out[:cap]), bytes(err[: max(0, cap - len(out))])]
+
+    def end_session(self, failure=None):
+        if self.session is not None:
+            self.session.close(self)
+            self.session = None
+        self.session_failure = failure
+
+    def self_test(self):
+        """Run a probe program with every layer applied and report what it saw."""
+        probe = (
+            "import os, ctypes\n"
+            "st = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines() if ':' in l)\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "libc.syscall(425, 1, None)\n"
+            "print(os.getpid(), os.getuid(), int(st['CapEff'], 16), st['Seccomp'].strip(), ctypes.get_errno())\n"
+        )
+        limits = dict(self.cfg["probe_limits"])
+        reply, (out, err) = self.do_run({"limits": limits, "timeout": 10.0, "code": probe}, [b""])
+        if reply["status"] != "ok":
+            return {"error": "probe failed: %s %s" % (reply, err[-500:].decode("utf-8", "replace"))}
+        pid, uid, capeff, seccomp, errno_ = out.split()
+        return {
+            "pid_namespace": int(pid) == 1,
+            "uid_drop": int(uid) != 0 and int(capeff) == 0,
+            "seccomp": seccomp == b"2" and int(errno_) == 1,  # io_uring_setup denied with EPERM
+        }
+
+
+def serve():
+    # A large main-thread stack needs the rlimit at exec time (the kernel then leaves room below it).
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    if soft != resource.RLIM_INFINITY and soft < STACK_BYTES and os.environ.get("OPSD_REEXEC") != "1":
+        want = STACK_BYTES if hard == resource.RLIM_INFINITY else min(hard, STACK_BYTES)
+        if want > soft:
+            resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
+            os.environ["OPSD_REEXEC"] = "1"
+            argv = [a.decode() for a in open("/proc/self/cmdline", "rb").read().split(b"\0")[:-1]]
+            os.execv(sys.executable, argv)
+    os.environ.pop("OPSD_REEXEC", None)
+    for name in PRELOAD:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+    libc().prctl(PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    request = read_frame(0)
+    if request is None:
+        return
+    header, blobs = request
+    cfg = dict(header["cfg"], bpf=blobs[0] if blobs and blobs[0] else None)
+    server = ForkServer(cfg)
+    write_all(1, pack_frame({"ready": True, "layers": server.self_test()}))
+    while True:
+        request = read_frame(0)
+        if request is None:
+            return
+        header, blobs = request
+        op = header["op"]
+        try:
+            if op == "run":
+                reply, out_blobs = server.do_run(header, blobs)
+            elif op == "call":
+                reply, out_blobs = server.do_call(header, blobs)
+            elif op == "end":
+                server.end_session()
+                reply, out_blobs = {"ended": True}, []
+            else:
+                raise ValueError("unknown op %r" % op)
+        except Exception as e:  # an infrastructure failure, not the program's
+            server.end_session()
+            reply, out_blobs = {"fatal": "%s: %s" % (type(e).__name__, e)}, []
+        write_all(1, pack_frame(reply, out_blobs))
+
+
+if __name__ == "__main__":
+    serve()
