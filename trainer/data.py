@@ -9,6 +9,7 @@ not depend on which other problems were loaded.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import re
@@ -172,6 +173,9 @@ class PromptSampler(Generic[T]):
         self.epoch = 0
         self.position = 0
         self._order = self._epoch_order(0)
+        # Identifies the item list, so a checkpoint is never resumed on other data of the same size.
+        ids = "\n".join(str(getattr(item, "id", item)) for item in self.items)
+        self.digest = hashlib.sha256(ids.encode()).hexdigest()[:16]
 
     def _epoch_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.items)))
@@ -191,14 +195,17 @@ class PromptSampler(Generic[T]):
             self.position += 1
         return batch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "n_items": len(self.items)}
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "n_items": len(self.items),
+                "digest": self.digest}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["n_items"] != len(self.items) or state["seed"] != self.seed:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["n_items"], state["seed"], state["digest"]) != (len(self.items), self.seed, self.digest):
             raise DataError(
                 f"the sampler state is for {state['n_items']} problems with seed {state['seed']}, but this trial "
-                f"has {len(self.items)} problems with seed {self.seed}: the data settings changed since the checkpoint")
+                f"has {len(self.items)} problems with seed {self.seed}"
+                + (" (other problem ids)" if state["n_items"] == len(self.items) and state["seed"] == self.seed else "")
+                + ": the data settings changed since the checkpoint")
         if not 0 <= state["position"] <= len(self.items):
             raise DataError(f"sampler state position {state['position']} is out of range")
         self.epoch = state["epoch"]

@@ -112,6 +112,22 @@ def test_sampler_resume_sees_the_same_batches():
     assert got == expected
     with pytest.raises(DataError, match="data settings changed"):
         PromptSampler(items[:-1], seed=7).load_state_dict(state)
+    with pytest.raises(DataError, match=r"\(other problem ids\): the data settings changed"):
+        PromptSampler(items[:-1] + ["other"], seed=7).load_state_dict(state)
+    with pytest.raises(DataError, match="data settings changed"):
+        PromptSampler(items, seed=8).load_state_dict(state)
+
+
+def test_sampler_state_survives_json_and_uses_problem_ids():
+    import json
+
+    split = make_split(PROBLEMS, DataConfig())
+    sampler = PromptSampler(split.train, seed=0)
+    sampler.next_batch(33)
+    state = json.loads(json.dumps(sampler.state_dict()))
+    resumed = PromptSampler(make_split(PROBLEMS, DataConfig()).train, seed=0)
+    resumed.load_state_dict(state)
+    assert [tp.id for tp in resumed.next_batch(30)] == [tp.id for tp in sampler.next_batch(30)]
 
 
 def test_load_jsonl_window_order_and_max(tmp_path):
