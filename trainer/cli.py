@@ -1,0 +1,85 @@
+"""`opsd trial` (one OPSD trial without Ray) and `opsd hints` (the hint file of `llm_peer_hints`)."""
+
+from __future__ import annotations
+
+import argparse
+
+TRIAL_EPILOG = """\
+examples:
+  opsd trial sweeps/demo_trial.yaml --out runs/demo
+  opsd trial sweeps/demo_trial.yaml --out runs/demo --set steps=3 --set context.name=feedback
+
+Writes OUT/steps.parquet (one row per step and phase), OUT/trial.json (initial student and self-teacher
+accuracy, gap, final accuracy, improvement), OUT/config.json (the resolved settings) and OUT/checkpoints/.
+Running the same command again after a kill resumes at the step after the last checkpoint.
+"""
+
+HINTS_EPILOG = """\
+examples:
+  opsd hints --from-solutions --out hints/humaneval.jsonl            HumanEval's reference solutions
+  opsd hints --model /models/Qwen3-8B --data-source livecodebench --release v6 --out hints/lcb_v6.jsonl
+
+The file holds one {"problem_id": ..., "hint": ...} per line; point `context.hints_path` at it.
+"""
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    trial = subparsers.add_parser(
+        "trial",
+        help="run one OPSD trial (rollouts, sandbox, self-teacher, DeepSpeed) without Ray",
+        description="Run one on-policy self-distillation trial on this machine and write its results.",
+        epilog=TRIAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    trial.add_argument("trial_file", metavar="TRIAL.yaml", help="trial settings (see trainer/config.py)")
+    trial.add_argument("--out", required=True, metavar="DIR", help="folder for results and checkpoints")
+    trial.add_argument("--set", dest="overrides", action="append", type=_parse_override, default=[],
+                       metavar="FIELD=VALUE", help="override a setting, e.g. --set rollout.n_samples=4")
+    trial.set_defaults(func=_run_trial)
+
+    hints = subparsers.add_parser(
+        "hints",
+        help="write the per-problem hint file that the llm_peer_hints context reads",
+        description="Generate hints (solutions from another model, or the data set's reference solutions).",
+        epilog=HINTS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    hints.add_argument("--out", required=True, metavar="FILE.jsonl")
+    hints.add_argument("--from-solutions", action="store_true", help="use the problems' reference solutions")
+    hints.add_argument("--model", help="model folder to generate hints with (any model vLLM can load)")
+    hints.add_argument("--data-source", default="humaneval", choices=["humaneval", "livecodebench", "jsonl"])
+    hints.add_argument("--data-path", help="problem file for --data-source jsonl")
+    hints.add_argument("--release", help="LiveCodeBench release window, e.g. v6")
+    hints.add_argument("--max-tokens", type=int, default=2048)
+    hints.add_argument("--temperature", type=float, default=0.6)
+    hints.set_defaults(func=_run_hints)
+
+
+def _run_trial(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trainer.config import load_trial_config
+    from trainer.trial import run_trial
+
+    cfg = load_trial_config(args.trial_file, dict(args.overrides))
+    summary = run_trial(cfg, Path(args.out))
+    print(f"initial student {summary['initial_student_acc']:.3f}  self-teacher {summary['initial_teacher_acc']:.3f}  "
+          f"gap {summary['initial_gap']:+.3f}  final student {summary['final_student_acc']:.3f}  "
+          f"improvement {summary['improvement']:+.3f}")
+    print(f"results in {args.out}")
+    return 0
+
+
+def _run_hints(args: argparse.Namespace) -> int:
+    from trainer.hints_cli import run_hints_command
+
+    return run_hints_command(args)
