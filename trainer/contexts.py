@@ -112,6 +112,11 @@ class GradedRollout:
     passed: bool
     feedback: str = ""
 
+    @classmethod
+    def from_verdict(cls, text: str, verdict) -> "GradedRollout":
+        """From the response text and its sandbox `Verdict` (anything with `passed` and `feedback`)."""
+        return cls(text=text, passed=bool(verdict.passed), feedback=verdict.feedback or "")
+
 
 @dataclass(frozen=True)
 class TeacherContext:

@@ -189,3 +189,10 @@ def test_context_metrics():
     m = context_metrics(build("feedback"))
     assert m["context/has_context_fraction"] == 0.25 and m["context/feedback_fraction"] == 0.25
     assert m["context/peer_fraction"] == 0.0
+
+
+def test_from_verdict():
+    from sandbox.grader import Verdict
+
+    v = Verdict(verdict="wrong_answer", passed=False, tests_passed=1, tests_total=2, feedback="Test Case 2: Wrong Answer")
+    assert GradedRollout.from_verdict("code", v) == GradedRollout("code", False, "Test Case 2: Wrong Answer")
