@@ -19,18 +19,17 @@ def aggregate_configs(trials: pd.DataFrame) -> pd.DataFrame:
     Columns: CONFIG_KEYS, n_seeds, gap_mean, gap_sd, improvement_mean, improvement_sd (sample SD, ddof=1;
     0 for a single seed), initial_student_mean, initial_teacher_mean, final_student_mean.
     """
-    grouped = trials.groupby(CONFIG_KEYS, sort=True, observed=True)
-    out = grouped.agg(
-        n_seeds=("seed", "size"),
-        gap_mean=("initial_gap", "mean"),
-        gap_sd=("initial_gap", "std"),
-        improvement_mean=("improvement", "mean"),
-        improvement_sd=("improvement", "std"),
-        initial_student_mean=("initial_student_acc", "mean"),
-        initial_teacher_mean=("initial_teacher_acc", "mean"),
-        final_student_mean=("final_student_acc", "mean"),
-    ).reset_index()
-    out[["gap_sd", "improvement_sd"]] = out[["gap_sd", "improvement_sd"]].fillna(0.0)
+    grouped = trials.groupby(CONFIG_KEYS, sort=True)
+    means = grouped[["initial_gap", "improvement", "initial_student_acc", "initial_teacher_acc",
+                     "final_student_acc"]].mean()
+    sds = grouped[["initial_gap", "improvement"]].std(ddof=1).fillna(0.0)
+    out = pd.DataFrame({
+        "n_seeds": grouped.size(),
+        "gap_mean": means["initial_gap"], "gap_sd": sds["initial_gap"],
+        "improvement_mean": means["improvement"], "improvement_sd": sds["improvement"],
+        "initial_student_mean": means["initial_student_acc"], "initial_teacher_mean": means["initial_teacher_acc"],
+        "final_student_mean": means["final_student_acc"],
+    }).reset_index()
     return out
 
 
@@ -53,13 +52,14 @@ def fit_weights(improvement_sd: np.ndarray, n_seeds: np.ndarray) -> np.ndarray:
     return w / w.mean()
 
 
-def fit_points(trials: pd.DataFrame, *, unit: Unit = "configuration", weighted: bool = False) -> pd.DataFrame:
+def fit_points(trials: pd.DataFrame, *, unit: Unit = "configuration", weighted: bool = False,
+               configs: pd.DataFrame | None = None) -> pd.DataFrame:
     """The points a law is fitted on: columns CONFIG_KEYS, config (model|context), gap, improvement, weight.
 
     unit "configuration": one point per configuration (means over seeds); "seed": one point per trial, and a
     weighted fit gives each trial its configuration's weight divided by its seed count.
     """
-    configs = aggregate_configs(trials)
+    configs = aggregate_configs(trials) if configs is None else configs
     weights = fit_weights(configs["improvement_sd"], configs["n_seeds"]) if weighted else np.ones(len(configs))
     configs = configs.assign(weight=weights, config=configs["model"] + "|" + configs["context"])
     if unit == "configuration":

@@ -8,8 +8,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-import statsmodels.api as sm
-from statsmodels.regression.linear_model import RegressionResultsWrapper
+# The regression module alone: statsmodels.api would import every model family and take seconds.
+from statsmodels.regression.linear_model import OLS, WLS, RegressionResultsWrapper
 
 from analysis.aggregate import Unit, aggregate_configs, fit_points
 from analysis.crossval import leave_group_out
@@ -32,9 +32,10 @@ class FitResult:
 
 def fit_line(x, y, *, weights=None, confidence: float = 0.95) -> RegressionResultsWrapper:
     """OLS (or WLS with `weights`) of y on [1, x]. params are (intercept, slope)."""
-    design = sm.add_constant(np.asarray(x, dtype=float), has_constant="add")
+    x = np.asarray(x, dtype=float)
+    design = np.column_stack([np.ones_like(x), x])
     y = np.asarray(y, dtype=float)
-    model = sm.OLS(y, design) if weights is None else sm.WLS(y, design, weights=np.asarray(weights, dtype=float))
+    model = OLS(y, design) if weights is None else WLS(y, design, weights=np.asarray(weights, dtype=float))
     with warnings.catch_warnings():
         # A perfect fit (zero residual variance) makes t statistics infinite; the numbers stay meaningful.
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -97,8 +98,8 @@ def interaction_test(points: pd.DataFrame, *, confidence: float = 0.95) -> dict 
     full_x = np.column_stack([restricted_x, dummies * gap[:, None]])
     y = points["improvement"].to_numpy(dtype=float)
     w = points["weight"].to_numpy(dtype=float)
-    restricted = sm.WLS(y, restricted_x, weights=w).fit()
-    full = sm.WLS(y, full_x, weights=w).fit()
+    restricted = WLS(y, restricted_x, weights=w).fit()
+    full = WLS(y, full_x, weights=w).fit()
     if full.df_resid < 1:
         return None
     with warnings.catch_warnings():
@@ -125,7 +126,7 @@ def fit_law(trials: pd.DataFrame, *, unit: Unit = "configuration", weighted: boo
     if not 0 < confidence < 1:
         raise AnalysisError(f"confidence must lie in (0, 1), got {confidence}")
     configs = aggregate_configs(trials)
-    points = fit_points(trials, unit=unit, weighted=weighted)
+    points = fit_points(trials, unit=unit, weighted=weighted, configs=configs)
     why = _why_not_fittable(points)
     if why:
         raise AnalysisError(f"cannot fit the law: {why}")
@@ -154,7 +155,7 @@ def fit_law(trials: pd.DataFrame, *, unit: Unit = "configuration", weighted: boo
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             # WLS results have no influence measures; those of OLS on the whitened data are the WLS ones.
-            influence = sm.OLS(res.model.wendog, res.model.wexog).fit().get_influence()
+            influence = OLS(res.model.wendog, res.model.wexog).fit().get_influence()
             columns["leverage"][idx] = influence.hat_matrix_diag
             columns["cooks_d"][idx] = influence.cooks_distance[0]
             columns["student_resid"][idx] = influence.resid_studentized_external

@@ -11,7 +11,6 @@ import numpy as np
 from analysis.aggregate import Unit
 from analysis.bootstrap import attach_bootstrap, bootstrap_draws
 from analysis.errors import AnalysisError
-from analysis.figures import fig1_law, fig2_dynamics, fig3_scale
 from analysis.fit import FitResult, fit_law
 from analysis.law import Law, LineLaw
 from analysis.results import completed_trials, join_steps, load_results
@@ -50,6 +49,8 @@ def run_analysis(results: str | Path, out_dir: str | Path, *, unit: Unit = "conf
     out.mkdir(parents=True, exist_ok=True)
     law_path = out / "law.json"
     law.save(law_path)
+
+    from analysis.figures import fig1_law, fig2_dynamics, fig3_scale  # matplotlib only once there is a fit
 
     figures = {"fig1_law": fig1_law(fit, out)}
     steps = join_steps(raw_steps, raw_trials) if raw_steps is not None else None
