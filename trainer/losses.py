@@ -138,8 +138,9 @@ def _position_terms(
     """Everything one chunk of positions contributes: (per-token divergence, student and teacher token logps).
 
     [B, t, V], [B, t, V], [B, t] or None -> three [B, t] (token logps None when token_ids is None). For
-    sampled_token the first output is the one-sample surrogate and token_ids are required. Each side's
-    logsumexp over V is computed once and shared by its token log-probs and its support.
+    sampled_token the first output is the one-sample surrogate and token_ids are required. Only the first
+    output carries a gradient; the token logps are returned detached (they feed weights and metrics). Each
+    side's logsumexp over V is computed once and shared by its token log-probs and its support.
     """
     # A bf16 teacher beside a float32 student (or any mix) is compared in one common dtype.
     dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
@@ -159,6 +160,8 @@ def _position_terms(
         student_logps, teacher_logps = _support_logps(student, teacher, student_lse, teacher_lse,
                                                       support=support, top_k=top_k)
         per_token = _divergence_over_categories(student_logps, teacher_logps, divergence=divergence, alpha=alpha)
+    if student_tok is not None:
+        student_tok = student_tok.detach()
     return per_token, student_tok, teacher_tok
 
 
@@ -187,8 +190,8 @@ class _ChunkedTerms(torch.autograd.Function):
     The forward keeps no graph. The backward recomputes one window at a time with a graph and writes that
     window's gradient straight into a single [B, T, V] buffer: no [B, T, V] float32 intermediates live beyond
     one window, and no per-window full-size gradient is materialised (as slicing under autograd would).
-    Outputs: per_token [B, T], and with token_ids also student and teacher token logps [B, T] (the teacher's
-    are not differentiable).
+    Outputs: per_token [B, T], and with token_ids also the (non-differentiable) student and teacher token
+    logps [B, T].
     """
 
     @staticmethod
@@ -199,22 +202,19 @@ class _ChunkedTerms(torch.autograd.Function):
         ctx.windows, ctx.options = windows, options
         if token_ids is None:
             return per_token
-        ctx.mark_non_differentiable(teacher_tok)
+        ctx.mark_non_differentiable(student_tok, teacher_tok)
         return per_token, student_tok, teacher_tok
 
     @staticmethod
-    def backward(ctx, grad_per_token, grad_student_tok=None, _grad_teacher_tok=None):
+    def backward(ctx, grad_per_token, *_grad_token_logps):
         student_logits, teacher_logits, token_ids = ctx.saved_tensors
         grad = torch.empty_like(student_logits)
         for w in ctx.windows:
             with torch.enable_grad():
                 part = student_logits[:, w].detach().requires_grad_(True)
-                per_token, student_tok, _ = _position_terms(
+                per_token, _, _ = _position_terms(
                     part, teacher_logits[:, w], None if token_ids is None else token_ids[:, w], **ctx.options)
-                objective = (per_token * grad_per_token[:, w]).sum()
-                if student_tok is not None and grad_student_tok is not None:
-                    objective = objective + (student_tok * grad_student_tok[:, w]).sum()
-                grad[:, w] = torch.autograd.grad(objective, part)[0]
+                grad[:, w] = torch.autograd.grad(per_token, part, grad_outputs=grad_per_token[:, w])[0]
         return grad, None, None, None, None
 
 
@@ -367,13 +367,13 @@ def opsd_loss(
     is_weights, is_clipped = ones, torch.zeros_like(mask)
     if old_logps is not None and is_clip is not None:
         is_weights = importance_weights(student_tok, old_logps, clip=is_clip)
-        is_clipped = (student_tok.detach() - old_logps) > math.log(is_clip)
+        is_clipped = (student_tok - old_logps) > math.log(is_clip)
         weights = weights * is_weights
     rollout_weights, rollout_clipped = ones, torch.zeros_like(mask)
     if rollout_logps is not None and rollout_is_clip is not None:
         trainer_logps = old_logps if old_logps is not None else student_tok
         rollout_weights = importance_weights(trainer_logps, rollout_logps, clip=rollout_is_clip)
-        rollout_clipped = (trainer_logps.detach() - rollout_logps) > math.log(rollout_is_clip)
+        rollout_clipped = (trainer_logps - rollout_logps) > math.log(rollout_is_clip)
         weights = weights * rollout_weights
 
     loss = aggregate(per_token * weights, mask, mode=aggregation, normalizer=normalizer)

@@ -245,6 +245,24 @@ def test_sampled_token_loss_value_and_gradient_by_hand():
     assert teacher_grad is None
 
 
+def test_opsd_loss_with_the_sampled_token_estimator_by_hand():
+    student = make_logits(2, 3, 5, seed=45)
+    teacher = make_logits(2, 3, 5, seed=46)
+    ids = torch.tensor([[4, 0, 2], [1, 3, 3]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    loss, metrics = opsd_loss(student, teacher, ids, mask, **options(divergence="sampled_token", temperature=0.6))
+    surrogate, log_ratio = [], []
+    for b in range(2):
+        for t in range(3):
+            if mask[b, t]:
+                s_logp = float(student[b, t, ids[b, t]] / 0.6 - torch.log(torch.exp(student[b, t] / 0.6).sum()))
+                t_logp = float(teacher[b, t, ids[b, t]] / 0.6 - torch.log(torch.exp(teacher[b, t] / 0.6).sum()))
+                surrogate.append((s_logp - t_logp) * s_logp)
+                log_ratio.append(s_logp - t_logp)
+    assert loss.item() == pytest.approx(sum(surrogate) / 5, rel=1e-10)
+    assert metrics["divergence"].item() == pytest.approx(sum(log_ratio) / 5, rel=1e-10)
+
+
 def test_sampled_token_expected_gradient_is_the_reverse_kl_gradient():
     vocab = 5
     student = make_logits(1, 1, vocab, seed=16).requires_grad_(True)
