@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import queue
 import select
@@ -41,7 +42,13 @@ class Worker:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self) -> None:
+    def start(self, spawner) -> None:
+        """Launch the process in ``spawner`` (a long-lived thread: bubblewrap's --die-with-parent fires
+        when the THREAD that started it exits), then wait for the fork server's self-test here."""
+        spawner.submit(self._launch).result()
+        self._handshake()
+
+    def _launch(self) -> None:
         plan, source = self.plan, worker_source()
         if plan.bwrap:
             cmd = isolation.bwrap_command(plan.bwrap, plan.python, source, tmpfs_bytes=self.tmpfs_bytes)
@@ -63,8 +70,11 @@ class Worker:
             "pidns": plan.pidns, "mounts": bool(plan.bwrap) and plan.pidns, "drop": plan.drop,
             "env": isolation.SANDBOX_ENV, "scratch_root": scratch_root, "probe_limits": self.probe_limits,
         }
+        self._init = ({"cfg": cfg}, [plan.bpf or b""])
+
+    def _handshake(self) -> None:
         try:
-            header, _ = self.request({"cfg": cfg}, [plan.bpf or b""], timeout_s=READY_TIMEOUT_S)
+            header, _ = self.request(*self._init, timeout_s=READY_TIMEOUT_S)
         except WorkerDied as e:
             raise WorkerDied("the sandbox worker did not start: %s" % e) from None
         layers = header.get("layers")
@@ -115,7 +125,7 @@ class Worker:
     def _stderr_tail(self) -> str:
         try:
             self.proc.wait(timeout=1.0)
-            return self.proc.stderr.read()[-2000:].decode("utf-8", "replace").strip()
+            return ("exit status %s; " % self.proc.returncode) + self.proc.stderr.read()[-2000:].decode("utf-8", "replace").strip()
         except Exception:  # noqa: BLE001 - only a diagnostic
             return ""
 
@@ -153,24 +163,25 @@ class Pool:
         self._all: list[Worker] = []
         self._closed = False
         self._lock = threading.Lock()
+        self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
         workers = [make_worker() for _ in range(n_workers)]
         try:
             self._start_all(workers)
         except BaseException:
             for w in workers:
                 w.kill()
+            self._spawner.shutdown(wait=True)
             raise
         for w in workers:
             self._all.append(w)
             self._idle.put(w)
 
-    @staticmethod
-    def _start_all(workers: list[Worker]) -> None:
+    def _start_all(self, workers: list[Worker]) -> None:
         errors: list[BaseException] = []
 
         def start(w: Worker) -> None:
             try:
-                w.start()
+                w.start(self._spawner)
             except BaseException as e:  # noqa: BLE001 - re-raised below
                 errors.append(e)
 
@@ -188,7 +199,7 @@ class Pool:
         worker = self._idle.get()
         if not worker.alive:
             try:
-                worker.start()
+                worker.start(self._spawner)
             except BaseException:
                 self._idle.put(worker)
                 raise
@@ -202,3 +213,4 @@ class Pool:
             self._closed = True
             for w in self._all:
                 w.kill()
+            self._spawner.shutdown(wait=True)

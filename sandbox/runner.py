@@ -635,6 +635,12 @@ def serve():
             argv = [a.decode() for a in open("/proc/self/cmdline", "rb").read().split(b"\0")[:-1]]
             os.execv(sys.executable, argv)
     os.environ.pop("OPSD_REEXEC", None)
+    import builtins
+
+    def _quit(code=None):  # what site.py would add; the interpreter runs with -S
+        raise SystemExit(code)
+
+    builtins.exit = builtins.quit = _quit
     for name in PRELOAD:
         try:
             __import__(name)
