@@ -316,7 +316,7 @@ class Grader:
     def _run(self, problem: Problem, program: str, tests: list[ProblemTest]) -> Verdict:
         target = call_target(problem, program)
         results: list[TestResult] = []
-        with self.executor.session(program) as session:
+        with self.executor.session(program, limits=self._session_limits(len(tests))) as session:
             stop = False
             for index, test in enumerate(tests):
                 if stop:
@@ -334,6 +334,15 @@ class Grader:
                 stop = (self.stop_at_first_failure and result.status != "passed") or (
                     self.stop_after_time_limit and result.status in ("time_limit", "memory_limit"))
         return self.verdict_from_results(results)
+
+    def _session_limits(self, n_tests: int) -> Any:
+        """The executor's limits with the wall-clock and CPU budgets of one session (its calls share one process
+        and one budget) scaled to the tests, so a program is only limited per run or call by `time_limit_s`."""
+        limits = getattr(self.executor, "limits", None)
+        if limits is None:
+            return None
+        budget = max(limits.wall_s, self.time_limit_s * (n_tests + 1))
+        return limits.model_copy(update={"wall_s": budget, "cpu_s": max(limits.cpu_s, budget)})
 
     @staticmethod
     def verdict_from_results(results: Sequence[TestResult]) -> Verdict:

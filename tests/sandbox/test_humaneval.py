@@ -6,15 +6,14 @@ import time
 
 import pytest
 
+from sandbox.executor import Executor
 from sandbox.grader import GradeRequest, Grader
 from sandbox.loaders import load_humaneval
-
-executor_module = pytest.importorskip("sandbox.executor")
 
 
 @pytest.fixture(scope="module")
 def grader():
-    with executor_module.Executor(2) as executor:
+    with Executor(2) as executor:
         yield Grader(executor, time_limit_s=10.0)
 
 
