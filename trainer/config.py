@@ -128,6 +128,14 @@ class EvalConfig(_Section):
     max_response_tokens: int | None = Field(None, gt=0, description="Default: the rollout's.")
 
 
+class SandboxConfig(_Section):
+    workers: int | None = Field(None, gt=0, description="Isolated workers grading rollouts (default: the CPUs).")
+    isolation: Literal["auto", "full", "none"] = Field(
+        "auto", description="'full' refuses to start without every isolation layer; 'none' is for debugging only.")
+    time_limit_s: float = Field(6.0, gt=0, description="Per stdin run or function call of a test.")
+    memory_mb: int = Field(1024, gt=0, description="Memory of one program.")
+
+
 class TrialConfig(_Section):
     name: str = "trial"
     steps: int = Field(50, ge=0, description="OPSD training steps (the paper runs 50).")
@@ -142,6 +150,7 @@ class TrialConfig(_Section):
     teacher: TeacherConfig = TeacherConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     eval: EvalConfig = EvalConfig()
+    sandbox: SandboxConfig = SandboxConfig()
     checkpoint_every: int = Field(1, ge=1, description="Steps between checkpoints (a retry resumes from the last).")
 
     @model_validator(mode="after")

@@ -1,0 +1,91 @@
+"""Validation accuracy of the student and of the self-teacher (METHOD.md section 1 step 9, section 5).
+
+- Student: `eval.n_samples` samples per validation problem at the validation decoding (T=0.6, top-p 0.95),
+  graded on all of the problem's tests: mean@n of the all-pass score (`student_acc`) and of the fraction of
+  tests passed (`student_test_frac`). The law's improvement is measured on `student_acc`.
+- The gap, at train-time decoding (T=1.0): the student samples `eval.teacher_n_samples` responses per problem,
+  they are graded on the problem's train tests (the feedback a training step would see), the privileged
+  context is built from them exactly as in training, and the self-teacher (the EMA weights, swapped into the
+  rollout engine for the occasion) answers once per context. `teacher_acc` is the teacher's all-pass score on
+  all tests; `student_acc_t1` the student's on the same problems at the same temperature; `gap` the difference.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+from sandbox.grader import GradeRequest, Verdict
+from trainer.contexts import GradedRollout
+from trainer.data import train_tests_of
+from trainer.prompts import teacher_prompts_for_group
+
+if TYPE_CHECKING:
+    from trainer.trial import TrialParts
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _scores(verdicts: Sequence[Verdict]) -> tuple[float, float]:
+    return _mean([float(v.passed) for v in verdicts]), _mean([v.fraction_passed for v in verdicts])
+
+
+def evaluate(parts: "TrialParts", *, step: int) -> dict[str, Any]:
+    """Student and self-teacher accuracy on the validation problems; the engine holds the student's weights
+    before and after the call."""
+    cfg = parts.cfg
+    problems = list(parts.split.val)
+    prompts = [parts.prompt_ids[p.id] for p in problems]
+    max_tokens = cfg.eval.max_response_tokens or cfg.rollout.max_response_tokens
+    seed = parts.sampling_seed(step, "eval")
+
+    # Student at the validation decoding, graded on every test.
+    groups = parts.engine.generate(prompts, n=cfg.eval.n_samples, temperature=cfg.eval.temperature,
+                                   top_p=cfg.eval.top_p, max_tokens=max_tokens, seed=seed)
+    verdicts = parts.grader.grade_many([
+        GradeRequest(problem, r.text, None, r.finish_reason == "length")
+        for problem, group in zip(problems, groups) for r in group])
+    student_acc, student_frac = _scores(verdicts)
+
+    # Student at train-time decoding: graded on all tests (its accuracy) and on the train tests (feedback).
+    t1_groups = parts.engine.generate(prompts, n=cfg.eval.teacher_n_samples, temperature=cfg.eval.teacher_temperature,
+                                      top_p=cfg.rollout.top_p, max_tokens=max_tokens, seed=seed + 1)
+    feedback_tests = {p.id: train_tests_of(p, fraction=cfg.data.train_test_fraction, seed=cfg.data.seed)
+                      for p in problems}
+    requests = [GradeRequest(problem, r.text, tests, r.finish_reason == "length")
+                for problem, group in zip(problems, t1_groups) for r in group
+                for tests in (None, feedback_tests[problem.id])]
+    both = parts.grader.grade_many(requests)
+    t1_all, t1_train = both[0::2], both[1::2]
+    student_acc_t1, student_frac_t1 = _scores(t1_all)
+
+    # The self-teacher answers once per context built from the student's graded attempt.
+    teacher_prompts = []
+    n = cfg.eval.teacher_n_samples
+    for k, (problem, group) in enumerate(zip(problems, t1_groups)):
+        graded = [GradedRollout(text=r.text, passed=v.passed, feedback=v.feedback)
+                  for r, v in zip(group, t1_train[k * n:(k + 1) * n])]
+        ids, _, _ = teacher_prompts_for_group(parts.tokenizer, graded, problem=problem, context=cfg.context,
+                                              hint=parts.hints.get(problem.id), thinking=cfg.model.thinking)
+        teacher_prompts.extend(ids)
+    with parts.teacher_weights_in_engine():
+        teacher_groups = parts.engine.generate(teacher_prompts, n=1, temperature=cfg.eval.teacher_temperature,
+                                               top_p=cfg.rollout.top_p, max_tokens=max_tokens, seed=seed + 2)
+    teacher_problems = [p for p in problems for _ in range(n)]
+    teacher_verdicts = parts.grader.grade_many([
+        GradeRequest(problem, group[0].text, None, group[0].finish_reason == "length")
+        for problem, group in zip(teacher_problems, teacher_groups)])
+    teacher_acc, teacher_frac = _scores(teacher_verdicts)
+
+    return {
+        "student_acc": student_acc,
+        "student_test_frac": student_frac,
+        "student_acc_t1": student_acc_t1,
+        "student_test_frac_t1": student_frac_t1,
+        "teacher_acc": teacher_acc,
+        "teacher_test_frac": teacher_frac,
+        "gap": teacher_acc - student_acc_t1,
+        "gap_test_frac": teacher_frac - student_frac_t1,
+        "val_problems": len(problems),
+    }

@@ -1,0 +1,357 @@
+"""One OPSD trial: build its parts, measure the initial gap, run the steps of METHOD.md section 1, evaluate.
+
+`opsd_step` is the method, top to bottom; everything it calls is a small function elsewhere in `trainer/`.
+A trial writes OUT/config.json, OUT/steps.parquet, OUT/trial.json, OUT/rollouts/step-N.jsonl and
+OUT/checkpoints/. Rerunning it on the same OUT resumes after the last checkpoint with the same data order and
+sampling seeds, so the resumed steps reproduce an uninterrupted run's metrics (float32, CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from sandbox.executor import Executor, Limits
+from sandbox.grader import GradeRequest, Grader
+from sandbox.problems import Problem
+from trainer.batch import forward_response_logits, pack
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.config import TrialConfig, TrialConfigError
+from trainer.contexts import GradedRollout, needs_hints, validate_context
+from trainer.data import PromptSampler, Split, TrainProblem, load_problems, make_split
+from trainer.evaluate import evaluate
+from trainer.hints import load_hints
+from trainer.losses import opsd_loss, token_logps
+from trainer.models import count_parameters_b, load_causal_lm, load_tokenizer, model_family, resolve_model
+from trainer.prompts import drop_long_prompts, student_prompt_ids, teacher_prompts_for_group
+from trainer.records import PhaseTimer, StepLog, write_json
+from trainer.rollout import RolloutEngine
+from trainer.student import Student, iter_minibatches
+from trainer.teacher import EmaTeacher
+
+
+@dataclass
+class Sample:
+    """One rollout ready for the loss: the same response after the student's and the teacher's prompts."""
+
+    prompt_ids: list[int]
+    teacher_prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logps: list[float]
+    has_context: bool
+
+
+@dataclass
+class TrialParts:
+    """Everything a running trial holds. Built by `build_parts`, closed by its context manager."""
+
+    cfg: TrialConfig
+    tokenizer: Any
+    engine: RolloutEngine
+    student: Student
+    teacher: EmaTeacher
+    executor: Executor
+    grader: Grader
+    split: Split
+    sampler: PromptSampler
+    prompt_ids: dict[str, list[int]]
+    hints: dict[str, str]
+    pad_id: int
+    model_path: Path
+
+    def sampling_seed(self, step: int, purpose: str) -> int:
+        """A vLLM seed per (trial seed, step, purpose): a resumed step samples exactly what it sampled before."""
+        digest = hashlib.sha256(f"{self.cfg.seed}/{step}/{purpose}".encode()).digest()
+        return int.from_bytes(digest[:4], "little") // 2  # leaves room for vLLM's per-sample offsets
+
+    def push_student_weights(self) -> dict[str, float]:
+        return self.engine.push_weights(self.student.named_parameters_for_push())
+
+    @contextlib.contextmanager
+    def teacher_weights_in_engine(self) -> Iterator[None]:
+        """The EMA teacher's weights in the rollout engine for the body; the student's again afterwards."""
+        self.engine.push_weights(self.teacher.state_dict().items())
+        try:
+            yield
+        finally:
+            self.push_student_weights()
+
+
+def opsd_step(parts: TrialParts, step: int) -> dict[str, Any]:
+    """One OPSD training step (METHOD.md section 1). Returns the step's metrics; the caller logs them."""
+    cfg, timer = parts.cfg, PhaseTimer()
+    batch: list[TrainProblem] = parts.sampler.next_batch(cfg.rollout.prompts_per_step)
+
+    # 1. Rollouts: n samples per prompt from the student, whose current weights the engine holds.
+    with timer("rollout"):
+        groups = parts.engine.generate(
+            [parts.prompt_ids[tp.id] for tp in batch], n=cfg.rollout.n_samples, temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_response_tokens,
+            seed=parts.sampling_seed(step, "rollout"))
+
+    # 2. Grade every rollout on its problem's train tests: reward 1 when all pass, world feedback otherwise.
+    with timer("sandbox"):
+        verdicts = parts.grader.grade_many([
+            GradeRequest(tp.problem, r.text, tp.train_tests, r.finish_reason == "length")
+            for tp, group in zip(batch, groups) for r in group])
+
+    # 3. The self-teacher's privileged context for each rollout, chat-templated and truncated.
+    samples, context_rows, records = [], [], []
+    with timer("teacher_context"):
+        n = cfg.rollout.n_samples
+        for k, (tp, group) in enumerate(zip(batch, groups)):
+            graded = [GradedRollout(text=r.text, passed=v.passed, feedback=v.feedback)
+                      for r, v in zip(group, verdicts[k * n:(k + 1) * n])]
+            teacher_ids, has_context, context_metrics = teacher_prompts_for_group(
+                parts.tokenizer, graded, problem=tp.problem, context=cfg.context, hint=parts.hints.get(tp.id),
+                thinking=cfg.model.thinking)
+            context_rows.append(context_metrics)
+            for r, t_ids, keep, v in zip(group, teacher_ids, has_context, verdicts[k * n:(k + 1) * n]):
+                samples.append(Sample(parts.prompt_ids[tp.id], t_ids, r.token_ids, r.logps, keep))
+                records.append({"problem_id": tp.id, "response": r.text, "verdict": v.verdict,
+                                "feedback": v.feedback, "has_context": keep,
+                                "teacher_prompt": parts.tokenizer.decode(t_ids)})
+
+    # 4-7. Teacher and student logits on the same response tokens, top-k reverse KL, masked token mean,
+    # one AdamW step per mini-batch (the importance ratio corrects later mini-batches for the drift).
+    loss_metrics = train_on_samples(parts, samples, step=step, timer=timer)
+
+    # 8. Push the student's new weights into the rollout engine; move the EMA teacher towards the student.
+    with timer("weight_push"):
+        push_metrics = parts.push_student_weights()
+    with timer("ema_update"):
+        ema_metrics = parts.teacher.update(parts.student.named_parameters_for_push())
+
+    metrics = {
+        "reward": _mean([float(v.passed) for v in verdicts]),
+        "train_test_frac": _mean([v.fraction_passed for v in verdicts]),
+        "rollouts": len(samples),
+        "response_tokens_mean": _mean([len(s.response_ids) for s in samples]),
+        "truncated_fraction": _mean([float(r.finish_reason == "length") for g in groups for r in g]),
+        **{key: _mean([row[key] for row in context_rows]) for key in context_rows[0]},
+        **loss_metrics, **ema_metrics, "push_seconds": push_metrics["push/seconds"], **timer.metrics(),
+    }
+    return metrics, records
+
+
+def train_on_samples(parts: TrialParts, samples: list[Sample], *, step: int, timer: PhaseTimer) -> dict[str, float]:
+    """Steps 4-7 over one step's samples: mini-batches (one optimizer step each) of micro-batches."""
+    cfg = parts.cfg
+    rng = np.random.default_rng([cfg.seed, step])
+    minibatches = iter_minibatches(len(samples), cfg.optim.mini_batch_size, cfg.optim.micro_batch_size, rng=rng)
+    loss_options = cfg.loss.model_dump()
+    old_logps = None
+    if len(minibatches) > 1 and cfg.loss.is_clip is not None:
+        # The policy that sampled the batch, as the trainer computes it, before this step's first update.
+        with timer("old_logps"), torch.no_grad():
+            old_logps = {i: lp for micro in (m for mini in minibatches for m in mini)
+                         for i, lp in zip(micro, _student_token_logps(parts, [samples[j] for j in micro]))}
+    sums: dict[str, float] = {}
+    count = 0
+    for mini in minibatches:
+        kept = [samples[i] for micro in mini for i in micro if samples[i].has_context]
+        # Micro-batches add up to the mini-batch's token mean (or sequence mean).
+        if cfg.loss.aggregation == "token_mean":
+            normalizer = max(sum(len(s.response_ids) for s in kept), 1)
+        else:
+            normalizer = max(sum(1 for s in kept if s.response_ids), 1)
+        for micro in mini:
+            micro_samples = [samples[i] for i in micro]
+            student_batch = pack([s.prompt_ids for s in micro_samples], [s.response_ids for s in micro_samples],
+                                 pad_id=parts.pad_id)
+            teacher_batch = pack([s.teacher_prompt_ids for s in micro_samples],
+                                 [s.response_ids for s in micro_samples], pad_id=parts.pad_id)
+            with timer("teacher_forward"):
+                teacher_logits = forward_response_logits(parts.teacher.forward_logits, teacher_batch)
+            with timer("student_forward_backward"):
+                student_logits = forward_response_logits(parts.student.forward_logits, student_batch)
+                width = student_batch.response_ids.shape[1]
+                loss, metrics = opsd_loss(
+                    student_logits, teacher_logits, student_batch.response_ids, student_batch.response_mask,
+                    torch.tensor([s.has_context for s in micro_samples]), **loss_options,
+                    temperature=cfg.rollout.temperature,
+                    old_logps=None if old_logps is None else _padded([old_logps[i] for i in micro], width),
+                    rollout_logps=_padded([s.rollout_logps for s in micro_samples], width),
+                    normalizer=normalizer)
+                parts.student.backward(loss)
+            for key, value in {"loss": loss, **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            count += 1
+        with timer("optimizer"):
+            step_metrics = parts.student.step()
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + (step_metrics["grad_norm"] or 0.0) / len(mini)
+    averaged = {key: value / count for key, value in sums.items()}
+    # The divergence metric is the step's mean KL per kept token: micro-batch means weighted by their tokens
+    # would be exact; micro-batches here are of equal size, so the plain mean is what the logs show.
+    return {"loss": averaged["loss"] * count / len(minibatches), "kl": averaged["divergence"],
+            "is_weight_mean": averaged["is_weight_mean"], "is_clip_fraction": averaged["is_clip_fraction"],
+            "grad_norm": averaged["grad_norm"] * count / len(minibatches), "optimizer_steps": len(minibatches),
+            "lr": step_metrics["lr"]}
+
+
+def _student_token_logps(parts: TrialParts, samples: list[Sample]) -> list[torch.Tensor]:
+    batch = pack([s.prompt_ids for s in samples], [s.response_ids for s in samples], pad_id=parts.pad_id)
+    logits = forward_response_logits(parts.student.forward_logits, batch)
+    logps = token_logps(logits, batch.response_ids, temperature=parts.cfg.rollout.temperature)
+    return [logps[i, : len(s.response_ids)].detach() for i, s in enumerate(samples)]
+
+
+def _padded(rows: list, width: int) -> torch.Tensor:
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        values = torch.as_tensor(row, dtype=torch.float32)
+        out[i, : len(values)] = values
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+@contextlib.contextmanager
+def build_parts(cfg: TrialConfig) -> Iterator[TrialParts]:
+    """Load data, model, rollout engine, sandbox, student and teacher; close them all on exit."""
+    validate_context(cfg.context)
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    problems = load_problems(cfg.data)
+    problems, skipped = drop_long_prompts(problems, tokenizer, max_tokens=cfg.rollout.max_prompt_tokens,
+                                          thinking=cfg.model.thinking)
+    if not problems:
+        raise TrialConfigError(f"every problem's prompt is longer than rollout.max_prompt_tokens="
+                               f"{cfg.rollout.max_prompt_tokens} ({skipped['data/prompts_skipped_too_long']} skipped)")
+    split = make_split(problems, cfg.data)
+    sampler = PromptSampler(split.train, seed=cfg.seed)
+    prompt_ids = {p.id: student_prompt_ids(tokenizer, p, thinking=cfg.model.thinking) for p in problems}
+    hints = load_hints(problems, cfg.context.hints_path) if needs_hints(cfg.context) else {}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    with contextlib.ExitStack() as stack:
+        executor = stack.enter_context(Executor(
+            cfg.sandbox.workers, isolation=cfg.sandbox.isolation, limits=Limits(memory_mb=cfg.sandbox.memory_mb)))
+        grader = Grader(executor, code_block=cfg.rollout.code_block, time_limit_s=cfg.sandbox.time_limit_s)
+        max_model_len = max(cfg.rollout.max_prompt_tokens, cfg.context.max_teacher_prompt_tokens) \
+            + cfg.rollout.max_response_tokens
+        engine = stack.enter_context(RolloutEngine(
+            model_path, dtype=cfg.model.dtype, seed=cfg.seed, max_model_len=max_model_len, device=cfg.device,
+            kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization))
+        torch.manual_seed(cfg.seed)
+        model = load_causal_lm(model_path, dtype=cfg.model.dtype, device=cfg.device)
+        teacher = EmaTeacher.from_model(model, ema_rate=cfg.teacher.ema_rate, offload=cfg.teacher.offload,
+                                        device=cfg.device)
+        student = Student(model, optim=cfg.optim, deepspeed_config=cfg.deepspeed, device=cfg.device)
+        yield TrialParts(cfg=cfg, tokenizer=tokenizer, engine=engine, student=student, teacher=teacher,
+                         executor=executor, grader=grader, split=split, sampler=sampler, prompt_ids=prompt_ids,
+                         hints=hints, pad_id=pad_id, model_path=model_path)
+
+
+# ------------------------------------------------------------------------------------------------ the trial
+
+
+def run_trial(cfg: TrialConfig, out_dir: Path) -> dict[str, Any]:
+    """Run (or resume) the trial into `out_dir`; returns the summary also written to trial.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim_out_dir(cfg, out_dir)
+    started = time.time()
+    log = StepLog(out_dir / "steps.parquet")
+    checkpoints = out_dir / "checkpoints"
+    with build_parts(cfg) as parts:
+        resume_from = latest_checkpoint(checkpoints)
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, student=parts.student, teacher=parts.teacher)
+            parts.sampler.load_state_dict(state.sampler_state)
+            parts.push_student_weights()
+            first_step, initial, latest_eval = state.step + 1, state.metadata["initial_eval"], state.metadata["latest_eval"]
+            log.truncate_after(state.step)
+            print(f"resuming {out_dir} after step {state.step}")
+        else:
+            first_step = 1
+            initial = latest_eval = evaluate(parts, step=0)
+            log.append(0, "eval", initial)
+            log.flush()
+            _save(parts, checkpoints, 0, initial, latest_eval)
+        _print_eval(0 if resume_from is None else first_step - 1, initial if resume_from is None else latest_eval)
+
+        for step in range(first_step, cfg.steps + 1):
+            metrics, records = opsd_step(parts, step)
+            log.append(step, "train", metrics)
+            _write_rollouts(out_dir / "rollouts" / f"step-{step:06d}.jsonl", records)
+            print(f"step {step}/{cfg.steps}  loss {metrics['loss']:.4f}  kl {metrics['kl']:.4f}  "
+                  f"reward {metrics['reward']:.3f}  ({sum(v for k, v in metrics.items() if k.startswith('time/')):.1f}s)")
+            if step % cfg.eval.every_steps == 0 or step == cfg.steps:
+                latest_eval = evaluate(parts, step=step)
+                log.append(step, "eval", latest_eval)
+                _print_eval(step, latest_eval)
+            log.flush()
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _save(parts, checkpoints, step, initial, latest_eval)
+
+    summary = _summary(cfg, parts.model_path, initial, latest_eval, time.time() - started)
+    write_json(out_dir / "trial.json", summary)
+    return summary
+
+
+def _save(parts: TrialParts, root: Path, step: int, initial: dict, latest_eval: dict) -> None:
+    save_checkpoint(root, step=step, student=parts.student, teacher=parts.teacher,
+                    sampler_state=parts.sampler.state_dict(),
+                    metadata={"initial_eval": initial, "latest_eval": latest_eval})
+
+
+def _claim_out_dir(cfg: TrialConfig, out_dir: Path) -> None:
+    """Write config.json, or check that the folder holds this very trial (a resume) and not another."""
+    path = out_dir / "config.json"
+    resolved = cfg.model_dump(mode="json")
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != resolved:
+            changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
+            raise TrialConfigError(
+                f"{out_dir} holds a trial with other settings (differing sections: {', '.join(changed)}); "
+                "use another --out folder")
+        return
+    write_json(path, resolved)
+
+
+def _write_rollouts(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def _print_eval(step: int, ev: dict) -> None:
+    print(f"eval @ step {step}: student {ev['student_acc']:.3f} (tests {ev['student_test_frac']:.3f})  "
+          f"self-teacher {ev['teacher_acc']:.3f}  student@T=1 {ev['student_acc_t1']:.3f}  gap {ev['gap']:+.3f}")
+
+
+def _summary(cfg: TrialConfig, model_path: Path, initial: dict, final: dict, seconds: float) -> dict[str, Any]:
+    name = cfg.model.path
+    size = cfg.model.size_b if cfg.model.size_b is not None else count_parameters_b(model_path)
+    gpus = cfg.deepspeed.world_size if cfg.device == "cuda" else 0
+    return {
+        "trial": cfg.name, "model": name, "model_family": cfg.model.family or model_family(name),
+        "model_size_b": size, "context": cfg.context.name, "seed": cfg.seed, "status": "completed",
+        "steps": cfg.steps,
+        "initial_student_acc": initial["student_acc"], "initial_teacher_acc": initial["teacher_acc"],
+        "initial_student_acc_t1": initial["student_acc_t1"], "initial_gap": initial["gap"],
+        "initial_student_test_frac": initial["student_test_frac"],
+        "initial_teacher_test_frac": initial["teacher_test_frac"], "initial_gap_test_frac": initial["gap_test_frac"],
+        "final_student_acc": final["student_acc"], "final_teacher_acc": final["teacher_acc"],
+        "final_student_test_frac": final["student_test_frac"],
+        "improvement": final["student_acc"] - initial["student_acc"],
+        "improvement_test_frac": final["student_test_frac"] - initial["student_test_frac"],
+        "accuracy_metric": "all-pass mean@n (student_acc); fraction of tests passed in *_test_frac",
+        "wall_seconds": round(seconds, 1), "gpu_hours": gpus * seconds / 3600.0, "device": cfg.device,
+    }
