@@ -362,3 +362,76 @@ def test_check_feedback_uses_python_reprs():
     problem = CHECK.model_copy(update={"tests": [ProblemTest(kind="check", input="assert candidate('a') == False\n")]})
     verdict = Grader(FakeExecutor(on_call=lambda t, args: Call(value=None))).grade(problem, respond("def sq(x): pass"))
     assert verdict.feedback == "Test Case 1: Wrong Answer\n\nInput\nsq('a')\n\nOutput\nNone\n\nExpected\nFalse"
+
+
+def test_session_budget_grows_with_the_tests():
+    from sandbox.executor import Limits
+
+    seen = []
+
+    class WithLimits(FakeExecutor):
+        limits = Limits(wall_s=10.0, cpu_s=10.0)
+
+        @contextlib.contextmanager
+        def session(self, code, *, limits=None):
+            seen.append(limits)
+            yield FakeSession(self.on_stdin, self.on_call, self.log)
+
+    Grader(WithLimits(on_stdin=adder), time_limit_s=4.0).grade(ADD, respond("x"))
+    assert (seen[0].wall_s, seen[0].cpu_s, seen[0].memory_mb) == (16.0, 16.0, 1024)  # 4 s x (3 tests + 1)
+    Grader(WithLimits(on_stdin=adder), time_limit_s=1.0).grade(ADD, respond("x"))
+    assert seen[1].wall_s == 10.0  # never below the executor's own budget
+
+
+# ------------------------------------------------------------------------------------ on the real executor
+
+
+@pytest.fixture(scope="module")
+def sandbox_executor():
+    from sandbox.executor import Executor
+
+    with Executor(2) as executor:
+        yield executor
+
+
+def test_real_functional_problem_with_class_solution(sandbox_executor):
+    grader = Grader(sandbox_executor)
+    good = "class Solution:\n    def maxPair(self, nums, k):\n        return sum(sorted(nums)[-2:]) + k\n"
+    verdict = grader.grade(PAIR.model_copy(update={"tests": PAIR.tests[:2]}), respond(good))
+    assert (verdict.verdict, verdict.tests_passed) == ("accepted", 2)
+    # A returned tuple equals the JSON list; a runtime error names the exception and the solution's line.
+    tup = "def f(s, k):\n    return (len(s), k)\n"
+    problem = Problem(id="t", prompt="p", func_name="f", tests=[ProblemTest(kind="functional", input='"ab"\n2',
+                                                                           output="[2, 2]")])
+    assert grader.grade(problem, respond(tup)).verdict == "accepted"
+    boom = "def f(s, k):\n    return [][k]\n"
+    verdict = grader.grade(problem, respond(boom))
+    assert verdict.verdict == "runtime_error"
+    assert "IndexError" in verdict.feedback and 'Last Executed Input\n"ab"\n2' in verdict.feedback
+
+
+def test_real_object_with_eq_cannot_pass(sandbox_executor):
+    # LiveCodeBench's own grader accepts an object whose __eq__ is always true; here the value must be plain data.
+    sneaky = "class Any:\n    def __eq__(self, other):\n        return True\n\ndef f(s, k):\n    return Any()\n"
+    problem = Problem(id="t", prompt="p", func_name="f", tests=[ProblemTest(kind="functional", input='"ab"\n2',
+                                                                           output="[2, 2]")])
+    verdict = Grader(sandbox_executor).grade(problem, respond(sneaky))
+    assert not verdict.passed and verdict.verdict == "runtime_error"
+
+
+def test_real_time_limit_stops_after_the_first_test(sandbox_executor):
+    import time
+
+    started = time.perf_counter()
+    verdict = Grader(sandbox_executor, time_limit_s=1.0).grade(ADD, respond("while True:\n    pass\n"))
+    elapsed = time.perf_counter() - started
+    assert verdict.verdict == "time_limit" and [t.status for t in verdict.tests] == ["time_limit", "not_run", "not_run"]
+    assert 0.9 < elapsed < 5.0
+    assert verdict.feedback == "Time Limit Exceeded\n\nLast Executed Input\n1 2"
+
+
+def test_real_stdin_reading_open0_and_buffer_is_accepted(sandbox_executor):
+    # Correct programs that read open(0) or write sys.stdout.buffer are accepted (outputs compared out here).
+    program = ("import sys\na, b = map(int, open(0).read().split())\n"
+               "sys.stdout.buffer.write(f'{a + b}\\n'.encode())\n")
+    assert Grader(sandbox_executor).grade(ADD, respond(program)).verdict == "accepted"
