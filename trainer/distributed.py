@@ -1,0 +1,179 @@
+"""torch.distributed for the trainer: one process without a launcher, or N local ranks for tests.
+
+DeepSpeed reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; when they are missing it goes
+looking for MPI, so `init_distributed` sets them (world size 1, a free local port) before anything calls
+`deepspeed.initialize`. CPU uses gloo, GPU uses NCCL. `run_local_ranks` starts N processes on this machine
+(torch.multiprocessing, spawn), each with the environment of one rank, and returns what each rank returned.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+Device = Literal["cpu", "cuda"]
+
+
+class DistributedError(RuntimeError):
+    """A rank failed, or torch.distributed could not be set up."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def backend_for(device: Device) -> str:
+    if device == "cpu":
+        return "gloo"
+    elif device == "cuda":
+        return "nccl"
+    else:
+        raise DistributedError(f"unknown device {device!r}")
+
+
+def set_single_process_env() -> None:
+    """Fill in the rank variables of a lone process; variables a launcher already set are kept."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+
+
+def init_distributed(device: Device = "cpu") -> DistInfo:
+    """Initialise the default process group once (idempotent) through DeepSpeed's comm layer.
+
+    Works without any launcher (world size 1) and under `run_local_ranks`, torchrun or Ray (which set the
+    variables). On CUDA it also selects the GPU of LOCAL_RANK.
+    """
+    import deepspeed
+    import torch
+    import torch.distributed as torch_dist
+
+    set_single_process_env()
+    backend = backend_for(device)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not torch_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return DistInfo(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(), local_rank=local_rank,
+                    backend=torch_dist.get_backend())
+
+
+def teardown_distributed() -> None:
+    """Destroy the default process group if there is one (safe to call twice)."""
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def barrier() -> None:
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.barrier()
+
+
+def get_rank() -> int:
+    import torch.distributed as torch_dist
+
+    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
+
+
+def _rank_entry(local_rank: int, fn: Callable, args: tuple, world_size: int, port: int, device: Device,
+                results: Any, torch_threads: int | None) -> None:
+    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+
+    try:
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+        init_distributed(device)
+        try:
+            value = fn(local_rank, *args)
+        finally:
+            teardown_distributed()
+        # Bytes, not tensors: torch.multiprocessing would pass tensors as shared-memory handles that die
+        # with this process before the parent has read them.
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((local_rank, True, buffer.getvalue()))
+    except BaseException:  # the parent re-raises with this text; a bare exit code would hide the cause
+        results.put((local_rank, False, traceback.format_exc()))
+        raise
+
+
+def run_local_ranks(fn: Callable[..., Any], world_size: int, *args: Any, device: Device = "cpu",
+                    torch_threads: int | None = None, timeout_s: float = 600.0) -> list[Any]:
+    """Run `fn(rank, *args)` on `world_size` spawned local processes; return their results in rank order.
+
+    `fn` must be importable by name (a module-level function) and its result picklable. Each rank gets the
+    environment variables, an initialised process group (gloo on CPU) and a clean teardown. A failing rank
+    raises DistributedError carrying that rank's traceback.
+    """
+    import queue
+    import time
+
+    import torch
+    import torch.multiprocessing as mp
+
+    if world_size < 1:
+        raise DistributedError(f"world_size must be >= 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    workers = [ctx.Process(target=_rank_entry, args=(rank, fn, args, world_size, port, device, results, torch_threads))
+               for rank in range(world_size)]
+    for worker in workers:
+        worker.start()
+    collected: dict[int, Any] = {}
+    failures: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        # Read before joining: a rank blocks in put() until its (possibly large) result is consumed.
+        while len(collected) + len(failures) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [w for w in workers if w.exitcode not in (None, 0)]
+                if dead and results.empty():
+                    failures.append(f"rank process {dead[0].pid} exited with code {dead[0].exitcode}")
+                    break
+                if time.monotonic() > deadline:
+                    failures.append(f"ranks did not finish within {timeout_s:.0f} s")
+                    break
+                continue
+            if ok:
+                collected[rank] = torch.load(io.BytesIO(value), weights_only=False)
+            else:
+                failures.append(f"rank {rank} failed:\n{value}")
+                break  # the other ranks may wait forever in a collective; they are killed below
+        for worker in workers:
+            worker.join(5.0 if failures else max(1.0, deadline - time.monotonic()))
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+    if failures or len(collected) != world_size:
+        raise DistributedError("\n".join(failures) or f"only ranks {sorted(collected)} returned")
+    return [collected[rank] for rank in range(world_size)]

@@ -1,0 +1,233 @@
+"""The student: a Hugging Face causal LM trained by a DeepSpeed engine (METHOD.md section 1, step 7).
+
+One optimizer step of the trial = several micro batches, each `forward_logits` → loss → `backward`, then one
+`step()`. The engine runs with caller-owned accumulation boundaries (`managed_gradient_accumulation: false`):
+`step()` is the boundary, so a mini batch may hold any number of micro batches (the last mini batch of a
+trial step is often smaller). `backward` does not rescale the loss: the caller passes each micro batch's
+share of the mini batch's loss (e.g. for a token mean: the micro batch's token-sum over the mini batch's
+token count). With several ranks DeepSpeed averages gradients over ranks, so each rank's shares must add up
+to the mini batch's loss as that rank would compute it alone (its token-sum times world_size over the global
+token count, for a token mean).
+
+Optimizer: AdamW with the hyperparameters of `OptimConfig` on every parameter (weight decay included, as the
+reference does), constant learning rate, gradient clipping by the global norm. On CPU DeepSpeed uses
+`torch.optim.AdamW` (`"torch_adam": true`) so no C++ op has to compile; on CUDA its fused Adam.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.config import DeepSpeedConfig, OptimConfig
+from trainer.distributed import init_distributed
+
+Device = Literal["cpu", "cuda"]
+
+ADAM_EPS = 1e-8
+# Parameters gathered at once when a ZeRO-3 student is read whole (weight push, EMA update): bounds the
+# extra memory to this many elements instead of a second full model.
+GATHER_BUCKET_NUMEL = 1 << 27
+_CHECKPOINT_TAG = "engine"
+
+
+class StudentError(RuntimeError):
+    """The student cannot be built, stepped or restored as asked."""
+
+
+def build_deepspeed_config(optim: OptimConfig, ds: DeepSpeedConfig, *, device: Device, world_size: int) -> dict:
+    """The DeepSpeed JSON config of the student (pure; tested and saved beside a trial's results)."""
+    per_rank_mini = math.ceil(optim.mini_batch_size / world_size)
+    grad_accum = max(1, math.ceil(per_rank_mini / optim.micro_batch_size))
+    if device == "cpu":
+        torch_adam = True  # the C++ Adam ops would compile for minutes on first use
+    elif device == "cuda":
+        torch_adam = False
+    else:
+        raise StudentError(f"unknown device {device!r}")
+    return {
+        "train_micro_batch_size_per_gpu": optim.micro_batch_size,
+        # Only DeepSpeed's sample bookkeeping reads this: step() is the boundary (unmanaged accumulation).
+        "gradient_accumulation_steps": grad_accum,
+        "managed_gradient_accumulation": False,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "eps": ADAM_EPS,
+                "weight_decay": optim.weight_decay,
+                "torch_adam": torch_adam,
+            },
+        },
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def iter_minibatches(n_items: int, mini_batch_size: int, micro_batch_size: int, *,
+                     rng: np.random.Generator | None, rank: int = 0, world_size: int = 1) -> list[list[list[int]]]:
+    """Split one trial step's rollouts into optimizer steps and micro batches, for one rank (pure).
+
+    Returns mini batches (one optimizer step each) → this rank's micro batches → item indices in
+    [0, n_items). Items are shuffled by `rng` (None keeps their order); every rank must pass a generator in
+    the same state. Each mini batch holds `mini_batch_size` items except the last; a last mini batch too
+    small to give every rank an item joins the one before. A mini batch's items are dealt to ranks as evenly
+    as possible and every rank gets the same number of micro batches (ZeRO-3 forwards are collective), each
+    at most `micro_batch_size` items. Raises ValueError when that cannot be done without an empty micro batch.
+    """
+    if n_items < 0 or mini_batch_size < 1 or micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad split: n_items={n_items} mini={mini_batch_size} micro={micro_batch_size} "
+                         f"rank={rank} world_size={world_size}")
+    if n_items == 0:
+        return []
+    if n_items < world_size:
+        raise ValueError(f"{n_items} items cannot give each of {world_size} ranks one")
+    order = rng.permutation(n_items) if rng is not None else np.arange(n_items)
+    starts = list(range(0, n_items, mini_batch_size))
+    if len(starts) > 1 and n_items - starts[-1] < world_size:
+        starts.pop()
+    bounds = starts[1:] + [n_items]
+    result = []
+    for start, end in zip(starts, bounds):
+        per_rank = np.array_split(order[start:end], world_size)
+        n_micro = math.ceil(max(len(part) for part in per_rank) / micro_batch_size)
+        if min(len(part) for part in per_rank) < n_micro:
+            raise ValueError(f"a mini batch of {end - start} items over {world_size} ranks with micro batches of "
+                             f"{micro_batch_size} leaves a rank an empty micro batch; use a micro batch size > 1 "
+                             "or a mini batch size divisible by the world size")
+        result.append([chunk.tolist() for chunk in np.array_split(per_rank[rank], n_micro)])
+    return result
+
+
+def iter_full_parameters(module: nn.Module, *, zero_stage: int,
+                         bucket_numel: int = GATHER_BUCKET_NUMEL) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) for each parameter of `module`, tied weights once.
+
+    Under ZeRO-3 the partitions are gathered a bucket at a time and cloned (every rank must iterate: the
+    gather is collective); otherwise the tensors are detached views of the live weights, valid until the
+    next optimizer step.
+    """
+    named = list(module.named_parameters())
+    if zero_stage != 3:
+        for name, param in named:
+            yield name, param.detach()
+        return
+    import deepspeed
+
+    bucket: list[tuple[str, nn.Parameter]] = []
+    bucket_size = 0
+    for index, (name, param) in enumerate(named):
+        bucket.append((name, param))
+        bucket_size += param.ds_numel
+        if bucket_size >= bucket_numel or index == len(named) - 1:
+            with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
+                gathered = [(n, p.detach().clone()) for n, p in bucket]
+            yield from gathered
+            bucket, bucket_size = [], 0
+
+
+class Student:
+    """A causal LM under a DeepSpeed engine; see the module docstring for the accumulation contract."""
+
+    def __init__(self, model: nn.Module, *, optim: OptimConfig, deepspeed_config: DeepSpeedConfig,
+                 device: Device = "cpu") -> None:
+        import deepspeed
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        self.dist = init_distributed(device)
+        self.device = device
+        self.zero_stage = deepspeed_config.zero_stage
+        if optim.gradient_checkpointing:
+            # Non-reentrant checkpointing works with inputs that need no grad and with ZeRO-3's hooks.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
+        self.ds_config = build_deepspeed_config(optim, deepspeed_config, device=device,
+                                                world_size=self.dist.world_size)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.ds_config)
+        self.engine = engine
+        self.engine.train()
+        self._micro_batches = 0
+        self._clip_norm: float | None = None
+        if self.zero_stage == 0 and not deepspeed_config.bf16:
+            # DeepSpeed clips fp32 stage-0 gradients but drops the norm it computed; keep it for the metrics.
+            def clip_and_record() -> None:
+                norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+                                       mpu=engine.mpu)
+                self._clip_norm = float(norm)
+
+            engine.clip_fp32_gradients = clip_and_record
+
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped Hugging Face model (partitioned under ZeRO-3)."""
+        return self.engine.module
+
+    @property
+    def global_steps(self) -> int:
+        """Optimizer steps taken (restored by `load_checkpoint`)."""
+        return int(self.engine.global_steps)
+
+    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] of packed rows `input_ids` [B, T] (prompt + response, right-padded).
+
+        `position_ids` [B, T] default to 0..T-1 per row, which is right for right padding.
+        """
+        out = self.engine(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False)
+        return out.logits
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of one micro batch's share of the mini batch loss (no rescaling)."""
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self._micro_batches += 1
+
+    def step(self) -> dict[str, Any]:
+        """One optimizer step over the micro batches accumulated since the last step.
+
+        Returns `grad_norm` (global norm before clipping, over all ranks), `lr` and `micro_batches`.
+        """
+        if self._micro_batches == 0:
+            raise StudentError("step() without any backward() since the last step")
+        self._clip_norm = None
+        self.engine.step()
+        norm = self._clip_norm if self._clip_norm is not None else self.engine.get_global_grad_norm()
+        if isinstance(norm, torch.Tensor):
+            norm = float(norm.item())
+        metrics = {"grad_norm": None if norm is None else float(norm), "lr": float(self.engine.get_lr()[0]),
+                   "micro_batches": self._micro_batches}
+        self._micro_batches = 0
+        return metrics
+
+    def named_parameters_for_push(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) per parameter, for the rollout engine's weight load (collective on ZeRO-3)."""
+        return iter_full_parameters(self.engine.module, zero_stage=self.zero_stage)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of every full parameter by HF name (collective on ZeRO-3)."""
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.named_parameters_for_push()}
+
+    def save_checkpoint(self, save_dir: str | Path) -> None:
+        """DeepSpeed checkpoint (weights, optimizer incl. ZeRO partitions, step counters); every rank calls."""
+        if self._micro_batches:
+            raise StudentError("save_checkpoint() between backward() and step() would lose gradients")
+        self.engine.save_checkpoint(str(save_dir), tag=_CHECKPOINT_TAG, save_latest=False)
+
+    def load_checkpoint(self, save_dir: str | Path) -> None:
+        """Restore what `save_checkpoint` wrote into this (freshly built, same-config) student."""
+        path, _ = self.engine.load_checkpoint(str(save_dir), tag=_CHECKPOINT_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True, load_module_strict=True)
+        if path is None:
+            raise StudentError(f"no student checkpoint in {save_dir}")
+        self._micro_batches = 0
