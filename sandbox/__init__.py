@@ -1,6 +1,7 @@
 """sandbox: the world of a trial (problems and their tests, code extraction, isolated execution, grading,
 feedback text). Imports no torch."""
 
+from sandbox.executor import CallOutcome, Executor, ExecutorError, Limits, RunOutcome, Session
 from sandbox.extract import assemble_program, code_blocks, extract_code
 from sandbox.feedback import FORMAT_ERROR_TEXT, TRUNCATED_TEXT, TestResult, render_feedback
 from sandbox.grader import GradeRequest, Grader, Verdict, stdout_matches, validate_problem, values_equal
@@ -19,7 +20,8 @@ from sandbox.loaders import (
 from sandbox.problems import Problem, ProblemError, ProblemTest, SandboxError
 
 __all__ = [
-    "FORMAT_ERROR_TEXT", "RELEASE_WINDOWS", "TRUNCATED_TEXT", "GradeRequest", "Grader", "Problem", "ProblemError",
+    "FORMAT_ERROR_TEXT", "RELEASE_WINDOWS", "TRUNCATED_TEXT", "CallOutcome", "Executor", "ExecutorError",
+    "GradeRequest", "Grader", "Limits", "Problem", "ProblemError", "RunOutcome", "Session",
     "ProblemTest", "SandboxError", "TestResult", "Verdict", "assemble_program", "code_blocks", "decode_lcb_tests",
     "extract_code", "filter_by_date", "lcb_row_to_problem", "load_humaneval", "load_livecodebench_file",
     "load_livecodebench_hf", "load_problems_jsonl", "release_window", "render_feedback", "save_problems_jsonl",

@@ -38,3 +38,15 @@ def test_problems_are_immutable():
 def test_errors_are_user_facing():
     assert SandboxError.user_facing and issubclass(ProblemError, SandboxError)
     assert issubclass(SandboxError, ValueError)
+
+
+def test_sandbox_imports_no_torch_and_exposes_its_names():
+    import subprocess
+    import sys
+
+    code = ("import sys, sandbox\n"
+            "assert all(hasattr(sandbox, n) for n in sandbox.__all__)\n"
+            "print(sorted(m for m in ('torch', 'vllm', 'ray', 'deepspeed', 'transformers') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
