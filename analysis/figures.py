@@ -32,7 +32,7 @@ def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
     for path in paths:
-        fig.savefig(path, bbox_inches="tight")
+        fig.savefig(path)  # constrained layout already fits the page; a tight bbox would draw twice
     return paths
 
 
@@ -100,8 +100,8 @@ def fig1_law(fit: FitResult, out_dir: str | Path) -> dict:
         for ax in axes[len(families):]:
             ax.set_visible(False)
         handles = [Line2D([], [], ls="", marker="o", color=c, ms=4, label=ctx) for ctx, c in colours.items()]
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), frameon=False,
-                   title="context", title_fontsize=7)
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 2 if width == SINGLE else 3),
+                   frameon=False, title="context", title_fontsize=7)
         paths = _save(fig, Path(out_dir), "fig1_law")
     return {"paths": paths, "families": drawn}
 
@@ -143,17 +143,20 @@ def fig2_dynamics(steps: pd.DataFrame, out_dir: str | Path) -> dict:
         handles = [Line2D([], [], color=c, label=m) for m, c in colours.items()]
         handles += [Line2D([], [], color="0.3", ls="-", label="student"),
                     Line2D([], [], color="0.3", ls="--", label="self-teacher")]
-        fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 4), frameon=False)
+        fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 2 if width == SINGLE else 4),
+                   frameon=False)
         paths = _save(fig, Path(out_dir), "fig2_dynamics")
     return {"paths": paths, "curves": curves}
 
 
 def fig3_scale(fit: FitResult, out_dir: str | Path) -> dict:
     """Fig. 3: the law across model sizes. (a) improvement vs gap coloured by size, one fitted line per model
-    that has at least 3 configurations; (b) each model's slope with its confidence interval against size,
-    beside its family's slope (dashed line) and band.
+    that has at least 3 configurations (else its family's line, dashed); (b) each such model's slope with its
+    confidence interval against size, beside its family's slope (dashed line) and band. Panel (b) is left out
+    when no model has 3 configurations (e.g. the paper's one context per size).
 
-    Returns {"paths": [...], "models": {model: {"size", "family", "slope", "slope_ci", "line_slope"}}}.
+    Returns {"paths": [...], "models": {model: {"size", "family", "slope", "slope_ci", "line_slope"}},
+    "family_lines": [families drawn as one line across sizes]}.
     """
     law = fit.law
     confidence = law.settings["confidence"]
@@ -163,54 +166,69 @@ def fig3_scale(fit: FitResult, out_dir: str | Path) -> dict:
     size_colour = {s: cmap(0.85 * i / max(len(sizes) - 1, 1)) for i, s in enumerate(sizes)}
     families = sorted(configs["model_family"].unique())
     per_model: dict[str, dict] = {}
+    for model, sub in configs.groupby("model", sort=True):
+        if len(sub) >= 3 and np.ptp(sub["gap_mean"].to_numpy()) > 0:
+            res = fit_line(sub["gap_mean"], sub["improvement_mean"])
+            ci = np.asarray(res.conf_int(alpha=1 - confidence))[1]
+            per_model[model] = {"size": float(sub["model_size_b"].iloc[0]), "family": sub["model_family"].iloc[0],
+                                "slope": float(res.params[1]), "slope_ci": (float(ci[0]), float(ci[1])),
+                                "intercept": float(res.params[0])}
     with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(DOUBLE, 2.8), layout="constrained")
-        ax_law, ax_slope = fig.subplots(1, 2)
+        if per_model:
+            fig = Figure(figsize=(DOUBLE, 2.8), layout="constrained")
+            ax_law, ax_slope = fig.subplots(1, 2)
+        else:
+            fig = Figure(figsize=(SINGLE, 2.8), layout="constrained")
+            ax_law, ax_slope = fig.subplots(1, 1), None
         for model, sub in configs.groupby("model", sort=True):
             size, family = float(sub["model_size_b"].iloc[0]), sub["model_family"].iloc[0]
             colour, marker = size_colour[size], MARKERS[families.index(family) % len(MARKERS)]
             ax_law.errorbar(sub["gap_mean"], sub["improvement_mean"], xerr=sub["gap_sd"], yerr=sub["improvement_sd"],
                             fmt=marker, color=colour, ms=4, elinewidth=0.6, capsize=1.2, mec="white", mew=0.4)
-            if len(sub) >= 3 and np.ptp(sub["gap_mean"].to_numpy()) > 0:
-                res = fit_line(sub["gap_mean"], sub["improvement_mean"])
-                lo, hi = sub["gap_mean"].min(), sub["gap_mean"].max()
-                xs = np.array([lo, hi])
-                ys = res.params[0] + res.params[1] * xs
+            if model in per_model:
+                d = per_model[model]
+                xs = np.array([sub["gap_mean"].min(), sub["gap_mean"].max()])
+                ys = d["intercept"] + d["slope"] * xs
                 ax_law.plot(xs, ys, color=colour, lw=1)
-                ci = np.asarray(res.conf_int(alpha=1 - confidence))[1]
-                per_model[model] = {"size": size, "family": family, "slope": float(res.params[1]),
-                                    "slope_ci": (float(ci[0]), float(ci[1])),
-                                    "line_slope": float((ys[1] - ys[0]) / (xs[1] - xs[0]))}
+                d["line_slope"] = float((ys[1] - ys[0]) / (xs[1] - xs[0]))
+        family_lines = [f for f in families if not any(v["family"] == f for v in per_model.values())]
+        for family in family_lines:
+            line = law.families[family]
+            xs = np.array([line.x_min, line.x_max])
+            ax_law.plot(xs, line.intercept + line.slope * xs, color="0.3", ls="--", lw=1, zorder=0)
         ax_law.axhline(0, color="0.7", lw=0.5, zorder=0)
         ax_law.set_xlabel(GAP_LABEL)
         ax_law.set_ylabel(IMPROVEMENT_LABEL)
-        ax_law.set_title("(a) the law at each size")
+        ax_law.set_title("(a) the law at each size" if ax_slope is not None else "The law across model sizes")
         handles = [Line2D([], [], ls="", marker="o", color=c, ms=4, label=f"{s:g}B") for s, c in size_colour.items()]
         if len(families) > 1:
             handles += [Line2D([], [], ls="", marker=MARKERS[i % len(MARKERS)], color="0.3", ms=4, label=f)
                         for i, f in enumerate(families)]
+        if family_lines:
+            handles.append(Line2D([], [], color="0.3", ls="--", label="family fit"))
         ax_law.legend(handles=handles, loc="upper left", frameon=False, ncols=2 if len(handles) > 5 else 1)
 
-        for i, family in enumerate(families):
-            line = law.families[family]
-            colour = f"C{i}"
-            ax_slope.axhline(line.slope, color=colour, ls="--", lw=0.8, label=f"{family} (all sizes)")
-            ax_slope.axhspan(*line.slope_ci, color=colour, alpha=0.12, lw=0)
-            items = [v for v in per_model.values() if v["family"] == family]
-            if items:
-                xs = [v["size"] for v in items]
-                ys = [v["slope"] for v in items]
-                err = np.array([[v["slope"] - v["slope_ci"][0], v["slope_ci"][1] - v["slope"]] for v in items]).T
-                ax_slope.errorbar(xs, ys, yerr=err, fmt=MARKERS[i % len(MARKERS)], color=colour, ms=4,
-                                  capsize=2, elinewidth=0.8)
-        lo, hi = ax_slope.get_ylim()
-        ax_slope.set_ylim(lo, hi + 0.3 * (hi - lo))  # headroom for the legend above the intervals
-        ax_slope.set_xscale("log")
-        ax_slope.set_xticks(sizes, [f"{s:g}" for s in sizes])
-        ax_slope.minorticks_off()
-        ax_slope.set_xlabel("Model size (billions of parameters)")
-        ax_slope.set_ylabel(f"Slope ({100 * confidence:g}% CI)")
-        ax_slope.set_title("(b) slope of the law by size")
-        ax_slope.legend(loc="upper left", frameon=False, ncols=2)
+        if ax_slope is not None:
+            for i, family in enumerate(families):
+                line = law.families[family]
+                colour = f"C{i}"
+                ax_slope.axhline(line.slope, color=colour, ls="--", lw=0.8, label=f"{family} (all sizes)")
+                ax_slope.axhspan(*line.slope_ci, color=colour, alpha=0.12, lw=0)
+                items = [v for v in per_model.values() if v["family"] == family]
+                if items:
+                    err = np.array([[v["slope"] - v["slope_ci"][0], v["slope_ci"][1] - v["slope"]] for v in items]).T
+                    ax_slope.errorbar([v["size"] for v in items], [v["slope"] for v in items], yerr=err,
+                                      fmt=MARKERS[i % len(MARKERS)], color=colour, ms=4, capsize=2, elinewidth=0.8)
+            lo, hi = ax_slope.get_ylim()
+            ax_slope.set_ylim(lo, hi + 0.3 * (hi - lo))  # headroom for the legend above the intervals
+            ax_slope.set_xscale("log")
+            ax_slope.set_xticks(sizes, [f"{s:g}" for s in sizes])
+            ax_slope.minorticks_off()
+            ax_slope.set_xlabel("Model size (billions of parameters)")
+            ax_slope.set_ylabel(f"Slope ({100 * confidence:g}% CI)")
+            ax_slope.set_title("(b) slope of the law by size")
+            ax_slope.legend(loc="upper left", frameon=False, ncols=2)
         paths = _save(fig, Path(out_dir), "fig3_scale")
-    return {"paths": paths, "models": per_model}
+    for d in per_model.values():
+        d.pop("intercept")
+    return {"paths": paths, "models": per_model, "family_lines": family_lines}

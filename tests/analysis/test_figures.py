@@ -75,3 +75,18 @@ def test_fig3_fits_one_line_per_model_size(drawn):
         assert d["slope"] == pytest.approx(slope, rel=1e-9)
         assert d["line_slope"] == pytest.approx(slope, rel=1e-9)
         assert d["slope_ci"][0] < slope < d["slope_ci"][1]
+
+
+def test_one_context_per_size_draws_the_family_line_in_a_single_column(tmp_path):
+    # The paper's scale design: each size trained with a couple of contexts only, too few for a line per size.
+    from matplotlib.image import imread
+
+    from analysis.synthetic import MODELS
+
+    rng = np.random.default_rng(3)
+    raw = make_trials(rng, models=MODELS[:4], contexts=("feedback", "peer_solution_feedback"), n_failed=0)
+    fit = fit_law(completed_trials(raw))
+    drawn = fig3_scale(fit, tmp_path)
+    assert drawn["models"] == {} and drawn["family_lines"] == ["qwen3"]
+    width = imread(tmp_path / "fig3_scale.png").shape[1]
+    assert width == pytest.approx(3.4 * 300, abs=2)
