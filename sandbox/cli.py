@@ -18,6 +18,8 @@ examples:
                                                            a LiveCodeBench row and a model response, one JSON object
 CODE is a model response (its fenced ```python block is graded) or, without any fenced block, a bare program.
 Exit 0 whenever the program was graded, whatever the verdict; 2 for bad input.
+The program runs in the sandbox; a problem's `check` tests and `check_setup` are trusted test code that runs
+in this process, so use problem files you trust.
 """
 
 GRADE_EPILOG = """\

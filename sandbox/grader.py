@@ -122,8 +122,8 @@ def _decimal_tokens(line: str) -> list[Decimal] | None:
 
 def stdout_matches(actual: str, expected: str, *, float_tolerance: float = 0.0) -> bool:
     """Stdin-test output rule (see the module docstring)."""
-    actual_lines = [line.strip() for line in actual.strip().splitlines()]
-    expected_lines = [line.strip() for line in expected.strip().splitlines()]
+    actual_lines = [line.strip() for line in actual.strip().split("\n")]
+    expected_lines = [line.strip() for line in expected.strip().split("\n")]
     if len(actual_lines) != len(expected_lines):
         return False
     for a, e in zip(actual_lines, expected_lines):
@@ -145,12 +145,21 @@ def stdout_matches(actual: str, expected: str, *, float_tolerance: float = 0.0) 
     return True
 
 
+def safe_repr(value: Any) -> str:
+    """Python's repr of plain data, or a placeholder when it cannot be shown (an int past Python's
+    4,300-digit string limit)."""
+    try:
+        return repr(value)
+    except ValueError:
+        return f"<{type(value).__name__} too large to show>"
+
+
 def show_value(value: Any) -> str:
     """A returned value as feedback text: JSON where it is JSON, else Python's repr."""
     try:
         return json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
-        return repr(value)
+        return safe_repr(value)
 
 
 def _decode(data: bytes) -> tuple[str, bool]:
@@ -230,7 +239,7 @@ class _CallFailed(Exception):
 
 
 def _call_text(name: str, args: Sequence[Any]) -> str:
-    return f"{name}({', '.join(repr(a) for a in args)})"
+    return f"{name}({', '.join(safe_repr(a) for a in args)})"
 
 
 def _expected_of_assert(test_code: str, namespace: dict[str, Any]) -> str | None:
@@ -253,7 +262,7 @@ def _expected_of_assert(test_code: str, namespace: dict[str, Any]) -> str | None
     if other is None or any(isinstance(n, ast.Name) and n.id == "candidate" for n in ast.walk(other)):
         return None
     try:
-        return repr(eval(compile(ast.Expression(other), "<expected>", "eval"), namespace))
+        return safe_repr(eval(compile(ast.Expression(other), "<expected>", "eval"), namespace))
     except Exception:
         return None
 
@@ -436,7 +445,7 @@ class Grader:
             expected = test.input.strip()  # the assertion itself says what was expected
         return _test_result(
             index=index, kind="check", status=status, input=shown_input,
-            output=repr(last_value) if calls and status in ("passed", "wrong_answer") else None,
+            output=safe_repr(last_value) if calls and status in ("passed", "wrong_answer") else None,
             expected=expected, error=error, stderr="".join(stderr_parts), wall_s=wall)
 
     # -- many responses

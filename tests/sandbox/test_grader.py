@@ -435,3 +435,15 @@ def test_real_stdin_reading_open0_and_buffer_is_accepted(sandbox_executor):
     program = ("import sys\na, b = map(int, open(0).read().split())\n"
                "sys.stdout.buffer.write(f'{a + b}\\n'.encode())\n")
     assert Grader(sandbox_executor).grade(ADD, respond(program)).verdict == "accepted"
+
+
+def test_real_huge_values_are_graded_not_crashed(sandbox_executor):
+    # An int far past Python's 4,300-digit str limit cannot be printed: the feedback says so.
+    huge = "def sq(x):\n    return 10 ** 20000\n"
+    verdict = Grader(sandbox_executor).grade(CHECK, respond(huge))
+    assert verdict.verdict == "wrong_answer" and verdict.tests_passed == 0
+    assert "Output\n<int too large to show>\n" in verdict.feedback
+    functional = Problem(id="f", prompt="p", func_name="sq", tests=[ProblemTest(kind="functional", input="3",
+                                                                               output="9")])
+    verdict = Grader(sandbox_executor).grade(functional, respond(huge))
+    assert verdict.verdict == "wrong_answer" and "<int too large to show>" in verdict.feedback
