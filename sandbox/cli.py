@@ -127,7 +127,8 @@ def read_problem_file(path: str, fmt: str) -> Problem:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "problem"
-        raise SandboxError(f"{path}: {where}: {first['msg']}") from None
+        hint = " (a LiveCodeBench row? use --format lcb)" if "question_content" in data else ""
+        raise SandboxError(f"{path}: {where}: {first['msg']}{hint}") from None
 
 
 def _make_grader(args: argparse.Namespace, workers: int | None = None):

@@ -23,6 +23,7 @@ import ast
 import json
 import math
 import os
+import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,7 @@ VerdictName = Literal[
 ]
 # Failure statuses by precedence: the verdict of a response is the first of these that any test has.
 FAILURE_ORDER = ("runtime_error", "time_limit", "memory_limit", "output_limit", "wrong_answer")
-_SANDBOX_FAILURES = ("runtime_error", "time_limit", "memory_limit", "output_limit")
+_FUNC_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)?")
 
 
 _KEEP_CHARS = 10_000
@@ -184,6 +185,8 @@ def validate_problem(problem: Problem, tests: Sequence[ProblemTest] | None = Non
     where = f"problem {problem.id}"
     if not tests:
         raise ProblemError(f"{where} has no tests to grade against")
+    if problem.func_name is not None and not _FUNC_NAME.fullmatch(problem.func_name):
+        raise ProblemError(f"{where}: func_name {problem.func_name!r} is not a name or Class.name")
     for i, test in enumerate(tests):
         try:
             if test.kind == "functional":

@@ -42,6 +42,8 @@ def test_malformed_problem_json_and_unknown_format(tmp_path):
     assert res.returncode == 2 and "malformed JSON" in res.stderr and "Traceback" not in res.stderr
     res = opsd("check", write(tmp_path / "q.json", '{"id": "x", "prompt": "p"}'), code)
     assert res.returncode == 2 and "tests: Field required" in res.stderr
+    res = opsd("check", str(DATA / "lcb_functional_row.json"), code)
+    assert res.returncode == 2 and "use --format lcb" in res.stderr
     res = opsd("check", str(DATA / "add_problem.json"), code, "--format", "xml")
     assert res.returncode == 2 and "unknown format 'xml'" in res.stderr
     res = opsd("check", str(DATA / "add_problem.json"), code, "--code-block", "first")

@@ -318,6 +318,8 @@ def test_bad_problems_raise_clear_errors():
     bad_json = PAIR.model_copy(update={"tests": [ProblemTest(kind="functional", input="[1, 2\n0", output="3")]})
     with pytest.raises(ProblemError, match=r"problem pair: test 1 \(functional\) is malformed"):
         validate_problem(bad_json)
+    with pytest.raises(ProblemError, match="func_name 'max-pair' is not a name"):
+        validate_problem(PAIR.model_copy(update={"func_name": "max-pair"}))
     no_func = PAIR.model_copy(update={"func_name": None})
     with pytest.raises(ProblemError, match="without func_name"):
         validate_problem(no_func)
