@@ -115,8 +115,9 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
     parts = [
         "# The predictive law: improvement = a + b · initial gap",
         f"Results: `{results}` — {len(fit.configs)} configurations, {int(fit.configs['n_seeds'].sum())} "
-        f"completed trials (of {n_all} rows). Fit on {unit}, "
-        f"{'weighted by inverse seed variance' if settings['weighted'] else 'unweighted'} OLS; intervals at "
+        f"completed trials (of {n_all} rows). Fit on {unit} by "
+        f"{'WLS, weighted by the inverse seed variance of each configuration' if settings['weighted'] else 'OLS'}; "
+        f"intervals at "
         f"{100 * settings['confidence']:g}%; "
         + (f"seed bootstrap with {settings['bootstrap']} resamples (seed {settings['seed']})."
            if settings["bootstrap"] else "no bootstrap."),

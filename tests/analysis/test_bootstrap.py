@@ -92,3 +92,23 @@ def test_bootstrap_draw_matches_a_refit_on_the_resampled_trials(fitted):
         assert draws[name]["slope"].iloc[0] == pytest.approx(refit.families[name].slope, rel=1e-10)
         assert draws[name]["loo_r2"].iloc[0] == pytest.approx(refit.families[name].loo_r2, rel=1e-10)
     assert draws["pooled"]["intercept"].iloc[0] == pytest.approx(refit.pooled.intercept, rel=1e-10)
+
+
+def test_progress_is_reported_up_to_the_total(fitted):
+    trials, fit = fitted
+    calls = []
+    bootstrap_draws(trials, fit, n_resamples=5, seed=0, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 5), (1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+
+
+def test_delayed_progress_bar_stays_hidden_for_quick_work_and_shows_for_slow():
+    from analysis.cli import _DelayedProgress
+
+    quick = _DelayedProgress("x", delay=60.0)
+    for done in range(4):
+        quick(done, 3)
+    assert quick.bar is None
+    slow = _DelayedProgress("x", delay=0.0)
+    slow(1, 3)
+    assert slow.bar is not None and slow.bar.tasks[0].completed == 1
+    slow.close()
