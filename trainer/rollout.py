@@ -1,0 +1,310 @@
+"""The rollout engine: vLLM sampling from the student, log-prob scoring, and weight pushes from the trainer.
+
+One class for CPU and GPU. What differs is small and named: on CPU the KV cache size comes from
+`VLLM_CPU_KVCACHE_SPACE`, weights travel through a safetensors file in shared memory, and sleep/wake are
+no-ops; on GPU weights travel as CUDA IPC handles (`_push_weights_cuda_ipc`) and sleep/wake free and
+restore the engine's GPU memory between the rollout and training phases.
+
+vLLM starts engine processes with the "spawn" method: a script that creates a `RolloutEngine` at import
+time needs an `if __name__ == "__main__":` guard. Tests create engines inside fixtures, which is fine.
+
+Log-probs. The engine runs with `logprobs_mode="processed_logprobs"`: `Rollout.logps` are the sampled
+tokens' log-probs under the distribution they were sampled from, i.e. log_softmax(logits / T) after
+top-p truncation and renormalisation. That is the behaviour policy the loss's importance correction
+needs: the trainer computes log_softmax(logits / T) of the same tokens (METHOD.md section 1: both sides
+divide by the rollout temperature), so with top_p = 1 the two agree up to numerics, and the ratio
+exp(trainer - rollout) measures only the trainer/engine mismatch. With top_p < 1 the rollout log-probs
+are those of the truncated distribution (larger than the untruncated ones), which is the honest sampling
+probability. `logprobs_of` scores given tokens through `prompt_logprobs`, which vLLM never
+temperature-scales: it returns log_softmax(logits) at T = 1.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import psutil
+import torch
+
+WORKER_EXTENSION = "trainer.vllm_worker.WeightSyncExtension"
+
+
+class RolloutError(RuntimeError):
+    """The rollout engine failed or was used after close()."""
+
+
+@dataclass
+class Rollout:
+    """One sampled response. `logps[i]` is the log-prob of `token_ids[i]` under the sampling distribution."""
+
+    token_ids: list[int]
+    logps: list[float]
+    text: str
+    finish_reason: Literal["stop", "length"]
+
+
+_LAYER_RE = re.compile(r"^(.*?\blayers\.\d+)\.")
+
+
+def group_for_reload(named_tensors: Iterable[tuple[str, torch.Tensor]], *,
+                     bucket_bytes: int) -> Iterable[list[tuple[str, torch.Tensor]]]:
+    """Split checkpoint-named tensors into reload calls of about `bucket_bytes`, never splitting a decoder layer.
+
+    vLLM processes a fused layer (q/k/v, gate/up) once all its parts arrived within one reload call, so every
+    tensor of `...layers.N.` stays in the same bucket. Input order is kept (trainer state dicts are layer-major).
+    """
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    current_group = None
+    for name, tensor in named_tensors:
+        match = _LAYER_RE.match(name)
+        group = match.group(1) if match else name
+        if bucket and group != current_group and size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        current_group = group
+    if bucket:
+        yield bucket
+
+
+class RolloutEngine:
+    """vLLM `LLM` holding the student's weights, with batched sampling, scoring and weight pushes."""
+
+    def __init__(self, model_path: str | Path, *, dtype: str = "float32", seed: int = 0,
+                 max_model_len: int = 4096, device: Literal["cpu", "cuda"] = "cpu", kv_cache_gib: float = 1.0,
+                 gpu_memory_utilization: float = 0.45, enforce_eager: bool = True,
+                 push_bucket_gib: float = 1.0) -> None:
+        """Start the engine (tens of seconds on CPU).
+
+        kv_cache_gib: KV cache on CPU; vLLM's CPU backend reads it as whole GiB (`VLLM_CPU_KVCACHE_SPACE`,
+            set here for the engine processes), so it is rounded up. Ignored on GPU.
+        gpu_memory_utilization: vLLM's share of the GPU when colocated with the trainer. Ignored on CPU.
+        enforce_eager: skip CUDA graphs / torch.compile; start-up is much faster and rollout batches vary.
+        push_bucket_gib: weights per reload call in `push_weights` (decoder layers are never split).
+        """
+        from vllm import LLM
+
+        if device not in ("cpu", "cuda"):
+            raise RolloutError(f"device must be 'cpu' or 'cuda', not {device!r}")
+        self.device = device
+        self.dtype = dtype
+        self.model_path = Path(model_path)
+        self.max_model_len = max_model_len
+        self._push_bucket_bytes = int(push_bucket_gib * 2**30)
+        kwargs = {}
+        if device == "cpu":
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gib)))
+        elif device == "cuda":
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+        children_before = {p.pid for p in psutil.Process().children(recursive=True)}
+        started = time.perf_counter()
+        self.llm = LLM(
+            model=str(self.model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
+            enforce_eager=enforce_eager, worker_extension_cls=WORKER_EXTENSION,
+            logprobs_mode="processed_logprobs", **kwargs)
+        self.startup_seconds = time.perf_counter() - started
+        # The engine's own processes (engine core, workers), so close() can wait for them; multiprocessing's
+        # resource tracker is shared by the whole interpreter and outlives any one engine.
+        self._engine_processes = [
+            p for p in psutil.Process().children(recursive=True)
+            if p.pid not in children_before and not _is_resource_tracker(p)]
+        self.tokenizer = self.llm.get_tokenizer()
+        self._closed = False
+
+    # -- sampling ---------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float = 1.0,
+                 max_tokens: int, seed: int | None = None) -> list[list[Rollout]]:
+        """n samples for each prompt (token ids), in one batched engine call; result[i][j] is prompt i's j-th.
+
+        With `seed`, sample j of prompt i uses seed + i * n + j: the same call gives the same rollouts.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._check_open()
+        requests, params = [], []
+        for i, prompt in enumerate(prompts):
+            for j in range(n):
+                requests.append(TokensPrompt(prompt_token_ids=list(prompt)))
+                params.append(SamplingParams(
+                    n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
+                    seed=None if seed is None else seed + i * n + j))
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        rollouts = [self._to_rollout(out.outputs[0]) for out in outputs]
+        return [rollouts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    @staticmethod
+    def _to_rollout(completion) -> Rollout:
+        if completion.finish_reason not in ("stop", "length"):
+            raise RolloutError(f"vLLM finished a rollout with reason {completion.finish_reason!r}")
+        token_ids = list(completion.token_ids)
+        logps = [entry[tok].logprob for tok, entry in zip(token_ids, completion.logprobs)]
+        return Rollout(token_ids=token_ids, logps=logps, text=completion.text,
+                       finish_reason=completion.finish_reason)
+
+    # -- scoring ----------------------------------------------------------------------------------------
+    def score(self, sequences: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """Log-probs at T = 1 of each completion's tokens given its prompt, for a batch of (prompt, completion)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._check_open()
+        for prompt, completion in sequences:
+            if not prompt or not completion:
+                raise RolloutError("score needs a non-empty prompt and completion")
+        requests = [TokensPrompt(prompt_token_ids=list(p) + list(c)) for p, c in sequences]
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        result = []
+        for (prompt, completion), out in zip(sequences, outputs):
+            tokens = list(prompt) + list(completion)
+            entries = out.prompt_logprobs[len(prompt):]
+            result.append([entry[tok].logprob for tok, entry in zip(tokens[len(prompt):], entries)])
+        return result
+
+    def logprobs_of(self, prompt: list[int], completion: list[int]) -> list[float]:
+        """Log-probs at T = 1 of `completion`'s tokens after `prompt` (one per completion token)."""
+        return self.score([(prompt, completion)])[0]
+
+    # -- weights ----------------------------------------------------------------------------------------
+    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
+        """Replace the engine's weights with checkpoint-named tensors (e.g. the trainer's `named_parameters()`).
+
+        Tensors may be a subset of the model (untouched layers keep their weights) but must hold every part of
+        each decoder layer they touch. Prefix-cached KV entries are dropped after the push. Returns metrics.
+        """
+        self._check_open()
+        started = time.perf_counter()
+        if self.device == "cuda":
+            n_tensors, n_bytes = self._push_weights_cuda_ipc(named_tensors)
+        elif self.device == "cpu":
+            n_tensors, n_bytes = self._push_weights_shm(named_tensors)
+        else:
+            raise RolloutError(f"unknown device {self.device!r}")
+        self.llm.reset_prefix_cache()
+        return {"push/seconds": time.perf_counter() - started, "push/tensors": float(n_tensors),
+                "push/gib": n_bytes / 2**30}
+
+    def _engine_dtype(self) -> torch.dtype:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+
+    def _push_weights_shm(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[int, int]:
+        """CPU path: each bucket is written as a safetensors file in /dev/shm and loaded by the worker."""
+        from safetensors.torch import save_file
+
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        dtype = self._engine_dtype()
+        n_tensors = n_bytes = 0
+        for bucket in group_for_reload(named_tensors, bucket_bytes=self._push_bucket_bytes):
+            tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in bucket}
+            fd, path = tempfile.mkstemp(prefix="opsd-weights-", suffix=".safetensors", dir=shm)
+            os.close(fd)
+            try:
+                save_file(tensors, path)
+                loaded = self.llm.collective_rpc("opsd_reload_weights_from_file", args=(path,))
+            finally:
+                os.unlink(path)
+            if any(count != len(tensors) for count in loaded):
+                raise RolloutError(f"weight push: workers loaded {loaded} of {len(tensors)} tensors")
+            n_tensors += len(tensors)
+            n_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        return n_tensors, n_bytes
+
+    def _push_weights_cuda_ipc(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[int, int]:
+        """GPU path, not exercised by the CI of this project (no GPU there): CUDA IPC handles per bucket.
+
+        The trainer's tensors stay on its GPU; each vLLM worker on the same node opens them through the handle
+        and copies them in `reload_weights`. Tensors are cast to the engine dtype first (a transient copy).
+        Engines on other nodes need an NCCL broadcast instead, which this project does not implement.
+        """
+        import pickle
+
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        dtype = self._engine_dtype()
+        n_tensors = n_bytes = 0
+        for bucket in group_for_reload(named_tensors, bucket_bytes=self._push_bucket_bytes):
+            tensors = [(name, t.detach().to(dtype).contiguous()) for name, t in bucket]
+            payload = pickle.dumps([(name, reduce_tensor(t)) for name, t in tensors])
+            loaded = self.llm.collective_rpc("opsd_reload_weights_from_ipc", args=(payload,))
+            torch.cuda.synchronize()
+            if any(count != len(tensors) for count in loaded):
+                raise RolloutError(f"weight push: workers loaded {loaded} of {len(tensors)} tensors")
+            n_tensors += len(tensors)
+            n_bytes += sum(t.numel() * t.element_size() for _, t in tensors)
+            del tensors, payload
+        return n_tensors, n_bytes
+
+    def parameter_checksums(self) -> dict[str, float]:
+        """Per-parameter sums inside the engine (vLLM's names and layouts; first worker)."""
+        self._check_open()
+        return self.llm.collective_rpc("opsd_parameter_checksums")[0]
+
+    def process_ids(self) -> list[int]:
+        """Process ids of every process the engine started (engine core and workers)."""
+        return [p.pid for p in self._engine_processes]
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the engine's model workers."""
+        self._check_open()
+        return list(self.llm.collective_rpc("opsd_worker_pid"))
+
+    # -- memory phases ----------------------------------------------------------------------------------
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (weights offloaded, KV cache dropped) while the trainer runs.
+
+        On CPU a no-op: vLLM's CPU backend has no sleep mode, and the engine's memory is ordinary host memory.
+        """
+        self._check_open()
+        if self.device == "cuda":
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        """Restore the engine after `sleep` (GPU); a no-op on CPU."""
+        self._check_open()
+        if self.device == "cuda":
+            self.llm.wake_up()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Shut down the engine's processes and wait until they have ended (killed after `timeout` s).
+
+        Safe to call twice.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm, self.tokenizer
+        gc.collect()
+        _, alive = psutil.wait_procs(self._engine_processes, timeout=timeout)
+        for process in alive:
+            process.kill()
+        psutil.wait_procs(alive, timeout=5)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RolloutError("the rollout engine was closed")
+
+    def __enter__(self) -> "RolloutEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _is_resource_tracker(process: psutil.Process) -> bool:
+    try:
+        return any("resource_tracker" in part for part in process.cmdline())
+    except psutil.Error:
+        return False
