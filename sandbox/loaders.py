@@ -28,7 +28,7 @@ LCB_DATASET = "livecodebench/code_generation_lite"
 
 # LiveCodeBench releases as windows of contest_date, [from, to). Each release vN of the benchmark adds the
 # problems of its window to the previous ones (`release_vN` on Hugging Face is cumulative); "v6" as the papers use
-# it means only the problems new in v6.
+# it means only the problems new in v6 (175 problems).
 RELEASE_WINDOWS: dict[str, tuple[str, str]] = {
     "v1": ("2023-05-01", "2024-04-01"),
     "v2": ("2024-04-01", "2024-06-01"),
@@ -256,42 +256,65 @@ def load_livecodebench_file(path: str | Path) -> list[Problem]:
     return problems
 
 
+def lcb_shards(release: str | None) -> list[str]:
+    """The files of livecodebench/code_generation_lite holding a release's problems: vN's new problems are in
+    test{N}.jsonl (v1: test.jsonl); `release_vN` is cumulative; None means every shard."""
+    if release is None:
+        return [_lcb_shard(i) for i in range(1, len(RELEASE_WINDOWS) + 1)]
+    key = release.removeprefix("release_")
+    if key not in RELEASE_WINDOWS:
+        release_window(release)  # raises the error that lists the known releases
+    n = int(key[1:])
+    return [_lcb_shard(i) for i in range(1, n + 1)] if release.startswith("release_") else [_lcb_shard(n)]
+
+
+def _lcb_shard(n: int) -> str:
+    return "test.jsonl" if n == 1 else f"test{n}.jsonl"
+
+
 def load_livecodebench_hf(
     release: str | None = "v6",
     *,
     date_from: str | None = None,
     date_to: str | None = None,
-    version_tag: str = "release_v6",
     dataset: str = LCB_DATASET,
+    cache_dir: str | None = None,
 ) -> list[Problem]:
-    """LiveCodeBench from Hugging Face `datasets` (on clusters with network), filtered by `filter_by_date`.
+    """LiveCodeBench from the Hugging Face hub (on clusters with network): downloads the release's JSONL shards
+    with `huggingface_hub` (no dataset loading script needed), then keeps the release window / date range.
 
-    `version_tag` picks the cumulative set to download (`release_v6` holds v1..v6); the release window or
-    date_from/date_to then select problems by contest_date.
+    release: 'v6' (only the problems new in v6, the papers' setting), 'release_v6' (v1..v6) or None (all).
     """
     try:
-        import datasets  # noqa: F401  (optional: only clusters that download LiveCodeBench need it)
+        from huggingface_hub import hf_hub_download  # optional: only clusters that download LiveCodeBench need it
     except ImportError:
         raise SandboxError(
-            "loading LiveCodeBench from Hugging Face needs the `datasets` package (pip install datasets); "
+            "loading LiveCodeBench from Hugging Face needs the `huggingface_hub` package (pip install huggingface_hub); "
             "or download the rows as JSONL/Parquet and use a local file"
         ) from None
-    try:
-        rows = datasets.load_dataset(dataset, split="test", version_tag=version_tag, trust_remote_code=True)
-    except Exception as err:  # offline, unknown tag, hub errors: all end here with the cause in one line
-        raise SandboxError(
-            f"could not load {dataset} ({version_tag}) from Hugging Face: {type(err).__name__}: {err}; "
-            "without network, download the rows as JSONL/Parquet and use a local file"
-        ) from None
-    problems = [lcb_row_to_problem(dict(row)) for row in rows]
+    problems: list[Problem] = []
+    for shard in lcb_shards(release):
+        try:
+            path = hf_hub_download(repo_id=dataset, filename=shard, repo_type="dataset", cache_dir=cache_dir)
+        except Exception as err:  # offline, unknown file, hub errors: all end here with the cause in one line
+            raise SandboxError(
+                f"could not download {shard} of {dataset} from Hugging Face: {type(err).__name__}: {err}; "
+                "without network, download the rows as JSONL/Parquet and use a local file"
+            ) from None
+        problems.extend(load_livecodebench_file(path))
+    _check_unique_ids(problems, dataset)
     return filter_by_date(problems, release=release, date_from=date_from, date_to=date_to)
 
 
 def release_window(release: str) -> tuple[str, str]:
-    """[from, to) contest-date window of a LiveCodeBench release, e.g. 'v6' or 'release_v6' (only its new problems)."""
+    """[from, to) contest-date window of a LiveCodeBench release: 'vN' holds the problems new in vN (the papers'
+    'v6' is [2025-02-01, 2025-05-01)); 'release_vN' is cumulative, v1 to vN, as on Hugging Face."""
     key = release.removeprefix("release_")
     if key not in RELEASE_WINDOWS:
-        raise SandboxError(f"unknown LiveCodeBench release {release!r}; known: {', '.join(RELEASE_WINDOWS)}")
+        known = ", ".join([*RELEASE_WINDOWS, *(f"release_{k}" for k in RELEASE_WINDOWS)])
+        raise SandboxError(f"unknown LiveCodeBench release {release!r}; known: {known}")
+    if release.startswith("release_"):
+        return RELEASE_WINDOWS["v1"][0], RELEASE_WINDOWS[key][1]
     return RELEASE_WINDOWS[key]
 
 

@@ -17,6 +17,7 @@ from sandbox.loaders import (
     decode_lcb_tests,
     filter_by_date,
     lcb_row_to_problem,
+    lcb_shards,
     load_humaneval,
     load_livecodebench_file,
     load_livecodebench_hf,
@@ -111,7 +112,8 @@ def test_lcb_errors_name_file_line_and_problem(tmp_path):
 
 def test_release_windows_and_date_filter():
     assert release_window("v6") == ("2025-02-01", "2025-05-01")
-    assert release_window("release_v6") == ("2025-02-01", "2025-05-01")
+    assert release_window("release_v6") == ("2023-05-01", "2025-05-01")  # cumulative, as on Hugging Face
+    assert release_window("release_v1") == release_window("v1")
     # Consecutive windows tile the whole range without gaps or overlaps.
     windows = [RELEASE_WINDOWS[f"v{i}"] for i in range(1, 7)]
     assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
@@ -131,14 +133,41 @@ def test_release_windows_and_date_filter():
         filter_by_date(problems, date_from="March")
 
 
-def test_hf_loader_without_datasets_gives_a_clear_error():
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(SandboxError, match="needs the `datasets` package"):
-            load_livecodebench_hf("v6")
-    else:
-        pytest.skip("datasets is installed; the offline error depends on the hub")
+def test_hf_loader_downloads_the_release_shards_and_windows_them(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    rows = (DATA / "lcb_rows.jsonl").read_text().splitlines()  # dated 2025-04-05, 2025-03-08, 2024-08-10
+    (tmp_path / "test5.jsonl").write_text(rows[2] + "\n")
+    (tmp_path / "test6.jsonl").write_text(rows[0] + "\n" + rows[1] + "\n")
+    for n in (1, 2, 3, 4):
+        (tmp_path / ("test.jsonl" if n == 1 else f"test{n}.jsonl")).write_text("")
+    asked = []
+
+    def hf_hub_download(repo_id, filename, repo_type, cache_dir=None):
+        asked.append((repo_id, filename, repo_type))
+        return str(tmp_path / filename)
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=hf_hub_download))
+    assert [p.id for p in load_livecodebench_hf("v6")] == ["abc400_a", "3700"]
+    assert asked == [("livecodebench/code_generation_lite", "test6.jsonl", "dataset")]
+    asked.clear()
+    assert [p.id for p in load_livecodebench_hf("release_v6")] == ["1999A", "abc400_a", "3700"]
+    assert [a[1] for a in asked] == ["test.jsonl", "test2.jsonl", "test3.jsonl", "test4.jsonl", "test5.jsonl",
+                                     "test6.jsonl"]
+    assert [p.id for p in load_livecodebench_hf(None, date_to="2025-04-01")] == ["1999A", "3700"]
+
+    def offline(**kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(hf_hub_download=offline))
+    with pytest.raises(SandboxError, match="could not download test6.jsonl .*OSError: network is unreachable"):
+        load_livecodebench_hf("v6")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(SandboxError, match="needs the `huggingface_hub` package"):
+        load_livecodebench_hf("v6")
+    with pytest.raises(SandboxError, match="unknown LiveCodeBench release 'v7'"):
+        lcb_shards("v7")
 
 
 def test_jsonl_round_trip_and_errors(tmp_path):
