@@ -2,7 +2,7 @@
 feedback text). Imports no torch."""
 
 from sandbox.executor import CallOutcome, Executor, ExecutorError, Limits, RunOutcome, Session
-from sandbox.extract import assemble_program, code_blocks, extract_code
+from sandbox.extract import Extraction, assemble_program, code_blocks, extract_code, extract_program
 from sandbox.feedback import FORMAT_ERROR_TEXT, TRUNCATED_TEXT, TestResult, render_feedback
 from sandbox.grader import GradeRequest, Grader, Verdict, stdout_matches, validate_problem, values_equal
 from sandbox.loaders import (
@@ -21,9 +21,9 @@ from sandbox.problems import Problem, ProblemError, ProblemTest, SandboxError
 
 __all__ = [
     "FORMAT_ERROR_TEXT", "RELEASE_WINDOWS", "TRUNCATED_TEXT", "CallOutcome", "Executor", "ExecutorError",
-    "GradeRequest", "Grader", "Limits", "Problem", "ProblemError", "RunOutcome", "Session",
+    "Extraction", "GradeRequest", "Grader", "Limits", "Problem", "ProblemError", "RunOutcome", "Session",
     "ProblemTest", "SandboxError", "TestResult", "Verdict", "assemble_program", "code_blocks", "decode_lcb_tests",
-    "extract_code", "filter_by_date", "lcb_row_to_problem", "load_humaneval", "load_livecodebench_file",
+    "extract_code", "extract_program", "filter_by_date", "lcb_row_to_problem", "load_humaneval", "load_livecodebench_file",
     "load_livecodebench_hf", "load_problems_jsonl", "release_window", "render_feedback", "save_problems_jsonl",
     "stdout_matches", "validate_problem", "values_equal",
 ]

@@ -18,8 +18,10 @@ from __future__ import annotations
 import ast
 import re
 import textwrap
+from dataclasses import dataclass
 from typing import Literal
 
+from sandbox.feedback import FORMAT_ERROR_TEXT, TRUNCATED_TEXT
 from sandbox.problems import Problem
 
 CodeBlockMode = Literal["longest", "last"]
@@ -93,3 +95,22 @@ def assemble_program(problem: Problem, code: str) -> str:
     body = code if first[:1] in (" ", "\t") else textwrap.indent(code, "    ")
     prompt = problem.prompt if problem.prompt.endswith("\n") else problem.prompt + "\n"
     return prompt + body
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """The program to run, or why there is none (the format-error feedback text)."""
+
+    program: str | None
+    format_error: str | None = None
+
+
+def extract_program(
+    problem: Problem, response: str, *, mode: CodeBlockMode = "longest", truncated: bool = False
+) -> Extraction:
+    """Extract and assemble the program of `response`; without a code block, the format error's feedback text
+    (the truncation message when the response hit the length limit)."""
+    code = extract_code(response, mode=mode)
+    if code is None:
+        return Extraction(None, TRUNCATED_TEXT if truncated else FORMAT_ERROR_TEXT)
+    return Extraction(assemble_program(problem, code))

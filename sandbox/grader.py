@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sandbox.extract import CodeBlockMode, assemble_program, extract_code
+from sandbox.extract import CodeBlockMode, assemble_program, extract_program
 from sandbox.feedback import TestResult, render_feedback
 from sandbox.problems import Problem, ProblemError, ProblemTest
 
@@ -313,11 +313,11 @@ class Grader:
         """Extract the program from `response` and grade it; no code block is a format error."""
         tests = list(problem.tests if tests is None else tests)
         validate_problem(problem, tests)
-        code = extract_code(response, mode=self.code_block)
-        if code is None:
+        extraction = extract_program(problem, response, mode=self.code_block, truncated=truncated)
+        if extraction.program is None:
             return Verdict(verdict="format_error", passed=False, tests_passed=0, tests_total=len(tests),
                            feedback=render_feedback([], format_error=True, truncated=truncated))
-        return self._run(problem, assemble_program(problem, code), tests)
+        return self._run(problem, extraction.program, tests)
 
     def grade_program(self, problem: Problem, code: str, *, tests: Sequence[ProblemTest] | None = None) -> Verdict:
         """Grade a bare program (no extraction; HumanEval bodies are still assembled with the prompt)."""

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from sandbox.extract import assemble_program, code_blocks, defines_function, extract_code, strip_function
+from sandbox.extract import (
+    Extraction,
+    assemble_program,
+    code_blocks,
+    defines_function,
+    extract_code,
+    extract_program,
+    strip_function,
+)
 from sandbox.problems import Problem, ProblemTest
 
 TWO_BLOCKS = """Here is a first try:
@@ -110,3 +118,13 @@ def test_defines_function_only_at_top_level():
     assert defines_function("def entry():\n    pass\n", "entry")
     assert not defines_function("class A:\n    def entry(self):\n        pass\n", "entry")
     assert not defines_function("def entry(:\n", "entry")
+
+
+def test_extract_program_gives_the_program_or_the_format_error_text():
+    assert extract_program(HE, "```python\nreturn helper(x)\n```") == Extraction(PROMPT + "    return helper(x)\n")
+    assert extract_program(HE, "no code") == Extraction(
+        None, "Incorrect Format: Put your code inside a ```python ... ``` block.")
+    cut = extract_program(HE, "```python\ndef entry(x):\n    return", truncated=True)
+    assert cut.program is None and cut.format_error.startswith("Truncated Attempt: Your previous response was too long")
+    # A closed block in a truncated response still runs.
+    assert extract_program(HE, "```python\nreturn 1\n```\nmore tex", truncated=True).program is not None
