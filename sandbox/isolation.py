@@ -108,7 +108,7 @@ def make_plan(isolation: str, disable: frozenset[str]) -> Plan:
     bwrap = shutil.which("bwrap") if "bwrap" not in disable else None
     if bwrap is None:
         missing["bwrap"] = "disabled" if "bwrap" in disable else "bubblewrap (bwrap) is not installed"
-    python = find_python(root and bwrap is not None)
+    python = find_python(root)  # root runs programs as uid 65534 (in bubblewrap or by setuid)
     if bwrap is not None:
         drop = "caps"
     elif root:
