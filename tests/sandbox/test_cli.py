@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 OPSD = ROOT / ".venv" / "bin" / "opsd"
 DATA = Path(__file__).parent / "data"

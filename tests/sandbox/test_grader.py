@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
