@@ -241,6 +241,13 @@ class _CallFailed(Exception):
         self.outcome = outcome
 
 
+class _TimeUp:
+    """Stands for a call outcome when a check test's time is used up before the call."""
+
+    status = "time_limit"
+    error = None
+
+
 def _call_text(name: str, args: Sequence[Any]) -> str:
     return f"{name}({', '.join(safe_repr(a) for a in args)})"
 
@@ -276,7 +283,7 @@ def _expected_of_assert(test_code: str, namespace: dict[str, Any]) -> str | None
 class Grader:
     """Grades responses on an executor (`sandbox.executor.Executor`): one session per response.
 
-    time_limit_s: per run of a stdin test, per call of a functional or check test.
+    time_limit_s: per run of a stdin test, per call of a functional test, per check test (all its calls).
     stop_at_first_failure: skip the remaining tests after the first failure (they count as not passed).
     stop_after_time_limit: skip the remaining tests after a time or memory limit (each would likely cost the
       full limit again); they count as not passed.
@@ -409,7 +416,11 @@ class Grader:
             nonlocal wall
             if kwargs:
                 raise ProblemError(f"problem {problem.id}: check tests may call candidate with positional arguments only")
-            outcome = session.call(target, list(args), timeout_s=self.time_limit_s)
+            left = self.time_limit_s - wall  # one check test's calls share one time limit
+            if left <= 0:
+                calls.append((list(args), None))
+                raise _CallFailed(_TimeUp)
+            outcome = session.call(target, list(args), timeout_s=left)
             wall += outcome.wall_s
             stderr_parts.append(_decode(outcome.stderr)[0])
             calls.append((list(args), outcome.value if outcome.status == "ok" else None))

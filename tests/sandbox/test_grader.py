@@ -447,3 +447,16 @@ def test_real_huge_values_are_graded_not_crashed(sandbox_executor):
                                                                                output="9")])
     verdict = Grader(sandbox_executor).grade(functional, respond(huge))
     assert verdict.verdict == "wrong_answer" and "<int too large to show>" in verdict.feedback
+
+
+def test_the_calls_of_one_check_test_share_its_time_limit():
+    loop = CHECK.model_copy(update={"tests": [CHECK.tests[2]]})  # three calls in a loop
+    ex = FakeExecutor(on_call=lambda t, args: Call(value=args[0] ** 2, wall_s=0.4))
+    verdict = Grader(ex, time_limit_s=1.0).grade(loop, respond("def sq(x):\n    return x * x\n"))
+    # 0.4 + 0.4 s leave 0.2 s, and the third call gets only that.
+    assert verdict.verdict == "accepted"
+    timeouts = []
+    ex.on_call = lambda t, args: (timeouts.append(None), Call(value=args[0] ** 2, wall_s=0.5))[1]
+    verdict = Grader(ex, time_limit_s=1.0).grade(loop, respond("def sq(x):\n    return x * x\n"))
+    assert verdict.verdict == "time_limit" and len(timeouts) == 2
+    assert verdict.feedback == "Time Limit Exceeded\n\nLast Executed Input\nsq(2)"
