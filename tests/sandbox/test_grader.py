@@ -102,6 +102,19 @@ def test_stdout_rule(actual, expected, ok):
     assert stdout_matches(actual, expected) is ok
 
 
+@pytest.mark.parametrize("actual, expected", [("sNaN", "1"), ("1", "sNaN"), ("NaN", "NaN0"), ("inf", "Infinity"),
+                                              ("1e999999999", "1")])
+def test_stdout_odd_numbers_do_not_match_and_do_not_raise(actual, expected):
+    assert stdout_matches(actual, expected) is False
+    assert stdout_matches(actual, expected, float_tolerance=1e-6) is False
+
+
+def test_huge_ints_compare_exactly_even_with_tolerance():
+    assert values_equal(10**400, 10**400, float_tolerance=1e-6)
+    assert not values_equal(10**400, 10**400 + 1, float_tolerance=1e-6)
+    assert not values_equal(10**400, 1.0, float_tolerance=1e-6)
+
+
 def test_stdout_tolerance_is_relative_and_absolute():
     assert stdout_matches("0.3333333\n", "0.33333333", float_tolerance=1e-6)
     assert not stdout_matches("0.3333\n", "0.33333333", float_tolerance=1e-6)
