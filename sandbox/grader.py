@@ -322,6 +322,9 @@ class Grader:
         """Extract the program from `response` and grade it; no code block is a format error."""
         tests = list(problem.tests if tests is None else tests)
         validate_problem(problem, tests)
+        return self._grade_valid(problem, response, tests, truncated)
+
+    def _grade_valid(self, problem: Problem, response: str, tests: list[ProblemTest], truncated: bool) -> Verdict:
         extraction = extract_program(problem, response, mode=self.code_block, truncated=truncated)
         if extraction.program is None:
             return Verdict(verdict="format_error", passed=False, tests_passed=0, tests_total=len(tests),
@@ -486,7 +489,8 @@ class Grader:
 
         def work(i: int) -> None:
             req = requests[i]
-            verdicts[i] = self.grade(req.problem, req.response, tests=req.tests, truncated=req.truncated)
+            tests = list(req.problem.tests if req.tests is None else req.tests)
+            verdicts[i] = self._grade_valid(req.problem, req.response, tests, req.truncated)
             if bar is not None:
                 with lock:
                     bar[0].advance(bar[1])
