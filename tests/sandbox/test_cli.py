@@ -32,6 +32,9 @@ def test_missing_files_exit_2_in_one_line(tmp_path):
     assert res.stderr.strip().count("\n") == 0 and "absent.json: no such problem file" in res.stderr
     res = opsd("check", str(DATA / "add_problem.json"), str(tmp_path / "absent.py"))
     assert res.returncode == 2 and "absent.py: no such code file" in res.stderr
+    (tmp_path / "latin1.py").write_bytes(b"print('\xe9')\n")
+    res = opsd("check", str(DATA / "add_problem.json"), str(tmp_path / "latin1.py"))
+    assert res.returncode == 2 and "latin1.py: the code file is not UTF-8 text" in res.stderr
 
 
 def test_malformed_problem_json_and_unknown_format(tmp_path):
