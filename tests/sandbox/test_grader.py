@@ -439,7 +439,7 @@ def test_real_time_limit_stops_after_the_first_test(sandbox_executor):
     verdict = Grader(sandbox_executor, time_limit_s=1.0).grade(ADD, respond("while True:\n    pass\n"))
     elapsed = time.perf_counter() - started
     assert verdict.verdict == "time_limit" and [t.status for t in verdict.tests] == ["time_limit", "not_run", "not_run"]
-    assert 0.9 < elapsed < 5.0
+    assert 0.9 < elapsed < 8.0  # one 1-second limit, not three (the machine is shared: generous upper bound)
     assert verdict.feedback == "Time Limit Exceeded\n\nLast Executed Input\n1 2"
 
 
