@@ -146,27 +146,30 @@ def run_local_ranks(fn: Callable[..., Any], world_size: int, *args: Any, device:
     for worker in workers:
         worker.start()
     collected: dict[int, Any] = {}
-    failures: list[str] = []
+    failures: dict[int, str] = {}
     deadline = time.monotonic() + timeout_s
     try:
         # Read before joining: a rank blocks in put() until its (possibly large) result is consumed.
         while len(collected) + len(failures) < world_size:
+            if time.monotonic() > deadline:
+                if not failures:
+                    failures[-1] = f"ranks did not finish within {timeout_s:.0f} s"
+                break
             try:
                 rank, ok, value = results.get(timeout=1.0)
             except queue.Empty:
-                dead = [w for w in workers if w.exitcode not in (None, 0)]
+                dead = [r for r, w in enumerate(workers) if w.exitcode not in (None, 0)
+                        and r not in failures and r not in collected]
                 if dead and results.empty():
-                    failures.append(f"rank process {dead[0].pid} exited with code {dead[0].exitcode}")
-                    break
-                if time.monotonic() > deadline:
-                    failures.append(f"ranks did not finish within {timeout_s:.0f} s")
-                    break
+                    failures[dead[0]] = f"exited with code {workers[dead[0]].exitcode}"
                 continue
             if ok:
                 collected[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
-                failures.append(f"rank {rank} failed:\n{value}")
-                break  # the other ranks may wait forever in a collective; they are killed below
+                failures[rank] = value
+                # The others either fail soon (their peer is gone) or wait forever in a collective: give them
+                # a moment to report, so the first cause is among the messages, then kill them below.
+                deadline = min(deadline, time.monotonic() + 5.0)
         for worker in workers:
             worker.join(5.0 if failures else max(1.0, deadline - time.monotonic()))
     finally:
@@ -175,5 +178,7 @@ def run_local_ranks(fn: Callable[..., Any], world_size: int, *args: Any, device:
                 worker.kill()
                 worker.join()
     if failures or len(collected) != world_size:
-        raise DistributedError("\n".join(failures) or f"only ranks {sorted(collected)} returned")
+        raise DistributedError("\n".join(f"rank {r} failed:\n{text}" if r >= 0 else text
+                                         for r, text in sorted(failures.items()))
+                               or f"only ranks {sorted(collected)} returned")
     return [collected[rank] for rank in range(world_size)]

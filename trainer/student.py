@@ -144,6 +144,9 @@ class Student:
         from deepspeed.runtime.utils import clip_grad_norm_
 
         self.dist = init_distributed(device)
+        if self.dist.world_size != deepspeed_config.world_size:
+            raise StudentError(f"deepspeed.world_size is {deepspeed_config.world_size} but {self.dist.world_size} "
+                               "trainer processes are running (start them with run_local_ranks, torchrun or Ray)")
         self.device = device
         self.zero_stage = deepspeed_config.zero_stage
         if optim.gradient_checkpointing:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from trainer.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                                 save_checkpoint)
 from trainer.config import DeepSpeedConfig, OptimConfig
+from trainer.distributed import run_local_ranks
 from trainer.student import Student, iter_minibatches
 from trainer.teacher import EmaTeacher
 
@@ -29,22 +30,25 @@ def tiny_model(seed: int) -> torch.nn.Module:
     return LlamaForCausalLM(config).float()
 
 
-def build(seed: int, zero_stage: int) -> tuple[Student, EmaTeacher]:
+def build(seed: int, zero_stage: int, world_size: int = 1) -> tuple[Student, EmaTeacher]:
     model = tiny_model(seed)
     teacher = EmaTeacher.from_model(model, ema_rate=0.2)
     optim = OptimConfig(lr=1e-3, mini_batch_size=4, micro_batch_size=2, grad_clip=0.5)
-    return Student(model, optim=optim, deepspeed_config=DeepSpeedConfig(zero_stage=zero_stage)), teacher
+    ds = DeepSpeedConfig(zero_stage=zero_stage, world_size=world_size)
+    return Student(model, optim=optim, deepspeed_config=ds), teacher
 
 
-def train_steps(student: Student, teacher: EmaTeacher, sampler: np.random.Generator, steps: range) -> list[float]:
+def train_steps(student: Student, teacher: EmaTeacher, sampler: np.random.Generator, steps: range, *,
+                rank: int = 0, world_size: int = 1) -> list[float]:
     """A miniature trial step: data from the sampler, shuffles and weights from the global python, numpy and
-    torch generators (a resume that forgot one of them would diverge), two optimizer steps, one EMA update."""
+    torch generators (a resume that forgot one of them would diverge), two optimizer steps, one EMA update.
+    With two ranks each takes half of every mini batch."""
     losses = []
     for _ in steps:
         input_ids = torch.as_tensor(sampler.integers(0, VOCAB, size=(8, 9)))
         input_ids = input_ids[torch.randperm(8)]
         weight = 1.0 + random.random() + float(np.random.rand())
-        for mini in iter_minibatches(8, 4, 2, rng=sampler):
+        for mini in iter_minibatches(8, 4, 2, rng=sampler, rank=rank, world_size=world_size):
             for micro in mini:
                 ids = input_ids[micro]
                 mask = torch.ones_like(ids)
@@ -52,7 +56,7 @@ def train_steps(student: Student, teacher: EmaTeacher, sampler: np.random.Genera
                 teacher_logps = teacher.forward_logits(ids, mask).log_softmax(-1)
                 kl = (student_logps.exp() * (student_logps - teacher_logps)).sum(-1).mean()
                 ce = F.nll_loss(student_logps[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
-                loss = (ce + weight * kl) * len(micro) / 4
+                loss = (ce + weight * kl) * len(micro) / (4 // world_size)
                 student.backward(loss)
                 losses.append(float(loss))
             student.step()
@@ -141,3 +145,41 @@ def test_half_written_checkpoints_are_ignored_and_old_ones_pruned(tmp_path):
     with pytest.raises(CheckpointError):
         save_checkpoint(tmp_path, step=5, student=student, teacher=teacher, metadata={"bad": object()})
     assert latest_checkpoint(tmp_path) == tmp_path / "step-00000003"
+
+
+def _two_rank_resume(rank: int, root: str) -> dict:
+    """On each of two ranks (ZeRO-2: each holds half the optimizer state): straight run vs resumed run."""
+    torch.set_num_threads(1)
+    seed_everything(7)
+    student, teacher = build(0, 2, world_size=2)
+    sampler = np.random.default_rng(11)
+    straight = train_steps(student, teacher, sampler, range(2), rank=rank, world_size=2)
+    straight_student = student.full_state_dict()
+
+    seed_everything(7)
+    student, teacher = build(0, 2, world_size=2)
+    sampler = np.random.default_rng(11)
+    first = train_steps(student, teacher, sampler, range(1), rank=rank, world_size=2)
+    save_checkpoint(root, step=1, student=student, teacher=teacher, sampler_state=sampler.bit_generator.state)
+
+    seed_everything(123 + rank)
+    student, teacher = build(5, 2, world_size=2)
+    state = load_checkpoint(latest_checkpoint(root), student=student, teacher=teacher)
+    sampler = np.random.default_rng()
+    sampler.bit_generator.state = state.sampler_state
+    resumed = train_steps(student, teacher, sampler, range(1), rank=rank, world_size=2)
+    resumed_student = student.full_state_dict()
+    return {"straight": straight, "resumed": first + resumed,
+            "same_params": all(torch.equal(resumed_student[n], straight_student[n]) for n in straight_student),
+            "files": sorted(p.name for p in (latest_checkpoint(root) / "student" / "engine").iterdir())}
+
+
+def test_two_rank_zero2_resume_is_bit_exact(tmp_path):
+    ranks = run_local_ranks(_two_rank_resume, 2, str(tmp_path))
+    for result in ranks:
+        assert result["resumed"] == result["straight"] and result["same_params"]
+    assert ranks[0]["straight"] != ranks[1]["straight"]  # the ranks trained on different halves
+    # one optimizer-state partition per rank, and one RNG file per rank
+    assert sum("optim_states" in name for name in ranks[0]["files"]) == 2
+    assert sorted(p.name for p in (tmp_path / "step-00000001").glob("rng-rank*.pt")) == ["rng-rank000.pt",
+                                                                                         "rng-rank001.pt"]

@@ -153,12 +153,14 @@ def test_gradient_checkpointing_gives_the_same_update():
     assert max_abs_diff(checkpointed.full_state_dict(), plain.full_state_dict()) < 1e-6
 
 
-def test_step_without_backward_is_refused():
+def test_step_without_backward_and_a_missing_rank_are_refused():
     from trainer.student import StudentError
 
     student = Student(tiny_model(), optim=optim_config(micro=4), deepspeed_config=DeepSpeedConfig())
     with pytest.raises(StudentError):
         student.step()
+    with pytest.raises(StudentError, match="world_size is 2"):  # configured for two ranks, started as one
+        Student(tiny_model(), optim=optim_config(micro=4), deepspeed_config=DeepSpeedConfig(world_size=2))
 
 
 @pytest.mark.parametrize("zero_stage", [0, 3])
@@ -202,7 +204,7 @@ def test_minibatch_split_over_ranks_gives_equal_micro_batch_counts():
         iter_minibatches(3, 3, 1, rng=None, rank=0, world_size=2)  # one rank would need an empty micro batch
 
 
-def _two_rank_training(rank: int, start_state: dict, zero_stages: list[int]) -> dict[int, dict]:
+def _two_rank_training(rank: int, start_state: dict, zero_stages: list[int]) -> dict:
     """One rank: half of every batch, loss = mean over its half (DeepSpeed averages over the two ranks)."""
     torch.set_num_threads(1)
     results = {}
@@ -217,6 +219,7 @@ def _two_rank_training(rank: int, start_state: dict, zero_stages: list[int]) -> 
             student.backward(next_token_loss(student.forward_logits(ids, mask), ids))
             student.step()
         results[zero_stage] = student.full_state_dict()
+    results["rank"] = torch.distributed.get_rank()
     return results
 
 
@@ -232,6 +235,25 @@ def test_two_ranks_with_half_batches_match_one_rank_on_the_full_batch():
         torch.set_num_threads(threads)
     start_state = {k: v.clone() for k, v in start.state_dict().items()}
     ranks = run_local_ranks(_two_rank_training, 2, start_state, [0, 2, 3])
+    assert [r["rank"] for r in ranks] == [0, 1]
     for zero_stage in (0, 2, 3):
         assert max_abs_diff(ranks[0][zero_stage], expected) < ZERO_TOLERANCE[zero_stage]
         assert max_abs_diff(ranks[1][zero_stage], ranks[0][zero_stage]) == 0.0
+
+
+def _rank_report(rank: int, fail_on: int | None) -> int:
+    import torch.distributed as dist
+
+    if rank == fail_on:
+        raise ValueError(f"rank {rank} gives up")
+    dist.all_reduce(torch.ones(1))
+    return rank
+
+
+def test_local_ranks_report_a_failing_rank_with_its_traceback():
+    """(Results in rank order are checked by the two-rank tests.) The peer of a failing rank errors too or
+    hangs in its collective; either way the call returns with the first cause in the message."""
+    from trainer.distributed import DistributedError
+
+    with pytest.raises(DistributedError, match="rank 1 gives up"):
+        run_local_ranks(_rank_report, 2, 1, timeout_s=120)
