@@ -112,6 +112,8 @@ class Session:
         self.worker_died = False
 
     def _request(self, header: dict, blobs: list[bytes], timeout_s: float) -> dict | None:
+        cgroup = self._worker.cgroup
+        ooms = cgroup.oom_kills() if cgroup is not None else 0
         try:
             reply, out_blobs = self._worker.request(header, blobs, timeout_s=timeout_s + _WORKER_GRACE_S)
         except WorkerDied as e:
@@ -121,6 +123,9 @@ class Session:
         if "fatal" in reply:
             raise ExecutorError("sandbox failure: %s" % _text(reply["fatal"]))
         self._last_blobs = out_blobs
+        if cgroup is not None and "status" in reply and cgroup.oom_kills() > ooms:
+            # The kernel's OOM killer killed a process of the program: together they outgrew the cgroup.
+            reply = dict(reply, status="memory_limit", error="the program's processes exceeded the memory limit")
         return reply
 
     def run_stdin(self, stdin: bytes, *, timeout_s: float) -> RunOutcome:
@@ -199,7 +204,8 @@ class Executor:
         self.limits = limits
         self.n_workers = max(1, n_workers or os.cpu_count() or 1)
         plan = _isolation.make_plan(isolation, frozenset(disable))
-        if isolation == "full" and plan.missing:
+        required_missing = {k: v for k, v in plan.missing.items() if k != "cgroup"}
+        if isolation == "full" and required_missing:
             raise ExecutorError("isolation='full' but layers are unavailable: " +
                                 "; ".join("%s (%s)" % kv for kv in plan.missing.items()))
         probe_limits = Limits(wall_s=10, cpu_s=10, memory_mb=1024).model_dump()
@@ -212,6 +218,7 @@ class Executor:
             "pid_namespace": plan.pidns and worker_layers.get("pid_namespace", False),
             "uid_drop": plan.drop is not None and worker_layers.get("uid_drop", False),
             "rlimits": True,
+            "cgroup": plan.cgroup and worker_layers.get("cgroup", False),
         }
         for layer, ok in report.items():
             if not ok and layer not in plan.missing:
@@ -222,7 +229,7 @@ class Executor:
         if isolation == "none":
             logger.warning("SANDBOX ISOLATION IS OFF (isolation='none'): untrusted programs run with only "
                            "rlimits and time limits, as a process of this user. For debugging only.")
-        elif isolation == "full" and not all(report.values()):
+        elif isolation == "full" and not all(v for k, v in report.items() if k != "cgroup"):
             self.close()
             raise ExecutorError("isolation='full' but layers failed: %s" % plan.missing)
         else:
@@ -232,7 +239,8 @@ class Executor:
                 logger.warning("sandbox isolation layer MISSING: %s (%s)", layer, why)
 
     def isolation_report(self) -> dict[str, bool]:
-        """Which layers are active: bwrap, seccomp, pid_namespace, uid_drop, rlimits."""
+        """Which layers are active: bwrap, seccomp, pid_namespace, uid_drop, rlimits, and cgroup (optional:
+        a memory+pids cgroup per worker capping all of a program's processes together)."""
         return dict(self._report)
 
     @contextlib.contextmanager
@@ -241,7 +249,13 @@ class Executor:
         if self._closed:
             raise ExecutorError("the executor is closed")
         worker = self._pool.acquire()
-        session = Session(worker, code, limits or self.limits)
+        limits = limits or self.limits
+        try:
+            worker.apply_limits(limits.memory_mb, limits.n_procs, limits.file_bytes)
+        except OSError as e:
+            self._pool.release(worker)
+            raise ExecutorError("could not set the worker's cgroup limits: %s" % e) from None
+        session = Session(worker, code, limits)
         try:
             yield session
         finally:

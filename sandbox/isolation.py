@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-LAYERS = ("bwrap", "seccomp", "pid_namespace", "uid_drop", "rlimits")
+LAYERS = ("bwrap", "seccomp", "pid_namespace", "uid_drop", "rlimits", "cgroup")
 NOBODY = 65534
 # The program's whole environment: fixed values, nothing is copied from the caller's environment.
 SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/tmp"}
@@ -27,6 +29,7 @@ class Plan:
     pidns: bool
     drop: str | None  # "caps" (inside bubblewrap's user namespace), "setuid" (root without it) or None
     bpf: bytes | None
+    cgroup: bool  # a memory + pids cgroup per worker (optional: rlimits hold without it)
     missing: dict[str, str]  # layer -> why it is not available
 
 
@@ -104,7 +107,7 @@ def make_plan(isolation: str, disable: frozenset[str]) -> Plan:
         for layer in LAYERS:
             if layer != "rlimits":
                 missing[layer] = "isolation='none'"
-        return Plan(None, find_python(False), False, False, None, None, missing)
+        return Plan(None, find_python(False), False, False, None, None, False, missing)
     bwrap = shutil.which("bwrap") if "bwrap" not in disable else None
     if bwrap is None:
         missing["bwrap"] = "disabled" if "bwrap" in disable else "bubblewrap (bwrap) is not installed"
@@ -130,4 +133,127 @@ def make_plan(isolation: str, disable: frozenset[str]) -> Plan:
         bpf, why = build_bpf()
         if bpf is None:
             missing["seccomp"] = why or "unavailable"
-    return Plan(bwrap, python, root and bwrap is not None, pidns, drop, bpf, missing)
+    cgroup = "cgroup" not in disable and cgroup_available() is None
+    if not cgroup:
+        missing["cgroup"] = "disabled" if "cgroup" in disable else cgroup_available() or "unavailable"
+    return Plan(bwrap, python, root and bwrap is not None, pidns, drop, bpf, cgroup, missing)
+
+
+# ------------------------------------------------------------------------------------------- cgroups
+CGROUP_ROOT = "/sys/fs/cgroup"
+_CGROUP_PREFIX = "opsd-sbx-"
+
+
+def _own_cgroup_dir(controller: str) -> str | None:
+    """This process's directory in a cgroup v1 hierarchy (e.g. /sys/fs/cgroup/memory/some/path)."""
+    try:
+        for line in open("/proc/self/cgroup"):
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if controller in controllers.split(","):
+                d = os.path.join(CGROUP_ROOT, controller, path.lstrip("/"))
+                return d if os.path.isdir(d) else None
+    except OSError:
+        pass
+    return None
+
+
+def cgroup_available() -> str | None:
+    """None when per-worker memory and pids cgroups (v1) can be made here, else why not."""
+    for controller in ("memory", "pids"):
+        d = _own_cgroup_dir(controller)
+        if d is None:
+            return "no cgroup v1 %s hierarchy" % controller
+        if not os.access(d, os.W_OK):
+            return "cannot create %s cgroups (not writable: %s)" % (controller, d)
+    return None
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in glob.glob("/proc/%d/task/*/children" % p):
+            try:
+                todo.extend(int(c) for c in open(task).read().split())
+            except OSError:
+                pass
+    return out
+
+
+class WorkerCgroup:
+    """A memory and a pids cgroup holding one worker: caps the whole program (all its processes) and
+    counts the kernel's OOM kills, so an OOM-killed program is reported as memory_limit."""
+
+    def __init__(self, tag: str):
+        sweep_stale_cgroups()
+        name = "%s%d-%s" % (_CGROUP_PREFIX, os.getpid(), tag)
+        self.dirs = {c: os.path.join(_own_cgroup_dir(c), name) for c in ("memory", "pids")}
+        for d in self.dirs.values():
+            os.makedirs(d, exist_ok=True)
+        self._memory = None
+
+    def add_tree(self, pid: int) -> None:
+        """Move ``pid`` and its descendants (the idle fork server among them) into the cgroups."""
+        for p in _descendants(pid):
+            for d in self.dirs.values():
+                try:
+                    with open(os.path.join(d, "cgroup.procs"), "w") as f:
+                        f.write(str(p))
+                except ProcessLookupError:
+                    pass
+
+    def set_limits(self, memory_bytes: int, pids: int) -> None:
+        mem = self.dirs["memory"]
+        if memory_bytes != self._memory:
+            memsw = os.path.join(mem, "memory.memsw.limit_in_bytes")
+            order = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+            if self._memory is not None and memory_bytes > self._memory:
+                order.reverse()  # memsw must stay >= the memory limit at every step
+            for fname in order:
+                path = os.path.join(mem, fname)
+                if fname.startswith("memory.memsw") and not os.path.exists(memsw):
+                    continue
+                with open(path, "w") as f:
+                    f.write(str(memory_bytes))
+            self._memory = memory_bytes
+        with open(os.path.join(self.dirs["pids"], "pids.max"), "w") as f:
+            f.write(str(pids))
+
+    def oom_kills(self) -> int:
+        try:
+            for line in open(os.path.join(self.dirs["memory"], "memory.oom_control")):
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def remove(self) -> None:
+        for d in self.dirs.values():
+            for _ in range(50):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # processes still leaving
+                    time.sleep(0.02)
+
+
+def sweep_stale_cgroups() -> None:
+    """Remove empty cgroups left by executors whose process is gone (a crash skips their clean-up)."""
+    for controller in ("memory", "pids"):
+        base = _own_cgroup_dir(controller)
+        if base is None:
+            continue
+        for d in glob.glob(os.path.join(base, _CGROUP_PREFIX + "*")):
+            try:
+                owner = int(os.path.basename(d)[len(_CGROUP_PREFIX):].split("-")[0])
+            except ValueError:
+                continue
+            if owner != os.getpid() and not os.path.exists("/proc/%d" % owner):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass

@@ -37,6 +37,8 @@ class Worker:
         self.proc: subprocess.Popen | None = None
         self.layers: dict[str, bool] = {}
         self.scratch_root: str | None = None
+        self.cgroup: isolation.WorkerCgroup | None = None
+        self._limits_key: tuple | None = None
 
     @property
     def alive(self) -> bool:
@@ -82,6 +84,23 @@ class Worker:
             self.kill()
             raise WorkerDied("the sandbox worker failed its self-test: %s" % (layers,))
         self.layers = {k: v is True for k, v in layers.items()}
+        if self.plan.cgroup:
+            try:
+                self.cgroup = isolation.WorkerCgroup("%x" % id(self))
+                self.cgroup.add_tree(self.proc.pid)
+                self._limits_key = None
+            except OSError as e:
+                self.kill()
+                raise WorkerDied("could not put the worker in its cgroup: %s" % e) from None
+        self.layers["cgroup"] = self.cgroup is not None
+
+    def apply_limits(self, memory_mb: int, n_procs: int, file_bytes: int) -> None:
+        """Cap the worker's cgroup for the next program: its memory plus the fork server and scratch tmpfs."""
+        key = (memory_mb, n_procs, file_bytes)
+        if self.cgroup is not None and key != self._limits_key:
+            scratch = max(16 << 20, 4 * file_bytes)
+            self.cgroup.set_limits((memory_mb << 20) + (64 << 20) + scratch, n_procs + 8)
+            self._limits_key = key
 
     def request(self, header: dict, blobs: list[bytes], *, timeout_s: float) -> tuple[dict, list[bytes]]:
         """Send one frame and wait for the reply; kill the worker on EOF, garbage or timeout."""
@@ -147,6 +166,9 @@ class Worker:
                     f.close()
                 except OSError:
                     pass
+        if self.cgroup is not None:
+            self.cgroup.remove()
+            self.cgroup = None
         if self.scratch_root:
             import shutil
 

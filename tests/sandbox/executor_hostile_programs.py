@@ -184,3 +184,21 @@ r = libc.syscall(101, 16, 1, 0, 0)  # ptrace(PTRACE_ATTACH, 1)
 results.append("ptrace %d %d" % (r, ctypes.get_errno()))
 print(os.getuid(), os.geteuid(), ";".join(results))
 """
+
+# Several processes, each under RLIMIT_AS, together far above the memory limit: only a cgroup stops it.
+FORKED_MEMORY_BOMB = """
+import os, time
+pids = []
+for _ in range(6):
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray(400 << 20)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        time.sleep(5)
+        os._exit(0)
+    pids.append(pid)
+for pid in pids:
+    os.waitpid(pid, 0)
+print("all done")
+"""

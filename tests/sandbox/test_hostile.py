@@ -141,6 +141,19 @@ def test_memory_bombs(ex):
     assert first.status == second.status == "memory_limit"
 
 
+def test_forked_memory_bomb_is_capped_by_the_cgroup(ex):
+    if not ex.isolation_report()["cgroup"]:
+        pytest.skip("no writable cgroup v1 memory hierarchy here")
+    cgroups = [w.cgroup.dirs["memory"] for w in ex._pool._all]
+    out = run(ex, H.FORKED_MEMORY_BOMB, timeout_s=8)
+    assert out.status == "memory_limit"
+    # Host side: no worker's cgroup ever held more than the program's limit plus the worker's allowance
+    # (6 x 400 MiB were asked for).
+    allowance = (FAST.memory_mb << 20) + (64 << 20) + (16 << 20)
+    peaks = [int(open(os.path.join(d, "memory.max_usage_in_bytes")).read()) for d in cgroups]
+    assert max(peaks) <= allowance
+
+
 def test_huge_output_is_capped(ex):
     cap = 100_000
     for code in (H.HUGE_OUTPUT, H.HUGE_STDERR):
@@ -280,15 +293,20 @@ def test_battery_then_normal_program_and_no_leaks():
     fds_before = len(os.listdir("/proc/self/fd"))
     children_before = {p.pid for p in me.children(recursive=True)}
     tmp_before = set(glob.glob("/tmp/opsd-sandbox-*"))
+    cgroups_before = set(glob.glob("/sys/fs/cgroup/*/opsd-sbx-%d-*" % os.getpid()) +
+                         glob.glob("/sys/fs/cgroup/memory/**/opsd-sbx-%d-*" % os.getpid(), recursive=True))
     with Executor(2, limits=FAST) as ex1:
-        battery = [(H.FORK_BOMB, b""), (H.MEMORY_BOMB, b""), (H.IGNORES_SIGNALS, b""), (H.HUGE_OUTPUT, b""),
+        battery = [(H.FORK_BOMB, b""), (H.MEMORY_BOMB, b""), (H.FORKED_MEMORY_BOMB, b""), (H.IGNORES_SIGNALS, b""), (H.HUGE_OUTPUT, b""),
                    (H.KILL_PARENT, b""), (H.ORPHAN, b"orphX"), (H.DEEP_RECURSION, b""), (H.IO_URING, b"")]
         statuses = [run(ex1, code, stdin, timeout_s=1.0).status for code, stdin in battery]
-        assert statuses == ["time_limit", "memory_limit", "time_limit", "output_limit", "ok", "ok",
+        assert statuses == ["time_limit", "memory_limit", "memory_limit", "time_limit", "output_limit", "ok", "ok",
                             "runtime_error", "ok"]
         out = run(ex1, "n = int(input())\nprint(sum(range(n)))", b"100\n")
         assert (out.status, out.stdout) == ("ok", b"4950\n")
     assert len(os.listdir("/proc/self/fd")) == fds_before
     assert {p.pid for p in me.children(recursive=True)} == children_before
     assert set(glob.glob("/tmp/opsd-sandbox-*")) == tmp_before
+    cgroups_after = set(glob.glob("/sys/fs/cgroup/*/opsd-sbx-%d-*" % os.getpid()) +
+                        glob.glob("/sys/fs/cgroup/memory/**/opsd-sbx-%d-*" % os.getpid(), recursive=True))
+    assert cgroups_after == cgroups_before
     assert processes_named("orphX") == []
