@@ -204,3 +204,22 @@ def test_codec_rejects_non_plain_and_malformed():
             decode_value(text)
     v = [1, (2, 3), {4}, {5: 6}, float("inf"), 2**200, b"x", "s", None, False]
     assert decode_value(encode_value(v)) == v
+
+
+def test_isolation_modes_report_and_refuse(caplog):
+    from sandbox.executor import ExecutorError
+
+    with pytest.raises(ExecutorError, match="seccomp"):
+        Executor(1, isolation="full", disable={"seccomp"})
+    with caplog.at_level("WARNING", logger="sandbox.executor"):
+        with Executor(1, isolation="auto", disable={"seccomp"}) as partial:
+            report = partial.isolation_report()
+            assert run(partial, "print(2 + 2)").stdout == b"4\n"
+    assert report["seccomp"] is False and report["bwrap"] and report["pid_namespace"] and report["uid_drop"]
+    assert any("MISSING: seccomp" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sandbox.executor"):
+        with Executor(1, isolation="none") as bare:
+            assert not any(v for k, v in bare.isolation_report().items() if k != "rlimits")
+            assert run(bare, "print(input())", b"hi\n").stdout == b"hi\n"
+    assert any("ISOLATION IS OFF" in r.getMessage() for r in caplog.records)
