@@ -74,9 +74,11 @@ class _DelayedProgress:
         if self.bar is None:
             if time.monotonic() - self.started < self.delay or done >= total:
                 return
+            from rich.console import Console
             from rich.progress import Progress
 
-            self.bar = Progress(transient=True)
+            # stderr, so that the summary printed on stdout stays clean for pipes.
+            self.bar = Progress(console=Console(stderr=True), transient=True)
             self.bar.start()
             self.task = self.bar.add_task(self.description, total=total)
         self.bar.update(self.task, completed=done)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.aggregate import Unit
+from analysis.aggregate import Unit, gap_reliability
 from analysis.bootstrap import attach_bootstrap, bootstrap_draws
 from analysis.errors import AnalysisError
 from analysis.fit import FitResult, fit_law
@@ -122,19 +122,20 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
         + (f"seed bootstrap with {settings['bootstrap']} resamples (seed {settings['seed']})."
            if settings["bootstrap"] else "no bootstrap."),
         "## Verdict",
-        "\n".join(f"- {verdict(name, line)}" for name, line in law.families.items()),
     ]
+    bullets = [verdict(name, line) for name, line in law.families.items()]
     if len(law.families) > 1 and law.pooled is not None:
-        parts.append(f"- {verdict('pooled (all families)', law.pooled)}")
+        bullets.append(verdict("pooled (all families)", law.pooled))
         test = law.pooled.interaction_test
         if test:
             differ = test["p"] < ALPHA
-            parts.append(
-                f"- Do families share one slope? F = {_num(test['f'], 2)} (df {test['df_num']:g}, "
+            bullets.append(
+                f"Do families share one slope? F = {_num(test['f'], 2)} (df {test['df_num']:g}, "
                 f"{test['df_den']:g}), p = {_p(test['p'])}: "
                 + ("**the slopes differ**; use each family's own law." if differ else
                    f"no evidence that the slopes differ; the common slope is {_num(test['common_slope'], 2)} "
                    f"{_ci(test['common_slope_ci'], 2)}."))
+    parts.append("\n".join(f"- {b}" for b in bullets))
     if law.skipped:
         parts.append("Families without a law: " + "; ".join(f"{f} ({r})" for f, r in law.skipped.items()) + ".")
 
@@ -173,6 +174,13 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
     parts.append("Per fitted point of each family's line: residual, externally studentised residual, leverage, "
                  "Cook's distance and the leave-one-configuration-out prediction. Points with Cook's distance "
                  "above 4/n are marked ⚠ (they move the line on their own).")
+    notes = []
+    for family in law.families:
+        lam = gap_reliability(fit.configs[fit.configs["model_family"] == family])
+        notes.append(f"{family}: λ = {_num(lam, 3)}")
+    parts.append("Seed noise in the measured gaps biases every slope towards zero by the reliability factor "
+                 "λ = 1 − mean(SD²/n)/var(gap means) (errors in variables; λ near 1: negligible). "
+                 + "; ".join(notes) + ".")
     rows = []
     for family, sub in points.groupby("model_family", sort=True):
         threshold = 4 / len(sub)

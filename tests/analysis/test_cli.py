@@ -21,15 +21,27 @@ LAW_KEYS = {"slope", "intercept", "slope_ci", "intercept_ci", "r2", "loo_r2", "l
 
 @pytest.fixture(scope="module")
 def analyzed(tmp_path_factory):
+    """Two `opsd analyze` runs on one synthetic sweep, started together: default settings with a bootstrap,
+    and seed-level weighted fits without one."""
     root = tmp_path_factory.mktemp("sweep")
     results = write_synthetic(root / "results", seed=3)
-    proc = subprocess.run([OPSD, "analyze", str(results), "--out", str(root / "out"), "--bootstrap", "200",
-                           "--seed", "9"], capture_output=True, text=True, timeout=300)
-    return results, root / "out", proc
+    commands = {
+        "default": [OPSD, "analyze", str(results), "--out", str(root / "out"), "--bootstrap", "200", "--seed", "9"],
+        "seed_weighted": [OPSD, "analyze", str(results / "trials.parquet"), "--out", str(root / "seed_weighted"),
+                          "--seed-level", "--weighted", "--bootstrap", "0"],
+    }
+    procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, cmd in commands.items()}
+    runs = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        runs[name] = subprocess.CompletedProcess(commands[name], proc.returncode, stdout, stderr)
+    return results, root, runs
 
 
 def test_analyze_writes_law_figures_and_report(analyzed):
-    results, out, proc = analyzed
+    results, root, runs = analyzed
+    proc, out = runs["default"], root / "out"
     assert proc.returncode == 0, proc.stderr
     for name in ("law.json", "report.md", "fig1_law.png", "fig1_law.pdf", "fig2_dynamics.png",
                  "fig2_dynamics.pdf", "fig3_scale.png", "fig3_scale.pdf"):
@@ -53,17 +65,14 @@ def test_analyze_writes_law_figures_and_report(analyzed):
     report = (out / "report.md").read_text()
     for heading in ("## Verdict", "## Fits", "## Configurations", "## Diagnostics", "## Figures"):
         assert heading in report
-    assert "**qwen3: the law holds.**" in report and "Cook's D" in report
+    assert "**qwen3: the law holds.**" in report and "Cook's D" in report and "qwen3: λ = " in report
     assert "qwen3: improvement =" in proc.stdout
 
 
-def test_seed_level_weighted_analysis_without_bootstrap(analyzed, tmp_path):
-    results, _, _ = analyzed
-    proc = subprocess.run([OPSD, "analyze", str(results / "trials.parquet"), "--out", str(tmp_path),
-                           "--seed-level", "--weighted", "--bootstrap", "0"], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    law = json.loads((tmp_path / "law.json").read_text())
+def test_seed_level_weighted_analysis_without_bootstrap(analyzed):
+    _, root, runs = analyzed
+    assert runs["seed_weighted"].returncode == 0, runs["seed_weighted"].stderr
+    law = json.loads((root / "seed_weighted" / "law.json").read_text())
     assert law["settings"]["unit"] == "seed" and law["settings"]["weighted"] is True
     qwen = law["families"]["qwen3"]
     assert qwen["n_points"] == qwen["n_trials"] == 72 and qwen["bootstrap"] is None

@@ -18,8 +18,14 @@ from tests.analysis.conftest import trials_from
 OPSD = str(Path(sys.executable).parent / "opsd")
 
 
+def _write(frame: pd.DataFrame, folder: Path) -> Path:
+    frame.to_parquet(folder / "trials.parquet", index=False)
+    return folder / "trials.parquet"
+
+
 def _good() -> pd.DataFrame:
-    return trials_from([(f"c{i}", [g, g + 0.01], [0.5 * g, 0.5 * g + 0.02]) for i, g in enumerate([0.0, 0.1, 0.2, 0.3])])
+    gaps = [0.0, 0.1, 0.2, 0.3]
+    return trials_from([(f"c{i}", [g, g + 0.01], [0.5 * g, 0.5 * g + 0.02]) for i, g in enumerate(gaps)])
 
 
 def _two_configs():
@@ -97,23 +103,16 @@ def test_results_path_that_does_not_exist_or_is_an_empty_folder(tmp_path):
 def test_duplicate_trials_and_a_model_in_two_families_are_named(tmp_path):
     frame = pd.concat([_good(), _good().iloc[[0]]], ignore_index=True)
     with pytest.raises(AnalysisError, match="more than one completed trial.*trial_id=fam/c0/0"):
-        run_analysis_frame(frame, tmp_path)
+        run_analysis(_write(frame, tmp_path), tmp_path / "out", n_bootstrap=0)
     frame = _good()
     frame.loc[0, "model_family"] = "other"
     with pytest.raises(AnalysisError, match="model\\(s\\) fam-1b appear with more than one model_family"):
-        run_analysis_frame(frame, tmp_path)
+        run_analysis(_write(frame, tmp_path), tmp_path / "out", n_bootstrap=0)
 
 
 def test_weighted_fit_with_single_seeds_says_why(tmp_path):
     frame = _good().query("seed == 0")
     with pytest.raises(AnalysisError, match="weighted fit needs at least 2 seeds per configuration"):
-        run_analysis(run_analysis_frame_path(frame, tmp_path), tmp_path / "out", weighted=True, n_bootstrap=0)
+        run_analysis(_write(frame, tmp_path), tmp_path / "out", weighted=True, n_bootstrap=0)
 
 
-def run_analysis_frame_path(frame: pd.DataFrame, tmp_path: Path) -> Path:
-    frame.to_parquet(tmp_path / "trials.parquet", index=False)
-    return tmp_path / "trials.parquet"
-
-
-def run_analysis_frame(frame: pd.DataFrame, tmp_path: Path):
-    return run_analysis(run_analysis_frame_path(frame, tmp_path), tmp_path / "out", n_bootstrap=0)

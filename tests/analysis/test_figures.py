@@ -16,7 +16,7 @@ def drawn(tmp_path_factory):
     out = tmp_path_factory.mktemp("figures")
     rng = np.random.default_rng(7)
     raw = make_trials(rng)
-    steps = make_steps(raw, rng).drop(columns=[])  # only trial_id and metrics: model/context come by join
+    steps = make_steps(raw, rng)  # only trial_id and metrics: model and context come by the join
     trials = completed_trials(raw)
     fit = fit_law(trials)
     joined = join_steps(steps, raw)

@@ -216,3 +216,12 @@ def test_law_json_round_trip_keeps_every_number(rng, tmp_path, unit):
 def test_bad_confidence_is_rejected(rng):
     with pytest.raises(AnalysisError, match="confidence"):
         fit_law(completed_trials(noisy_trials(rng)), confidence=95)
+
+
+def test_gap_reliability_by_hand():
+    from analysis.aggregate import gap_reliability
+
+    # Gap means 0, 0.1, 0.2 (variance 0.01); seed SDs 0.01, 0.02, 0.03 over 2, 2, 4 seeds:
+    # noise = mean(1e-4/2, 4e-4/2, 9e-4/4) = (0.5 + 2 + 2.25)e-4 / 3 → λ = 1 − noise/0.01.
+    configs = pd.DataFrame({"gap_mean": [0.0, 0.1, 0.2], "gap_sd": [0.01, 0.02, 0.03], "n_seeds": [2, 2, 4]})
+    assert gap_reliability(configs) == pytest.approx(1 - (4.75e-4 / 3) / 0.01)

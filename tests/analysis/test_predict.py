@@ -107,7 +107,8 @@ def test_screen_cli_writes_the_api_predictions(saved, tmp_path):
     assert "m2" in proc.stdout
     bad = subprocess.run([OPSD, "screen", str(tmp_path / "gaps.json"), "--law", str(tmp_path / "nope.json")],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip() == f"opsd screen: error: law file not found: {tmp_path / 'nope.json'}"
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == f"opsd screen: error: law file not found: {tmp_path / 'nope.json'}"
 
 
 def test_law_file_with_wrong_schema_version_is_refused(saved, tmp_path):
