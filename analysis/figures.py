@@ -37,8 +37,9 @@ def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
 
 
 def _palette(names) -> dict[str, tuple]:
-    cmap = matplotlib.colormaps["tab10"]
-    return {name: cmap(i % 10) for i, name in enumerate(names)}
+    names = list(names)
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
 
 
 def _fit_curve(res, x_lo: float, x_hi: float, confidence: float) -> dict[str, np.ndarray]:

@@ -30,7 +30,7 @@ class FitResult:
     models: dict[str, RegressionResultsWrapper]  # per fitted family, and "pooled"
 
 
-def fit_line(x, y, *, weights=None, confidence: float = 0.95) -> RegressionResultsWrapper:
+def fit_line(x, y, *, weights=None) -> RegressionResultsWrapper:
     """OLS (or WLS with `weights`) of y on [1, x]. params are (intercept, slope)."""
     x = np.asarray(x, dtype=float)
     design = np.column_stack([np.ones_like(x), x])
@@ -145,7 +145,7 @@ def fit_law(trials: pd.DataFrame, *, unit: Unit = "configuration", weighted: boo
             skipped[family] = why
             continue
         w = None if weights is None else sub["weight"].to_numpy()
-        res = fit_line(sub["gap"], sub["improvement"], weights=w, confidence=confidence)
+        res = fit_line(sub["gap"], sub["improvement"], weights=w)
         loo = leave_group_out(sub["gap"], sub["improvement"], sub["config"], sub["weight"])
         n_trials = int(trials["model_family"].eq(family).sum())
         families[family] = _line_law(res, sub, n_trials, confidence=confidence, loo=loo)
@@ -168,7 +168,7 @@ def fit_law(trials: pd.DataFrame, *, unit: Unit = "configuration", weighted: boo
 
     pooled_points = points[fitted_mask]
     w = None if weights is None else pooled_points["weight"].to_numpy()
-    res = fit_line(pooled_points["gap"], pooled_points["improvement"], weights=w, confidence=confidence)
+    res = fit_line(pooled_points["gap"], pooled_points["improvement"], weights=w)
     loo = leave_group_out(pooled_points["gap"], pooled_points["improvement"], pooled_points["config"],
                           pooled_points["weight"])
     pooled = _line_law(res, pooled_points, int(trials["model_family"].isin(list(families)).sum()),
