@@ -135,6 +135,22 @@ def iter_full_parameters(module: nn.Module, *, zero_stage: int,
             bucket, bucket_size = [], 0
 
 
+def _undo_unfused_optimizer_warmup(optimizer: Any) -> None:
+    """bf16 without ZeRO and with torch's AdamW runs in DeepSpeed's FP16_UnfusedOptimizer, whose constructor
+    takes one optimizer step on zero gradients to create the Adam state. That step decays the fp32 master
+    weights once and counts a step, so the first real update would not be AdamW's first step (about 0.74 of
+    it with these betas). Undo both: masters again from the untouched low-precision weights, state empty."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return
+    with torch.no_grad():
+        for fp32_group, low_group in zip(optimizer.fp32_groups, optimizer.fp16_groups):
+            for master, low in zip(fp32_group, low_group):
+                master.copy_(low)
+    optimizer.optimizer.state.clear()
+
+
 class Student:
     """A causal LM under a DeepSpeed engine; see the module docstring for the accumulation contract."""
 
@@ -160,6 +176,7 @@ class Student:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.ds_config)
         self.engine = engine
         self.engine.train()
+        _undo_unfused_optimizer_warmup(engine.optimizer)
         self._micro_batches = 0
         self._clip_norm: float | None = None
         if self.zero_stage == 0 and not deepspeed_config.bf16:
