@@ -10,14 +10,17 @@ Both sides load the same Hugging Face folder (config.json, *.safetensors, tokeni
   (clusters with hub access); anything else is a `ModelError` naming the path.
 
 The GGUF conversion is exact: the cached folder's float32 logits equal the GGUF-loaded model's bit for
-bit (tests/trainer/test_models.py). Differences of the order seen in earlier checks (1e-5 to 1e-3) come
-from comparing across attention implementations ("eager" vs "sdpa" reorder float32 sums: ~2.5e-5 on a
-short prompt, growing with length) or across dtypes (bfloat16 rounding of the weights), never from the
-weights: the GGUF loader de-quantises Q4_1 and undoes llama.cpp's q/k row permutation itself, the
-embeddings are tied (lm_head shares embed_tokens in both models), and the tokenizer is the one read
-from the same GGUF file. What the conversion must get right, and does: drop the GGUF
-`quantization_config` from config.json (otherwise transformers and vLLM try to re-quantise), keep
-`tie_word_embeddings`, write weights in float32.
+bit, and every tensor is equal (tests/trainer/test_models.py). No difference comes from the weights: the
+transformers GGUF loader itself de-quantises Q4_1 to float32 and undoes llama.cpp's q/k row permutation
+(rope layout), so both models hold the same tensors; the embeddings are tied in both (lm_head shares
+embed_tokens; a state dict carries it and `tie_weights` keeps it shared); the tokenizer is the one read
+from the same GGUF file (same ids, same chat template). A nonzero gap appears only when the two sides are
+not computed the same way. Measured on SmolLM2 in float32: "eager" vs "sdpa" attention differ by 4e-5
+(32 tokens) to 1e-4 (1,024 tokens) in logits of magnitude up to 45; bfloat16 vs float32 by about 1.5.
+A 3e-3 gap therefore points at such a mismatch (attention implementation on long inputs, padding or
+batching, dtype), not at the conversion. What the conversion must get right, and does: drop the GGUF
+`quantization_config` from config.json (otherwise transformers and vLLM treat the folder as GGUF-
+quantised), keep `tie_word_embeddings`, write the weights in float32.
 """
 
 from __future__ import annotations

@@ -207,7 +207,13 @@ class RolloutEngine:
         dtype = self._engine_dtype()
         n_tensors = n_bytes = 0
         for bucket in group_for_reload(named_tensors, bucket_bytes=self._push_bucket_bytes):
-            tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in bucket}
+            tensors, seen = {}, set()
+            for name, t in bucket:
+                t = t.detach().to("cpu", dtype).contiguous()
+                if t.data_ptr() in seen:  # tied weights (a state dict's lm_head.weight): safetensors wants copies
+                    t = t.clone()
+                seen.add(t.data_ptr())
+                tensors[name] = t
             fd, path = tempfile.mkstemp(prefix="opsd-weights-", suffix=".safetensors", dir=shm)
             os.close(fd)
             try:

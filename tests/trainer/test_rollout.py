@@ -78,11 +78,13 @@ def test_push_weights_makes_engine_match_trainer(engine, trainer_model, prompts)
         assert (after - before).abs().max() > 100 * TOL  # the push changed what the engine computes
         before = after
 
-    # Pushing the original weights back restores the original log-probs.
+    # Pushing the original weights back restores the original log-probs; a state dict (with the tied
+    # lm_head.weight listed beside embed_tokens) works as well as named_parameters().
     with torch.no_grad():
         for n, p in trainer_model.named_parameters():
             p.copy_(original[n])
-    engine.push_weights(trainer_model.named_parameters())
+    assert "lm_head.weight" in trainer_model.state_dict()
+    engine.push_weights(trainer_model.state_dict().items())
     restored = torch.tensor(engine.logprobs_of(prompt, completion), dtype=torch.float64)
     assert torch.allclose(restored, reference_logps(trainer_model, prompt, completion), atol=TOL, rtol=0)
 
