@@ -168,8 +168,10 @@ def format_validation_error(err: ValidationError) -> str:
     """One line per problem, each naming the dotted field, e.g. 'loss.top_k: Input should be greater than 0'."""
     lines = []
     for item in err.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(file)"
-        lines.append(f"{where}: {item['msg']}")
+        where = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        # Validators that name their field already (e.g. 'context.name: ...') need no second prefix.
+        lines.append(message if not where or message.startswith(where) else f"{where}: {message}")
     return "; ".join(lines)
 
 

@@ -8,6 +8,9 @@
   context is built from them exactly as in training, and the self-teacher (the EMA weights, swapped into the
   rollout engine for the occasion) answers once per context. `teacher_acc` is the teacher's all-pass score on
   all tests; `student_acc_t1` the student's on the same problems at the same temperature; `gap` the difference.
+- Where every validation problem has a reference solution, `student_ref_logp`: the student's mean log-prob
+  per token of that solution (as a ```python block) after its prompt. It moves long before accuracy does on
+  a weak model, so it shows whether training pulls the student towards what a better teacher would write.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from sandbox.grader import GradeRequest, Verdict
 from trainer.contexts import GradedRollout
 from trainer.data import train_tests_of
+from trainer.hints import hints_from_reference_solutions
 from trainer.prompts import teacher_prompts_for_group
 
 if TYPE_CHECKING:
@@ -78,7 +82,16 @@ def evaluate(parts: "TrialParts", *, step: int) -> dict[str, Any]:
         for problem, group in zip(teacher_problems, teacher_groups)])
     teacher_acc, teacher_frac = _scores(teacher_verdicts)
 
+    ref_logp = {}
+    if all((p.solution or "").strip() for p in problems):
+        solutions = hints_from_reference_solutions(problems)
+        scored = parts.engine.score([
+            (parts.prompt_ids[p.id], parts.tokenizer(solutions[p.id], add_special_tokens=False)["input_ids"])
+            for p in problems])
+        ref_logp = {"student_ref_logp": _mean([_mean(logps) for logps in scored])}
+
     return {
+        **ref_logp,
         "student_acc": student_acc,
         "student_test_frac": student_frac,
         "student_acc_t1": student_acc_t1,

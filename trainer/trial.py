@@ -244,6 +244,9 @@ def build_parts(cfg: TrialConfig) -> Iterator[TrialParts]:
         grader = Grader(executor, code_block=cfg.rollout.code_block, time_limit_s=cfg.sandbox.time_limit_s)
         max_model_len = max(cfg.rollout.max_prompt_tokens, cfg.context.max_teacher_prompt_tokens) \
             + cfg.rollout.max_response_tokens
+        # A longer teacher prompt than the model can take is cut by truncation; the engine cannot exceed it.
+        model_limit = json.loads((model_path / "config.json").read_text()).get("max_position_embeddings")
+        max_model_len = min(max_model_len, model_limit or max_model_len)
         engine = stack.enter_context(RolloutEngine(
             model_path, dtype=cfg.model.dtype, seed=cfg.seed, max_model_len=max_model_len, device=cfg.device,
             kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization))
@@ -341,7 +344,7 @@ def _summary(cfg: TrialConfig, model_path: Path, initial: dict, final: dict, sec
     size = cfg.model.size_b if cfg.model.size_b is not None else count_parameters_b(model_path)
     gpus = cfg.deepspeed.world_size if cfg.device == "cuda" else 0
     return {
-        "trial": cfg.name, "model": name, "model_family": cfg.model.family or model_family(name),
+        "trial_id": cfg.name, "model": name, "model_family": cfg.model.family or model_family(name),
         "model_size_b": size, "context": cfg.context.name, "seed": cfg.seed, "status": "completed",
         "steps": cfg.steps,
         "initial_student_acc": initial["student_acc"], "initial_teacher_acc": initial["teacher_acc"],

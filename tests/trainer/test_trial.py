@@ -1,0 +1,137 @@
+"""End-to-end trials on CPU: real vLLM, real DeepSpeed, the real sandbox, through the `opsd trial` command.
+
+A tiny random model pre-fitted to copy a solution from its prompt (tests/trainer/copy_task.py) makes a
+setting where the self-teacher with `llm_peer_hints` clearly beats the student. Three runs share the work:
+the hint context, the control `none`, and a hint run killed after step 2 and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.trainer.copy_task import copy_problems, prefit_copier, write_problems
+
+OPSD = [sys.executable, "-m", "orchestrator.cli"]
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def copy_setup(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("copy-task")
+    problems = copy_problems(8)
+    data = write_problems(root / "problems.jsonl", problems)
+    model = prefit_copier(tiny_model_dir, root / "copier", problems)
+    return {"root": root, "data": data, "model": model}
+
+
+def trial_file(setup: dict[str, Path], context: str) -> Path:
+    path = setup["root"] / f"{context}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": f"copy-{context}", "steps": STEPS, "seed": 0,
+        "model": {"path": str(setup["model"])},
+        "data": {"source": "jsonl", "path": str(setup["data"])},
+        "context": {"name": context, "max_teacher_prompt_tokens": 1024},
+        "rollout": {"prompts_per_step": 4, "n_samples": 2, "max_response_tokens": 16, "max_prompt_tokens": 512},
+        "optim": {"lr": 1.0e-3, "mini_batch_size": 4, "micro_batch_size": 4},
+        "teacher": {"ema_rate": 0.0},
+        "eval": {"every_steps": 2, "n_samples": 1, "teacher_n_samples": 1},
+        "sandbox": {"workers": 2},
+    }))
+    return path
+
+
+def run_opsd(*args: str, log: Path) -> subprocess.CompletedProcess:
+    with open(log, "w") as out:
+        return subprocess.run([*OPSD, *args], stdout=out, stderr=subprocess.STDOUT, timeout=900)
+
+
+def rows(out_dir: Path, phase: str) -> list[dict]:
+    table = pq.read_table(out_dir / "steps.parquet").to_pylist()
+    return [row for row in table if row["phase"] == phase]
+
+
+@pytest.fixture(scope="module")
+def hint_run(copy_setup) -> Path:
+    out = copy_setup["root"] / "run-hints"
+    result = run_opsd("trial", str(trial_file(copy_setup, "llm_peer_hints")), "--out", str(out),
+                      log=copy_setup["root"] / "hints.log")
+    assert result.returncode == 0, (copy_setup["root"] / "hints.log").read_text()[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def control_run(copy_setup) -> Path:
+    out = copy_setup["root"] / "run-none"
+    result = run_opsd("trial", str(trial_file(copy_setup, "none")), "--out", str(out),
+                      log=copy_setup["root"] / "none.log")
+    assert result.returncode == 0, (copy_setup["root"] / "none.log").read_text()[-3000:]
+    return out
+
+
+def test_trial_writes_results_and_kl_to_the_teacher_falls(hint_run):
+    train = rows(hint_run, "train")
+    assert [row["step"] for row in train] == list(range(1, STEPS + 1))
+    kl = [row["kl"] for row in train]
+    assert kl[-1] < 0.7 * kl[0], kl
+    for row in train:
+        assert row["rollouts"] == 8 and row["optimizer_steps"] == 2
+        assert row["time/rollout_s"] > 0 and row["time/student_forward_backward_s"] > 0
+        assert row["context/hint_fraction"] == 1.0
+    summary = json.loads((hint_run / "trial.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == STEPS
+    assert summary["initial_gap"] == pytest.approx(summary["initial_teacher_acc"] - summary["initial_student_acc_t1"])
+    assert summary["improvement"] == pytest.approx(summary["final_student_acc"] - summary["initial_student_acc"])
+    assert json.loads((hint_run / "config.json").read_text())["context"]["name"] == "llm_peer_hints"
+    assert len((hint_run / "rollouts" / "step-000001.jsonl").read_text().splitlines()) == 8
+
+
+def test_student_learns_what_the_better_self_teacher_writes(hint_run, control_run):
+    """The teacher that sees the solution beats the student; OPSD moves the student towards it, and the
+    control context, whose teacher is the student itself, does not."""
+    hint_eval, control_eval = rows(hint_run, "eval"), rows(control_run, "eval")
+    assert hint_eval[0]["teacher_acc"] >= hint_eval[0]["student_acc_t1"] + 0.25
+    assert control_eval[0]["gap"] == 0.0
+    hint_gain = hint_eval[-1]["student_ref_logp"] - hint_eval[0]["student_ref_logp"]
+    control_gain = control_eval[-1]["student_ref_logp"] - control_eval[0]["student_ref_logp"]
+    # Measured: about +0.5 nats per token with hints, -0.2 for the control.
+    assert hint_gain > 0.25, hint_gain
+    assert control_gain < 0.05, control_gain
+    assert hint_gain > control_gain + 0.25
+
+
+def test_killed_trial_resumes_with_identical_metrics(copy_setup, hint_run):
+    out = copy_setup["root"] / "run-resume"
+    cmd = [*OPSD, "trial", str(trial_file(copy_setup, "llm_peer_hints")), "--out", str(out)]
+    log = open(copy_setup["root"] / "resume-killed.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    while not (out / "checkpoints" / "step-00000002").exists():
+        assert proc.poll() is None, (copy_setup["root"] / "resume-killed.log").read_text()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trial, its vLLM engine and its sandbox workers
+    proc.wait()
+    killed_at = max(row["step"] for row in rows(out, "train"))
+    assert killed_at < STEPS
+
+    result = run_opsd("trial", str(trial_file(copy_setup, "llm_peer_hints")), "--out", str(out),
+                      log=copy_setup["root"] / "resume.log")
+    assert result.returncode == 0, (copy_setup["root"] / "resume.log").read_text()[-3000:]
+    assert "resuming" in (copy_setup["root"] / "resume.log").read_text()
+
+    resumed, reference = rows(out, "train"), rows(hint_run, "train")
+    assert [row["step"] for row in resumed] == list(range(1, STEPS + 1))  # no step lost or duplicated
+    for got, want in zip(resumed, reference):
+        for key in ("loss", "kl", "reward", "grad_norm", "response_tokens_mean", "teacher_student_l2"):
+            assert got[key] == want[key], (got["step"], key, got[key], want[key])
+    assert [r["student_acc"] for r in rows(out, "eval")] == [r["student_acc"] for r in rows(hint_run, "eval")]
