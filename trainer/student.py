@@ -135,20 +135,29 @@ def iter_full_parameters(module: nn.Module, *, zero_stage: int,
             bucket, bucket_size = [], 0
 
 
-def _undo_unfused_optimizer_warmup(optimizer: Any) -> None:
-    """bf16 without ZeRO and with torch's AdamW runs in DeepSpeed's FP16_UnfusedOptimizer, whose constructor
-    takes one optimizer step on zero gradients to create the Adam state. That step decays the fp32 master
-    weights once and counts a step, so the first real update would not be AdamW's first step (about 0.74 of
-    it with these betas). Undo both: masters again from the untouched low-precision weights, state empty."""
+def _undo_optimizer_warmup(optimizer: Any) -> None:
+    """bf16 without ZeRO runs in DeepSpeed's FP16_UnfusedOptimizer (torch AdamW, CPU) or FP16_Optimizer
+    (fused Adam, CUDA), whose constructors take one optimizer step on zero gradients to create the Adam
+    state. That step decays the fp32 master weights once and counts a step, so the first real update would
+    not be AdamW's first step (about 0.74 of it with betas (0.9, 0.999)). Undo both: masters again from the
+    untouched low-precision weights, no state, no step count. (The CPU case is tested; the fused one is
+    the same logic on the flat buffers.)"""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
-    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        pairs = [(master, low) for fp32_group, low_group in zip(optimizer.fp32_groups, optimizer.fp16_groups)
+                 for master, low in zip(fp32_group, low_group)]
+    elif isinstance(optimizer, FP16_Optimizer):
+        pairs = list(zip(optimizer.fp32_groups_flat, optimizer.fp16_groups_flat))
+    else:
         return
     with torch.no_grad():
-        for fp32_group, low_group in zip(optimizer.fp32_groups, optimizer.fp16_groups):
-            for master, low in zip(fp32_group, low_group):
-                master.copy_(low)
+        for master, low in pairs:
+            master.copy_(low)
     optimizer.optimizer.state.clear()
+    for group in optimizer.optimizer.param_groups:
+        group.pop("step", None)  # DeepSpeed's fused Adam counts steps per group
 
 
 class Student:
@@ -176,7 +185,7 @@ class Student:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.ds_config)
         self.engine = engine
         self.engine.train()
-        _undo_unfused_optimizer_warmup(engine.optimizer)
+        _undo_optimizer_warmup(engine.optimizer)
         self._micro_batches = 0
         self._clip_norm: float | None = None
         if self.zero_stage == 0 and not deepspeed_config.bf16:
