@@ -117,30 +117,39 @@ def _check(res, what):
         raise OSError(err, "%s: %s" % (what, os.strerror(err)))
 
 
-def _drop_capabilities():
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
-    class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+class Prepared:
+    """ctypes objects built once in the fork server (building them costs more than the system calls)."""
+
+    def __init__(self, bpf):
+        self.cap_header, self.cap_data = _CapHeader(0x20080522, 0), (_CapData * 2)()
+        self.bpf_buf = ctypes.create_string_buffer(bpf, len(bpf)) if bpf else None
+        self.bpf_prog = _SockFprog(len(bpf) // 8, ctypes.addressof(self.bpf_buf)) if bpf else None
+
+
+def _drop_capabilities(prepared):
     c = libc()
     for cap in range(64):  # needs CAP_SETPCAP, which is still held here; EINVAL past the last cap
         c.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
     c.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
-    header, data = Header(0x20080522, 0), (Data * 2)()
-    _check(c.capset(ctypes.byref(header), data), "capset")
+    _check(c.capset(ctypes.byref(prepared.cap_header), prepared.cap_data), "capset")
 
 
-def _load_seccomp(bpf):
-    class Prog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    buf = ctypes.create_string_buffer(bpf, len(bpf))
-    prog = Prog(len(bpf) // 8, ctypes.addressof(buf))
+def _load_seccomp(prepared):
     c = libc()
     _check(c.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)), "no_new_privs")
-    _check(c.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(prog), ctypes.c_ulong(0), ctypes.c_ulong(0)), "seccomp")
+    _check(c.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(prepared.bpf_prog), ctypes.c_ulong(0), ctypes.c_ulong(0)), "seccomp")
 
 
 def _set_rlimits(limits):
@@ -181,13 +190,13 @@ def enter_program(cfg, limits, fds, scratch):
     os.chdir(scratch)
     _set_rlimits(limits)
     if cfg["drop"] == "caps":  # bubblewrap already runs us as an unprivileged uid in its user namespace
-        _drop_capabilities()
+        _drop_capabilities(cfg["prepared"])
     elif cfg["drop"] == "setuid":  # no user namespace: root drops to nobody (also clears capabilities)
         os.setgroups([])
         os.setresgid(NOBODY, NOBODY, NOBODY)
         os.setresuid(NOBODY, NOBODY, NOBODY)
     if cfg["bpf"]:
-        _load_seccomp(cfg["bpf"])
+        _load_seccomp(cfg["prepared"])
     os.environ.clear()
     os.environ.update(cfg["env"])
     os.environ["HOME"] = scratch
@@ -647,11 +656,18 @@ def serve():
         except ImportError:
             pass
     libc().prctl(PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    import gc
+
+    gc.collect()
+    gc.freeze()  # forked programs' collections skip the server's objects: fewer copy-on-write page copies
     request = read_frame(0)
     if request is None:
         return
     header, blobs = request
     cfg = dict(header["cfg"], bpf=blobs[0] if blobs and blobs[0] else None)
+    cfg["prepared"] = Prepared(cfg["bpf"])
+    with open(os.devnull, "rb", buffering=0) as f:  # warm the codec lookups every program's stdio repeats
+        io.TextIOWrapper(io.BufferedReader(f), encoding="utf-8").read()
     server = ForkServer(cfg)
     write_all(1, pack_frame({"ready": True, "layers": server.self_test()}))
     while True:
