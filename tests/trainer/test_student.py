@@ -25,13 +25,13 @@ CLIP = 0.5
 ZERO_TOLERANCE = {0: 1e-6, 1: 1e-6, 2: 1e-6, 3: 5e-6}
 
 
-def tiny_model(seed: int = 0) -> torch.nn.Module:
+def tiny_model(seed: int = 0, *, tied: bool = False) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=tied)
     return LlamaForCausalLM(config).float()
 
 
@@ -163,13 +163,14 @@ def test_step_without_backward_and_a_missing_rank_are_refused():
         Student(tiny_model(), optim=optim_config(micro=4), deepspeed_config=DeepSpeedConfig(world_size=2))
 
 
-@pytest.mark.parametrize("zero_stage", [0, 3])
-def test_named_parameters_for_push_are_full_hf_tensors(zero_stage):
-    start = tiny_model(3)
+@pytest.mark.parametrize("zero_stage,tied", [(0, False), (3, False), (3, True)])
+def test_named_parameters_for_push_are_full_hf_tensors(zero_stage, tied):
+    start = tiny_model(3, tied=tied)
     hf_state = {name: p.detach().clone() for name, p in start.named_parameters()}
     student = Student(copy.deepcopy(start), optim=optim_config(micro=4), deepspeed_config=DeepSpeedConfig(zero_stage=zero_stage))
     pushed = dict(student.named_parameters_for_push())
     assert list(pushed) == list(hf_state)  # HF names, HF order, every parameter once
+    assert ("lm_head.weight" in pushed) == (not tied)  # a tied head is the embedding, sent once
     for name, tensor in pushed.items():
         assert tensor.shape == hf_state[name].shape and torch.equal(tensor, hf_state[name])
     train_student(student, 1, micro=4)
@@ -177,6 +178,8 @@ def test_named_parameters_for_push_are_full_hf_tensors(zero_stage):
     pushed = dict(student.named_parameters_for_push())
     assert max_abs_diff(pushed, expected) < 1e-6
     assert max_abs_diff(pushed, hf_state) > 1e-5  # the push sees the step
+    if tied:
+        assert student.module.lm_head.weight is student.module.model.embed_tokens.weight
 
 
 def test_minibatch_split_covers_every_item_once():

@@ -15,13 +15,13 @@ from trainer.teacher import EmaTeacher, TeacherError
 VOCAB = 64
 
 
-def tiny_model(seed: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def tiny_model(seed: int, dtype: torch.dtype = torch.float32, *, tied: bool = False) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=tied)
     return LlamaForCausalLM(config).to(dtype)
 
 
@@ -101,13 +101,15 @@ def test_bf16_teacher_keeps_an_fp32_average():
 
 
 def test_update_from_a_zero3_student_uses_full_parameters():
-    initial, trained = tiny_model(0), tiny_model(1)
+    # tied embeddings, as in SmolLM2: the head follows the averaged embedding
+    initial, trained = tiny_model(0, tied=True), tiny_model(1, tied=True)
     old, new = params_of(initial), params_of(trained)
     teacher = EmaTeacher.from_model(initial, ema_rate=0.25)
     student = Student(trained, optim=OptimConfig(), deepspeed_config=DeepSpeedConfig(zero_stage=3))
     teacher.update(student.named_parameters_for_push())
     for name, param in teacher.model.named_parameters():
         assert torch.equal(param, (1 - 0.25) * old[name] + 0.25 * new[name])
+    assert teacher.model.lm_head.weight is teacher.model.model.embed_tokens.weight
     with pytest.raises(TeacherError):  # a partitioned module cannot become a teacher
         EmaTeacher(student.module, ema_rate=0.1)
 
