@@ -208,13 +208,16 @@ class Student:
         return int(self.engine.global_steps)
 
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                       position_ids: torch.Tensor | None = None, *, logits_to_keep: int = 0) -> torch.Tensor:
         """Logits [B, T, V] of packed rows `input_ids` [B, T] (prompt + response, right-padded).
 
         `position_ids` [B, T] default to 0..T-1 per row, which is right for right padding.
+        `logits_to_keep` = k > 0 computes only the last k positions ([B, k, V]): with long prompts the
+        [B, T, V] logits are most of the memory, and positions before the shortest prompt's last token
+        predict no response token.
         """
         out = self.engine(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False)
+                          use_cache=False, logits_to_keep=logits_to_keep)
         return out.logits
 
     def backward(self, loss: torch.Tensor) -> None:

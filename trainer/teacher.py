@@ -74,11 +74,12 @@ class EmaTeacher:
                 self.model.to("cpu")
 
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, V] of `input_ids` [B, T] (teacher prompt + response), computed without gradient."""
+                       position_ids: torch.Tensor | None = None, *, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits [B, T, V] of `input_ids` [B, T] (teacher prompt + response), computed without gradient;
+        [B, k, V] of the last k positions with `logits_to_keep` = k > 0 (as `Student.forward_logits`)."""
         with torch.no_grad(), self.loaded():
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False)
+                             use_cache=False, logits_to_keep=logits_to_keep)
         return out.logits
 
     @torch.no_grad()

@@ -173,6 +173,11 @@ def test_named_parameters_for_push_are_full_hf_tensors(zero_stage, tied):
     assert ("lm_head.weight" in pushed) == (not tied)  # a tied head is the embedding, sent once
     for name, tensor in pushed.items():
         assert tensor.shape == hf_state[name].shape and torch.equal(tensor, hf_state[name])
+    ids, mask = batch(9)
+    with torch.no_grad():
+        logits = start(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        assert torch.allclose(student.forward_logits(ids, mask), logits, atol=1e-6)
+        assert torch.allclose(student.forward_logits(ids, mask, logits_to_keep=4), logits[:, -4:], atol=1e-6)
     train_student(student, 1, micro=4)
     expected, _ = reference_train(copy.deepcopy(start), 1)
     pushed = dict(student.named_parameters_for_push())

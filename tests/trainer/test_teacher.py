@@ -75,6 +75,7 @@ def test_teacher_is_frozen_and_forwards_without_gradient():
     assert logits.shape == (2, 7, VOCAB)
     with torch.no_grad():
         assert torch.equal(logits, reference(input_ids=ids, attention_mask=mask, use_cache=False).logits)
+    assert torch.allclose(teacher.forward_logits(ids, mask, logits_to_keep=3), logits[:, -3:], atol=1e-6)
     # a loss mixing both sides sends gradient to the student only
     student = tiny_model(1)
     student_logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits
