@@ -9,9 +9,10 @@ token count). With several ranks DeepSpeed averages gradients over ranks, so eac
 to the mini batch's loss as that rank would compute it alone (its token-sum times world_size over the global
 token count, for a token mean).
 
-Optimizer: AdamW with the hyperparameters of `OptimConfig` on every parameter (weight decay included, as the
-reference does), constant learning rate, gradient clipping by the global norm. On CPU DeepSpeed uses
-`torch.optim.AdamW` (`"torch_adam": true`) so no C++ op has to compile; on CUDA its fused Adam.
+Optimizer: AdamW with the hyperparameters of `OptimConfig`, one group holding every parameter (norm weights
+and embeddings are decayed too; METHOD.md names no exempt group), constant learning rate, gradient clipping
+by the global norm before the step. On CPU DeepSpeed uses `torch.optim.AdamW` (`"torch_adam": true`) so no
+C++ op has to compile; on CUDA its fused Adam. Adam's eps is 1e-8 (torch's default).
 """
 
 from __future__ import annotations
