@@ -131,7 +131,7 @@ class Worker:
                 raise WorkerDied("the worker exited" + (": " + why if why else ""))
             try:
                 frames = self._reader.feed(chunk)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 self.kill()
                 raise WorkerDied("garbled reply from the worker (%s)" % e) from None
             if frames:

@@ -202,3 +202,27 @@ for pid in pids:
     os.waitpid(pid, 0)
 print("all done")
 """
+
+# Writes to the runner's private response channel (fd 4): garbage, a deeply nested header, a forged
+# set-up failure. Each must stay a status of this program, never an error of the executor.
+FORGED_FRAMES = """
+import json, os, struct, sys
+kind = sys.stdin.read().strip()
+def frame(head):
+    return struct.pack(">I", len(head)) + head
+if kind == "garbage":
+    os.write(4, b"\\xff" * 64)
+elif kind == "nested":
+    os.write(4, frame(b"[" * 100000 + b"]" * 100000))
+elif kind == "setup":
+    os.write(4, frame(json.dumps({"setup_error": "forged", "blobs": []}).encode()))
+    os._exit(97)
+print("done")
+"""
+
+FORGED_DURING_CALL = """
+import os, struct
+def f():
+    os.write(4, struct.pack(">I", 200000) + b"[" * 200000)
+    return 1
+"""

@@ -287,6 +287,17 @@ def test_stack_walk_cannot_find_expected_values(ex):
     assert got.value != expected
 
 
+def test_forged_runner_frames_stay_the_programs_problem(ex):
+    for kind in ("garbage", "nested", "setup"):
+        out = run(ex, H.FORGED_FRAMES, kind.encode())
+        assert out.status in ("ok", "runtime_error"), (kind, out)
+    with ex.session(H.FORGED_DURING_CALL) as s:
+        first = s.call("f", [], timeout_s=5)
+        again = s.call("f", [], timeout_s=5)
+    assert first.status == again.status == "runtime_error" and first.value is None
+    assert run(ex, "print('fine')").stdout == b"fine\n"
+
+
 # ------------------------------------------------------------------------------------- after it all
 def test_battery_then_normal_program_and_no_leaks():
     me = psutil.Process()
