@@ -61,11 +61,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     hints.add_argument("--release", help="LiveCodeBench release window, e.g. v6")
     hints.add_argument("--max-tokens", type=int, default=2048)
     hints.add_argument("--temperature", type=float, default=0.6)
+    hints.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     hints.set_defaults(func=_run_hints)
 
 
 def _run_trial(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
+
+    # vLLM logs every request batch and weight reload at INFO; the trial prints its own progress.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
     from trainer.config import load_trial_config
     from trainer.trial import run_trial
@@ -80,6 +85,27 @@ def _run_trial(args: argparse.Namespace) -> int:
 
 
 def _run_hints(args: argparse.Namespace) -> int:
-    from trainer.hints_cli import run_hints_command
+    from trainer.config import DataConfig, TrialConfigError
+    from trainer.data import load_problems
+    from trainer.hints import generate_hints, hints_from_reference_solutions, write_hints
 
-    return run_hints_command(args)
+    if args.from_solutions == bool(args.model):
+        raise TrialConfigError("give exactly one of --from-solutions and --model")
+    data = DataConfig(source=args.data_source, path=args.data_path, release=args.release)
+    problems = load_problems(data)
+    if args.from_solutions:
+        hints = hints_from_reference_solutions(problems)
+    else:
+        from trainer.config import ModelConfig
+        from trainer.models import load_tokenizer, resolve_model
+        from trainer.rollout import RolloutEngine
+
+        model_path = resolve_model(ModelConfig(path=args.model))
+        with RolloutEngine(model_path, dtype="bfloat16" if args.device == "cuda" else "float32",
+                           device=args.device, max_model_len=8192 + args.max_tokens) as engine:
+            hints, metrics = generate_hints(problems, engine, load_tokenizer(model_path), max_tokens=args.max_tokens,
+                                            temperature=args.temperature)
+        print(", ".join(f"{k} {v:.3g}" for k, v in metrics.items()))
+    write_hints(args.out, hints)
+    print(f"wrote {len(hints)} hints to {args.out}")
+    return 0

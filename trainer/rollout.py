@@ -105,6 +105,9 @@ class RolloutEngine:
         kwargs = {}
         if device == "cpu":
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gib)))
+            # vLLM 0.32's CPU runner crashes ('CPU Generator does not use offset') when a seeded request's
+            # prompt is prefilled in chunks; whole prefills avoid the code path and keep seeds exact.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
         elif device == "cuda":
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         children_before = {p.pid for p in psutil.Process().children(recursive=True)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +22,12 @@ import torch
 
 from sandbox.executor import Executor, Limits
 from sandbox.grader import GradeRequest, Grader
-from sandbox.problems import Problem
 from trainer.batch import forward_response_logits, pack
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrialConfig, TrialConfigError
 from trainer.contexts import GradedRollout, needs_hints, validate_context
 from trainer.data import PromptSampler, Split, TrainProblem, load_problems, make_split
+from trainer.distributed import run_local_ranks
 from trainer.evaluate import evaluate
 from trainer.hints import load_hints
 from trainer.losses import opsd_loss, token_logps
@@ -56,11 +56,11 @@ class TrialParts:
 
     cfg: TrialConfig
     tokenizer: Any
-    engine: RolloutEngine
+    engine: RolloutEngine | None  # rank 0 samples and grades; other ranks only train
     student: Student
     teacher: EmaTeacher
-    executor: Executor
-    grader: Grader
+    executor: Executor | None
+    grader: Grader | None
     split: Split
     sampler: PromptSampler
     prompt_ids: dict[str, list[int]]
@@ -73,23 +73,45 @@ class TrialParts:
         digest = hashlib.sha256(f"{self.cfg.seed}/{step}/{purpose}".encode()).digest()
         return int.from_bytes(digest[:4], "little") // 2  # leaves room for vLLM's per-sample offsets
 
+    @property
+    def is_main(self) -> bool:
+        return self.engine is not None
+
     def push_student_weights(self) -> dict[str, float]:
-        return self.engine.push_weights(self.student.named_parameters_for_push())
+        """Every rank calls (reading a ZeRO-3 student is collective); rank 0 loads the weights into vLLM."""
+        named = self.student.named_parameters_for_push()
+        if self.engine is None:
+            for _ in named:
+                pass
+            return {"push/seconds": 0.0}
+        return self.engine.push_weights(named)
 
     @contextlib.contextmanager
     def teacher_weights_in_engine(self) -> Iterator[None]:
-        """The EMA teacher's weights in the rollout engine for the body; the student's again afterwards."""
+        """The EMA teacher's weights in the rollout engine for the body; the student's again afterwards.
+
+        Rank 0 only: the student's weights come back from `student_weights`, a copy taken by every rank
+        before the evaluation, since reading a ZeRO-3 student needs all ranks."""
         self.engine.push_weights(self.teacher.state_dict().items())
         try:
             yield
         finally:
-            self.push_student_weights()
+            self.engine.push_weights(self.student_weights.items())
+
+    student_weights: dict[str, torch.Tensor] | None = None
 
 
 def opsd_step(parts: TrialParts, step: int) -> dict[str, Any]:
     """One OPSD training step (METHOD.md section 1). Returns the step's metrics; the caller logs them."""
     cfg, timer = parts.cfg, PhaseTimer()
     batch: list[TrainProblem] = parts.sampler.next_batch(cfg.rollout.prompts_per_step)
+    if not parts.is_main:
+        # Ranks other than 0 receive rank 0's samples and train on their share of each mini-batch.
+        samples = broadcast_from_main(None)
+        train_on_samples(parts, samples, step=step, timer=timer)
+        parts.push_student_weights()
+        parts.teacher.update(parts.student.named_parameters_for_push())
+        return {}, []
 
     # 1. Rollouts: n samples per prompt from the student, whose current weights the engine holds.
     with timer("rollout"):
@@ -123,6 +145,7 @@ def opsd_step(parts: TrialParts, step: int) -> dict[str, Any]:
 
     # 4-7. Teacher and student logits on the same response tokens, top-k reverse KL, masked token mean,
     # one AdamW step per mini-batch (the importance ratio corrects later mini-batches for the drift).
+    broadcast_from_main(samples)
     loss_metrics = train_on_samples(parts, samples, step=step, timer=timer)
 
     # 8. Push the student's new weights into the rollout engine; move the EMA teacher towards the student.
@@ -146,8 +169,14 @@ def opsd_step(parts: TrialParts, step: int) -> dict[str, Any]:
 def train_on_samples(parts: TrialParts, samples: list[Sample], *, step: int, timer: PhaseTimer) -> dict[str, float]:
     """Steps 4-7 over one step's samples: mini-batches (one optimizer step each) of micro-batches."""
     cfg = parts.cfg
-    rng = np.random.default_rng([cfg.seed, step])
-    minibatches = iter_minibatches(len(samples), cfg.optim.mini_batch_size, cfg.optim.micro_batch_size, rng=rng)
+    rank, world_size = parts.student.dist.rank, parts.student.dist.world_size
+
+    def split_for(r: int) -> list[list[list[int]]]:
+        return iter_minibatches(len(samples), cfg.optim.mini_batch_size, cfg.optim.micro_batch_size,
+                                rng=np.random.default_rng([cfg.seed, step]), rank=r, world_size=world_size)
+
+    minibatches = split_for(rank)
+    everyone = [split_for(r) for r in range(world_size)]
     loss_options = cfg.loss.model_dump()
     old_logps = None
     if len(minibatches) > 1 and cfg.loss.is_clip is not None:
@@ -157,13 +186,15 @@ def train_on_samples(parts: TrialParts, samples: list[Sample], *, step: int, tim
                          for i, lp in zip(micro, _student_token_logps(parts, [samples[j] for j in micro]))}
     sums: dict[str, float] = {}
     count = 0
-    for mini in minibatches:
-        kept = [samples[i] for micro in mini for i in micro if samples[i].has_context]
-        # Micro-batches add up to the mini-batch's token mean (or sequence mean).
+    for index, mini in enumerate(minibatches):
+        kept = [samples[i] for r in range(world_size) for micro in everyone[r][index] for i in micro
+                if samples[i].has_context]
+        # Micro-batches of all ranks add up to the mini-batch's token mean (or sequence mean); DeepSpeed
+        # averages gradients over ranks, hence the factor world_size.
         if cfg.loss.aggregation == "token_mean":
-            normalizer = max(sum(len(s.response_ids) for s in kept), 1)
+            normalizer = max(sum(len(s.response_ids) for s in kept), 1) / world_size
         else:
-            normalizer = max(sum(1 for s in kept if s.response_ids), 1)
+            normalizer = max(sum(1 for s in kept if s.response_ids), 1) / world_size
         for micro in mini:
             micro_samples = [samples[i] for i in micro]
             student_batch = pack([s.prompt_ids for s in micro_samples], [s.response_ids for s in micro_samples],
@@ -196,6 +227,17 @@ def train_on_samples(parts: TrialParts, samples: list[Sample], *, step: int, tim
             "is_weight_mean": averaged["is_weight_mean"], "is_clip_fraction": averaged["is_clip_fraction"],
             "grad_norm": averaged["grad_norm"] * count / len(minibatches), "optimizer_steps": len(minibatches),
             "lr": step_metrics["lr"]}
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a no-op in a single process)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _student_token_logps(parts: TrialParts, samples: list[Sample]) -> list[torch.Tensor]:
@@ -239,17 +281,9 @@ def build_parts(cfg: TrialConfig) -> Iterator[TrialParts]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     with contextlib.ExitStack() as stack:
-        executor = stack.enter_context(Executor(
-            cfg.sandbox.workers, isolation=cfg.sandbox.isolation, limits=Limits(memory_mb=cfg.sandbox.memory_mb)))
-        grader = Grader(executor, code_block=cfg.rollout.code_block, time_limit_s=cfg.sandbox.time_limit_s)
-        max_model_len = max(cfg.rollout.max_prompt_tokens, cfg.context.max_teacher_prompt_tokens) \
-            + cfg.rollout.max_response_tokens
-        # A longer teacher prompt than the model can take is cut by truncation; the engine cannot exceed it.
-        model_limit = json.loads((model_path / "config.json").read_text()).get("max_position_embeddings")
-        max_model_len = min(max_model_len, model_limit or max_model_len)
-        engine = stack.enter_context(RolloutEngine(
-            model_path, dtype=cfg.model.dtype, seed=cfg.seed, max_model_len=max_model_len, device=cfg.device,
-            kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization))
+        executor = grader = engine = None
+        if int(os.environ.get("RANK", "0")) == 0:
+            executor, grader, engine = _start_rollout_and_sandbox(cfg, model_path, stack)
         torch.manual_seed(cfg.seed)
         model = load_causal_lm(model_path, dtype=cfg.model.dtype, device=cfg.device)
         teacher = EmaTeacher.from_model(model, ema_rate=cfg.teacher.ema_rate, offload=cfg.teacher.offload,
@@ -260,17 +294,47 @@ def build_parts(cfg: TrialConfig) -> Iterator[TrialParts]:
                          hints=hints, pad_id=pad_id, model_path=model_path)
 
 
+def _start_rollout_and_sandbox(cfg: TrialConfig, model_path: Path,
+                               stack: contextlib.ExitStack) -> tuple[Executor, Grader, RolloutEngine]:
+    executor = stack.enter_context(Executor(
+        cfg.sandbox.workers, isolation=cfg.sandbox.isolation, limits=Limits(memory_mb=cfg.sandbox.memory_mb)))
+    grader = Grader(executor, code_block=cfg.rollout.code_block, time_limit_s=cfg.sandbox.time_limit_s)
+    max_model_len = max(cfg.rollout.max_prompt_tokens, cfg.context.max_teacher_prompt_tokens) \
+            + cfg.rollout.max_response_tokens
+    # A longer teacher prompt than the model can take is cut by truncation; the engine cannot exceed it.
+    model_limit = json.loads((model_path / "config.json").read_text()).get("max_position_embeddings")
+    max_model_len = min(max_model_len, model_limit or max_model_len)
+    engine = stack.enter_context(RolloutEngine(
+        model_path, dtype=cfg.model.dtype, seed=cfg.seed, max_model_len=max_model_len, device=cfg.device,
+        kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization))
+    return executor, grader, engine
+
+
 # ------------------------------------------------------------------------------------------------ the trial
 
 
 def run_trial(cfg: TrialConfig, out_dir: Path) -> dict[str, Any]:
-    """Run (or resume) the trial into `out_dir`; returns the summary also written to trial.json."""
+    """Run (or resume) the trial into `out_dir`; returns the summary also written to trial.json.
+
+    With `deepspeed.world_size` N > 1 and no launcher around this process, N local ranks are started
+    (gloo on CPU, NCCL on GPU); rank 0 holds the rollout engine and the sandbox, every rank trains.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     _claim_out_dir(cfg, out_dir)
+    if cfg.deepspeed.world_size > 1 and "RANK" not in os.environ:
+        results = run_local_ranks(_run_rank, cfg.deepspeed.world_size, cfg.model_dump(mode="json"), str(out_dir),
+                                  device=cfg.device, timeout_s=7 * 24 * 3600)
+        return results[0]
+    return _run_rank(0, cfg.model_dump(mode="json"), str(out_dir))
+
+
+def _run_rank(rank: int, cfg_json: dict, out: str) -> dict[str, Any]:
+    cfg, out_dir = TrialConfig.model_validate(cfg_json), Path(out)
     started = time.time()
     log = StepLog(out_dir / "steps.parquet")
     checkpoints = out_dir / "checkpoints"
     with build_parts(cfg) as parts:
+        main = parts.is_main
         resume_from = latest_checkpoint(checkpoints)
         if resume_from is not None:
             state = load_checkpoint(resume_from, student=parts.student, teacher=parts.teacher)
@@ -278,32 +342,50 @@ def run_trial(cfg: TrialConfig, out_dir: Path) -> dict[str, Any]:
             parts.push_student_weights()
             first_step, initial, latest_eval = state.step + 1, state.metadata["initial_eval"], state.metadata["latest_eval"]
             log.truncate_after(state.step)
-            print(f"resuming {out_dir} after step {state.step}")
+            if main:
+                print(f"resuming {out_dir} after step {state.step}")
+                _print_eval(state.step, latest_eval)
         else:
             first_step = 1
-            initial = latest_eval = evaluate(parts, step=0)
-            log.append(0, "eval", initial)
-            log.flush()
+            initial = latest_eval = _evaluate_on_main(parts, step=0)
+            if main:
+                log.append(0, "eval", initial)
+                log.flush()
+                _print_eval(0, initial)
             _save(parts, checkpoints, 0, initial, latest_eval)
-        _print_eval(0 if resume_from is None else first_step - 1, initial if resume_from is None else latest_eval)
 
         for step in range(first_step, cfg.steps + 1):
             metrics, records = opsd_step(parts, step)
-            log.append(step, "train", metrics)
-            _write_rollouts(out_dir / "rollouts" / f"step-{step:06d}.jsonl", records)
-            print(f"step {step}/{cfg.steps}  loss {metrics['loss']:.4f}  kl {metrics['kl']:.4f}  "
-                  f"reward {metrics['reward']:.3f}  ({sum(v for k, v in metrics.items() if k.startswith('time/')):.1f}s)")
+            if main:
+                log.append(step, "train", metrics)
+                _write_rollouts(out_dir / "rollouts" / f"step-{step:06d}.jsonl", records)
+                print(f"step {step}/{cfg.steps}  loss {metrics['loss']:.4f}  kl {metrics['kl']:.4f}  "
+                      f"reward {metrics['reward']:.3f}  "
+                      f"({sum(v for k, v in metrics.items() if k.startswith('time/')):.1f}s)", flush=True)
             if step % cfg.eval.every_steps == 0 or step == cfg.steps:
-                latest_eval = evaluate(parts, step=step)
-                log.append(step, "eval", latest_eval)
-                _print_eval(step, latest_eval)
-            log.flush()
+                latest_eval = _evaluate_on_main(parts, step=step)
+                if main:
+                    log.append(step, "eval", latest_eval)
+                    _print_eval(step, latest_eval)
+            if main:
+                log.flush()
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _save(parts, checkpoints, step, initial, latest_eval)
 
     summary = _summary(cfg, parts.model_path, initial, latest_eval, time.time() - started)
-    write_json(out_dir / "trial.json", summary)
+    if main:
+        write_json(out_dir / "trial.json", summary)
     return summary
+
+
+def _evaluate_on_main(parts: TrialParts, *, step: int) -> dict[str, Any]:
+    """Rank 0 evaluates; every rank first copies the student's full weights (collective under ZeRO-3), which
+    rank 0 pushes back into the engine after the self-teacher's turn, and every rank gets the metrics."""
+    parts.student_weights = dict(parts.student.named_parameters_for_push())
+    try:
+        return broadcast_from_main(evaluate(parts, step=step) if parts.is_main else None)
+    finally:
+        parts.student_weights = None
 
 
 def _save(parts: TrialParts, root: Path, step: int, initial: dict, latest_eval: dict) -> None:
