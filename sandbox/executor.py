@@ -173,8 +173,8 @@ class Session:
             except PlainDataError as e:
                 status, error = "runtime_error", "the returned value could not be decoded: %s" % e
         outcome = CallOutcome(status, value, out, err, _wall(reply), error)
-        if status in ("time_limit", "memory_limit", "output_limit") or reply.get("ended"):
-            self._fail(outcome)
+        if status in ("time_limit", "memory_limit", "output_limit") or reply.get("ended") is True:
+            self._fail(outcome)  # the program is gone: later calls answer at once with this failure
         return outcome
 
     def _fail(self, outcome: CallOutcome) -> CallOutcome:

@@ -580,7 +580,7 @@ class ForkServer:
         limits = req["limits"]
         started = time.monotonic()
         if self.session_failure is not None:
-            return dict(self.session_failure, wall_s=0.0), [b"", b""]
+            return dict(self.session_failure, wall_s=0.0, ended=True), [b"", b""]
         if self.session is None:
             self.session = self.spawn(limits, b"", "session", req["code"])
         prog = self.session
@@ -603,7 +603,8 @@ class ForkServer:
                 error = "the program ended during the call"
             self.end_session(failure={"status": status, "error": error, "exit_code": code})
         cap = limits["output_bytes"]
-        reply = {"status": status, "error": error, "value": value, "wall_s": time.monotonic() - started}
+        reply = {"status": status, "error": error, "value": value, "wall_s": time.monotonic() - started,
+                 "ended": self.session is None}
         return reply, [bytes(out[:cap]), bytes(err[: max(0, cap - len(out))])]
 
     def end_session(self, failure=None):

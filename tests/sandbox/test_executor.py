@@ -223,3 +223,13 @@ def test_isolation_modes_report_and_refuse(caplog):
             assert not any(v for k, v in bare.isolation_report().items() if k != "rlimits")
             assert run(bare, "print(input())", b"hi\n").stdout == b"hi\n"
     assert any("ISOLATION IS OFF" in r.getMessage() for r in caplog.records)
+
+
+def test_error_in_top_level_code_ends_the_program(ex):
+    code = "print('starting')\nraise RuntimeError('boom')\ndef f():\n    return 1\n"
+    with ex.session(code) as s:
+        first = s.call("f", [], timeout_s=5)
+        second = s.call("f", [], timeout_s=5)
+    assert first.status == "runtime_error" and first.error.endswith("RuntimeError: boom\n")
+    assert first.stdout == b"starting\n"
+    assert (second.status, second.error, second.wall_s, second.stdout) == ("runtime_error", first.error, 0.0, b"")
