@@ -58,7 +58,7 @@ def test_fork_bomb_is_contained_and_leaves_no_process(ex):
     counted = run(ex, H.FORK_COUNT)
     assert counted.status == "ok" and 1 <= int(counted.stdout) <= FAST.n_procs
     bomb = run(ex, H.FORK_BOMB, timeout_s=1.0)
-    assert bomb.status == "time_limit" and bomb.wall_s < 3
+    assert bomb.status == "time_limit" and bomb.wall_s < 5
     assert descendants(ex) == before
 
 
@@ -104,7 +104,7 @@ def test_pid_namespace_alone_kills_orphans_and_the_check_sees_survivors():
 
 def test_program_ignoring_sigterm_and_sigalrm_is_killed(ex):
     out = run(ex, H.IGNORES_SIGNALS, timeout_s=1.0)
-    assert out.status == "time_limit" and out.wall_s < 3
+    assert out.status == "time_limit" and out.wall_s < 5
 
 
 def test_infinite_loop(ex):
