@@ -92,6 +92,20 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
+def all_reduce_sum(value: float) -> float:
+    """Sum of `value` over all ranks (itself without a process group), e.g. a mini batch's global token
+    count, which each rank's loss shares need because DeepSpeed averages gradients over ranks."""
+    import torch
+    import torch.distributed as torch_dist
+
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return float(value)
+    device = "cuda" if torch_dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    torch_dist.all_reduce(total)
+    return float(total.item())
+
+
 def get_rank() -> int:
     import torch.distributed as torch_dist
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import DeepSpeedConfig, OptimConfig
-from trainer.distributed import run_local_ranks
+from trainer.distributed import all_reduce_sum, run_local_ranks
 from trainer.student import Student, build_deepspeed_config, iter_minibatches
 
 VOCAB = 64
@@ -228,6 +228,7 @@ def _two_rank_training(rank: int, start_state: dict, zero_stages: list[int]) -> 
             student.step()
         results[zero_stage] = student.full_state_dict()
     results["rank"] = torch.distributed.get_rank()
+    results["token_total"] = all_reduce_sum(10.5 + rank)  # e.g. each rank's response tokens
     return results
 
 
@@ -243,7 +244,7 @@ def test_two_ranks_with_half_batches_match_one_rank_on_the_full_batch():
         torch.set_num_threads(threads)
     start_state = {k: v.clone() for k, v in start.state_dict().items()}
     ranks = run_local_ranks(_two_rank_training, 2, start_state, [0, 2, 3])
-    assert [r["rank"] for r in ranks] == [0, 1]
+    assert [r["rank"] for r in ranks] == [0, 1] and [r["token_total"] for r in ranks] == [22.0, 22.0]
     for zero_stage in (0, 2, 3):
         assert max_abs_diff(ranks[0][zero_stage], expected) < ZERO_TOLERANCE[zero_stage]
         assert max_abs_diff(ranks[1][zero_stage], ranks[0][zero_stage]) == 0.0
