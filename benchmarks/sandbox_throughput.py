@@ -13,8 +13,9 @@ plus small stdin programs with inputs and expected outputs written below.
   ``fork``: a forked ``multiprocessing.Process`` per program (cheaper: it inherits this process's memory);
   ``fork-manager``: the same plus the ``multiprocessing.Manager`` process LiveCodeBench starts per program.
 
-Both run side by side in this process, ``--workers`` programs at a time, and the table gives programs/s
-and latency per program (median, p90) by verdict, and the ratio.
+All run side by side in this process, ``--workers`` programs at a time, interleaved in ``--rounds`` slices
+(so a shared machine's changing load hits them alike); the table gives programs/s, latency per program
+(median, p90) by verdict, and the ratio of the executor's throughput to each baseline's.
 
     .venv/bin/python benchmarks/sandbox_throughput.py --n 164 --workers 2
 """
@@ -205,7 +206,8 @@ def baseline_job(job: dict, use_manager: bool) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def measure(name: str, fn, jobs: list[dict], workers: int) -> dict:
+def measure(fn, jobs: list[dict], workers: int) -> tuple[float, list[tuple[str, float]]]:
+    """Run ``jobs`` ``workers`` at a time; (elapsed seconds, [(verdict, latency s)] in job order)."""
     def timed(job):
         t = time.perf_counter()
         verdict = fn(job)
@@ -214,12 +216,29 @@ def measure(name: str, fn, jobs: list[dict], workers: int) -> dict:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(timed, jobs))
-    elapsed = time.perf_counter() - t0
-    by_verdict: dict[str, list[float]] = {}
-    for verdict, latency in results:
-        by_verdict.setdefault(verdict, []).append(latency)
-    return {"name": name, "programs": len(jobs), "seconds": elapsed, "per_s": len(jobs) / elapsed,
-            "verdicts": [v for v, _ in results], "latency": by_verdict}
+    return time.perf_counter() - t0, results
+
+
+def interleaved(harnesses: dict, jobs: list[dict], workers: int, rounds: int) -> dict:
+    """Every harness runs every job; the jobs are cut into ``rounds`` slices and each slice is run by all
+    harnesses in a rotating order, so a change in the machine's load (shared machines) hits all alike."""
+    slices = [jobs[i::rounds] for i in range(rounds)]
+    order = list(harnesses)
+    acc = {name: {"name": name, "seconds": 0.0, "results": {}} for name in order}
+    for r, part in enumerate(slices):
+        for name in order[r % len(order):] + order[: r % len(order)]:
+            elapsed, results = measure(harnesses[name], part, workers)
+            acc[name]["seconds"] += elapsed
+            for job, res in zip(part, results):
+                acc[name]["results"][job["id"]] = res
+    for a in acc.values():
+        res = [a["results"][job["id"]] for job in jobs]
+        a["verdicts"] = [v for v, _ in res]
+        a["latency"] = {}
+        for verdict, latency in res:
+            a["latency"].setdefault(verdict, []).append(latency)
+        a["per_s"] = len(jobs) / a["seconds"]
+    return acc
 
 
 def _p90(xs: list[float]) -> float:
@@ -233,30 +252,32 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="programs in flight at once (both harnesses)")
     ap.add_argument("--baselines", default="subprocess,fork,fork-manager",
                     help="comma-separated baselines to run: subprocess, fork, fork-manager")
+    ap.add_argument("--rounds", type=int, default=4, help="slices of the programs, run by every harness in turn")
     args = ap.parse_args(argv)
 
     jobs = load_humaneval(args.n) + stdin_jobs()
-    t = time.perf_counter()
-    ex = Executor(args.workers, isolation="full", limits=Limits(wall_s=60, cpu_s=60))
-    startup = time.perf_counter() - t
-    try:
-        print("executor: %d workers, start-up %.2f s, layers %s" % (args.workers, startup, ex.isolation_report()))
-        executor_jobs_fn = lambda job: executor_job(ex, job)  # noqa: E731
-        measure("warm-up", executor_jobs_fn, jobs[:4], args.workers)
-        ours = measure("executor (isolated)", executor_jobs_fn, jobs, args.workers)
-    finally:
-        ex.close()
     baseline_fns = {
         "subprocess": ("baseline: fresh python per program", subprocess_job),
         "fork": ("baseline: forked Process per program", lambda job: baseline_job(job, False)),
         "fork-manager": ("baseline: forked Process + Manager", lambda job: baseline_job(job, True)),
     }
-    bases = []
-    for key in [b for b in args.baselines.split(",") if b]:
+    keys = [b for b in args.baselines.split(",") if b]
+    for key in keys:
         if key not in baseline_fns:
             ap.error("unknown baseline %r" % key)
-        label, fn = baseline_fns[key]
-        bases.append(measure(label, fn, jobs, args.workers))
+    t = time.perf_counter()
+    ex = Executor(args.workers, isolation="full", limits=Limits(wall_s=60, cpu_s=60))
+    startup = time.perf_counter() - t
+    try:
+        print("executor: %d workers, start-up %.2f s, layers %s" % (args.workers, startup, ex.isolation_report()))
+        ours_name = "executor (isolated)"
+        harnesses = {ours_name: lambda job: executor_job(ex, job)}
+        harnesses.update({baseline_fns[k][0]: baseline_fns[k][1] for k in keys})
+        measure(harnesses[ours_name], jobs[:4], args.workers)  # warm-up
+        acc = interleaved(harnesses, jobs, args.workers, args.rounds)
+    finally:
+        ex.close()
+    ours, bases = acc[ours_name], [acc[baseline_fns[k][0]] for k in keys]
 
     print("\n%d programs (%d HumanEval check programs, %d stdin programs), %d at a time\n"
           % (len(jobs), args.n, len(STDIN_PROGRAMS), args.workers))

@@ -451,10 +451,14 @@ class ForkServer:
                         keep = [in_fd, out_w, err_w, req_r if req_r is not None else os.open(os.devnull, os.O_RDONLY), resp_w]
                         enter_program(self.cfg, limits, keep, scratch)
                     except BaseException as e:
-                        try:
-                            os.write(4, pack_frame({"setup_error": "%s: %s" % (type(e).__name__, e)}))
-                        finally:
-                            os._exit(SETUP_FAILED)
+                        msg = pack_frame({"setup_error": "%s: %s" % (type(e).__name__, e)})
+                        for fd in (resp_w, 4):  # 4 once enter_program has moved the descriptors
+                            try:
+                                os.write(fd, msg)
+                                break
+                            except OSError:
+                                continue
+                        os._exit(SETUP_FAILED)
                     if mode == "run":
                         program_run(code)
                     else:
