@@ -88,7 +88,9 @@ def bwrap_command(bwrap: str, python: str, source: str, *, tmpfs_bytes: int) -> 
         if os.path.isdir(d) and not d.startswith("/usr/lib"):
             cmd += ["--ro-bind", d, d]
     cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmpfs_bytes), "--tmpfs", "/tmp",
-            "--remount-ro", "/dev", "--clearenv"]
+            # The root (bubblewrap's tmpfs) is shared by every program of the worker: read-only, so no
+            # program leaves files for the next; each program gets its own /tmp.
+            "--remount-ro", "/dev", "--remount-ro", "/", "--clearenv"]
     for k, v in SANDBOX_ENV.items():
         cmd += ["--setenv", k, v]
     cmd += ["--chdir", "/tmp", python, "-I", "-S", "-c", source]

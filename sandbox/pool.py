@@ -71,6 +71,7 @@ class Worker:
         cfg = {
             "pidns": plan.pidns, "mounts": bool(plan.bwrap) and plan.pidns, "drop": plan.drop,
             "env": isolation.SANDBOX_ENV, "scratch_root": scratch_root, "probe_limits": self.probe_limits,
+            "wipe_scratch_root": bool(plan.bwrap),
         }
         self._init = ({"cfg": cfg}, [plan.bpf or b""])
 

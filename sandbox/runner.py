@@ -422,6 +422,16 @@ class ForkServer:
             import shutil
 
             shutil.rmtree(path, ignore_errors=True)
+            if self.cfg.get("wipe_scratch_root"):  # a writable /tmp shared by the worker's programs
+                for name in os.listdir(self.cfg["scratch_root"]):
+                    p = os.path.join(self.cfg["scratch_root"], name)
+                    if os.path.isdir(p) and not os.path.islink(p):
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        try:
+                            os.unlink(p)
+                        except OSError:
+                            pass
 
     def spawn(self, limits, stdin_bytes, mode, code):
         """Fork A → (new namespaces) → fork B. Returns the Program handle of B."""

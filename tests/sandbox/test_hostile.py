@@ -218,6 +218,33 @@ def test_host_files_out_of_reach(ex, tmp_path, disable):
     assert secret.read_text().encode() not in out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("disable", [(), ("pid_namespace",)], ids=["all", "without-pid-namespace"])
+def test_only_read_only_system_files_and_nothing_left_for_the_next_program(disable):
+    leave = (
+        "import os\n"
+        "print(sorted(os.listdir('/')))\n"
+        "for path in ('/usr/lib/pwned', '/pwned', '/dev/pwned', '/dev/shm/pwned', '/proc/pwned'):\n"
+        "    try:\n"
+        "        open(path, 'w').write('x')\n"
+        "        print('WROTE', path)\n"
+        "    except OSError as e:\n"
+        "        print('blocked', path, e.errno)\n"
+        "open('/tmp/left-over', 'w').write('mine')\n"
+        "open('scratch.txt', 'w').write('mine')\n"
+        "print(open('scratch.txt').read())\n"
+    )
+    look = "import os\nprint((sorted(os.listdir('/')), [p for p in os.listdir('/tmp') if '/tmp/' + p != os.getcwd()], os.listdir('.')))"
+    with Executor(1, limits=ROOMY, disable=set(disable)) as ex1:  # one worker: both programs share it
+        first = run(ex1, leave)
+        second = run(ex1, look)
+    lines = first.stdout.decode().splitlines()
+    assert first.status == "ok" and not any(line.startswith("WROTE") for line in lines), lines
+    assert set(eval(lines[0])) <= {"usr", "lib", "lib64", "lib32", "proc", "dev", "tmp"}  # our own print
+    assert lines[-1] == "mine"
+    root, tmp, cwd = eval(second.stdout.decode())  # our own print
+    assert set(root) <= {"usr", "lib", "lib64", "lib32", "proc", "dev", "tmp"} and tmp == [] and cwd == []
+
+
 @pytest.mark.parametrize("disable", [(), ("bwrap",)], ids=["all", "without-bwrap"])
 def test_environment_secrets_do_not_reach_the_program(monkeypatch, disable):
     secrets = {"WANDB_API_KEY": "wandb-" + uuid.uuid4().hex, "HF_TOKEN": "hf_" + uuid.uuid4().hex,
