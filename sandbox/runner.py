@@ -38,7 +38,7 @@ MAX_RECURSION = 100_000  # programs may raise the limit up to this; the main sta
 STACK_BYTES = 1 << 30
 SETUP_FAILED = 97
 
-CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID = 0x00020000, 0x08000000, 0x20000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER = 38, 22, 24, 36
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER = 47, 4, 2
@@ -452,7 +452,8 @@ class ForkServer:
             try:
                 os.close(pid_r)
                 if self.cfg["pidns"]:
-                    flags = CLONE_NEWPID | (CLONE_NEWNS if self.cfg["mounts"] else 0)
+                    # Its own IPC namespace too: SysV segments and message queues die with the program.
+                    flags = CLONE_NEWPID | CLONE_NEWIPC | (CLONE_NEWNS if self.cfg["mounts"] else 0)
                     _check(libc().unshare(flags), "unshare")
                 b = os.fork()
                 if b == 0:  # B

@@ -226,3 +226,14 @@ def f():
     os.write(4, struct.pack(">I", 200000) + b"[" * 200000)
     return 1
 """
+
+# A System V shared-memory segment outlives its creator unless its IPC namespace dies with it.
+SYSV_SHM = """
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+IPC_CREAT = 0o1000
+mode = sys.stdin.read().strip()
+flags = (IPC_CREAT | 0o666) if mode == "create" else 0o666
+shmid = libc.shmget(0x0D5D, 1 << 20, flags)
+print(shmid, ctypes.get_errno())
+"""

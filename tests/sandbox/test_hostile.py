@@ -245,6 +245,14 @@ def test_only_read_only_system_files_and_nothing_left_for_the_next_program(disab
     assert set(root) <= {"usr", "lib", "lib64", "lib32", "proc", "dev", "tmp"} and tmp == [] and cwd == []
 
 
+def test_sysv_shared_memory_dies_with_the_program():
+    with Executor(1, limits=FAST) as ex1:  # one worker: both programs share it
+        created = run(ex1, H.SYSV_SHM, b"create")
+        found = run(ex1, H.SYSV_SHM, b"find")
+    assert created.status == "ok" and int(created.stdout.split()[0]) >= 0
+    assert found.stdout.split() == [b"-1", b"2"]  # ENOENT: the segment went with the first program
+
+
 @pytest.mark.parametrize("disable", [(), ("bwrap",)], ids=["all", "without-bwrap"])
 def test_environment_secrets_do_not_reach_the_program(monkeypatch, disable):
     secrets = {"WANDB_API_KEY": "wandb-" + uuid.uuid4().hex, "HF_TOKEN": "hf_" + uuid.uuid4().hex,
