@@ -301,6 +301,10 @@ class RolloutEngine:
             process.kill()
         psutil.wait_procs(alive, timeout=5)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise RolloutError("the rollout engine was closed")
