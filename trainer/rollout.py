@@ -255,11 +255,6 @@ class RolloutEngine:
             del tensors, payload
         return n_tensors, n_bytes
 
-    def parameter_checksums(self) -> dict[str, float]:
-        """Per-parameter sums inside the engine (vLLM's names and layouts; first worker)."""
-        self._check_open()
-        return self.llm.collective_rpc("opsd_parameter_checksums")[0]
-
     def process_ids(self) -> list[int]:
         """Process ids of every process the engine started (engine core and workers)."""
         return [p.pid for p in self._engine_processes]

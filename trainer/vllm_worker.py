@@ -66,11 +66,6 @@ class WeightSyncExtension:
         torch.cuda.synchronize()
         return len(named)
 
-    def opsd_parameter_checksums(self) -> dict[str, float]:
-        """Sum of each model parameter as float64 (kernel layout): lets tests see that a push changed weights."""
-        model = self.model_runner.get_model()
-        return {name: float(param.detach().double().sum()) for name, param in model.named_parameters()}
-
     def opsd_worker_pid(self) -> int:
         """The worker's process id (to check that closing the engine ends it)."""
         return os.getpid()
