@@ -417,8 +417,10 @@ def _write_rollouts(path: Path, records: list[dict]) -> None:
 
 
 def _print_eval(step: int, ev: dict) -> None:
-    print(f"eval @ step {step}: student {ev['student_acc']:.3f} (tests {ev['student_test_frac']:.3f})  "
-          f"self-teacher {ev['teacher_acc']:.3f}  student@T=1 {ev['student_acc_t1']:.3f}  gap {ev['gap']:+.3f}")
+    print(f"eval @ step {step}: all tests passed: student {ev['student_acc']:.3f}, at T=1 {ev['student_acc_t1']:.3f}, "
+          f"self-teacher {ev['teacher_acc']:.3f}, gap {ev['gap']:+.3f} | fraction of tests: student "
+          f"{ev['student_test_frac']:.3f}, at T=1 {ev['student_test_frac_t1']:.3f}, self-teacher "
+          f"{ev['teacher_test_frac']:.3f}, gap {ev['gap_test_frac']:+.3f}", flush=True)
 
 
 def _summary(cfg: TrialConfig, model_path: Path, initial: dict, final: dict, seconds: float) -> dict[str, Any]:

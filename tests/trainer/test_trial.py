@@ -135,3 +135,21 @@ def test_killed_trial_resumes_with_identical_metrics(copy_setup, hint_run):
         for key in ("loss", "kl", "reward", "grad_norm", "response_tokens_mean", "teacher_student_l2"):
             assert got[key] == want[key], (got["step"], key, got[key], want[key])
     assert [r["student_acc"] for r in rows(out, "eval")] == [r["student_acc"] for r in rows(hint_run, "eval")]
+
+
+@pytest.mark.slow
+def test_two_trainer_ranks_learn_like_one(copy_setup, hint_run):
+    """deepspeed.world_size 2 over gloo: rank 0 samples and grades, both ranks train on halves."""
+    path = trial_file(copy_setup, "llm_peer_hints")
+    settings = yaml.safe_load(path.read_text())
+    settings["deepspeed"] = {"world_size": 2}
+    path = copy_setup["root"] / "ws2.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    out = copy_setup["root"] / "run-ws2"
+    result = run_opsd("trial", str(path), "--out", str(out), log=copy_setup["root"] / "ws2.log")
+    assert result.returncode == 0, (copy_setup["root"] / "ws2.log").read_text()[-3000:]
+    two, one = rows(out, "eval"), rows(hint_run, "eval")
+    assert two[0]["student_ref_logp"] == pytest.approx(one[0]["student_ref_logp"], abs=1e-5)
+    assert two[-1]["student_ref_logp"] - two[0]["student_ref_logp"] > 0.25
+    # Step 1 starts from the same weights and rollouts: rank 0's share of the KL is close to the whole's.
+    assert rows(out, "train")[0]["kl"] == pytest.approx(rows(hint_run, "train")[0]["kl"], rel=0.5)
