@@ -8,6 +8,8 @@ present, else joined from trials.parquet through `trial_id`.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +43,9 @@ COMPLETED = "completed"
 
 
 def read_table(path: Path, *, what: str) -> pd.DataFrame:
-    """One table from .parquet, .csv, .json (records) or .jsonl, chosen by the file's suffix."""
+    """One table from .parquet, .csv, .json or .jsonl, chosen by the file's suffix.
+
+    A .json file holds a list of records or one record (a trial's trial.json is one row)."""
     path = Path(path)
     if not path.is_file():
         raise AnalysisError(f"{what} not found: {path}")
@@ -54,7 +58,8 @@ def read_table(path: Path, *, what: str) -> pd.DataFrame:
         if suffix == ".jsonl":
             return pd.read_json(path, lines=True)
         if suffix == ".json":
-            return pd.read_json(path, orient="records")
+            records = json.loads(path.read_text())
+            return pd.DataFrame([records] if isinstance(records, dict) else records)
     except (OSError, ValueError) as err:  # pyarrow and pandas raise subclasses of these on corrupt files
         raise AnalysisError(f"cannot read {what} {path}: {str(err).splitlines()[0]}") from err
     raise AnalysisError(f"{what} {path}: unknown format {suffix!r} (use .parquet, .csv, .json or .jsonl)")
