@@ -184,15 +184,24 @@ def _descendants(pid: int) -> list[int]:
 
 
 class WorkerCgroup:
-    """A memory and a pids cgroup holding one worker: caps the whole program (all its processes) and
-    counts the kernel's OOM kills, so an OOM-killed program is reported as memory_limit."""
+    """A memory, a pids and (where available) a cpu cgroup holding one worker: caps the whole program (all
+    its processes together), counts the kernel's OOM kills so an OOM-killed program is reported as
+    memory_limit, and holds the worker to one core."""
 
     def __init__(self, tag: str):
         sweep_stale_cgroups()
         name = "%s%d-%s" % (_CGROUP_PREFIX, os.getpid(), tag)
         self.dirs = {c: os.path.join(_own_cgroup_dir(c), name) for c in ("memory", "pids")}
+        cpu = _own_cgroup_dir("cpu")
+        if cpu is not None and os.access(cpu, os.W_OK):
+            self.dirs["cpu"] = os.path.join(cpu, name)
         for d in self.dirs.values():
             os.makedirs(d, exist_ok=True)
+        if "cpu" in self.dirs:  # one core per worker at most: a fork bomb cannot take the machine
+            with open(os.path.join(self.dirs["cpu"], "cpu.cfs_period_us"), "w") as f:
+                f.write("100000")
+            with open(os.path.join(self.dirs["cpu"], "cpu.cfs_quota_us"), "w") as f:
+                f.write("100000")
         self._memory = None
 
     def add_tree(self, pid: int) -> None:
@@ -245,7 +254,7 @@ class WorkerCgroup:
 
 def sweep_stale_cgroups() -> None:
     """Remove empty cgroups left by executors whose process is gone (a crash skips their clean-up)."""
-    for controller in ("memory", "pids"):
+    for controller in ("memory", "pids", "cpu"):
         base = _own_cgroup_dir(controller)
         if base is None:
             continue

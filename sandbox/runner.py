@@ -188,6 +188,7 @@ def enter_program(cfg, limits, fds, scratch):
         os.dup2(fd, target)
     os.closerange(len(fds), 1 << 16)
     os.chdir(scratch)
+    os.setpriority(os.PRIO_PROCESS, 0, max(0, os.getpriority(os.PRIO_PROCESS, 0)))  # the server runs at -10
     _set_rlimits(limits)
     if cfg["drop"] == "caps":  # bubblewrap already runs us as an unprivileged uid in its user namespace
         _drop_capabilities(cfg["prepared"])
