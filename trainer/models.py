@@ -104,13 +104,14 @@ def _hub_snapshot(repo_id: str) -> Path:
     patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached locally; try the hub below
+    except Exception:  # noqa: BLE001, S110 - not in the local Hugging Face cache: ask the hub below
         pass
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as err:  # noqa: BLE001 - network, auth or unknown repo: one user-facing line
-        raise ModelError(f"model.path: '{repo_id}' is not a local folder and could not be fetched from the "
-                         f"Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        raise ModelError(
+            f"model.path: '{repo_id}' is not a local folder and could not be fetched from the Hugging Face hub "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
 
 
 def _file_digest(path: Path) -> str:
@@ -217,7 +218,6 @@ def load_causal_lm(path: str | Path, *, dtype: str = "float32", device: str = "c
     "sdpa" is the default: in float32 it matches vLLM's log-probs within 1e-5 (tests/trainer/test_rollout.py)
     and needs less memory than "eager" on long responses.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = _torch_dtype(dtype)

@@ -304,7 +304,7 @@ class RolloutEngine:
         if self._closed:
             raise RolloutError("the rollout engine was closed")
 
-    def __enter__(self) -> "RolloutEngine":
+    def __enter__(self) -> RolloutEngine:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -55,7 +55,7 @@ class WeightSyncExtension:
 
         import torch
 
-        handles: list[tuple[str, tuple]] = pickle.loads(payload)  # noqa: S301 - sent by our own trainer
+        handles: list[tuple[str, tuple]] = pickle.loads(payload)  # sent by our own trainer
         device_index = torch.cuda.current_device()
         named = []
         for name, (rebuild, args) in handles:
