@@ -147,9 +147,9 @@ def _drop_capabilities(prepared):
 
 
 def _load_seccomp(prepared):
-    c = libc()
-    _check(c.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)), "no_new_privs")
-    _check(c.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(prepared.bpf_prog), ctypes.c_ulong(0), ctypes.c_ulong(0)), "seccomp")
+    c, zero = libc(), ctypes.c_ulong(0)
+    _check(c.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), zero, zero, zero), "no_new_privs")
+    _check(c.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(prepared.bpf_prog), zero, zero), "seccomp")
 
 
 def _set_rlimits(limits):
@@ -405,7 +405,6 @@ class ForkServer:
         self.cfg = cfg
         self.session = None  # Program of the current call session
         self.session_failure = None
-        self.counter = 0
 
     # --- scratch dirs: a tmpfs in the program's own mount namespace, or a directory removed afterwards
     def make_scratch(self):
@@ -499,8 +498,7 @@ class ForkServer:
     def pump(self, prog, deadline, cap, out, err, want_frame):
         """Read B's pipes until a response frame (want_frame), B's exit, the deadline or the output cap.
 
-        Returns "frame", "exit", "timeout" or "output"; frames go to prog.frames' queue via the return of
-        ``self.frame``."""
+        Returns "frame", "exit", "timeout" or "output"; the first frame B sent is left in ``self.frame``."""
         self.frame = None
         fds = {prog.out_fd: out, prog.err_fd: err}
         poller = select.poll()
@@ -576,7 +574,11 @@ class ForkServer:
             return "time_limit", code, None
         if prog.rusage.ru_maxrss * 1024 >= 0.9 * (limits["memory_mb"] << 20):
             return "memory_limit", code, None
-        return "runtime_error", code, "the program was killed by signal %s" % signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else "signal %d" % sig
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return "runtime_error", code, "the program was killed by signal %s" % name
 
     # --- requests
     def do_run(self, req, blobs):
@@ -590,7 +592,8 @@ class ForkServer:
         finally:
             prog.close(self)
         cap = limits["output_bytes"]
-        return {"status": status, "exit_code": code, "error": error, "wall_s": time.monotonic() - started}, [bytes(out[:cap]), bytes(err[: max(0, cap - len(out))])]
+        reply = {"status": status, "exit_code": code, "error": error, "wall_s": time.monotonic() - started}
+        return reply, [bytes(out[:cap]), bytes(err[: max(0, cap - len(out))])]
 
     def do_call(self, req, blobs):
         limits = req["limits"]
