@@ -75,7 +75,9 @@ def load_results(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     if path.is_dir():
         trials_path = path / "trials.parquet"
         if not trials_path.is_file():
-            raise AnalysisError(f"{path} holds no trials.parquet")
+            if any(path.glob("**/trial.json")):
+                return collect_trial_folders(path)
+            raise AnalysisError(f"{path} holds no trials.parquet and no trial folders (*/trial.json)")
     elif path.exists():
         trials_path = path
     else:
@@ -84,6 +86,20 @@ def load_results(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     steps_path = trials_path.parent / "steps.parquet"
     steps = read_table(steps_path, what="steps file") if steps_path.is_file() else None
     return trials, steps
+
+
+def collect_trial_folders(root: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Trials and steps of the `opsd trial` output folders below `root` (each holds trial.json and
+    steps.parquet); a folder's path relative to `root` is its trial_id."""
+    trials, steps = [], []
+    for summary in sorted(root.glob("**/trial.json")):
+        trial_id = summary.parent.relative_to(root).as_posix() or summary.parent.name
+        record = read_table(summary, what="trial summary").assign(trial_id=trial_id)
+        trials.append(record)
+        step_file = summary.parent / "steps.parquet"
+        if step_file.is_file():
+            steps.append(read_table(step_file, what="steps file").assign(trial_id=trial_id))
+    return pd.concat(trials, ignore_index=True), (pd.concat(steps, ignore_index=True) if steps else None)
 
 
 def _row_names(frame: pd.DataFrame, mask: np.ndarray, limit: int = 5) -> str:
