@@ -136,6 +136,10 @@ class RolloutEngine:
         from vllm.inputs import TokensPrompt
 
         self._check_open()
+        if n < 1 or max_tokens < 1:
+            raise RolloutError(f"generate needs n >= 1 and max_tokens >= 1 (got n={n}, max_tokens={max_tokens})")
+        if not prompts:
+            return []
         requests, params = [], []
         for i, prompt in enumerate(prompts):
             for j in range(n):

@@ -150,6 +150,9 @@ def test_generate_shapes_logps_and_seeds(engine, trainer_model, prompts):
     assert [[r.token_ids for r in g] for g in again] == [[r.token_ids for r in g] for g in out]
     other = engine.generate(prompts, n=3, temperature=1.0, max_tokens=max_tokens, seed=8)
     assert [[r.token_ids for r in g] for g in other] != [[r.token_ids for r in g] for g in out]
+    assert engine.generate([], n=3, temperature=1.0, max_tokens=max_tokens) == []
+    with pytest.raises(RolloutError):
+        engine.generate(prompts, n=0, temperature=1.0, max_tokens=max_tokens)
 
 
 def test_generate_logps_are_of_the_tempered_distribution(engine, trainer_model, prompts):
