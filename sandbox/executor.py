@@ -109,11 +109,14 @@ class Session:
         self._call_wall_s = 0.0
         self._started = False
         self._failure: CallOutcome | None = None
+        self._ooms: int | None = None  # the worker cgroup's OOM-kill count when last read
         self.worker_died = False
 
     def _request(self, header: dict, blobs: list[bytes], timeout_s: float) -> dict | None:
         cgroup = self._worker.cgroup
-        ooms = cgroup.oom_kills() if cgroup is not None else 0
+        if cgroup is not None and self._ooms is None:
+            self._ooms = cgroup.oom_kills()
+        ooms = self._ooms  # the count after this session's previous request: one read of the cgroup per request
         try:
             reply, out_blobs = self._worker.request(header, blobs, timeout_s=timeout_s + _WORKER_GRACE_S)
         except WorkerDied as e:
@@ -123,7 +126,9 @@ class Session:
         if "fatal" in reply:
             raise ExecutorError("sandbox failure: %s" % _text(reply["fatal"]))
         self._last_blobs = out_blobs
-        if cgroup is not None and "status" in reply and cgroup.oom_kills() > ooms:
+        if cgroup is not None:
+            self._ooms = cgroup.oom_kills()
+        if cgroup is not None and "status" in reply and self._ooms > ooms:
             # The kernel's OOM killer killed a process of the program: together they outgrew the cgroup.
             reply = dict(reply, status="memory_limit", error="the program's processes exceeded the memory limit")
         return reply

@@ -2,8 +2,9 @@
 
 The executor starts ``python -I -S -c <codec.py + this file>`` inside bubblewrap. This process (the fork
 server) pre-imports the modules programs commonly use, then serves one request at a time from the trusted
-process on fds 0/1 (frames: 4-byte length, JSON header, raw blobs). Per program it forks A, which enters a
-fresh PID (and mount) namespace and forks B: B is PID 1 there, so when B dies the kernel kills every process
+process on fds 0/1 (frames: 4-byte length, JSON header, raw blobs). Per program it forks B as PID 1 of a
+fresh PID namespace (one clone(2), no intermediate process); B enters its own IPC and
+mount namespaces itself. B is PID 1 there, so when B dies the kernel kills every process
 the program started. B mounts its own /proc and a size-limited tmpfs scratch dir, sets rlimits, drops to an
 unprivileged uid with no capabilities, loads the seccomp filter, and only then compiles the program.
 The fork server (a child subreaper) reads B's pipes itself, so it enforces the output cap and the wall
@@ -26,7 +27,7 @@ if "encode_value" not in globals():  # imported by the trusted side; in the sand
 
 PRELOAD = (
     "abc array bisect calendar cmath collections contextlib copy dataclasses datetime decimal enum fractions "
-    "functools hashlib heapq itertools json math numbers operator queue random re statistics string "
+    "fcntl functools hashlib heapq itertools json math numbers operator queue random re statistics string "
     "textwrap threading traceback types typing unicodedata linecache"
 ).split()
 
@@ -136,12 +137,18 @@ class Prepared:
         self.cap_header, self.cap_data = _CapHeader(0x20080522, 0), (_CapData * 2)()
         self.bpf_buf = ctypes.create_string_buffer(bpf, len(bpf)) if bpf else None
         self.bpf_prog = _SockFprog(len(bpf) // 8, ctypes.addressof(self.bpf_buf)) if bpf else None
+        try:
+            with open("/proc/sys/kernel/cap_last_cap") as f:
+                last_cap = int(f.read())
+        except (OSError, ValueError):
+            last_cap = 63
+        self.caps = [ctypes.c_ulong(cap) for cap in range(max(last_cap, 40) + 1)]
 
 
 def _drop_capabilities(prepared):
-    c = libc()
-    for cap in range(64):  # needs CAP_SETPCAP, which is still held here; EINVAL past the last cap
-        c.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    c, zero = libc(), ctypes.c_ulong(0)
+    for cap in prepared.caps:  # needs CAP_SETPCAP, which is still held here
+        c.prctl(PR_CAPBSET_DROP, cap, zero, zero, zero)
     c.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
     _check(c.capset(ctypes.byref(prepared.cap_header), prepared.cap_data), "capset")
 
@@ -166,8 +173,8 @@ def _set_rlimits(limits):
     lim(resource.RLIMIT_MEMLOCK, 0)
     lim(resource.RLIMIT_MSGQUEUE, 0)
     # RLIMIT_NPROC counts this uid's processes in the worker's user namespace: the worker's own two
-    # (bubblewrap's init, the fork server) and A are included.
-    lim(resource.RLIMIT_NPROC, limits["n_procs"] + 3)
+    # (bubblewrap's init, the fork server) are included.
+    lim(resource.RLIMIT_NPROC, limits["n_procs"] + 2)
     soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
     want = STACK_BYTES if hard == resource.RLIM_INFINITY else min(hard, STACK_BYTES)
     resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
@@ -361,6 +368,34 @@ def program_session(code):
 
 
 # ---------------------------------------------------------------------------------------- fork server
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}.get(os.uname().machine)
+_pydll = None
+
+
+def fork_into_new_pid_namespace():
+    """``os.fork()`` whose child is PID 1 of a new PID namespace: clone(2) with CLONE_NEWPID, wrapped in
+    CPython's own before/after-fork hooks as ``os.fork`` does. One fork per program instead of two:
+    unshare(CLONE_NEWPID) would act only once per process (and setns back to the worker's namespace is
+    not permitted inside bubblewrap's nested user namespace), so it would need an intermediate process."""
+    global _pydll
+    if _SYS_CLONE is None:
+        raise OSError(38, "no clone(2) number known for %s" % os.uname().machine)
+    if _pydll is None:  # a PyDLL call keeps the GIL, as os.fork does across fork()
+        _pydll = ctypes.PyDLL(None, use_errno=True)
+        _pydll.syscall.restype = ctypes.c_long
+    api, zero = ctypes.pythonapi, ctypes.c_ulong(0)
+    api.PyOS_BeforeFork()
+    pid = _pydll.syscall(ctypes.c_long(_SYS_CLONE), ctypes.c_ulong(CLONE_NEWPID | signal.SIGCHLD), zero, zero, zero, zero)
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, "clone: %s" % os.strerror(err))
+    return pid
+
+
 class Program:
     """The fork server's handle on one program process B and its pipes."""
 
@@ -434,7 +469,8 @@ class ForkServer:
                             pass
 
     def spawn(self, limits, stdin_bytes, mode, code):
-        """Fork A → (new namespaces) → fork B. Returns the Program handle of B."""
+        """Fork B, PID 1 of a fresh PID namespace; B enters its own IPC and mount namespaces itself.
+        Returns the Program handle of B (a direct child of the server)."""
         scratch = self.make_scratch()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -446,51 +482,38 @@ class ForkServer:
             os.lseek(in_fd, 0, os.SEEK_SET)
         else:
             in_fd = os.open(os.devnull, os.O_RDONLY)
-        pid_r, pid_w = os.pipe()
-        a = os.fork()
-        if a == 0:  # A
+        child_fds = (in_fd, out_w, err_w, resp_w) + ((req_r,) if req_r is not None else ())
+        try:
+            b = fork_into_new_pid_namespace() if self.cfg["pidns"] else os.fork()
+        except BaseException as e:
+            for fd in child_fds + (out_r, err_r, resp_r) + ((req_w,) if req_w is not None else ()):
+                os.close(fd)
+            self.remove_scratch(scratch)
+            raise RuntimeError("could not start the program: %s: %s" % (type(e).__name__, e)) from None
+        if b == 0:  # B
             try:
-                os.close(pid_r)
                 if self.cfg["pidns"]:
                     # Its own IPC namespace too: SysV segments and message queues die with the program.
-                    flags = CLONE_NEWPID | CLONE_NEWIPC | (CLONE_NEWNS if self.cfg["mounts"] else 0)
+                    flags = CLONE_NEWIPC | (CLONE_NEWNS if self.cfg["mounts"] else 0)
                     _check(libc().unshare(flags), "unshare")
-                b = os.fork()
-                if b == 0:  # B
-                    try:
-                        os.close(pid_w)
-                        keep = [in_fd, out_w, err_w, req_r if req_r is not None else os.open(os.devnull, os.O_RDONLY), resp_w]
-                        enter_program(self.cfg, limits, keep, scratch)
-                    except BaseException as e:
-                        msg = pack_frame({"setup_error": "%s: %s" % (type(e).__name__, e)})
-                        for fd in (resp_w, 4):  # 4 once enter_program has moved the descriptors
-                            try:
-                                os.write(fd, msg)
-                                break
-                            except OSError:
-                                continue
-                        os._exit(SETUP_FAILED)
-                    if mode == "run":
-                        program_run(code)
-                    else:
-                        program_session(code)
-                    os._exit(0)
-                os.write(pid_w, struct.pack(">i", b))
+                keep = [in_fd, out_w, err_w, req_r if req_r is not None else os.open(os.devnull, os.O_RDONLY), resp_w]
+                enter_program(self.cfg, limits, keep, scratch)
             except BaseException as e:
-                os.write(pid_w, struct.pack(">i", -1) + ("%s: %s" % (type(e).__name__, e)).encode()[:500])
+                msg = pack_frame({"setup_error": "%s: %s" % (type(e).__name__, e)})
+                for fd in (resp_w, 4):  # 4 once enter_program has moved the descriptors
+                    try:
+                        os.write(fd, msg)
+                        break
+                    except OSError:
+                        continue
+                os._exit(SETUP_FAILED)
+            if mode == "run":
+                program_run(code)
+            else:
+                program_session(code)
             os._exit(0)
-        for fd in (pid_w, in_fd, out_w, err_w, resp_w) + ((req_r,) if req_r is not None else ()):
+        for fd in child_fds:
             os.close(fd)
-        os.waitpid(a, 0)
-        data = os.read(pid_r, 4096)
-        os.close(pid_r)
-        if len(data) < 4 or struct.unpack(">i", data[:4])[0] <= 0:
-            for fd in (out_r, err_r, resp_r, req_w):
-                if fd is not None:
-                    os.close(fd)
-            self.remove_scratch(scratch)
-            raise RuntimeError("could not start the program: %s" % data[4:].decode("utf-8", "replace"))
-        (b,) = struct.unpack(">i", data[:4])
         for fd in (out_r, err_r, resp_r):
             os.set_blocking(fd, False)
         return Program(b, out_r, err_r, req_w, resp_r, scratch)
