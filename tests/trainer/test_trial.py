@@ -50,9 +50,18 @@ def trial_file(setup: dict[str, Path], context: str) -> Path:
     return path
 
 
+# Other tests initialise torch.distributed in the test process, which sets these; a trial started from a
+# shell has none of them (a launcher such as torchrun would set all of them for its ranks).
+_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
+
+
 def run_opsd(*args: str, log: Path) -> subprocess.CompletedProcess:
     with open(log, "w") as out:
-        return subprocess.run([*OPSD, *args], stdout=out, stderr=subprocess.STDOUT, timeout=900)
+        return subprocess.run([*OPSD, *args], stdout=out, stderr=subprocess.STDOUT, timeout=900, env=clean_env())
 
 
 def rows(out_dir: Path, phase: str) -> list[dict]:
@@ -113,7 +122,7 @@ def test_killed_trial_resumes_with_identical_metrics(copy_setup, hint_run):
     out = copy_setup["root"] / "run-resume"
     cmd = [*OPSD, "trial", str(trial_file(copy_setup, "llm_peer_hints")), "--out", str(out)]
     log = open(copy_setup["root"] / "resume-killed.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=clean_env())
     deadline = time.time() + 600
     while not (out / "checkpoints" / "step-00000002").exists():
         assert proc.poll() is None, (copy_setup["root"] / "resume-killed.log").read_text()[-3000:]
