@@ -203,6 +203,7 @@ class WorkerCgroup:
             with open(os.path.join(self.dirs["cpu"], "cpu.cfs_quota_us"), "w") as f:
                 f.write("100000")
         self._memory = None
+        self._oom_fd: int | None = None
 
     def add_tree(self, pid: int) -> None:
         """Move ``pid`` and its descendants (the idle fork server among them) into the cgroups."""
@@ -232,15 +233,23 @@ class WorkerCgroup:
             f.write(str(pids))
 
     def oom_kills(self) -> int:
+        """The kernel's OOM kills in the memory cgroup so far (read at every request: the file is kept open
+        and re-read from offset 0, which regenerates it)."""
         try:
-            for line in open(os.path.join(self.dirs["memory"], "memory.oom_control")):
-                if line.startswith("oom_kill "):
-                    return int(line.split()[1])
+            if self._oom_fd is None:
+                self._oom_fd = os.open(os.path.join(self.dirs["memory"], "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
+            text = os.pread(self._oom_fd, 4096, 0)
         except OSError:
-            pass
+            return 0
+        for line in text.splitlines():
+            if line.startswith(b"oom_kill "):
+                return int(line.split()[1])
         return 0
 
     def remove(self) -> None:
+        if self._oom_fd is not None:
+            os.close(self._oom_fd)
+            self._oom_fd = None
         for d in self.dirs.values():
             for _ in range(50):
                 try:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from sandbox import isolation
-from sandbox.runner import FrameReader, pack_frame
+from sandbox.runner import FrameReader, pack_frame, write_all
 
 _SANDBOX_DIR = Path(__file__).resolve().parent
 READY_TIMEOUT_S = 30.0
@@ -115,8 +115,7 @@ class Worker:
         """Send one frame and wait for the reply; kill the worker on EOF, garbage or timeout."""
         proc = self.proc
         try:
-            proc.stdin.write(pack_frame(header, blobs))
-            proc.stdin.flush()
+            write_all(proc.stdin.fileno(), pack_frame(header, blobs))  # unbuffered: one write system call
         except (BrokenPipeError, OSError, ValueError):
             self.kill()
             raise WorkerDied("the worker's input closed") from None
