@@ -162,8 +162,9 @@ class Session:
         if left <= 0:
             return self._fail(CallOutcome("time_limit", None, b"", b"", 0.0, "the session's wall-clock budget is used up"))
         timeout = min(float(timeout_s), left)
-        header = {"op": "call", "code": self._code, "target": target, "args": args_text,
-                  "limits": self._limits_dict, "timeout": timeout}
+        header = {"op": "call", "target": target, "args": args_text, "limits": self._limits_dict, "timeout": timeout}
+        if not self._started:  # the worker starts the program on the first call and keeps it for the later ones
+            header["code"] = self._code
         self._started = True
         reply = self._request(header, [], timeout)
         if reply is None:

@@ -624,6 +624,8 @@ class ForkServer:
         if self.session_failure is not None:
             return dict(self.session_failure, wall_s=0.0, ended=True), [b"", b""]
         if self.session is None:
+            if "code" not in req:
+                raise ValueError("call without a program: the session's program was already ended")
             self.session = self.spawn(limits, b"", "session", req["code"])
         prog = self.session
         out, err = bytearray(), bytearray()
