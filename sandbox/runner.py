@@ -37,6 +37,7 @@ NOBODY = 65534
 MAX_FRAME = 64 << 20
 MAX_RECURSION = 100_000  # programs may raise the limit up to this; the main stack is sized for it
 STACK_BYTES = 1 << 30
+THREAD_STACK_BYTES = 8 << 20
 SETUP_FAILED = 97
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID = 0x00020000, 0x08000000, 0x20000000
@@ -197,6 +198,11 @@ def enter_program(cfg, limits, fds, scratch):
     os.chdir(scratch)
     os.setpriority(os.PRIO_PROCESS, 0, max(0, os.getpriority(os.PRIO_PROCESS, 0)))  # the server runs at -10
     _set_rlimits(limits)
+    import threading
+
+    # New threads otherwise get glibc's default stack, the main thread's 1 GiB RLIMIT_STACK: beyond
+    # RLIMIT_AS, so no thread could start. A program may still ask for more with threading.stack_size.
+    threading.stack_size(THREAD_STACK_BYTES)
     if cfg["drop"] == "caps":  # bubblewrap already runs us as an unprivileged uid in its user namespace
         _drop_capabilities(cfg["prepared"])
     elif cfg["drop"] == "setuid":  # no user namespace: root drops to nobody (also clears capabilities)

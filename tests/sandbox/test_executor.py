@@ -194,6 +194,64 @@ def test_sessions_in_parallel_threads(ex):
     assert results == {i: (b"%d\n" % (i * i), i * i) for i in range(12)}
 
 
+PROCESS_KINDS = """
+import os, signal, threading
+
+def threads(n):
+    out, lock = [0] * n, threading.RLock()
+    def work(i):
+        with lock:
+            with lock:
+                out[i] = i * i
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return out
+
+def children(n):
+    r, w = os.pipe()
+    pids = []
+    for i in range(n):
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, bytes([i * 3]))
+            os._exit(i)
+        pids.append(pid)
+    codes = sorted(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids)
+    got = sorted(os.read(r, 1)[0] for _ in range(n))
+    return codes, got
+
+def signals():
+    seen = []
+    signal.signal(signal.SIGUSR1, lambda *a: seen.append("usr1"))
+    signal.raise_signal(signal.SIGUSR1)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    return seen
+
+def ids():
+    return os.getpid(), os.getppid()
+"""
+
+
+def test_a_program_is_pid_1_of_its_own_namespace_and_threads_forks_signals_work(ex):
+    n = 5
+    pids = []
+    for _ in range(2):
+        with ex.session(PROCESS_KINDS) as s:
+            pids.append(s.call("ids", [], timeout_s=5).value)
+            assert s.call("threads", [n], timeout_s=5).value == [i * i for i in range(n)]
+            got = s.call("children", [n], timeout_s=10)
+            assert got.status == "ok", got
+            assert got.value == ([i for i in range(n)], [3 * i for i in range(n)])
+            assert s.call("signals", [], timeout_s=5).value == ["usr1", "usr1"]
+        run_ids = run(ex, PROCESS_KINDS + "print(*ids())\n")
+        assert run_ids.stdout == b"1 0\n"
+    # Each program is PID 1 of a namespace of its own; its parent (the fork server) is outside it.
+    assert pids == [(1, 0), (1, 0)]
+
+
 def test_codec_rejects_non_plain_and_malformed():
     class MyInt(int):
         pass
