@@ -8,6 +8,7 @@ TRIAL_EPILOG = """\
 examples:
   opsd trial sweeps/demo_trial.yaml --out runs/demo
   opsd trial sweeps/demo_trial.yaml --out runs/demo --set steps=3 --set context.name=feedback
+  opsd trial sweeps/demo_trial.yaml --out runs/gap --set steps=0     the initial gap only, for `opsd screen`
 
 Writes OUT/steps.parquet (one row per step and phase), OUT/trial.json (initial student and self-teacher
 accuracy, gap, final accuracy, improvement), OUT/config.json (the resolved settings) and OUT/checkpoints/.
