@@ -101,8 +101,11 @@ class TrialParts:
     student_weights: dict[str, torch.Tensor] | None = None
 
 
-def opsd_step(parts: TrialParts, step: int) -> dict[str, Any]:
-    """One OPSD training step (METHOD.md section 1). Returns the step's metrics; the caller logs them."""
+def opsd_step(parts: TrialParts, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One OPSD training step (METHOD.md section 1).
+
+    Returns (metrics, records): the step's metrics and one record per rollout (response, verdict, feedback,
+    teacher prompt); the caller logs them. Ranks other than 0 return empty ones."""
     cfg, timer = parts.cfg, PhaseTimer()
     batch: list[TrainProblem] = parts.sampler.next_batch(cfg.rollout.prompts_per_step)
     if not parts.is_main:
@@ -184,8 +187,8 @@ def train_on_samples(parts: TrialParts, samples: list[Sample], *, step: int, tim
         with timer("old_logps"), torch.no_grad():
             old_logps = {i: lp for micro in (m for mini in minibatches for m in mini)
                          for i, lp in zip(micro, _student_token_logps(parts, [samples[j] for j in micro]))}
-    sums: dict[str, float] = {}
-    count = 0
+    micro_rows: list[dict[str, float]] = []  # loss terms and metrics of each micro-batch
+    mini_losses, grad_norms = [], []
     for index, mini in enumerate(minibatches):
         kept = [samples[i] for r in range(world_size) for micro in everyone[r][index] for i in micro
                 if samples[i].has_context]
@@ -195,6 +198,7 @@ def train_on_samples(parts: TrialParts, samples: list[Sample], *, step: int, tim
             normalizer = max(sum(len(s.response_ids) for s in kept), 1) / world_size
         else:
             normalizer = max(sum(1 for s in kept if s.response_ids), 1) / world_size
+        mini_loss = 0.0
         for micro in mini:
             micro_samples = [samples[i] for i in micro]
             student_batch = pack([s.prompt_ids for s in micro_samples], [s.response_ids for s in micro_samples],
@@ -214,19 +218,22 @@ def train_on_samples(parts: TrialParts, samples: list[Sample], *, step: int, tim
                     rollout_logps=_padded([s.rollout_logps for s in micro_samples], width),
                     normalizer=normalizer)
                 parts.student.backward(loss)
-            for key, value in {"loss": loss, **metrics}.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            count += 1
+            mini_loss += float(loss)
+            micro_rows.append({key: float(value) for key, value in metrics.items()})
         with timer("optimizer"):
             step_metrics = parts.student.step()
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + (step_metrics["grad_norm"] or 0.0) / len(mini)
-    averaged = {key: value / count for key, value in sums.items()}
-    # The divergence metric is the step's mean KL per kept token: micro-batch means weighted by their tokens
-    # would be exact; micro-batches here are of equal size, so the plain mean is what the logs show.
-    return {"loss": averaged["loss"] * count / len(minibatches), "kl": averaged["divergence"],
-            "is_weight_mean": averaged["is_weight_mean"], "is_clip_fraction": averaged["is_clip_fraction"],
-            "grad_norm": averaged["grad_norm"] * count / len(minibatches), "optimizer_steps": len(minibatches),
-            "lr": step_metrics["lr"]}
+        mini_losses.append(mini_loss)
+        grad_norms.append(step_metrics["grad_norm"] or 0.0)
+
+    # Per-token metrics are weighted by the kept tokens of each micro-batch: the step's mean per token.
+    tokens = sum(row["valid_tokens"] for row in micro_rows)
+
+    def per_token(key: str) -> float:
+        return sum(row[key] * row["valid_tokens"] for row in micro_rows) / tokens if tokens else 0.0
+
+    return {"loss": _mean(mini_losses), "kl": per_token("divergence"), "is_weight_mean": per_token("is_weight_mean"),
+            "is_clip_fraction": per_token("is_clip_fraction"), "loss_tokens": tokens, "grad_norm": _mean(grad_norms),
+            "optimizer_steps": len(minibatches), "lr": step_metrics["lr"]}
 
 
 def broadcast_from_main(obj: Any) -> Any:
