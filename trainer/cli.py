@@ -60,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     hints.add_argument("--data-source", default="humaneval", choices=["humaneval", "livecodebench", "jsonl"])
     hints.add_argument("--data-path", help="problem file for --data-source jsonl")
     hints.add_argument("--release", help="LiveCodeBench release window, e.g. v6")
+    hints.add_argument("--max-problems", type=int, help="only the first N problems")
     hints.add_argument("--max-tokens", type=int, default=2048)
     hints.add_argument("--temperature", type=float, default=0.6)
     hints.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -92,7 +93,8 @@ def _run_hints(args: argparse.Namespace) -> int:
 
     if args.from_solutions == bool(args.model):
         raise TrialConfigError("give exactly one of --from-solutions and --model")
-    data = DataConfig(source=args.data_source, path=args.data_path, release=args.release)
+    data = DataConfig(source=args.data_source, path=args.data_path, release=args.release,
+                      max_problems=args.max_problems)
     problems = load_problems(data)
     if args.from_solutions:
         hints = hints_from_reference_solutions(problems)

@@ -22,6 +22,7 @@ temperature-scales: it returns log_softmax(logits) at T = 1.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import re
@@ -92,6 +93,7 @@ class RolloutEngine:
         gpu_memory_utilization: vLLM's share of the GPU when colocated with the trainer. Ignored on CPU.
         enforce_eager: skip CUDA graphs / torch.compile; start-up is much faster and rollout batches vary.
         push_bucket_gib: weights per reload call in `push_weights` (decoder layers are never split).
+        max_model_len is capped at the model's own `max_position_embeddings` (vLLM refuses a longer one).
         """
         from vllm import LLM
 
@@ -100,6 +102,8 @@ class RolloutEngine:
         self.device = device
         self.dtype = dtype
         self.model_path = Path(model_path)
+        model_limit = json.loads((self.model_path / "config.json").read_text()).get("max_position_embeddings")
+        max_model_len = min(max_model_len, model_limit or max_model_len)
         self.max_model_len = max_model_len
         self._push_bucket_bytes = int(push_bucket_gib * 2**30)
         kwargs = {}

@@ -308,9 +308,6 @@ def _start_rollout_and_sandbox(cfg: TrialConfig, model_path: Path,
     grader = Grader(executor, code_block=cfg.rollout.code_block, time_limit_s=cfg.sandbox.time_limit_s)
     max_model_len = max(cfg.rollout.max_prompt_tokens, cfg.context.max_teacher_prompt_tokens) \
             + cfg.rollout.max_response_tokens
-    # A longer teacher prompt than the model can take is cut by truncation; the engine cannot exceed it.
-    model_limit = json.loads((model_path / "config.json").read_text()).get("max_position_embeddings")
-    max_model_len = min(max_model_len, model_limit or max_model_len)
     engine = stack.enter_context(RolloutEngine(
         model_path, dtype=cfg.model.dtype, seed=cfg.seed, max_model_len=max_model_len, device=cfg.device,
         kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization))

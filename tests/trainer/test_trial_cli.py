@@ -40,3 +40,29 @@ def test_missing_trial_file(tmp_path, capsys):
 def test_override_of_unknown_field(tmp_path, capsys):
     code, err = run(tmp_path, capsys, {}, "--set", "loss.topk=5")
     assert code == 2 and "loss.topk" in err
+
+
+def test_hints_from_reference_solutions(tmp_path, capsys):
+    out = tmp_path / "hints.jsonl"
+    assert main(["hints", "--from-solutions", "--max-problems", "5", "--out", str(out)]) == 0
+    from trainer.hints import read_hints
+
+    hints = read_hints(out)
+    assert list(hints) == [f"HumanEval/{i}" for i in range(5)]
+    assert hints["HumanEval/0"].startswith("```python\n") and "def has_close_elements" in hints["HumanEval/0"]
+
+
+def test_hints_need_exactly_one_source(tmp_path, capsys):
+    assert main(["hints", "--out", str(tmp_path / "h.jsonl")]) == 2
+    assert "exactly one of --from-solutions and --model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_hints_generated_by_a_model(tmp_path, tiny_model_dir):
+    out = tmp_path / "hints.jsonl"
+    assert main(["hints", "--model", str(tiny_model_dir), "--max-problems", "3", "--max-tokens", "8",
+                 "--out", str(out)]) == 0
+    from trainer.hints import read_hints
+
+    hints = read_hints(out)
+    assert list(hints) == ["HumanEval/0", "HumanEval/1", "HumanEval/2"] and all(hints.values())
