@@ -49,17 +49,24 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *
                        response_mask.to(device), prompt_lengths.to(device))
 
 
-def response_logits(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """Logits [B, L, V] of packed rows → [B, R, V], row i's entry t predicting response token t.
+def response_logits(logits: torch.Tensor, batch: PackedBatch, *, first_position: int = 0) -> torch.Tensor:
+    """Logits of packed rows → [B, R, V], row i's entry t predicting response token t.
 
+    logits: [B, L - first_position, V], the logits of positions first_position..L-1 (all of them by default).
     Positions past a row's response (padding) point at its last position; the response mask hides them.
     """
     width = batch.response_ids.shape[1]
     offsets = torch.arange(width, device=logits.device)
-    positions = (batch.prompt_lengths.to(logits.device).unsqueeze(1) - 1 + offsets).clamp(max=logits.shape[1] - 1)
+    positions = batch.prompt_lengths.to(logits.device).unsqueeze(1) - 1 - first_position + offsets
+    positions = positions.clamp(max=logits.shape[1] - 1)
     return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
 
 
 def forward_response_logits(forward: Callable[..., torch.Tensor], batch: PackedBatch) -> torch.Tensor:
-    """Run `forward(input_ids, attention_mask)` (student or teacher) and keep the response positions."""
-    return response_logits(forward(batch.input_ids, batch.attention_mask), batch)
+    """Run `forward(input_ids, attention_mask, logits_to_keep=k)` (student or teacher) and keep the response
+    positions. Only the positions from the shortest prompt's last token on go through the LM head, which
+    on a large vocabulary is a good part of the forward's cost and most of its memory."""
+    first = int(batch.prompt_lengths.min()) - 1
+    keep = batch.input_ids.shape[1] - first
+    return response_logits(forward(batch.input_ids, batch.attention_mask, logits_to_keep=keep), batch,
+                           first_position=first)
