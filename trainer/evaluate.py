@@ -22,17 +22,14 @@ from trainer.contexts import GradedRollout
 from trainer.data import train_tests_of
 from trainer.hints import hints_from_reference_solutions
 from trainer.prompts import teacher_prompts_for_group
+from trainer.records import mean_or_zero
 
 if TYPE_CHECKING:
     from trainer.trial import TrialParts
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
-
-
 def _scores(verdicts: Sequence[Verdict]) -> tuple[float, float]:
-    return _mean([float(v.passed) for v in verdicts]), _mean([v.fraction_passed for v in verdicts])
+    return mean_or_zero([float(v.passed) for v in verdicts]), mean_or_zero([v.fraction_passed for v in verdicts])
 
 
 def evaluate(parts: "TrialParts", *, step: int) -> dict[str, Any]:
@@ -88,7 +85,7 @@ def evaluate(parts: "TrialParts", *, step: int) -> dict[str, Any]:
         scored = parts.engine.score([
             (parts.prompt_ids[p.id], parts.tokenizer(solutions[p.id], add_special_tokens=False)["input_ids"])
             for p in problems])
-        ref_logp = {"student_ref_logp": _mean([_mean(logps) for logps in scored])}
+        ref_logp = {"student_ref_logp": mean_or_zero([mean_or_zero(logps) for logps in scored])}
 
     return {
         **ref_logp,

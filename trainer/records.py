@@ -20,6 +20,12 @@ import pyarrow.parquet as pq
 STEPS_SCHEMA_VERSION = 1
 
 
+def mean_or_zero(values) -> float:
+    """Mean of a metric's values; 0 for none (an empty batch logs 0, not NaN)."""
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:

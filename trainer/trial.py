@@ -33,7 +33,7 @@ from trainer.hints import load_hints
 from trainer.losses import opsd_loss, token_logps
 from trainer.models import count_parameters_b, load_causal_lm, load_tokenizer, model_family, resolve_model
 from trainer.prompts import drop_long_prompts, student_prompt_ids, teacher_prompts_for_group
-from trainer.records import PhaseTimer, StepLog, write_json
+from trainer.records import PhaseTimer, StepLog, mean_or_zero, write_json
 from trainer.rollout import RolloutEngine
 from trainer.student import Student, iter_minibatches
 from trainer.teacher import EmaTeacher
@@ -67,6 +67,8 @@ class TrialParts:
     hints: dict[str, str]
     pad_id: int
     model_path: Path
+    # Set by every rank before an evaluation, for rank 0 to restore the engine after the teacher's turn.
+    student_weights: dict[str, torch.Tensor] | None = None
 
     def sampling_seed(self, step: int, purpose: str) -> int:
         """A vLLM seed per (trial seed, step, purpose): a resumed step samples exactly what it sampled before."""
@@ -97,8 +99,6 @@ class TrialParts:
             yield
         finally:
             self.engine.push_weights(self.student_weights.items())
-
-    student_weights: dict[str, torch.Tensor] | None = None
 
 
 def opsd_step(parts: TrialParts, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -158,12 +158,12 @@ def opsd_step(parts: TrialParts, step: int) -> tuple[dict[str, Any], list[dict[s
         ema_metrics = parts.teacher.update(parts.student.named_parameters_for_push())
 
     metrics = {
-        "reward": _mean([float(v.passed) for v in verdicts]),
-        "train_test_frac": _mean([v.fraction_passed for v in verdicts]),
+        "reward": mean_or_zero([float(v.passed) for v in verdicts]),
+        "train_test_frac": mean_or_zero([v.fraction_passed for v in verdicts]),
         "rollouts": len(samples),
-        "response_tokens_mean": _mean([len(s.response_ids) for s in samples]),
-        "truncated_fraction": _mean([float(r.finish_reason == "length") for g in groups for r in g]),
-        **{key: _mean([row[key] for row in context_rows]) for key in context_rows[0]},
+        "response_tokens_mean": mean_or_zero([len(s.response_ids) for s in samples]),
+        "truncated_fraction": mean_or_zero([float(r.finish_reason == "length") for g in groups for r in g]),
+        **{key: mean_or_zero([row[key] for row in context_rows]) for key in context_rows[0]},
         **loss_metrics, **ema_metrics, "push_seconds": push_metrics["push/seconds"], **timer.metrics(),
     }
     return metrics, records
@@ -231,8 +231,8 @@ def train_on_samples(parts: TrialParts, samples: list[Sample], *, step: int, tim
     def per_token(key: str) -> float:
         return sum(row[key] * row["valid_tokens"] for row in micro_rows) / tokens if tokens else 0.0
 
-    return {"loss": _mean(mini_losses), "kl": per_token("divergence"), "is_weight_mean": per_token("is_weight_mean"),
-            "is_clip_fraction": per_token("is_clip_fraction"), "loss_tokens": tokens, "grad_norm": _mean(grad_norms),
+    return {"loss": mean_or_zero(mini_losses), "kl": per_token("divergence"),
+            "is_weight_mean": per_token("is_weight_mean"), "is_clip_fraction": per_token("is_clip_fraction"), "loss_tokens": tokens, "grad_norm": mean_or_zero(grad_norms),
             "optimizer_steps": len(minibatches), "lr": step_metrics["lr"]}
 
 
@@ -260,10 +260,6 @@ def _padded(rows: list, width: int) -> torch.Tensor:
         values = torch.as_tensor(row, dtype=torch.float32)
         out[i, : len(values)] = values
     return out
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
 
 
 # ------------------------------------------------------------------------------------------------ set-up
