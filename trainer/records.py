@@ -1,4 +1,5 @@
-"""What a trial writes: one row per step and phase (`steps.parquet`), one summary (`trial.json`).
+"""What a trial writes: one row per step and phase (`steps.parquet`), one summary (`trial.json`), and
+`progress.json`, where rank 0 says what the trial is doing now (for a sweep runner watching it).
 
 Files are replaced atomically (write beside, then rename), so a trial killed mid-write leaves the previous
 complete file; a resumed trial drops rows past its checkpoint before appending, so no step is duplicated.
@@ -8,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,13 +72,19 @@ def _column_order(name: str) -> tuple[int, str]:
 
 
 class PhaseTimer:
-    """Wall-clock seconds per named phase of one step: `with timer("rollout"): ...`."""
+    """Wall-clock seconds per named phase of one step: `with timer("rollout"): ...`.
 
-    def __init__(self) -> None:
+    `on_start(phase)`, if given, is called as each phase starts (`Progress.phase` keeps progress.json current).
+    """
+
+    def __init__(self, on_start: Callable[[str], None] | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.on_start = on_start
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
+        if self.on_start is not None:
+            self.on_start(phase)
         start = time.perf_counter()
         try:
             yield
@@ -85,3 +93,92 @@ class PhaseTimer:
 
     def metrics(self) -> dict[str, float]:
         return {f"time/{phase}_s": round(sec, 4) for phase, sec in self.seconds.items()}
+
+
+class Progress:
+    """OUT/progress.json: what a running trial is doing, rewritten atomically at each phase start.
+
+    Fields: `status` ("running", "completed" or "failed"), `step` (the step running, 0 during the initial
+    evaluation), `steps` (the trial's total), `phase` (the phase running: "setup", "resume", "initial_eval",
+    the step's phases as named by its PhaseTimer, "eval", "checkpoint"), `phase_started`, `started` (this
+    attempt), `updated` (all unix times), and `error` (one line) when failed. Only rank 0 keeps one; other
+    ranks pass `path=None` and every call is a no-op.
+    """
+
+    def __init__(self, path: Path | None, *, steps: int) -> None:
+        self.path = path
+        now = time.time()
+        self.state: dict[str, Any] = {"status": "running", "step": 0, "steps": steps, "phase": "setup",
+                                      "phase_started": now, "started": now, "updated": now}
+        self._write()
+
+    def phase(self, name: str) -> None:
+        """A phase starts (the PhaseTimer hook)."""
+        now = time.time()
+        self.state.update(phase=name, phase_started=now, updated=now)
+        self._write()
+
+    def step(self, step: int) -> None:
+        """Step `step` starts; its first phase writes the file."""
+        self.state["step"] = step
+
+    def timer(self) -> PhaseTimer:
+        """A PhaseTimer whose phase starts are reported here."""
+        return PhaseTimer(on_start=self.phase)
+
+    def completed(self) -> None:
+        self.state.update(status="completed", updated=time.time())
+        self._write()
+
+    def failed(self, err: BaseException) -> None:
+        self.state.update(status="failed", error=error_line(err), updated=time.time())
+        self._write()
+
+    def _write(self) -> None:
+        if self.path is not None:
+            write_json(self.path, self.state)
+
+
+def error_line(err: BaseException, limit: int = 500) -> str:
+    """One line naming an exception: its type and the first line of its message, at most `limit` characters."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text[:limit]
+
+
+def mark_failed(path: Path, err: BaseException) -> None:
+    """Set progress.json at `path` to failed unless a rank already did (it knows the first cause)."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        state = {"step": 0, "phase": "setup", "started": time.time()}
+    if state.get("status") == "failed":
+        return
+    state.update(status="failed", error=error_line(err), updated=time.time())
+    write_json(path, state)
+
+
+def code_version() -> str:
+    """The code a trial ran: the git commit of the checkout this package lives in, with "-dirty" when the tree
+    has uncommitted changes (untracked files too: they may be imported); outside a git checkout, the installed
+    distribution's version ("opsd-sweep==0.1.0")."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    commit = git("rev-parse", "HEAD") if top and Path(top).resolve() == root else None
+    if commit:
+        status = git("status", "--porcelain")
+        return commit + ("-dirty" if status is None or status else "")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"opsd-sweep=={version('opsd-sweep')}"
+    except PackageNotFoundError:
+        return "unknown"

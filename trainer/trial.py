@@ -2,7 +2,7 @@
 
 `opsd_step` is the method, top to bottom; everything it calls is a small function elsewhere in `trainer/`.
 A trial writes OUT/config.json, OUT/steps.parquet, OUT/trial.json, OUT/rollouts/step-N.jsonl and
-OUT/checkpoints/. Rerunning it on the same OUT resumes after the last checkpoint with the same data order and
+OUT/checkpoints/, and keeps OUT/progress.json current while it runs (trainer/records.py `Progress`). Rerunning it on the same OUT resumes after the last checkpoint with the same data order and
 sampling seeds, so the resumed steps reproduce an uninterrupted run's metrics (float32, CPU).
 """
 
@@ -33,7 +33,7 @@ from trainer.hints import load_hints
 from trainer.losses import opsd_loss, token_logps
 from trainer.models import count_parameters_b, load_causal_lm, load_tokenizer, model_family, resolve_model
 from trainer.prompts import drop_long_prompts, student_prompt_ids, teacher_prompts_for_group
-from trainer.records import PhaseTimer, StepLog, mean_or_zero, write_json
+from trainer.records import PhaseTimer, Progress, StepLog, code_version, mark_failed, mean_or_zero, write_json
 from trainer.rollout import RolloutEngine
 from trainer.student import Student, iter_minibatches
 from trainer.teacher import EmaTeacher
@@ -101,12 +101,12 @@ class TrialParts:
             self.engine.push_weights(self.student_weights.items())
 
 
-def opsd_step(parts: TrialParts, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One OPSD training step (METHOD.md section 1).
+def opsd_step(parts: TrialParts, step: int, timer: PhaseTimer | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One OPSD training step (METHOD.md section 1); `timer` times its phases (a fresh one by default).
 
     Returns (metrics, records): the step's metrics and one record per rollout (response, verdict, feedback,
     teacher prompt); the caller logs them. Ranks other than 0 return empty ones."""
-    cfg, timer = parts.cfg, PhaseTimer()
+    cfg, timer = parts.cfg, timer or PhaseTimer()
     batch: list[TrainProblem] = parts.sampler.next_batch(cfg.rollout.prompts_per_step)
     if not parts.is_main:
         # Ranks other than 0 receive rank 0's samples and train on their share of each mini-batch.
@@ -321,22 +321,41 @@ def run_trial(cfg: TrialConfig, out_dir: Path) -> dict[str, Any]:
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     _claim_out_dir(cfg, out_dir)
-    if cfg.deepspeed.world_size > 1 and "RANK" not in os.environ:
-        results = run_local_ranks(_run_rank, cfg.deepspeed.world_size, cfg.model_dump(mode="json"), str(out_dir),
-                                  device=cfg.device, timeout_s=7 * 24 * 3600)
-        return results[0]
-    return _run_rank(0, cfg.model_dump(mode="json"), str(out_dir))
+    try:
+        if cfg.deepspeed.world_size > 1 and "RANK" not in os.environ:
+            results = run_local_ranks(_run_rank, cfg.deepspeed.world_size, cfg.model_dump(mode="json"),
+                                      str(out_dir), device=cfg.device, timeout_s=7 * 24 * 3600)
+            return results[0]
+        return _run_rank(0, cfg.model_dump(mode="json"), str(out_dir))
+    except BaseException as err:
+        # Rank 0 reports its own failure; this catches the others (and a rank killed from outside).
+        mark_failed(out_dir / "progress.json", err)
+        raise
 
 
 def _run_rank(rank: int, cfg_json: dict, out: str) -> dict[str, Any]:
     cfg, out_dir = TrialConfig.model_validate(cfg_json), Path(out)
+    progress = Progress(out_dir / "progress.json" if int(os.environ.get("RANK", "0")) == 0 else None,
+                        steps=cfg.steps)
+    try:
+        summary = _run_steps(cfg, out_dir, progress)
+    except BaseException as err:
+        progress.failed(err)
+        raise
+    progress.completed()
+    return summary
+
+
+def _run_steps(cfg: TrialConfig, out_dir: Path, progress: Progress) -> dict[str, Any]:
     started = time.time()
     log = StepLog(out_dir / "steps.parquet")
     checkpoints = out_dir / "checkpoints"
+    around = progress.timer()  # the phases between steps, reported but not logged
     with build_parts(cfg) as parts:
         main = parts.is_main
         resume_from = latest_checkpoint(checkpoints)
         if resume_from is not None:
+            progress.phase("resume")
             state = load_checkpoint(resume_from, student=parts.student, teacher=parts.teacher)
             parts.sampler.load_state_dict(state.sampler_state)
             parts.push_student_weights()
@@ -347,15 +366,18 @@ def _run_rank(rank: int, cfg_json: dict, out: str) -> dict[str, Any]:
                 _print_eval(state.step, latest_eval)
         else:
             first_step = 1
-            initial = latest_eval = _evaluate_on_main(parts, step=0)
+            with around("initial_eval"):
+                initial = latest_eval = _evaluate_on_main(parts, step=0)
             if main:
                 log.append(0, "eval", initial)
                 log.flush()
                 _print_eval(0, initial)
-            _save(parts, checkpoints, 0, initial, latest_eval)
+            with around("checkpoint"):
+                _save(parts, checkpoints, 0, initial, latest_eval)
 
         for step in range(first_step, cfg.steps + 1):
-            metrics, records = opsd_step(parts, step)
+            progress.step(step)
+            metrics, records = opsd_step(parts, step, progress.timer())
             if main:
                 log.append(step, "train", metrics)
                 _write_rollouts(out_dir / "rollouts" / f"step-{step:06d}.jsonl", records)
@@ -363,14 +385,16 @@ def _run_rank(rank: int, cfg_json: dict, out: str) -> dict[str, Any]:
                       f"reward {metrics['reward']:.3f}  "
                       f"({sum(v for k, v in metrics.items() if k.startswith('time/')):.1f}s)", flush=True)
             if step % cfg.eval.every_steps == 0 or step == cfg.steps:
-                latest_eval = _evaluate_on_main(parts, step=step)
+                with around("eval"):
+                    latest_eval = _evaluate_on_main(parts, step=step)
                 if main:
                     log.append(step, "eval", latest_eval)
                     _print_eval(step, latest_eval)
             if main:
                 log.flush()
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _save(parts, checkpoints, step, initial, latest_eval)
+                with around("checkpoint"):
+                    _save(parts, checkpoints, step, initial, latest_eval)
 
     summary = _summary(cfg, parts.model_path, initial, latest_eval, time.time() - started)
     if main:
@@ -441,4 +465,5 @@ def _summary(cfg: TrialConfig, model_path: Path, initial: dict, final: dict, sec
         "improvement_test_frac": final["student_test_frac"] - initial["student_test_frac"],
         "accuracy_metric": "all-pass mean@n (student_acc); fraction of tests passed in *_test_frac",
         "wall_seconds": round(seconds, 1), "gpu_hours": gpus * seconds / 3600.0, "device": cfg.device,
+        "config": cfg.model_dump(mode="json"), "code_version": code_version(),
     }

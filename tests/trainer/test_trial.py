@@ -98,6 +98,11 @@ def test_trial_writes_results_and_kl_to_the_teacher_falls(hint_run):
         assert row["context/hint_fraction"] == 1.0
     summary = json.loads((hint_run / "trial.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == STEPS
+    assert summary["config"] == json.loads((hint_run / "config.json").read_text())
+    assert summary["code_version"]
+    progress = json.loads((hint_run / "progress.json").read_text())
+    assert progress["status"] == "completed" and progress["step"] == progress["steps"] == STEPS
+    assert progress["started"] <= progress["phase_started"] <= progress["updated"]
     assert summary["initial_gap"] == pytest.approx(summary["initial_teacher_acc"] - summary["initial_student_acc_t1"])
     assert summary["improvement"] == pytest.approx(summary["final_student_acc"] - summary["initial_student_acc"])
     assert json.loads((hint_run / "config.json").read_text())["context"]["name"] == "llm_peer_hints"

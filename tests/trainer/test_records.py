@@ -1,0 +1,87 @@
+"""What a trial writes besides its metrics: progress.json while it runs, and the code version it ran."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from trainer import records
+from trainer.config import TrialConfig
+from trainer.records import PhaseTimer, Progress, code_version, error_line, mark_failed
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_progress_follows_the_phase_timer(tmp_path, monkeypatch):
+    clock = iter(range(100, 200))
+    monkeypatch.setattr(records.time, "time", lambda: float(next(clock)))
+    path = tmp_path / "progress.json"
+    progress = Progress(path, steps=3)
+    assert read(path) == {"status": "running", "step": 0, "steps": 3, "phase": "setup", "phase_started": 100.0,
+                          "started": 100.0, "updated": 100.0}
+    progress.step(2)
+    timer = progress.timer()
+    with timer("rollout"):
+        assert read(path) == {"status": "running", "step": 2, "steps": 3, "phase": "rollout",
+                              "phase_started": 101.0, "started": 100.0, "updated": 101.0}
+    with timer("optimizer"):
+        pass
+    assert read(path)["phase"] == "optimizer" and read(path)["phase_started"] == 102.0
+    assert set(timer.metrics()) == {"time/rollout_s", "time/optimizer_s"}
+    progress.completed()
+    assert read(path)["status"] == "completed" and read(path)["updated"] == 103.0
+
+
+def test_a_failure_is_one_line_and_the_first_cause_is_kept(tmp_path):
+    path = tmp_path / "progress.json"
+    progress = Progress(path, steps=1)
+    progress.failed(RuntimeError("the engine died\nTraceback ..."))
+    assert read(path)["status"] == "failed" and read(path)["error"] == "RuntimeError: the engine died"
+    mark_failed(path, ValueError("a later consequence"))
+    assert read(path)["error"] == "RuntimeError: the engine died"
+    other = tmp_path / "other.json"
+    mark_failed(other, KeyboardInterrupt())
+    assert read(other)["status"] == "failed" and read(other)["error"] == "KeyboardInterrupt"
+    assert len(error_line(ValueError("x" * 2000))) == 500
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    progress = Progress(None, steps=1)
+    with progress.timer()("rollout"):
+        pass
+    progress.completed()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_code_version_is_the_checkout_commit():
+    root = Path(records.__file__).resolve().parent.parent
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True).stdout
+    assert code_version() == head.stdout.strip() + ("-dirty" if dirty.strip() else "")
+
+
+def test_code_version_without_git_is_the_package_version(monkeypatch):
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(records.subprocess, "run", no_git)
+    assert re.fullmatch(r"opsd-sweep==\d+\.\d+\.\d+.*", code_version())
+
+
+def test_a_trial_that_fails_says_so_in_progress_json(tmp_path):
+    from trainer.trial import run_trial
+
+    cfg = TrialConfig.model_validate({"model": {"path": str(tmp_path / "no-such-model")}, "steps": 1})
+    with pytest.raises(Exception, match="no-such-model"):
+        run_trial(cfg, tmp_path / "out")
+    state = read(tmp_path / "out" / "progress.json")
+    assert state["status"] == "failed" and state["phase"] == "setup" and "no-such-model" in state["error"]
+    assert "\n" not in state["error"] and not (tmp_path / "out" / "trial.json").exists()
