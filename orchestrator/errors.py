@@ -1,0 +1,13 @@
+"""The error the sweep commands raise for bad input; the CLI prints it as one line and exits 2."""
+
+from __future__ import annotations
+
+
+class SweepError(ValueError):
+    """A sweep file, sweep folder or cluster that cannot be used; the message names the field or path."""
+
+    user_facing = True
+
+
+class TrialFailed(RuntimeError):
+    """A trial's process ended without finishing; Ray Tune retries the trial (FailureConfig)."""

@@ -1,0 +1,178 @@
+"""`opsd sweep run|resume|status|collect|plan`: a grid of OPSD trials on Ray Tune, and its results."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  opsd sweep plan sweeps/paper_fig1.yaml              the grid, resources, GPU-hours and storage, before running
+  opsd sweep run sweeps/demo.yaml                      run it (a local Ray, or RAY_ADDRESS / --address auto)
+  opsd sweep status runs/sweeps/demo                   each trial's state, step, metrics and failures
+  opsd sweep resume runs/sweeps/demo                   continue after the driver died (or rerun `sweep run`)
+  opsd sweep collect runs/sweeps/demo                  trials.parquet and steps.parquet for `opsd analyze`
+
+A sweep folder is <storage>/<name>/ (see `storage:` and `name:` in the sweep file): trial folders, logs,
+Ray Tune's state, W&B runs and the collected Parquet files.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sweep = subparsers.add_parser(
+        "sweep", help="run a grid of trials (models x contexts x seeds) on Ray Tune, and collect its results",
+        description="Sweeps of OPSD trials on a Ray cluster: plan, run, watch, resume, collect.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = sweep.add_subparsers(dest="sweep_command", metavar="SUBCOMMAND", required=True)
+
+    run = commands.add_parser(
+        "run", help="run every trial of a sweep file (continues the sweep if its folder exists)",
+        description="Run the grid of a sweep file on Ray Tune: one trial per model x context x seed, retried "
+        "on failure, each resuming from its own checkpoint. Re-running the same command continues the sweep.",
+        epilog="example:\n  opsd sweep run sweeps/demo.yaml\n  RAY_ADDRESS=auto opsd sweep run sweeps/paper_fig1.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("sweep_file", metavar="SWEEP.yaml")
+    run.add_argument("--storage", help="override the sweep file's storage folder")
+    _cluster_options(run)
+    run.set_defaults(func=_run)
+
+    resume = commands.add_parser(
+        "resume", help="continue a sweep whose driver died (errored trials are retried)",
+        description="Restore the Ray Tune experiment of a sweep folder and finish it; failed trials are retried "
+        "from their checkpoints.", epilog="example:\n  opsd sweep resume runs/sweeps/demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    resume.add_argument("sweep_dir", metavar="DIR")
+    _cluster_options(resume)
+    resume.set_defaults(func=_resume)
+
+    status = commands.add_parser(
+        "status", help="each trial's state, step, last metrics and failures",
+        description="Read a sweep folder (no Ray needed) and print one row per trial.",
+        epilog="example:\n  opsd sweep status runs/sweeps/demo\n  opsd sweep status runs/sweeps/demo --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    status.add_argument("sweep_dir", metavar="DIR")
+    status.add_argument("--json", action="store_true", help="one JSON object per trial")
+    status.set_defaults(func=_status)
+
+    collect = commands.add_parser(
+        "collect", help="write trials.parquet and steps.parquet for `opsd analyze`",
+        description="Gather every trial's summary and steps into two Parquet files (each step exactly once).",
+        epilog="example:\n  opsd sweep collect runs/sweeps/demo && opsd analyze runs/sweeps/demo --out report/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    collect.add_argument("sweep_dir", metavar="DIR")
+    collect.add_argument("--out", metavar="DIR", help="where to write them (default: the sweep folder)")
+    collect.set_defaults(func=_collect)
+
+    plan = commands.add_parser(
+        "plan", help="the grid, resources, GPU-hours and checkpoint storage of a sweep file",
+        description="Validate a sweep file and estimate its cost: from a finished trial of the same model when "
+        "one is found under the storage folder (or --measured DIR), else from a stated per-token model.",
+        epilog="example:\n  opsd sweep plan sweeps/paper_fig1.yaml\n  opsd sweep plan sweeps/demo.yaml --measured runs/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_argument("sweep_file", metavar="SWEEP.yaml")
+    plan.add_argument("--measured", action="append", default=[], metavar="DIR",
+                      help="folders to search for finished trials (default: the sweep's storage)")
+    plan.set_defaults(func=_plan)
+
+
+def _cluster_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray cluster to join ('auto', or host:port); default: RAY_ADDRESS, "
+                        "else a Ray started on this machine")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--num-gpus", type=int, help="GPUs of the local Ray (default: all it finds)")
+    parser.add_argument("--allow-pending", action="store_true",
+                        help="start even if no node can hold a trial yet (an autoscaling cluster adds one)")
+
+
+def _console(stderr: bool = False):
+    """rich's console; wide enough for the tables when the output is a file or a pipe (logs, CI)."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=160)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from orchestrator.sweep_file import load_sweep
+    from orchestrator.sweep_state import prepare_sweep_dir, sweep_dir_of
+
+    sweep, points = load_sweep(args.sweep_file)
+    state = prepare_sweep_dir(sweep, points, sweep_dir_of(sweep, args.storage), Path(args.sweep_file))
+    return _drive(state, args)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from orchestrator.sweep_state import SweepState
+
+    return _drive(SweepState.read(Path(args.sweep_dir)), args)
+
+
+def _drive(state, args: argparse.Namespace) -> int:
+    from orchestrator.collect import collect
+    from orchestrator.tune_run import run_sweep
+    from orchestrator.wandb_log import offline_runs, sync_command
+
+    console = _console(stderr=True)
+    failed = run_sweep(state, address=args.address, allow_pending=args.allow_pending, console=console,
+                       num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    trials_path, steps_path, counts = collect(state)
+    console.print()
+    console.print(f"trials: {', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}")
+    console.print(f"results: {trials_path} and {steps_path} (`opsd analyze {state.dir} --out report/`)")
+    console.print(f"logs: {state.dir}/trials/*/logs/attempt-*.log; Ray and Tune: {state.dir / 'driver.log'}")
+    if offline_runs(state.wandb_dir):
+        console.print(f"W&B offline runs: {len(offline_runs(state.wandb_dir))}; upload with `{sync_command(state.wandb_dir)}`")
+    if failed:
+        console.print(f"[red]{failed} trial(s) failed[/]; see `opsd sweep status {state.dir}`, then "
+                      f"`opsd sweep resume {state.dir}` to retry them")
+    return 1 if failed else 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from orchestrator.sweep_state import SweepState
+    from orchestrator.sweep_status import status_table, sweep_status
+
+    state = SweepState.read(Path(args.sweep_dir))
+    statuses = sweep_status(state)
+    if args.json:
+        for s in statuses:
+            print(json.dumps(dataclasses.asdict(s)))
+        return 0
+    console = _console()
+    console.print(status_table(state, statuses))
+    for s in statuses:
+        if s.failure:
+            console.print(f"{s.trial_id}: {s.failure}")
+    return 0
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from orchestrator.collect import collect
+    from orchestrator.sweep_state import SweepState
+
+    trials_path, steps_path, counts = collect(SweepState.read(Path(args.sweep_dir)), args.out and Path(args.out))
+    print(f"wrote {trials_path} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}) and {steps_path}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from orchestrator.plan import checkpoint_bytes, estimate, human_bytes, plan_table
+    from orchestrator.sweep_file import load_sweep
+
+    sweep, points = load_sweep(args.sweep_file)
+    roots = [Path(p) for p in args.measured] or [Path(sweep.storage).expanduser()]
+    estimates = estimate(sweep, points, [r for r in roots if r.is_dir()])
+    console = _console()
+    console.print(plan_table(sweep, estimates))
+    known = [e.device_hours for e in estimates if e.device_hours is not None]
+    unit = "GPU-hours" if sweep.trial_resources.gpus else "CPU-core-hours"
+    total = f"{sum(known):.1f} {unit}" + ("" if len(known) == len(estimates) else
+                                           f" for the {len(known)} trials of known size")
+    peak, kept = checkpoint_bytes(sweep, estimates)
+    console.print(f"{len(points)} trials, about {total}; checkpoints: up to {human_bytes(peak)} while running, "
+                  f"{human_bytes(kept)} kept after (checkpoints.when_done: {sweep.checkpoints.when_done})")
+    console.print(f"results in {Path(sweep.storage).expanduser() / sweep.name}")
+    return 0

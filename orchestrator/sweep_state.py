@@ -1,0 +1,211 @@
+"""The sweep folder: what `opsd sweep run` writes under `<storage>/<name>/`, and how every command reads it.
+
+    sweep.yaml                the sweep file as given
+    sweep.json                the resolved grid: trial ids with their model, context and seed; resources; W&B
+    trials/<trial id>/        one folder per grid point, the trial's `--out` folder:
+        trial.yaml            its fully resolved trial settings (the input of `opsd trial`)
+        config.json, steps.parquet, trial.json, progress.json, rollouts/, checkpoints/   (written by the trial)
+        attempts.jsonl        one line per attempt event: start (node, GPUs), pid, end (exit code)
+        processes.json        the running attempt's process tree, for clean-up after a hard failure
+        logs/attempt-N.log    everything the trial's processes printed (vLLM, DeepSpeed, the sandbox)
+    tune/                     Ray Tune's experiment state (what `opsd sweep resume` restores)
+    wandb/                    W&B runs (offline runs to sync with `wandb sync`)
+    driver.log                Ray's and Tune's own messages
+    trials.parquet, steps.parquet   written by `opsd sweep collect`, read by `opsd analyze`
+
+Everything lives under the storage path, not in Tune's node-local trial folders, so a retry on another node
+(shared storage) resumes the trial's own checkpoint. Reading the folder needs no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import SweepError
+from orchestrator.sweep_file import CheckpointRetention, GridPoint, Resources, SweepFile, WandbSettings
+
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrialFiles:
+    """The files of one trial inside the sweep folder."""
+
+    dir: Path
+
+    @property
+    def trial_file(self) -> Path:
+        return self.dir / "trial.yaml"
+
+    @property
+    def steps(self) -> Path:
+        return self.dir / "steps.parquet"
+
+    @property
+    def progress(self) -> Path:
+        return self.dir / "progress.json"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.dir / "trial.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def processes(self) -> Path:
+        return self.dir / "processes.json"
+
+    @property
+    def attempts_path(self) -> Path:
+        return self.dir / "attempts.jsonl"
+
+    def log(self, attempt: int) -> Path:
+        return self.dir / "logs" / f"attempt-{attempt}.log"
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.attempts_path.is_file():
+            return []
+        return [json.loads(line) for line in self.attempts_path.read_text().splitlines() if line.strip()]
+
+    def attempts(self) -> list[dict[str, Any]]:
+        """The start event of each attempt, merged with its pid and end events."""
+        merged: dict[int, dict[str, Any]] = {}
+        for event in self.events():
+            kind = event.get("event")
+            entry = merged.setdefault(event["attempt"], {})
+            if kind == "start":
+                entry.update({k: v for k, v in event.items() if k != "event"}, started=event["time"])
+            elif kind == "end":
+                entry.update(ended=event["time"], exit_code=event.get("exit_code"), seconds=event.get("seconds"))
+            elif kind == "pid":
+                entry["pid"] = event["pid"]
+        return [merged[k] for k in sorted(merged)]
+
+    def append_attempt(self, event: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.attempts_path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def summary(self) -> dict[str, Any] | None:
+        if not self.summary_path.is_file():
+            return None
+        return json.loads(self.summary_path.read_text())
+
+
+@dataclass(frozen=True)
+class SweepState:
+    """`sweep.json`: what every command needs to know about a sweep folder."""
+
+    dir: Path
+    name: str
+    resources: Resources
+    wandb: WandbSettings
+    checkpoints: CheckpointRetention
+    max_failures: int
+    max_concurrent_trials: int | None
+    trials: dict[str, dict[str, Any]]  # trial id -> model, context, seed, model path, family, size
+
+    @property
+    def tune_dir(self) -> Path:
+        return self.dir / "tune"
+
+    @property
+    def wandb_dir(self) -> Path:
+        return self.dir
+
+    def trial_files(self, trial_id: str) -> TrialFiles:
+        return TrialFiles(self.dir / "trials" / trial_id)
+
+    @classmethod
+    def read(cls, sweep_dir: Path) -> "SweepState":
+        path = Path(sweep_dir) / "sweep.json"
+        if not path.is_file():
+            raise SweepError(f"{sweep_dir} is not a sweep folder (no sweep.json); `opsd sweep run FILE` makes one")
+        raw = json.loads(path.read_text())
+        if raw.get("format") != STATE_FORMAT:
+            raise SweepError(f"{path}: sweep folder format {raw.get('format')} is not {STATE_FORMAT}")
+        return cls(dir=Path(sweep_dir).resolve(), name=raw["name"], resources=Resources(**raw["resources"]),
+                   wandb=WandbSettings(**raw["wandb"]), checkpoints=CheckpointRetention(**raw["checkpoints"]),
+                   max_failures=raw["max_failures"], max_concurrent_trials=raw["max_concurrent_trials"],
+                   trials=raw["trials"])
+
+
+def sweep_dir_of(sweep: SweepFile, storage: str | None = None) -> Path:
+    root = storage or sweep.storage
+    if "://" in root:
+        raise SweepError(f"storage: {root}: only local or shared (NFS, Lustre) folders are supported; mount the "
+                         "bucket (e.g. s3fs, gcsfuse) and give its path")
+    return (Path(root).expanduser() / sweep.name).resolve()
+
+
+def prepare_sweep_dir(sweep: SweepFile, points: list[GridPoint], sweep_dir: Path, source: Path) -> SweepState:
+    """Create (or check) the sweep folder: the resolved grid and one trial file per grid point.
+
+    Re-running the same sweep file continues its folder; a different grid in the same folder is refused, so
+    results of two sweeps never mix."""
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        probe = sweep_dir / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise SweepError(f"storage: cannot write to {sweep_dir}: {err.strerror or err}") from None
+    trials = {p.trial_id: {"model": p.model, "context": p.context, "seed": p.seed, "model_path": p.config.model.path,
+                           "family": p.config.model.family, "size_b": p.config.model.size_b, "steps": p.config.steps}
+              for p in points}
+    state = {"format": STATE_FORMAT, "name": sweep.name, "resources": sweep.trial_resources.model_dump(),
+             "wandb": sweep.wandb.model_dump(), "checkpoints": sweep.checkpoints.model_dump(),
+             "max_failures": sweep.max_failures, "max_concurrent_trials": sweep.max_concurrent_trials,
+             "trials": trials}
+    path = sweep_dir / "sweep.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous.get("trials") != trials:
+            raise SweepError(f"{sweep_dir} holds another sweep's grid; give this sweep another name or storage")
+        for point in points:
+            written = sweep_dir / "trials" / point.trial_id / "trial.yaml"
+            if written.is_file() and yaml.safe_load(written.read_text()) != point.config.model_dump(mode="json"):
+                raise SweepError(f"trial {point.trial_id} in {sweep_dir} was started with other settings; "
+                                 "give this sweep another name or storage")
+    _atomic_text(sweep_dir / "sweep.yaml", source.read_text())
+    _atomic_text(path, json.dumps(state, indent=1) + "\n")
+    for point in points:
+        trial_dir = sweep_dir / "trials" / point.trial_id
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_text(trial_dir / "trial.yaml", yaml.safe_dump(point.config.model_dump(mode="json"), sort_keys=False))
+    return SweepState.read(sweep_dir)
+
+
+def read_progress(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def read_step_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a trial's steps.parquet (replaced atomically by the trial, so always complete)."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return []
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, ValueError):
+        return []
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,162 @@
+"""The Ray Tune trainable: one grid point of a sweep, run as `opsd trial` in a child process it watches.
+
+The trainable holds the trial's placement-group bundle (GPUs, CPUs) for the trial's whole life; everything the
+trial starts (DeepSpeed ranks, the vLLM engine with its multiprocessing backend, sandbox workers) is a local
+process below its child, never a Ray task or placement group of its own (nested placement groups outlive a
+failed attempt and hang the retry: ray#25239). Per attempt it:
+1. kills whatever an earlier attempt of the same trial left running (orchestrator/trial_process.py);
+2. pins the trial to exactly its own GPUs (Ray 2.60 leaves CUDA_VISIBLE_DEVICES unset for a bundle without
+   GPUs, which would show a trial every GPU of the node: ray#54928);
+3. runs the trial, which resumes from its own checkpoint in the sweep's storage (Tune's trial folder is
+   node-local, so a retry on another node would not find it there);
+4. while it runs, reports its step and phase to Tune (the driver's live view) and its new step rows to W&B;
+5. raises TrialFailed when the child did not finish, so Tune's FailureConfig retries it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import TrialFailed
+from orchestrator.sweep_file import CheckpointRetention, WandbSettings
+from orchestrator.sweep_state import SweepState, TrialFiles, read_progress, read_step_rows
+from orchestrator.trial_process import TrialProcess, trial_command
+from orchestrator.wandb_log import TrialRun, strip_secrets
+
+POLL_S = 2.0
+
+# Per-step and per-evaluation metrics shown live and reported to Tune.
+TRAIN_KEYS = ("loss", "kl", "reward")
+EVAL_KEYS = ("student_acc", "teacher_acc", "gap")
+
+
+def train_grid_point(config: dict[str, Any]) -> None:
+    """Tune's function trainable: `config` is {"sweep_dir": ..., "trial_id": ...}."""
+    import ray
+    from ray import tune
+
+    state = SweepState.read(Path(config["sweep_dir"]))
+    trial_id = config["trial_id"]
+    point = state.trials[trial_id]
+    files = state.trial_files(trial_id)
+    attempt = len(files.attempts()) + 1
+
+    if (files.summary() or {}).get("status") == "completed":  # finished before a driver restart
+        tune.report({**live_metrics(read_progress(files.progress), read_step_rows(files.steps), attempt=attempt - 1),
+                     "status": "completed"})
+        return
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    if len(gpu_ids) != state.resources.gpus:
+        raise TrialFailed(f"trial {trial_id} holds GPUs {gpu_ids} but needs {state.resources.gpus}")
+    env = strip_secrets(dict(os.environ))
+    env.update(CUDA_VISIBLE_DEVICES=",".join(gpu_ids), PYTHONUNBUFFERED="1", OPSD_TRIAL=f"{state.name}/{trial_id}",
+               VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
+    # Ray sets these for its worker; the trial is an ordinary process tree, not a Ray worker.
+    for key in ("RAY_ADDRESS", "OMP_NUM_THREADS"):
+        env.pop(key, None)
+    env["OMP_NUM_THREADS"] = str(state.resources.cpus)
+    log_path = files.log(attempt)
+    started = time.time()
+    files.append_attempt({"attempt": attempt, "event": "start", "time": started, "host": socket.gethostname(),
+                          "node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": gpu_ids,
+                          "cuda_visible_devices": env["CUDA_VISIBLE_DEVICES"], "log": str(log_path)})
+
+    def warn(message: str) -> None:
+        with open(log_path, "a") as f:
+            f.write(f"[opsd sweep] {message}\n")
+
+    wandb_run = TrialRun(state.wandb, sweep=state.name, model=point["model"], context=point["context"],
+                         seed=point["seed"], attempt=attempt, config=yaml.safe_load(files.trial_file.read_text()),
+                         wandb_dir=state.wandb_dir, warn=warn)
+    last_reported: tuple | None = None
+    code: int | None = None
+    try:
+        with TrialProcess(trial_command(files.trial_file, files.dir), env=env, log_path=log_path,
+                          record_path=files.processes, cwd=files.dir) as proc:
+            files.append_attempt({"attempt": attempt, "event": "pid", "pid": proc.pid, "time": time.time()})
+            while True:
+                code = proc.poll()
+                rows = read_step_rows(files.steps)
+                wandb_run.log_rows(rows)
+                report = live_metrics(read_progress(files.progress), rows, attempt=attempt)
+                key = (report.get("step"), report.get("phase"), report.get("status"))
+                if key != last_reported and code is None:
+                    tune.report(report)
+                    last_reported = key
+                if code is not None:
+                    break
+                prune_checkpoints(files.checkpoints, keep_last=state.checkpoints.keep_last)
+                time.sleep(POLL_S)
+            code = proc.stop()
+    finally:
+        summary = files.summary() if code == 0 else None
+        wandb_run.finish(summary, exit_code=0 if code == 0 else 1)
+        files.append_attempt({"attempt": attempt, "event": "end", "time": time.time(), "exit_code": code,
+                              "seconds": round(time.time() - started, 1)})
+    if code != 0:
+        tail = _tail(log_path)
+        raise TrialFailed(f"trial {trial_id} attempt {attempt} exited with code {code}; log {log_path}\n{tail}")
+    retain_when_done(files.checkpoints, state.checkpoints)
+    tune.report({**live_metrics(read_progress(files.progress), read_step_rows(files.steps), attempt=attempt),
+                 "status": "completed", **{k: summary[k] for k in ("initial_gap", "improvement") if summary}})
+
+
+def live_metrics(progress: dict[str, Any], rows: list[dict[str, Any]], *, attempt: int) -> dict[str, Any]:
+    """What the driver's live view shows: step k of n, phase, latest train and eval metrics."""
+    out: dict[str, Any] = {"attempt": attempt, "step": progress.get("step", 0), "steps": progress.get("steps"),
+                           "phase": progress.get("phase", "starting"), "status": progress.get("status", "starting"),
+                           "phase_started": progress.get("phase_started"), "attempt_started": progress.get("started")}
+    for phase, keys in (("train", TRAIN_KEYS), ("eval", EVAL_KEYS)):
+        latest = [r for r in rows if r.get("phase") == phase]
+        if latest:
+            out.update({f"{phase}/{k}": latest[-1][k] for k in keys if latest[-1].get(k) is not None})
+            out[f"{phase}/step"] = latest[-1]["step"]
+    return out
+
+
+def prune_checkpoints(root: Path, *, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints (the trial itself keeps two)."""
+    complete = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()) if root.is_dir() else []
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def retain_when_done(root: Path, retention: CheckpointRetention) -> None:
+    """Apply the sweep's retention to a finished trial's checkpoints."""
+    if not root.is_dir() or retention.when_done == "full":
+        return
+    if retention.when_done == "none":
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    prune_checkpoints(root, keep_last=1)
+    for last in root.glob("step-*"):
+        strip_optimizer_state(last)
+
+
+def strip_optimizer_state(checkpoint: Path) -> None:
+    """Drop the optimizer's state (2x the weights for Adam) from a checkpoint; the weights stay loadable."""
+    import torch
+
+    for path in checkpoint.rglob("*optim_states.pt"):  # ZeRO 1-3 keep Adam's moments in their own files
+        path.unlink()
+    for path in checkpoint.rglob("*model_states.pt"):  # ZeRO 0 keeps them beside the weights
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("optimizer") is not None:
+            state["optimizer"] = None
+            torch.save(state, path)
+    (checkpoint / "WEIGHTS_ONLY").write_text("optimizer state removed when the trial finished; not resumable\n")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

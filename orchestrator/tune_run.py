@@ -1,0 +1,148 @@
+"""The driver of a sweep: Ray Tune runs one trial per grid point, retries failures, and can be restored.
+
+`run_sweep` connects to a Ray cluster (or starts one on this machine), checks that some node can hold one
+trial's resources, then either starts the Tune experiment or, when the sweep folder already holds one (a
+driver that died, a SLURM requeue, a RayJob retry), restores it with its errored trials resumed. While Tune
+runs, the terminal shows one live table read from the sweep folder; Ray's and Tune's own messages go to
+`driver.log` and each trial's processes print into its own log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+
+from orchestrator.errors import SweepError
+from orchestrator.sweep_state import SweepState
+from orchestrator.sweep_status import status_table, sweep_status
+
+
+def init_ray(state: SweepState, address: str | None, *, num_cpus: int | None = None,
+             num_gpus: int | None = None) -> None:
+    """Connect to `address` (or RAY_ADDRESS), else start Ray on this machine; Ray's noise goes to driver.log."""
+    import ray
+
+    _send_ray_logs_to(state.dir / "driver.log")
+    # Not RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper: the raylet then kills every orphan that
+    # reaches it, including the sandbox's fork servers (they detach on purpose); a trial's clean-up is ours.
+    # Tune's console output is replaced by our live view; its result tables would be noise.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kwargs)
+
+
+def _send_ray_logs_to(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            if isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler):
+                logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def check_cluster_fits(state: SweepState) -> None:
+    """Refuse a sweep whose trial fits on no node (Tune would wait for it forever)."""
+    import ray
+
+    need = state.resources
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(r.get("CPU", 0) >= need.cpus and r.get("GPU", 0) >= need.gpus for r in nodes):
+        return
+    largest = ", ".join(f"{int(r.get('CPU', 0))} CPUs/{int(r.get('GPU', 0))} GPUs" for r in nodes) or "none"
+    raise SweepError(f"resources: a trial needs {need.cpus} CPUs and {need.gpus} GPUs on one node; the cluster's "
+                     f"nodes have {largest} (use a smaller preset, or --allow-pending for an autoscaling cluster)")
+
+
+def placement(state: SweepState):
+    """One bundle on one node holds everything the trial runs: its processes are local, not Ray tasks."""
+    from ray import tune
+
+    bundle = {"CPU": state.resources.cpus}
+    if state.resources.gpus:
+        bundle["GPU"] = state.resources.gpus
+    return tune.PlacementGroupFactory([bundle], strategy="PACK")
+
+
+def build_tuner(state: SweepState):
+    from ray import tune
+
+    from orchestrator.trainable import train_grid_point
+
+    trainable = tune.with_resources(train_grid_point, placement(state))
+    tune_dir = state.tune_dir
+    if tune.Tuner.can_restore(str(tune_dir)):
+        return tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True), True
+    run_config = tune.RunConfig(
+        name=tune_dir.name, storage_path=str(tune_dir.parent), verbose=0,
+        failure_config=tune.FailureConfig(max_failures=state.max_failures),
+        # Our trials keep their own checkpoints in the sweep folder; Tune keeps only its experiment state.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+    tune_config = tune.TuneConfig(
+        num_samples=1, max_concurrent_trials=state.max_concurrent_trials,
+        trial_name_creator=lambda trial: trial.config["trial_id"],
+        trial_dirname_creator=lambda trial: trial.config["trial_id"])
+    param_space = {"sweep_dir": str(state.dir), "trial_id": tune.grid_search(list(state.trials))}
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), False
+
+
+def run_sweep(state: SweepState, *, address: str | None = None, allow_pending: bool = False,
+              console: Console | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> int:
+    """Run (or continue) the sweep until every trial has finished or failed; returns the number that failed."""
+    import ray
+
+    console = console or Console(stderr=True)
+    init_ray(state, address, num_cpus=num_cpus, num_gpus=num_gpus)
+    try:
+        if not allow_pending:
+            check_cluster_fits(state)
+        tuner, restored = build_tuner(state)
+        console.print(f"[bold]{'continuing' if restored else 'starting'} sweep {state.name}[/]: "
+                      f"{len(state.trials)} trials in {state.dir}")
+        concurrency = _concurrency(state)
+        started = time.time()
+        stop = threading.Event()
+        with Live(status_table(state, sweep_status(state), elapsed=0, concurrency=concurrency),
+                  console=console, refresh_per_second=1, transient=False) as live:
+            def refresh() -> None:
+                while not stop.wait(2.0):
+                    live.update(status_table(state, sweep_status(state), elapsed=time.time() - started,
+                                             concurrency=concurrency))
+            thread = threading.Thread(target=refresh, daemon=True)
+            thread.start()
+            try:
+                grid = tuner.fit()
+            finally:
+                stop.set()
+                thread.join()
+                live.update(status_table(state, sweep_status(state), elapsed=time.time() - started,
+                                         concurrency=concurrency))
+        return sum(1 for result in grid if result.error is not None)
+    finally:
+        ray.shutdown()
+
+
+def _concurrency(state: SweepState) -> int:
+    import ray
+
+    total = ray.cluster_resources()
+    fit = int(total.get("CPU", 1) // state.resources.cpus)
+    if state.resources.gpus:
+        fit = min(fit, int(total.get("GPU", 0) // state.resources.gpus))
+    if state.max_concurrent_trials:
+        fit = min(fit, state.max_concurrent_trials)
+    return max(fit, 1)
