@@ -3,15 +3,18 @@
 A token counts when its response mask is set and its sample is kept (a rollout whose privileged context added
 nothing is dropped with `sample_mask` 0). Masked positions are selected away with `torch.where`, never
 multiplied by 0, so whatever a padded position holds (even inf or NaN) cannot leak into the loss value.
+
+One optimizer step covers a mini-batch, computed as micro-batches on every rank: `minibatch_normalizer` gives
+the count each micro-batch's `aggregate` divides by, so that their losses add up to the mini-batch's.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
 
 import torch
 
-Aggregation = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]
+from trainer.options import Aggregation
 
 
 def combine_masks(response_mask: torch.Tensor, sample_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,3 +69,21 @@ def aggregate(
         # An empty batch divides 0 by 1: the loss is 0 and backward still runs.
         return total / count.clamp(min=1).to(per_token.dtype)
     return total / normalizer
+
+
+def minibatch_normalizer(kept_response_lengths: Sequence[int], *, mode: Aggregation, world_size: int = 1) -> float:
+    """The `normalizer` of `aggregate` for every micro-batch of one mini-batch (pure).
+
+    kept_response_lengths: the response length in tokens of each kept rollout of the mini-batch, over all
+    ranks (a rollout dropped by its sample mask is left out). The count is the mini-batch's tokens for
+    token_mean, its sequences with at least one token for the seq modes, at least 1; divided by world_size
+    because DeepSpeed averages the ranks' gradients, so each rank's micro-batch sums must add up to the
+    mini-batch's loss times world_size.
+    """
+    if mode == "token_mean":
+        count = sum(kept_response_lengths)
+    elif mode in ("seq_mean_token_sum", "seq_mean_token_mean"):
+        count = sum(1 for n in kept_response_lengths if n > 0)
+    else:
+        raise ValueError(f"unknown aggregation mode {mode!r}")
+    return max(count, 1) / world_size

@@ -30,18 +30,13 @@ import numpy as np
 import torch
 
 from trainer.distributed import barrier, get_rank
+from trainer.errors import CheckpointError
 from trainer.student import Student
 from trainer.teacher import EmaTeacher
 
 CHECKPOINT_FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _STATE_FILE = "trainer_state.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or restored."""
-
-    user_facing = True
 
 
 @dataclass(frozen=True)

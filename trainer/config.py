@@ -1,22 +1,34 @@
 """Typed configuration of one OPSD trial. Each field is documented once, here; defaults follow METHOD.md.
 
 A trial file (YAML) maps onto `TrialConfig`; unknown fields are errors, so a typo never silently falls back
-to a default. Every trial writes its fully resolved config beside its results.
+to a default. Every trial writes its fully resolved config beside its results. Settings are validated here,
+once: the modules that use a config trust it (a user template's fields, for one, are checked only here).
 """
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class TrialConfigError(ValueError):
-    """A trial file or trial setting that cannot be used; the message names the field."""
-
-    user_facing = True
+from trainer.errors import ContextError, TrialConfigError
+from trainer.options import (
+    CONTEXT_NAMES,
+    TEMPLATE_FIELDS,
+    Aggregation,
+    CodeBlock,
+    DataSource,
+    Device,
+    Divergence,
+    Dtype,
+    Isolation,
+    SplitKind,
+    Support,
+    Truncation,
+    ZeroStage,
+)
 
 
 class _Section(BaseModel):
@@ -30,14 +42,14 @@ EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
 class ModelConfig(_Section):
     path: str = Field(EMBEDDED_SMOLLM2, description="Hugging Face model folder, or 'embedded:smollm2-135m-instruct'.")
     gguf_file: str | None = Field(None, description="GGUF file inside `path` to load instead of safetensors.")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights and compute dtype of trainer and vLLM.")
+    dtype: Dtype = Field("float32", description="Weights and compute dtype of trainer and vLLM.")
     family: str | None = Field(None, description="Model family for the analysis (default: derived from the name).")
     size_b: float | None = Field(None, description="Billions of parameters for the analysis (default: counted).")
     thinking: bool = Field(False, description="Chat-template thinking mode (Qwen3); the papers run with it off.")
 
 
 class DataConfig(_Section):
-    source: Literal["humaneval", "livecodebench", "jsonl"] = Field("humaneval", description="Where problems come from.")
+    source: DataSource = Field("humaneval", description="Where problems come from.")
     path: str | None = Field(
         None, description="Problem file: required for 'jsonl' (our JSON Lines problem format); for 'livecodebench' a "
         "local .jsonl/.parquet of its rows (default: Hugging Face); for 'humaneval' a HumanEval.jsonl.gz (default: "
@@ -45,7 +57,7 @@ class DataConfig(_Section):
     release: str | None = Field(None, description="LiveCodeBench release, e.g. 'v6' (contest_date in [2025-02-01, 2025-05-01)).")
     date_from: str | None = Field(None, description="Keep problems with date >= this ISO date.")
     date_to: str | None = Field(None, description="Keep problems with date < this ISO date.")
-    split: Literal["tests", "problems"] = Field(
+    split: SplitKind = Field(
         "tests", description="'tests': train feedback uses a seeded half of each problem's tests, evaluation all of "
         "them (the reference split); 'problems': disjoint train and validation problems.")
     train_test_fraction: float = Field(0.5, gt=0, le=1, description="Fraction of each problem's tests used for training feedback.")
@@ -62,49 +74,113 @@ class ContextConfig(_Section):
     feedback_only_without_solution: bool = Field(False, description="Use feedback only when no peer succeeded.")
     hints_path: str | None = Field(None, description="JSONL of {problem_id, hint} for 'llm_peer_hints'.")
     max_teacher_prompt_tokens: int = Field(10240, gt=0, description="Longer teacher prompts are truncated.")
-    truncation: Literal["left", "right"] = Field("left", description="Which end of an over-long privileged context is cut.")
+    truncation: Truncation = Field("left", description="Which end of an over-long privileged context is cut.")
 
     @model_validator(mode="after")
     def _known_construction(self) -> "ContextConfig":
-        # Imported here: trainer.contexts imports this module for its types.
-        from trainer.contexts import check_context
-
         check_context(self.name, self.template)
         return self
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names a template uses, in order; raises ContextError for malformed braces."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ContextError(
+            f"context.template: malformed braces ({err}); write a literal brace as '{{{{' or '}}}}'") from None
+    names = []
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if field == "" or not field.isidentifier():
+            raise ContextError(
+                f"context.template: field {{{field}}} is not a plain name; allowed fields: "
+                + ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
+        if spec or conversion:
+            raise ContextError(f"context.template: field {{{field}}} must not have a format spec or conversion")
+        names.append(field)
+    return names
+
+
+def check_context(name: str, template: str | None) -> None:
+    """Raise ContextError unless `name`/`template` describe a usable construction."""
+    if template is None:
+        if name not in CONTEXT_NAMES:
+            raise ContextError(
+                f"context.name: unknown construction {name!r}; built-in ones: {', '.join(CONTEXT_NAMES)} "
+                "(or give context.template for a user-defined one)")
+        return
+    if name in CONTEXT_NAMES:
+        raise ContextError(
+            f"context.name: a user template needs its own name, not the built-in {name!r}")
+    if not name.strip():
+        raise ContextError("context.name: a user template needs a non-empty name")
+    fields = template_fields(template)
+    unknown = sorted(set(fields) - set(TEMPLATE_FIELDS))
+    if unknown:
+        raise ContextError(
+            "context.template: unknown field " + ", ".join("{" + f + "}" for f in unknown)
+            + "; allowed fields: " + ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
+    if "prompt" not in fields:
+        raise ContextError("context.template: must contain {prompt} (the teacher has to see the problem)")
 
 
 class RolloutConfig(_Section):
     prompts_per_step: int = Field(32, gt=0, description="Prompts sampled per training step.")
     n_samples: int = Field(8, gt=0, description="Rollouts per prompt.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; both sides' logits are divided by it in the loss.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_response_tokens: int = Field(8192, gt=0)
-    max_prompt_tokens: int = Field(4096, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts (the papers: 1.0).")
+    max_response_tokens: int = Field(8192, gt=0, description="Longest rollout; a longer one is cut and marked truncated.")
+    max_prompt_tokens: int = Field(4096, gt=0, description="Problems whose student prompt is longer are dropped.")
     gpu_memory_utilization: float = Field(0.45, gt=0, lt=1, description="vLLM's share of a GPU when colocated.")
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE).")
-    code_block: Literal["longest", "last"] = Field("longest", description="Which fenced block of a response is the program.")
+    code_block: CodeBlock = Field("longest", description="Which fenced block of a response is the program.")
+
+
+# Settings renamed in this version; their old names are still read (a trial file, or the config.json of a
+# trial to resume) and are dropped in the next version.
+_OLD_LOSS_NAMES = {"is_clip": "importance_ratio_clip", "rollout_is_clip": "rollout_ratio_clip"}
 
 
 class LossConfig(_Section):
-    divergence: Literal["reverse_kl", "forward_kl", "jsd", "sampled_token"] = Field(
+    divergence: Divergence = Field(
         "reverse_kl", description="KL(student||teacher) is the paper's; 'sampled_token' is the one-sample estimator.")
-    support: Literal["topk_tail", "topk_renorm", "full"] = Field(
+    support: Support = Field(
         "topk_tail", description="Student's top-k ids plus a tail bucket; top-k renormalised; or the full vocabulary.")
-    top_k: int = Field(20, gt=0)
+    top_k: int = Field(20, gt=0, description="Token ids per position in the top-k supports (the student's top k).")
     jsd_alpha: float = Field(0.5, ge=0, le=1, description="Generalised JSD weight (0 = forward KL, 1 = reverse KL).")
-    aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = Field("token_mean")
-    is_clip: float | None = Field(2.0, gt=0, description="Clip of the importance ratio exp(logp - logp_old); None disables it.")
-    rollout_is_clip: float | None = Field(None, gt=0, description="Optional clip of the trainer-vs-rollout-engine ratio.")
+    aggregation: Aggregation = Field(
+        "token_mean", description="How per-token losses become a mini-batch's loss: mean over its tokens, or over "
+        "its sequences of each one's token sum or token mean.")
+    importance_ratio_clip: float | None = Field(
+        2.0, gt=0, description="Upper clip of the importance ratio exp(logp - logp_old) that corrects a step's later "
+        "mini-batches for the updates before them; None applies no ratio.")
+    rollout_ratio_clip: float | None = Field(
+        None, gt=0, description="Upper clip of the trainer-vs-rollout-engine ratio exp(logp_trainer - logp_vllm); "
+        "None (default) applies no such correction.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_old_names(cls, data):
+        if isinstance(data, dict) and any(old in data for old in _OLD_LOSS_NAMES):
+            data = dict(data)
+            for old, new in _OLD_LOSS_NAMES.items():
+                if old in data:
+                    if new in data:
+                        raise ValueError(f"loss.{old} is the old name of loss.{new}: give only {new}")
+                    data[new] = data.pop(old)
+        return data
 
 
 class OptimConfig(_Section):
-    lr: float = Field(1e-6, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = Field(1.0, gt=0)
+    lr: float = Field(1e-6, gt=0, description="AdamW learning rate, constant.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay, on every parameter.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's moment decay rates.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip of the gradients' global norm before each optimizer step.")
     mini_batch_size: int = Field(32, gt=0, description="Rollouts per optimizer step; a step's rollouts give several.")
     micro_batch_size: int = Field(4, gt=0, description="Rollouts per forward/backward (gradient accumulation).")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward to save memory.")
 
 
 class TeacherConfig(_Section):
@@ -113,7 +189,7 @@ class TeacherConfig(_Section):
 
 
 class DeepSpeedConfig(_Section):
-    zero_stage: Literal[0, 1, 2, 3] = 0
+    zero_stage: ZeroStage = Field(0, description="DeepSpeed ZeRO stage of the student (3 partitions its weights).")
     world_size: int = Field(1, ge=1, description="Trainer processes (gloo on CPU, NCCL on GPU).")
     bf16: bool = Field(False, description="bf16 mixed precision (GPU); CPU tests run float32.")
 
@@ -121,8 +197,8 @@ class DeepSpeedConfig(_Section):
 class EvalConfig(_Section):
     every_steps: int = Field(5, gt=0, description="Evaluate every N steps, and always before step 1 and after the last.")
     n_samples: int = Field(4, gt=0, description="Samples per validation problem for the student's mean@n.")
-    temperature: float = Field(0.6, gt=0)
-    top_p: float = Field(0.95, gt=0, le=1)
+    temperature: float = Field(0.6, gt=0, description="The student's validation decoding temperature (mean@n).")
+    top_p: float = Field(0.95, gt=0, le=1, description="The student's validation nucleus sampling.")
     teacher_n_samples: int = Field(4, gt=0, description="Samples per problem for the self-teacher's accuracy.")
     teacher_temperature: float = Field(1.0, gt=0, description="Train-time decoding for the gap (METHOD.md section 5).")
     max_response_tokens: int | None = Field(None, gt=0, description="Default: the rollout's.")
@@ -130,27 +206,27 @@ class EvalConfig(_Section):
 
 class SandboxConfig(_Section):
     workers: int | None = Field(None, gt=0, description="Isolated workers grading rollouts (default: the CPUs).")
-    isolation: Literal["auto", "full", "none"] = Field(
+    isolation: Isolation = Field(
         "auto", description="'full' refuses to start without every isolation layer; 'none' is for debugging only.")
     time_limit_s: float = Field(6.0, gt=0, description="Per stdin run or function call of a test.")
     memory_mb: int = Field(1024, gt=0, description="Memory of one program.")
 
 
 class TrialConfig(_Section):
-    name: str = "trial"
-    steps: int = Field(50, ge=0, description="OPSD training steps (the paper runs 50).")
-    seed: int = 0
-    device: Literal["cpu", "cuda"] = "cpu"
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    context: ContextConfig = ContextConfig()
-    rollout: RolloutConfig = RolloutConfig()
-    loss: LossConfig = LossConfig()
-    optim: OptimConfig = OptimConfig()
-    teacher: TeacherConfig = TeacherConfig()
-    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
-    eval: EvalConfig = EvalConfig()
-    sandbox: SandboxConfig = SandboxConfig()
+    name: str = Field("trial", description="The trial's id in trial.json (trial_id).")
+    steps: int = Field(50, ge=0, description="OPSD training steps (the paper runs 50); 0 measures the gap alone.")
+    seed: int = Field(0, description="Seed of the prompt order, the rollouts' sampling and the model's initial state.")
+    device: Device = Field("cpu", description="Where the student, the teacher and vLLM run.")
+    model: ModelConfig = Field(ModelConfig(), description="The model to train (student and self-teacher).")
+    data: DataConfig = Field(DataConfig(), description="Problems, their window and the train/validation split.")
+    context: ContextConfig = Field(ContextConfig(), description="The self-teacher's privileged context.")
+    rollout: RolloutConfig = Field(RolloutConfig(), description="Sampling the student's rollouts in vLLM.")
+    loss: LossConfig = Field(LossConfig(), description="The distillation loss (METHOD.md section 1, steps 5-7).")
+    optim: OptimConfig = Field(OptimConfig(), description="AdamW and the mini-batches of a step.")
+    teacher: TeacherConfig = Field(TeacherConfig(), description="The EMA self-teacher.")
+    deepspeed: DeepSpeedConfig = Field(DeepSpeedConfig(), description="The student's DeepSpeed engine and ranks.")
+    eval: EvalConfig = Field(EvalConfig(), description="Validation of the student and the gap to the self-teacher.")
+    sandbox: SandboxConfig = Field(SandboxConfig(), description="Grading rollouts in the sandbox.")
     checkpoint_every: int = Field(1, ge=1, description="Steps between checkpoints (a retry resumes from the last).")
 
     @model_validator(mode="after")

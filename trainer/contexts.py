@@ -11,7 +11,10 @@ teacher's prompt, so its loss (the EMA teacher's lag behind the student, plus we
 noise) and its improvement measure what the pipeline does without any privileged information.
 
 Truncation (trainer/prompts.py `teacher_prompt_ids`) may shorten only the `cuttable` spans: the inserted
-solution, feedback or hint, never the problem or the fixed wording.
+solution, feedback or hint, never the problem or the fixed wording. `teacher_prompts_for_group` is step 3 of
+METHOD.md section 1 for one prompt group: the texts built here, chat-templated and truncated.
+
+The context settings were validated when the config was built (trainer/config.py); nothing here checks them.
 """
 
 from __future__ import annotations
@@ -19,24 +22,16 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 from sandbox.problems import Problem
+from trainer.config import ContextConfig, template_fields
+from trainer.errors import ContextError
+from trainer.options import CONTEXT_NAMES, TEMPLATE_FIELDS
+from trainer.prompts import student_prompt_text, teacher_prompt_ids
 
-if TYPE_CHECKING:
-    from trainer.config import ContextConfig
-
-CONTEXT_NAMES: tuple[str, ...] = (
-    "none",
-    "expert_preamble",
-    "feedback",
-    "llm_peer_hints",
-    "own_solution_feedback",
-    "peer_solution_feedback",
-)
-
-# Fields a user template may use; every one but `prompt` is privileged and may be truncated.
-TEMPLATE_FIELDS: tuple[str, ...] = ("prompt", "feedback", "own_solution", "peer_solution", "hint")
+__all__ = ["CONTEXT_NAMES", "TEMPLATE_FIELDS", "ContextError", "GradedRollout", "TeacherContext",
+           "build_teacher_texts", "context_metrics", "needs_hints", "strip_thinking", "teacher_prompts_for_group"]
 
 # The wording of METHOD.md section 2, laid out as the reference code lays it out (a section starts on a
 # new line, its body after a blank line; the closing instruction after a blank line).
@@ -98,12 +93,6 @@ Method, step by step:
 _THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
 
 
-class ContextError(ValueError):
-    """A context setting or template that cannot be used; the message names the field."""
-
-    user_facing = True
-
-
 @dataclass(frozen=True)
 class GradedRollout:
     """One rollout of a prompt group after grading on the train tests."""
@@ -113,9 +102,15 @@ class GradedRollout:
     feedback: str = ""
 
     @classmethod
-    def from_verdict(cls, text: str, verdict) -> "GradedRollout":
+    def from_verdict(cls, text: str, verdict: Any) -> "GradedRollout":
         """From the response text and its sandbox `Verdict` (anything with `passed` and `feedback`)."""
         return cls(text=text, passed=bool(verdict.passed), feedback=verdict.feedback or "")
+
+    @classmethod
+    def groups(cls, texts: Sequence[Sequence[str]], verdicts: Sequence[Any]) -> list[list["GradedRollout"]]:
+        """Per prompt group, its rollouts with their verdicts; `verdicts` is flat, group after group."""
+        flat = iter(verdicts)
+        return [[cls.from_verdict(text, next(flat)) for text in group] for group in texts]
 
 
 @dataclass(frozen=True)
@@ -145,56 +140,7 @@ def strip_thinking(text: str) -> str:
     return _THINK_BLOCK.sub("", text)
 
 
-def template_fields(template: str) -> list[str]:
-    """The field names a template uses, in order; raises ContextError for malformed braces."""
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as err:
-        raise ContextError(
-            f"context.template: malformed braces ({err}); write a literal brace as '{{{{' or '}}}}'") from None
-    names = []
-    for _, field, spec, conversion in parsed:
-        if field is None:
-            continue
-        if field == "" or not field.isidentifier():
-            raise ContextError(
-                f"context.template: field {{{field}}} is not a plain name; allowed fields: "
-                + ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
-        if spec or conversion:
-            raise ContextError(f"context.template: field {{{field}}} must not have a format spec or conversion")
-        names.append(field)
-    return names
-
-
-def check_context(name: str, template: str | None) -> None:
-    """Raise ContextError unless `name`/`template` describe a usable construction."""
-    if template is None:
-        if name not in CONTEXT_NAMES:
-            raise ContextError(
-                f"context.name: unknown construction {name!r}; built-in ones: {', '.join(CONTEXT_NAMES)} "
-                "(or give context.template for a user-defined one)")
-        return
-    if name in CONTEXT_NAMES:
-        raise ContextError(
-            f"context.name: a user template needs its own name, not the built-in {name!r}")
-    if not name.strip():
-        raise ContextError("context.name: a user template needs a non-empty name")
-    fields = template_fields(template)
-    unknown = sorted(set(fields) - set(TEMPLATE_FIELDS))
-    if unknown:
-        raise ContextError(
-            "context.template: unknown field " + ", ".join("{" + f + "}" for f in unknown)
-            + "; allowed fields: " + ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
-    if "prompt" not in fields:
-        raise ContextError("context.template: must contain {prompt} (the teacher has to see the problem)")
-
-
-def validate_context(cfg: "ContextConfig") -> None:
-    """Raise ContextError unless the context section describes a usable construction."""
-    check_context(cfg.name, cfg.template)
-
-
-def needs_hints(cfg: "ContextConfig") -> bool:
+def needs_hints(cfg: ContextConfig) -> bool:
     """Whether the construction reads a per-problem hint (trainer/hints.py)."""
     if cfg.template is not None:
         return "hint" in template_fields(cfg.template)
@@ -231,7 +177,7 @@ def build_teacher_texts(
     group: Sequence[GradedRollout],
     *,
     problem: Problem,
-    context: "ContextConfig",
+    context: ContextConfig,
     hint: str | None = None,
     prompt: str | None = None,
 ) -> list[TeacherContext]:
@@ -241,10 +187,7 @@ def build_teacher_texts(
     `hint` is the problem's hint (llm_peer_hints, or a template using {hint}).
     """
     if prompt is None:
-        from trainer.prompts import student_prompt_text
-
         prompt = student_prompt_text(problem)
-    validate_context(context)
     if needs_hints(context) and hint is None:
         raise ContextError(f"context {context.name!r} needs a hint for problem {problem.id!r}; none was given")
     return [
@@ -253,7 +196,7 @@ def build_teacher_texts(
     ]
 
 
-def _build_one(group: Sequence[GradedRollout], i: int, *, prompt: str, context: "ContextConfig",
+def _build_one(group: Sequence[GradedRollout], i: int, *, prompt: str, context: ContextConfig,
                hint: str) -> TeacherContext:
     if context.template is not None:
         return _build_from_template(group, i, prompt=prompt, template=context.template, hint=hint,
@@ -357,3 +300,32 @@ def context_metrics(contexts: Sequence[TeacherContext]) -> dict[str, float]:
         "context/own_solution_fraction": sum(c.used_own_solution for c in contexts) / n,
         "context/hint_fraction": sum(c.used_hint for c in contexts) / n,
     }
+
+
+def teacher_prompts_for_group(
+    tokenizer: Any,
+    group: Sequence[GradedRollout],
+    *,
+    problem: Problem,
+    context: ContextConfig,
+    hint: str | None = None,
+    thinking: bool = False,
+) -> tuple[list[list[int]], list[bool], dict[str, float]]:
+    """The teacher phase for one prompt group (METHOD.md section 1, step 3): each rollout's context built
+    by `context`, chat-templated and truncated to `context.max_teacher_prompt_tokens`.
+
+    Returns (teacher prompt ids per rollout, has_context per rollout: False means loss 0, metrics).
+    """
+    contexts = build_teacher_texts(group, problem=problem, context=context, hint=hint,
+                                   prompt=student_prompt_text(problem))
+    all_ids, tokens, cut = [], 0, 0
+    for teacher in contexts:
+        ids, m = teacher_prompt_ids(tokenizer, teacher, max_tokens=context.max_teacher_prompt_tokens,
+                                    truncation=context.truncation, thinking=thinking)
+        all_ids.append(ids)
+        tokens += m["teacher_prompt_tokens"]
+        cut += m["teacher_prompt_cut_tokens"] > 0
+    n = max(len(contexts), 1)
+    metrics = {**context_metrics(contexts), "context/teacher_prompt_tokens_mean": tokens / n,
+               "context/truncated_fraction": cut / n}
+    return all_ids, [c.has_context for c in contexts], metrics

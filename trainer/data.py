@@ -20,12 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from sandbox.problems import Problem, ProblemTest, SandboxError
 from trainer.config import DataConfig
-
-
-class DataError(ValueError):
-    """Data settings or files that cannot be used; the message says which and why."""
-
-    user_facing = True
+from trainer.errors import DataError
 
 
 def _natural_key(problem_id: str) -> tuple:

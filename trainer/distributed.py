@@ -13,13 +13,10 @@ import os
 import socket
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
-Device = Literal["cpu", "cuda"]
-
-
-class DistributedError(RuntimeError):
-    """A rank failed, or torch.distributed could not be set up."""
+from trainer.errors import DistributedError
+from trainer.options import Device
 
 
 @dataclass(frozen=True)
@@ -106,10 +103,25 @@ def all_reduce_sum(value: float) -> float:
     return float(total.item())
 
 
-def get_rank() -> int:
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a no-op in a single process)."""
     import torch.distributed as torch_dist
 
-    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def get_rank() -> int:
+    """This process's trainer rank: the process group's once it is initialised, before that the launcher's
+    RANK variable (run_local_ranks, torchrun and Ray set it), else 0. The one answer to "am I rank 0"."""
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def _rank_entry(local_rank: int, fn: Callable, args: tuple, world_size: int, port: int, device: Device,

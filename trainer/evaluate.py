@@ -15,66 +15,62 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from sandbox.grader import GradeRequest, Verdict
-from trainer.contexts import GradedRollout
+from trainer.contexts import GradedRollout, teacher_prompts_for_group
 from trainer.data import train_tests_of
 from trainer.hints import hints_from_reference_solutions
-from trainer.prompts import teacher_prompts_for_group
 from trainer.records import mean_or_zero
-
-if TYPE_CHECKING:
-    from trainer.trial import TrialParts
+from trainer.runtime import TrialRuntime
 
 
 def _scores(verdicts: Sequence[Verdict]) -> tuple[float, float]:
     return mean_or_zero([float(v.passed) for v in verdicts]), mean_or_zero([v.fraction_passed for v in verdicts])
 
 
-def evaluate(parts: "TrialParts", *, step: int) -> dict[str, Any]:
-    """Student and self-teacher accuracy on the validation problems; the engine holds the student's weights
-    before and after the call."""
-    cfg = parts.cfg
-    problems = list(parts.split.val)
-    prompts = [parts.prompt_ids[p.id] for p in problems]
+def evaluate(trial: TrialRuntime, *, step: int) -> dict[str, Any]:
+    """Student and self-teacher accuracy on the validation problems (rank 0); the engine holds the student's
+    weights before and after the call."""
+    cfg = trial.cfg
+    problems = list(trial.split.val)
+    prompts = [trial.prompt_ids[p.id] for p in problems]
     max_tokens = cfg.eval.max_response_tokens or cfg.rollout.max_response_tokens
-    seed = parts.sampling_seed(step, "eval")
+    seed = trial.sampling_seed(step, "eval")
 
     # Student at the validation decoding, graded on every test.
-    groups = parts.engine.generate(prompts, n=cfg.eval.n_samples, temperature=cfg.eval.temperature,
+    groups = trial.engine.generate(prompts, n=cfg.eval.n_samples, temperature=cfg.eval.temperature,
                                    top_p=cfg.eval.top_p, max_tokens=max_tokens, seed=seed)
-    verdicts = parts.grader.grade_many([
+    verdicts = trial.grader.grade_many([
         GradeRequest(problem, r.text, None, r.finish_reason == "length")
         for problem, group in zip(problems, groups) for r in group])
     student_acc, student_frac = _scores(verdicts)
 
     # Student at train-time decoding: graded on all tests (its accuracy) and on the train tests (feedback).
-    t1_groups = parts.engine.generate(prompts, n=cfg.eval.teacher_n_samples, temperature=cfg.eval.teacher_temperature,
+    t1_groups = trial.engine.generate(prompts, n=cfg.eval.teacher_n_samples, temperature=cfg.eval.teacher_temperature,
                                       top_p=cfg.rollout.top_p, max_tokens=max_tokens, seed=seed + 1)
     feedback_tests = {p.id: train_tests_of(p, fraction=cfg.data.train_test_fraction, seed=cfg.data.seed)
                       for p in problems}
     requests = [GradeRequest(problem, r.text, tests, r.finish_reason == "length")
                 for problem, group in zip(problems, t1_groups) for r in group
                 for tests in (None, feedback_tests[problem.id])]
-    both = parts.grader.grade_many(requests)
+    both = trial.grader.grade_many(requests)
     t1_all, t1_train = both[0::2], both[1::2]
     student_acc_t1, student_frac_t1 = _scores(t1_all)
 
     # The self-teacher answers once per context built from the student's graded attempt.
     teacher_prompts = []
     n = cfg.eval.teacher_n_samples
-    for k, (problem, group) in enumerate(zip(problems, t1_groups)):
-        graded = [GradedRollout(text=r.text, passed=v.passed, feedback=v.feedback)
-                  for r, v in zip(group, t1_train[k * n:(k + 1) * n])]
-        ids, _, _ = teacher_prompts_for_group(parts.tokenizer, graded, problem=problem, context=cfg.context,
-                                              hint=parts.hints.get(problem.id), thinking=cfg.model.thinking)
+    graded_groups = GradedRollout.groups([[r.text for r in group] for group in t1_groups], t1_train)
+    for problem, graded in zip(problems, graded_groups):
+        ids, _, _ = teacher_prompts_for_group(trial.tokenizer, graded, problem=problem, context=cfg.context,
+                                              hint=trial.hints.get(problem.id), thinking=cfg.model.thinking)
         teacher_prompts.extend(ids)
-    with parts.teacher_weights_in_engine():
-        teacher_groups = parts.engine.generate(teacher_prompts, n=1, temperature=cfg.eval.teacher_temperature,
+    with trial.teacher_weights_in_engine():
+        teacher_groups = trial.engine.generate(teacher_prompts, n=1, temperature=cfg.eval.teacher_temperature,
                                                top_p=cfg.rollout.top_p, max_tokens=max_tokens, seed=seed + 2)
     teacher_problems = [p for p in problems for _ in range(n)]
-    teacher_verdicts = parts.grader.grade_many([
+    teacher_verdicts = trial.grader.grade_many([
         GradeRequest(problem, group[0].text, None, group[0].finish_reason == "length")
         for problem, group in zip(teacher_problems, teacher_groups)])
     teacher_acc, teacher_frac = _scores(teacher_verdicts)
@@ -82,8 +78,8 @@ def evaluate(parts: "TrialParts", *, step: int) -> dict[str, Any]:
     ref_logp = {}
     if all((p.solution or "").strip() for p in problems):
         solutions = hints_from_reference_solutions(problems)
-        scored = parts.engine.score([
-            (parts.prompt_ids[p.id], parts.tokenizer(solutions[p.id], add_special_tokens=False)["input_ids"])
+        scored = trial.engine.score([
+            (trial.prompt_ids[p.id], trial.tokenizer(solutions[p.id], add_special_tokens=False)["input_ids"])
             for p in problems])
         ref_logp = {"student_ref_logp": mean_or_zero([mean_or_zero(logps) for logps in scored])}
 

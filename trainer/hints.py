@@ -16,11 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.problems import Problem
-from trainer.data import DataError
-
-
-class HintsError(DataError):
-    """A hints file that cannot be used, or a problem without a hint."""
+from trainer.errors import HintsError
 
 
 def read_hints(path: str | Path) -> dict[str, str]:

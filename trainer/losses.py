@@ -1,4 +1,4 @@
-"""The OPSD losses of METHOD.md section 1 (steps 5-7) and the CREDIT reward of section 6, as pure tensor functions.
+"""The OPSD losses of METHOD.md section 1 (steps 5-7), as pure tensor functions.
 
 Conventions shared by every function here:
 - B rollouts, T response positions, V vocabulary entries. Position t of a logits tensor [B, T, V] holds the
@@ -14,14 +14,11 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 
-from trainer.aggregation import Aggregation, aggregate, combine_masks
-
-Divergence = Literal["reverse_kl", "forward_kl", "jsd", "sampled_token"]
-Support = Literal["topk_tail", "topk_renorm", "full"]
+from trainer.aggregation import aggregate, combine_masks
+from trainer.options import Aggregation, Divergence, DistributionDivergence, Support
 
 # exp() of a log-ratio beyond this overflows in float32; the reference code clamps the same way.
 _MAX_LOG_RATIO = 20.0
@@ -246,7 +243,7 @@ def distillation_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     *,
-    divergence: Literal["reverse_kl", "forward_kl", "jsd"],
+    divergence: DistributionDivergence,
     support: Support,
     top_k: int,
     alpha: float,
@@ -323,8 +320,8 @@ def opsd_loss(
     top_k: int,
     jsd_alpha: float,
     aggregation: Aggregation,
-    is_clip: float | None,
-    rollout_is_clip: float | None,
+    importance_ratio_clip: float | None,
+    rollout_ratio_clip: float | None,
     temperature: float,
     old_logps: torch.Tensor | None = None,
     rollout_logps: torch.Tensor | None = None,
@@ -340,19 +337,19 @@ def opsd_loss(
     - divergence/support/top_k/jsd_alpha: see `distillation_divergence`; 'sampled_token' uses
       `sampled_token_loss` on the response tokens and ignores support and top_k.
     - old_logps [B, T]: log-probs of the response under the policy that sampled this batch (before this step's
-      earlier mini-batches). With it and is_clip set, each token's divergence is weighted by
-      `importance_weights(student, old, clip=is_clip)`; is_clip None or old_logps None applies no ratio
-      (None old_logps means the batch is on-policy, ratio 1).
-    - rollout_logps [B, T]: the rollout engine's log-probs of the same tokens. With rollout_is_clip set, tokens
-      are also weighted by exp(trainer - rollout) clipped at rollout_is_clip, where trainer is old_logps if
-      given, else the current student's (detached).
+      earlier mini-batches). With it and importance_ratio_clip set, each token's divergence is weighted by
+      `importance_weights(student, old, clip=importance_ratio_clip)`; importance_ratio_clip None or old_logps
+      None applies no ratio (None old_logps means the batch is on-policy, ratio 1).
+    - rollout_logps [B, T]: the rollout engine's log-probs of the same tokens. With rollout_ratio_clip set,
+      tokens are also weighted by exp(trainer - rollout) clipped at rollout_ratio_clip, where trainer is
+      old_logps if given, else the current student's (detached).
     - chunk_size: compute at most this many positions at a time, in the forward and again in the backward, so
       the [B, chunk, V] float32 intermediates never exist for all T at once; same loss and gradient. The
       backward then recomputes the forward (about 1.5-2x the loss's compute); use it for long responses.
     - normalizer: passed to `aggregate` (e.g. the mini-batch's token count under gradient accumulation).
     Returns (loss: 0-dim tensor, metrics: detached 0-dim tensors): divergence (mean over kept tokens of the
-    divergence; for sampled_token the log-ratio, whose expectation is the reverse KL), is_weight_mean,
-    is_clip_fraction, rollout_is_weight_mean, rollout_is_clip_fraction (over kept tokens; 1 and 0 when not
+    divergence; for sampled_token the log-ratio, whose expectation is the reverse KL), importance_weight_mean,
+    importance_clip_fraction, rollout_weight_mean, rollout_clip_fraction (over kept tokens; 1 and 0 when not
     applied), valid_tokens.
     """
     mask = combine_masks(response_mask, sample_mask)
@@ -364,84 +361,25 @@ def opsd_loss(
 
     ones = torch.ones_like(per_token, dtype=per_token.dtype)
     weights = ones
-    is_weights, is_clipped = ones, torch.zeros_like(mask)
-    if old_logps is not None and is_clip is not None:
-        is_weights = importance_weights(student_tok, old_logps, clip=is_clip)
-        is_clipped = (student_tok - old_logps) > math.log(is_clip)
-        weights = weights * is_weights
+    ratio_weights, ratio_clipped = ones, torch.zeros_like(mask)
+    if old_logps is not None and importance_ratio_clip is not None:
+        ratio_weights = importance_weights(student_tok, old_logps, clip=importance_ratio_clip)
+        ratio_clipped = (student_tok - old_logps) > math.log(importance_ratio_clip)
+        weights = weights * ratio_weights
     rollout_weights, rollout_clipped = ones, torch.zeros_like(mask)
-    if rollout_logps is not None and rollout_is_clip is not None:
+    if rollout_logps is not None and rollout_ratio_clip is not None:
         trainer_logps = old_logps if old_logps is not None else student_tok
-        rollout_weights = importance_weights(trainer_logps, rollout_logps, clip=rollout_is_clip)
-        rollout_clipped = (trainer_logps - rollout_logps) > math.log(rollout_is_clip)
+        rollout_weights = importance_weights(trainer_logps, rollout_logps, clip=rollout_ratio_clip)
+        rollout_clipped = (trainer_logps - rollout_logps) > math.log(rollout_ratio_clip)
         weights = weights * rollout_weights
 
     loss = aggregate(per_token * weights, mask, mode=aggregation, normalizer=normalizer)
     metrics = {
         "divergence": _masked_mean(divergence_values, mask),
-        "is_weight_mean": _masked_mean(is_weights, mask),
-        "is_clip_fraction": _masked_mean(is_clipped.to(per_token.dtype), mask),
-        "rollout_is_weight_mean": _masked_mean(rollout_weights, mask),
-        "rollout_is_clip_fraction": _masked_mean(rollout_clipped.to(per_token.dtype), mask),
+        "importance_weight_mean": _masked_mean(ratio_weights, mask),
+        "importance_clip_fraction": _masked_mean(ratio_clipped.to(per_token.dtype), mask),
+        "rollout_weight_mean": _masked_mean(rollout_weights, mask),
+        "rollout_clip_fraction": _masked_mean(rollout_clipped.to(per_token.dtype), mask),
         "valid_tokens": mask.sum().detach(),
     }
     return loss, metrics
-
-
-def credit_rewards(
-    teacher_logps: torch.Tensor,
-    student_logps: torch.Tensor,
-    contrast_teacher_logps: torch.Tensor,
-    *,
-    contrast_mask: torch.Tensor | None = None,
-    response_mask: torch.Tensor | None = None,
-    baseline: Literal["swapped_reward", "swapped_teacher_logps"] = "swapped_reward",
-    baseline_weight: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """CREDIT per-token rewards (METHOD.md section 6): the self-distillation reward minus a batch-contrastive baseline.
-
-    teacher_logps: [B, T], log pi_teacher(y_t | x_i, c_i, y_<t) of rollout i's own tokens.
-    student_logps: [B, T], log pi_student(y_t | x_i, y_<t).
-    contrast_teacher_logps: [B, J, T], log pi_teacher(y_t | x_j, c_j, y_<t): the teacher on the same tokens of
-    rollout i with its input (and context) swapped for the j-th other input of the batch.
-    contrast_mask: [B, J] or None, nonzero where contrast j exists. response_mask: [B, T] or None.
-
-    Formula implemented, with r_t = teacher_logps - student_logps the self-distillation reward and
-    J_i = {j : contrast_mask[i, j]}:
-      baseline 'swapped_reward':        b_t = mean_{j in J_i} (contrast_teacher_logps[i, j, t] - student_logps[i, t])
-                                        (the same reward recomputed with the teacher's input swapped; at weight
-                                        1 the student term cancels: reward = teacher - mean_j contrast)
-      baseline 'swapped_teacher_logps': b_t = mean_{j in J_i} contrast_teacher_logps[i, j, t]
-      reward_t = r_t - baseline_weight * b_t,  with b_t = 0 when J_i is empty (the plain reward).
-    Rewards are detached and 0 outside response_mask. Returns (rewards [B, T], metrics: mean reward, mean
-    baseline over response tokens, fraction of rollouts without any contrast).
-    """
-    teacher_logps, student_logps = teacher_logps.detach(), student_logps.detach()
-    contrast_teacher_logps = contrast_teacher_logps.detach()
-    n_batch, n_contrast, _ = contrast_teacher_logps.shape
-    if contrast_mask is None:
-        contrast_mask = torch.ones(n_batch, n_contrast, dtype=torch.bool, device=contrast_teacher_logps.device)
-    contrast_mask = contrast_mask.bool()
-    if response_mask is None:
-        response_mask = torch.ones_like(teacher_logps, dtype=torch.bool)
-    response_mask = response_mask.bool()
-
-    if baseline == "swapped_reward":
-        contrast_values = contrast_teacher_logps - student_logps.unsqueeze(1)
-    elif baseline == "swapped_teacher_logps":
-        contrast_values = contrast_teacher_logps
-    else:
-        raise ValueError(f"unknown CREDIT baseline {baseline!r}")
-    zero = torch.zeros((), dtype=contrast_values.dtype, device=contrast_values.device)
-    kept = torch.where(contrast_mask.unsqueeze(-1), contrast_values, zero)
-    n_kept = contrast_mask.sum(dim=1, keepdim=True)
-    baseline_values = kept.sum(dim=1) / n_kept.clamp(min=1).to(kept.dtype)
-
-    rewards = (teacher_logps - student_logps) - baseline_weight * baseline_values
-    rewards = torch.where(response_mask, rewards, zero)
-    metrics = {
-        "credit_reward_mean": _masked_mean(rewards, response_mask),
-        "credit_baseline_mean": _masked_mean(baseline_values, response_mask),
-        "credit_no_contrast_fraction": (n_kept.squeeze(1) == 0).to(rewards.dtype).mean(),
-    }
-    return rewards, metrics

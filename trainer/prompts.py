@@ -9,13 +9,11 @@ with no system message, and so do we). The teacher sees the text built in traine
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sandbox.problems import Problem
-from trainer.data import DataError
+from trainer.errors import PromptTooLongError
 
-if TYPE_CHECKING:
-    from trainer.contexts import TeacherContext
 
 STUDENT_INSTRUCTION = (
     "You are a coding expert. You will be given a programming problem; write a correct Python program that "
@@ -30,8 +28,11 @@ COMPLETION_NOTE = (
 )
 
 
-class PromptTooLongError(DataError):
-    """A prompt longer than the configured token budget that cannot be shortened."""
+class CuttableText(Protocol):
+    """A teacher's user message and the (start, end) character spans truncation may cut (contexts.TeacherContext)."""
+
+    text: str
+    cuttable: tuple[tuple[int, int], ...]
 
 
 def _is_completion(problem: Problem) -> bool:
@@ -121,7 +122,7 @@ def _water_fill(lengths: Sequence[int], budget: int) -> list[int]:
 
 def teacher_prompt_ids(
     tokenizer: Any,
-    teacher_text: "TeacherContext | str",
+    teacher_text: CuttableText | str,
     *,
     max_tokens: int,
     truncation: str,
@@ -136,11 +137,10 @@ def teacher_prompt_ids(
     even the prompt without privileged text does not fit.
     Returns (ids, metrics) with the prompt length and the number of privileged tokens cut.
     """
-    from trainer.contexts import TeacherContext
-
     if isinstance(teacher_text, str):
-        teacher_text = TeacherContext(text=teacher_text, has_context=True)
-    text, spans = teacher_text.text, teacher_text.cuttable
+        text, spans = teacher_text, ()
+    else:
+        text, spans = teacher_text.text, teacher_text.cuttable
     ids = chat_prompt_ids(tokenizer, text, thinking=thinking)
     if len(ids) <= max_tokens:
         return ids, {"teacher_prompt_tokens": len(ids), "teacher_prompt_cut_tokens": 0}
@@ -171,34 +171,3 @@ def teacher_prompt_ids(
     raise PromptTooLongError(
         f"the teacher prompt does not fit context.max_teacher_prompt_tokens={max_tokens} even without its "
         f"privileged part ({len(ids)} tokens); raise the limit")
-
-
-def teacher_prompts_for_group(
-    tokenizer: Any,
-    group: Sequence[Any],
-    *,
-    problem: Problem,
-    context: Any,
-    hint: str | None = None,
-    thinking: bool = False,
-) -> tuple[list[list[int]], list[bool], dict[str, float]]:
-    """The teacher phase for one prompt group (METHOD.md section 1, step 3): each rollout's context built
-    by `context` (a ContextConfig), chat-templated and truncated to `context.max_teacher_prompt_tokens`.
-
-    Returns (teacher prompt ids per rollout, has_context per rollout: False means loss 0, metrics).
-    """
-    from trainer.contexts import build_teacher_texts, context_metrics
-
-    contexts = build_teacher_texts(group, problem=problem, context=context, hint=hint,
-                                   prompt=student_prompt_text(problem))
-    all_ids, tokens, cut = [], 0, 0
-    for teacher in contexts:
-        ids, m = teacher_prompt_ids(tokenizer, teacher, max_tokens=context.max_teacher_prompt_tokens,
-                                    truncation=context.truncation, thinking=thinking)
-        all_ids.append(ids)
-        tokens += m["teacher_prompt_tokens"]
-        cut += m["teacher_prompt_cut_tokens"] > 0
-    n = max(len(contexts), 1)
-    metrics = {**context_metrics(contexts), "context/teacher_prompt_tokens_mean": tokens / n,
-               "context/truncated_fraction": cut / n}
-    return all_ids, [c.has_context for c in contexts], metrics

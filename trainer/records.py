@@ -1,5 +1,6 @@
-"""What a trial writes: one row per step and phase (`steps.parquet`), one summary (`trial.json`), and
-`progress.json`, where rank 0 says what the trial is doing now (for a sweep runner watching it).
+"""What a trial writes: its resolved settings (`config.json`), one row per step and phase (`steps.parquet`),
+each step's rollouts (`rollouts/step-N.jsonl`), one summary (`trial.json`), and `progress.json`, where rank 0
+says what the trial is doing now (for a sweep runner watching it).
 
 Files are replaced atomically (write beside, then rename), so a trial killed mid-write leaves the previous
 complete file; a resumed trial drops rows past its checkpoint before appending, so no step is duplicated.
@@ -17,6 +18,10 @@ from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from trainer.config import TrialConfig
+from trainer.errors import TrialConfigError
+from trainer.models import count_parameters_b, model_family
 
 # Bumped when a column changes meaning; readers check it.
 STEPS_SCHEMA_VERSION = 1
@@ -39,6 +44,57 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def claim_out_dir(cfg: TrialConfig, out_dir: Path) -> None:
+    """Write config.json, or check that the folder holds this very trial (a resume) and not another."""
+    path = out_dir / "config.json"
+    resolved = cfg.model_dump(mode="json")
+    if path.exists():
+        previous = json.loads(path.read_text())
+        try:  # read through the config, so a setting renamed since still compares equal
+            previous = TrialConfig.model_validate(previous).model_dump(mode="json")
+        except ValueError:
+            pass
+        if previous != resolved:
+            changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
+            raise TrialConfigError(
+                f"{out_dir} holds a trial with other settings (differing sections: {', '.join(changed)}); "
+                "use another --out folder")
+        return
+    write_json(path, resolved)
+
+
+def write_rollouts(path: Path, records: list[dict]) -> None:
+    """One JSON line per rollout of a step (response, verdict, feedback, teacher prompt)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def trial_summary(cfg: TrialConfig, model_path: Path, initial: dict, final: dict, seconds: float) -> dict[str, Any]:
+    """trial.json of a completed trial: what the analysis reads (identity, initial gap, improvement), the
+    resolved config and the code version. A trial that fails writes no trial.json (progress.json says why)."""
+    name = cfg.model.path
+    size = cfg.model.size_b if cfg.model.size_b is not None else count_parameters_b(model_path)
+    gpus = cfg.deepspeed.world_size if cfg.device == "cuda" else 0
+    return {
+        "trial_id": cfg.name, "model": name, "model_family": cfg.model.family or model_family(name),
+        "model_size_b": size, "context": cfg.context.name, "seed": cfg.seed, "status": "completed",
+        "steps": cfg.steps,
+        "initial_student_acc": initial["student_acc"], "initial_teacher_acc": initial["teacher_acc"],
+        "initial_student_acc_t1": initial["student_acc_t1"], "initial_gap": initial["gap"],
+        "initial_student_test_frac": initial["student_test_frac"],
+        "initial_teacher_test_frac": initial["teacher_test_frac"], "initial_gap_test_frac": initial["gap_test_frac"],
+        "final_student_acc": final["student_acc"], "final_teacher_acc": final["teacher_acc"],
+        "final_student_test_frac": final["student_test_frac"],
+        "improvement": final["student_acc"] - initial["student_acc"],
+        "improvement_test_frac": final["student_test_frac"] - initial["student_test_frac"],
+        "accuracy_metric": "all-pass mean@n (student_acc); fraction of tests passed in *_test_frac",
+        "wall_seconds": round(seconds, 1), "gpu_hours": gpus * seconds / 3600.0, "device": cfg.device,
+        "config": cfg.model_dump(mode="json"), "code_version": code_version(),
+    }
 
 
 class StepLog:

@@ -36,11 +36,10 @@ from typing import Literal
 import psutil
 import torch
 
+from trainer.errors import RolloutError
+from trainer.options import Device, Dtype
+
 WORKER_EXTENSION = "trainer.vllm_worker.WeightSyncExtension"
-
-
-class RolloutError(RuntimeError):
-    """The rollout engine failed or was used after close()."""
 
 
 @dataclass
@@ -82,8 +81,8 @@ def group_for_reload(named_tensors: Iterable[tuple[str, torch.Tensor]], *,
 class RolloutEngine:
     """vLLM `LLM` holding the student's weights, with batched sampling, scoring and weight pushes."""
 
-    def __init__(self, model_path: str | Path, *, dtype: str = "float32", seed: int = 0,
-                 max_model_len: int = 4096, device: Literal["cpu", "cuda"] = "cpu", kv_cache_gib: float = 1.0,
+    def __init__(self, model_path: str | Path, *, dtype: Dtype = "float32", seed: int = 0,
+                 max_model_len: int = 4096, device: Device = "cpu", kv_cache_gib: float = 1.0,
                  gpu_memory_utilization: float = 0.45, enforce_eager: bool = True,
                  push_bucket_gib: float = 1.0) -> None:
         """Start the engine (tens of seconds on CPU).

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -28,18 +28,14 @@ from torch import nn
 
 from trainer.config import DeepSpeedConfig, OptimConfig
 from trainer.distributed import init_distributed
-
-Device = Literal["cpu", "cuda"]
+from trainer.errors import StudentError
+from trainer.options import Device
 
 ADAM_EPS = 1e-8
 # Parameters gathered at once when a ZeRO-3 student is read whole (weight push, EMA update): bounds the
 # extra memory to this many elements instead of a second full model.
 GATHER_BUCKET_NUMEL = 1 << 27
 _CHECKPOINT_TAG = "engine"
-
-
-class StudentError(RuntimeError):
-    """The student cannot be built, stepped or restored as asked."""
 
 
 def build_deepspeed_config(optim: OptimConfig, ds: DeepSpeedConfig, *, device: Device, world_size: int) -> dict:
@@ -244,13 +240,14 @@ class Student:
         self._micro_batches = 0
         return metrics
 
-    def named_parameters_for_push(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor) per parameter, for the rollout engine's weight load (collective on ZeRO-3)."""
+    def named_full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) per parameter, gathered under ZeRO-3 (collective: every rank iterates): what
+        the weight push into vLLM, the EMA teacher's update and a full copy of the weights read."""
         return iter_full_parameters(self.engine.module, zero_stage=self.zero_stage)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """A CPU copy of every full parameter by HF name (collective on ZeRO-3)."""
-        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.named_parameters_for_push()}
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.named_full_parameters()}
 
     def save_checkpoint(self, save_dir: str | Path) -> None:
         """DeepSpeed checkpoint (weights, optimizer incl. ZeRO partitions, step counters); every rank calls."""

@@ -6,7 +6,7 @@ bit (the update is skipped); r = 1 copies the student. The arithmetic is (1 − 
 when the teacher computes in a lower precision (bf16 on GPU) an fp32 master copy of θ̄ is kept, because
 r·(θ − θ̄) with r = 0.01 is mostly below bf16's resolution and the teacher would never move.
 
-The student's weights arrive as (name, full tensor) pairs — `Student.named_parameters_for_push()`, which
+The student's weights arrive as (name, full tensor) pairs — `Student.named_full_parameters()`, which
 gathers ZeRO-3 partitions — so the teacher works with every ZeRO stage; under several ranks every rank
 holds its own identical teacher and calls `update` (the gather is collective).
 
@@ -19,16 +19,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
-Device = Literal["cpu", "cuda"]
-
-
-class TeacherError(RuntimeError):
-    """The teacher cannot be built, updated or restored as asked."""
+from trainer.errors import TeacherError
+from trainer.options import Device
 
 
 class EmaTeacher:

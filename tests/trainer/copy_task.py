@@ -17,10 +17,9 @@ import torch
 from sandbox.problems import Problem, ProblemTest
 from trainer.batch import pack, response_logits
 from trainer.config import ContextConfig
-from trainer.contexts import GradedRollout
+from trainer.contexts import GradedRollout, teacher_prompts_for_group
 from trainer.hints import hints_from_reference_solutions
 from trainer.models import load_causal_lm, load_tokenizer
-from trainer.prompts import teacher_prompts_for_group
 
 
 def copy_problems(n: int = 8, *, seed: int = 0) -> list[Problem]:

@@ -60,7 +60,7 @@ def train_steps(student: Student, teacher: EmaTeacher, sampler: np.random.Genera
                 student.backward(loss)
                 losses.append(float(loss))
             student.step()
-        teacher.update(student.named_parameters_for_push())
+        teacher.update(student.named_full_parameters())
     return losses
 
 

@@ -13,7 +13,6 @@ from trainer.contexts import (
     build_teacher_texts,
     context_metrics,
     strip_thinking,
-    validate_context,
 )
 from trainer.prompts import student_prompt_text
 
@@ -178,7 +177,7 @@ def test_bad_templates_fail_at_config_validation(template, message):
 
 def test_context_names_are_validated():
     for name in CONTEXT_NAMES:
-        validate_context(ContextConfig(name=name))
+        assert ContextConfig(name=name).name == name
     with pytest.raises(ValidationError, match="unknown construction 'peer_solution'"):
         ContextConfig(name="peer_solution")
     with pytest.raises(ValidationError, match="needs its own name"):
@@ -196,3 +195,17 @@ def test_from_verdict():
 
     v = Verdict(verdict="wrong_answer", passed=False, tests_passed=1, tests_total=2, feedback="Test Case 2: Wrong Answer")
     assert GradedRollout.from_verdict("code", v) == GradedRollout("code", False, "Test Case 2: Wrong Answer")
+
+
+def test_groups_pair_each_rollout_with_its_verdict():
+    from sandbox.grader import Verdict
+
+    def verdict(passed, feedback):
+        return Verdict(verdict="accepted" if passed else "wrong_answer", passed=passed, tests_passed=int(passed),
+                       tests_total=1, feedback=feedback)
+
+    texts = [["a0", "a1"], ["b0", "b1"]]
+    verdicts = [verdict(False, "fa0"), verdict(True, ""), verdict(False, "fb0"), verdict(False, "fb1")]
+    assert GradedRollout.groups(texts, verdicts) == [
+        [GradedRollout("a0", False, "fa0"), GradedRollout("a1", True, "")],
+        [GradedRollout("b0", False, "fb0"), GradedRollout("b1", False, "fb1")]]

@@ -9,10 +9,9 @@ import math
 import pytest
 import torch
 
-from trainer.aggregation import aggregate, combine_masks
+from trainer.aggregation import aggregate, combine_masks, minibatch_normalizer
 from trainer.config import LossConfig
 from trainer.losses import (
-    credit_rewards,
     distillation_divergence,
     importance_weights,
     opsd_loss,
@@ -82,7 +81,7 @@ def make_logits(*shape, seed=0, dtype=F64, scale=2.0):
 
 def options(**overrides):
     base = dict(divergence="reverse_kl", support="topk_tail", top_k=3, jsd_alpha=0.5, aggregation="token_mean",
-                is_clip=2.0, rollout_is_clip=None, temperature=1.0)
+                importance_ratio_clip=2.0, rollout_ratio_clip=None, temperature=1.0)
     base.update(overrides)
     return base
 
@@ -307,7 +306,7 @@ def test_opsd_loss_weights_each_token_by_the_clipped_ratio():
     rollout = old - torch.tensor([[0.0, 0.1, 0.0], [-0.2, 0.0, 0.5]], dtype=F64)
 
     loss, metrics = opsd_loss(student, teacher, ids, mask, old_logps=old, rollout_logps=rollout,
-                              **options(is_clip=2.0, rollout_is_clip=1.05))
+                              **options(importance_ratio_clip=2.0, rollout_ratio_clip=1.05))
     per_token = ref_per_token(student.detach(), teacher, divergence="reverse_kl", support="topk_tail", top_k=3,
                               alpha=0.5, temperature=1.0)
     kept = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
@@ -316,20 +315,48 @@ def test_opsd_loss_weights_each_token_by_the_clipped_ratio():
     ro_w = {pos: min(math.exp(rollout_delta[pos]), 1.05) for pos in kept}
     want = sum(is_w[pos] * ro_w[pos] * float(per_token[pos]) for pos in kept) / len(kept)
     assert loss.item() == pytest.approx(want, rel=1e-10)
-    assert metrics["is_weight_mean"].item() == pytest.approx(sum(is_w.values()) / 5, rel=1e-10)
-    assert metrics["is_clip_fraction"].item() == pytest.approx(2 / 5)
-    assert metrics["rollout_is_weight_mean"].item() == pytest.approx(sum(ro_w.values()) / 5, rel=1e-10)
-    assert metrics["rollout_is_clip_fraction"].item() == pytest.approx(1 / 5)
+    assert metrics["importance_weight_mean"].item() == pytest.approx(sum(is_w.values()) / 5, rel=1e-10)
+    assert metrics["importance_clip_fraction"].item() == pytest.approx(2 / 5)
+    assert metrics["rollout_weight_mean"].item() == pytest.approx(sum(ro_w.values()) / 5, rel=1e-10)
+    assert metrics["rollout_clip_fraction"].item() == pytest.approx(1 / 5)
     assert metrics["valid_tokens"].item() == 5
     assert metrics["divergence"].item() == pytest.approx(sum(float(per_token[p]) for p in kept) / 5, rel=1e-10)
 
-    # is_clip None applies no ratio at all
-    unweighted, metrics = opsd_loss(student, teacher, ids, mask, old_logps=old, **options(is_clip=None))
+    # importance_ratio_clip None applies no ratio at all
+    unweighted, metrics = opsd_loss(student, teacher, ids, mask, old_logps=old, **options(importance_ratio_clip=None))
     assert unweighted.item() == pytest.approx(sum(float(per_token[p]) for p in kept) / 5, rel=1e-10)
-    assert metrics["is_weight_mean"].item() == 1.0
+    assert metrics["importance_weight_mean"].item() == 1.0
 
 
 # ---------------------------------------------------------------- masking and aggregation
+def test_minibatch_normalizer_by_hand():
+    # The kept rollouts of one mini-batch, over all ranks, have 3, 0 and 5 response tokens.
+    assert minibatch_normalizer([3, 0, 5], mode="token_mean") == 8.0
+    assert minibatch_normalizer([3, 0, 5], mode="seq_mean_token_sum") == 2.0  # the empty response is no sequence
+    assert minibatch_normalizer([3, 0, 5], mode="seq_mean_token_mean") == 2.0
+    assert minibatch_normalizer([3, 0, 5], mode="token_mean", world_size=2) == 4.0
+    assert minibatch_normalizer([], mode="token_mean") == 1.0  # nothing kept: the loss is 0, not 0/0
+    assert minibatch_normalizer([0], mode="seq_mean_token_mean", world_size=2) == 0.5
+    with pytest.raises(ValueError):
+        minibatch_normalizer([1], mode="mean")
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"])
+def test_micro_batches_on_two_ranks_add_up_to_the_minibatch(mode):
+    """Each rank sums its micro-batches' losses and DeepSpeed averages the ranks: the mini-batch's aggregate."""
+    per_token = make_logits(6, 4, seed=7)
+    lengths = [4, 2, 0, 3, 1, 4]
+    mask = torch.tensor([[t < n for t in range(4)] for n in lengths])
+    kept = torch.tensor([True, True, True, False, True, True])
+    whole = aggregate(per_token, combine_masks(mask, kept), mode=mode)
+    normalizer = minibatch_normalizer([n for n, k in zip(lengths, kept) if k], mode=mode, world_size=2)
+    rank_losses = [
+        sum(aggregate(per_token[rows], combine_masks(mask[rows], kept[rows]), mode=mode, normalizer=normalizer)
+            for rows in micro_batches)
+        for micro_batches in ([[0, 1], [2]], [[3, 4], [5]])]
+    assert float(sum(rank_losses) / 2) == pytest.approx(float(whole), rel=1e-12)
+
+
 def test_aggregation_modes_by_hand():
     per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]], dtype=F64)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
@@ -518,33 +545,3 @@ def test_bad_options_raise():
                 dict(divergence="jsd", alpha=1.5), dict(temperature=0.0), dict(chunk_size=0)):
         with pytest.raises(ValueError):
             distillation_divergence(student, teacher, **{**base, **bad})
-
-
-# ---------------------------------------------------------------- CREDIT
-def test_credit_rewards_by_hand():
-    teacher = torch.tensor([[-1.0, -2.0], [-0.5, -0.1]], dtype=F64)
-    student = torch.tensor([[-1.5, -1.0], [-0.7, -0.3]], dtype=F64)
-    contrast = torch.tensor([  # [B, J=2, T]
-        [[-2.0, -3.0], [-4.0, -1.0]],
-        [[-0.6, -0.9], [-9.0, -9.0]],  # the second contrast of rollout 1 is missing
-    ], dtype=F64)
-    contrast_mask = torch.tensor([[True, True], [True, False]])
-    response_mask = torch.tensor([[1, 1], [1, 0]])
-
-    rewards, metrics = credit_rewards(teacher, student, contrast, contrast_mask=contrast_mask,
-                                      response_mask=response_mask)
-    # swapped_reward, weight 1: teacher - mean of the kept contrasts
-    want = torch.tensor([[-1.0 - (-3.0), -2.0 - (-2.0)], [-0.5 - (-0.6), 0.0]], dtype=F64)
-    torch.testing.assert_close(rewards, want)
-    assert metrics["credit_no_contrast_fraction"].item() == 0.0
-
-    rewards, _ = credit_rewards(teacher, student, contrast, contrast_mask=contrast_mask, response_mask=response_mask,
-                                baseline="swapped_teacher_logps", baseline_weight=0.5)
-    want = torch.tensor([[(-1.0 + 1.5) - 0.5 * -3.0, (-2.0 + 1.0) - 0.5 * -2.0],
-                         [(-0.5 + 0.7) - 0.5 * -0.6, 0.0]], dtype=F64)
-    torch.testing.assert_close(rewards, want)
-
-    # no contrast at all: the plain self-distillation reward
-    rewards, metrics = credit_rewards(teacher, student, contrast, contrast_mask=torch.zeros(2, 2, dtype=torch.bool))
-    torch.testing.assert_close(rewards, teacher - student)
-    assert metrics["credit_no_contrast_fraction"].item() == 1.0

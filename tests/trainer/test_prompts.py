@@ -153,7 +153,7 @@ def test_teacher_prompt_errors(tokenizer):
 
 
 def test_teacher_prompts_for_group(tokenizer):
-    from trainer.prompts import teacher_prompts_for_group
+    from trainer.contexts import teacher_prompts_for_group
 
     group = [GradedRollout("bad", False, "Wrong Answer"), GradedRollout("```python\n" + PEER + "\n```", True, ""),
              GradedRollout("bad too", False, "")]

@@ -164,11 +164,11 @@ def test_step_without_backward_and_a_missing_rank_are_refused():
 
 
 @pytest.mark.parametrize("zero_stage,tied", [(0, False), (3, False), (3, True)])
-def test_named_parameters_for_push_are_full_hf_tensors(zero_stage, tied):
+def test_named_full_parameters_are_full_hf_tensors(zero_stage, tied):
     start = tiny_model(3, tied=tied)
     hf_state = {name: p.detach().clone() for name, p in start.named_parameters()}
     student = Student(copy.deepcopy(start), optim=optim_config(micro=4), deepspeed_config=DeepSpeedConfig(zero_stage=zero_stage))
-    pushed = dict(student.named_parameters_for_push())
+    pushed = dict(student.named_full_parameters())
     assert list(pushed) == list(hf_state)  # HF names, HF order, every parameter once
     assert ("lm_head.weight" in pushed) == (not tied)  # a tied head is the embedding, sent once
     for name, tensor in pushed.items():
@@ -180,7 +180,7 @@ def test_named_parameters_for_push_are_full_hf_tensors(zero_stage, tied):
         assert torch.allclose(student.forward_logits(ids, mask, logits_to_keep=4), logits[:, -4:], atol=1e-6)
     train_student(student, 1, micro=4)
     expected, _ = reference_train(copy.deepcopy(start), 1)
-    pushed = dict(student.named_parameters_for_push())
+    pushed = dict(student.named_full_parameters())
     assert max_abs_diff(pushed, expected) < 1e-6
     assert max_abs_diff(pushed, hf_state) > 1e-5  # the push sees the step
     if tied:

@@ -107,7 +107,7 @@ def test_update_from_a_zero3_student_uses_full_parameters():
     old, new = params_of(initial), params_of(trained)
     teacher = EmaTeacher.from_model(initial, ema_rate=0.25)
     student = Student(trained, optim=OptimConfig(), deepspeed_config=DeepSpeedConfig(zero_stage=3))
-    teacher.update(student.named_parameters_for_push())
+    teacher.update(student.named_full_parameters())
     for name, param in teacher.model.named_parameters():
         assert torch.equal(param, (1 - 0.25) * old[name] + 0.25 * new[name])
     assert teacher.model.lm_head.weight is teacher.model.model.embed_tokens.weight

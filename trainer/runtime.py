@@ -1,0 +1,137 @@
+"""A trial while it runs on one rank (`TrialRuntime`) and how it is started and closed (`start_runtime`).
+
+`start_runtime(cfg)` loads the problems and splits them (trainer/data.py), tokenises the student prompts
+(trainer/prompts.py), reads the hints a context needs (trainer/hints.py), and on rank 0 starts the sandbox
+(`sandbox.Executor` + `sandbox.Grader`) and the vLLM rollout engine (trainer/rollout.py); every rank builds
+the student (trainer/student.py, DeepSpeed) and its EMA self-teacher (trainer/teacher.py). Leaving the
+context closes the engine and the sandbox. `opsd_step` (trainer/trial.py) and `evaluate`
+(trainer/evaluate.py) work on the runtime; neither builds anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from sandbox.executor import Executor, Limits
+from sandbox.grader import Grader
+from trainer.config import TrialConfig
+from trainer.contexts import needs_hints
+from trainer.data import PromptSampler, Split, load_problems, make_split
+from trainer.distributed import get_rank
+from trainer.errors import TrialConfigError
+from trainer.hints import load_hints
+from trainer.models import load_causal_lm, load_tokenizer, resolve_model
+from trainer.prompts import drop_long_prompts, student_prompt_ids
+from trainer.rollout import RolloutEngine
+from trainer.student import Student
+from trainer.teacher import EmaTeacher
+
+
+@dataclass
+class TrialRuntime:
+    """What a running trial holds on one rank: its settings, data, models and engines.
+
+    Rank 0 (`is_main`) samples with the rollout engine and grades with the sandbox; on the other ranks
+    `engine` and `grader` are None and the rank only trains (every rank holds a student shard and a teacher).
+    """
+
+    cfg: TrialConfig
+    rank: int
+    tokenizer: Any
+    engine: RolloutEngine | None
+    grader: Grader | None
+    student: Student
+    teacher: EmaTeacher
+    split: Split
+    sampler: PromptSampler
+    prompt_ids: dict[str, list[int]]  # the student's chat-templated prompt per problem id
+    hints: dict[str, str]
+    pad_id: int
+    model_path: Path
+    # Set by every rank before an evaluation, for rank 0 to restore the engine after the teacher's turn.
+    student_weights: dict[str, torch.Tensor] | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def world_size(self) -> int:
+        return self.student.dist.world_size
+
+    def sampling_seed(self, step: int, purpose: str) -> int:
+        """A vLLM seed per (trial seed, step, purpose): a resumed step samples exactly what it sampled before."""
+        digest = hashlib.sha256(f"{self.cfg.seed}/{step}/{purpose}".encode()).digest()
+        return int.from_bytes(digest[:4], "little") // 2  # leaves room for vLLM's per-sample offsets
+
+    def push_student_weights(self) -> dict[str, float]:
+        """Every rank calls (reading a ZeRO-3 student is collective); rank 0 loads the weights into vLLM."""
+        named = self.student.named_full_parameters()
+        if not self.is_main:
+            for _ in named:
+                pass
+            return {"push/seconds": 0.0}
+        return self.engine.push_weights(named)
+
+    @contextlib.contextmanager
+    def teacher_weights_in_engine(self) -> Iterator[None]:
+        """The EMA teacher's weights in the rollout engine for the body; the student's again afterwards.
+
+        Rank 0 only: the student's weights come back from `student_weights`, a copy taken by every rank
+        before the evaluation, since reading a ZeRO-3 student needs all ranks."""
+        self.engine.push_weights(self.teacher.state_dict().items())
+        try:
+            yield
+        finally:
+            self.engine.push_weights(self.student_weights.items())
+
+
+@contextlib.contextmanager
+def start_runtime(cfg: TrialConfig) -> Iterator[TrialRuntime]:
+    """Load data, model, rollout engine, sandbox, student and teacher; close them all on exit."""
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    problems = load_problems(cfg.data)
+    problems, skipped = drop_long_prompts(problems, tokenizer, max_tokens=cfg.rollout.max_prompt_tokens,
+                                          thinking=cfg.model.thinking)
+    if not problems:
+        raise TrialConfigError(f"every problem's prompt is longer than rollout.max_prompt_tokens="
+                               f"{cfg.rollout.max_prompt_tokens} ({skipped['data/prompts_skipped_too_long']} skipped)")
+    split = make_split(problems, cfg.data)
+    sampler = PromptSampler(split.train, seed=cfg.seed)
+    prompt_ids = {p.id: student_prompt_ids(tokenizer, p, thinking=cfg.model.thinking) for p in problems}
+    hints = load_hints(problems, cfg.context.hints_path) if needs_hints(cfg.context) else {}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rank = get_rank()
+
+    with contextlib.ExitStack() as stack:
+        grader = engine = None
+        if rank == 0:
+            grader, engine = _start_sandbox_and_rollout_engine(cfg, model_path, stack)
+        torch.manual_seed(cfg.seed)
+        model = load_causal_lm(model_path, dtype=cfg.model.dtype, device=cfg.device)
+        teacher = EmaTeacher.from_model(model, ema_rate=cfg.teacher.ema_rate, offload=cfg.teacher.offload,
+                                        device=cfg.device)
+        student = Student(model, optim=cfg.optim, deepspeed_config=cfg.deepspeed, device=cfg.device)
+        yield TrialRuntime(cfg=cfg, rank=rank, tokenizer=tokenizer, engine=engine, grader=grader, student=student,
+                           teacher=teacher, split=split, sampler=sampler, prompt_ids=prompt_ids, hints=hints,
+                           pad_id=pad_id, model_path=model_path)
+
+
+def _start_sandbox_and_rollout_engine(cfg: TrialConfig, model_path: Path,
+                                      stack: contextlib.ExitStack) -> tuple[Grader, RolloutEngine]:
+    executor = stack.enter_context(Executor(
+        cfg.sandbox.workers, isolation=cfg.sandbox.isolation, limits=Limits(memory_mb=cfg.sandbox.memory_mb)))
+    grader = Grader(executor, code_block=cfg.rollout.code_block, time_limit_s=cfg.sandbox.time_limit_s)
+    max_model_len = max(cfg.rollout.max_prompt_tokens, cfg.context.max_teacher_prompt_tokens) \
+        + cfg.rollout.max_response_tokens
+    engine = stack.enter_context(RolloutEngine(
+        model_path, dtype=cfg.model.dtype, seed=cfg.seed, max_model_len=max_model_len, device=cfg.device,
+        kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization))
+    return grader, engine
