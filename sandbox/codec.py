@@ -9,18 +9,26 @@ trusted side rebuilds it with ``json.loads`` and these rules only (no eval, no p
   ``{"b": "<base64>"}`` bytes; ``{"i": "<hex>"}`` an int beyond 64 bits (hex: no digit-count limit).
 
 Encoding accepts EXACT builtin types only (``type(x) is int``): a subclass or an object with its own
-``__eq__`` cannot pass for an answer. Depth and node count are bounded on both sides.
+``__eq__`` cannot pass for an answer. Depth and node count are bounded on both sides. Decoding, in the
+trusted process, also bounds its time: a set, frozenset or dict whose elements share hash values (integers
+that differ by multiples of 2**61 - 1 all hash alike, and so do tuples of them) would make its hash table
+quadratic to build, so one whose collisions would cost more than ``MAX_COLLISION_WORK`` probes beyond the
+usual is refused before it is built (a real set or dict of distinct values is nowhere near), and the whole
+decoding stops after ``MAX_DECODE_SECONDS``.
 
-This file runs inside the sandbox too (its source is sent ahead of ``runner.py``): keep it stdlib-only.
+This file runs inside the sandbox too (``sandbox/pool.py:worker_source``): keep it stdlib-only.
 """
 
 import base64
 import json
 import math
+import time
 
 MAX_DEPTH = 100
 MAX_NODES = 1_000_000
 MAX_ENCODED_BYTES = 16 << 20
+MAX_COLLISION_WORK = 1 << 16
+MAX_DECODE_SECONDS = 2.0
 _SMALL_INT = 1 << 63
 
 
@@ -88,11 +96,14 @@ def decode_value(text):
     except (RecursionError, ValueError) as e:
         raise PlainDataError("malformed encoded value: %s" % e) from None
     budget = [MAX_NODES]
+    deadline = time.monotonic() + MAX_DECODE_SECONDS
 
     def dec(x, depth):
         budget[0] -= 1
         if budget[0] < 0 or depth > MAX_DEPTH + 1:
             raise PlainDataError("encoded value is too deep or too large")
+        if not budget[0] & 0x3FFF and time.monotonic() > deadline:
+            raise PlainDataError("encoded value takes too long to decode")
         t = type(x)
         if x is None or t is bool or t is str or t is float:
             return x
@@ -108,21 +119,15 @@ def decode_value(text):
         if tag == "t" and type(body) is list:
             return tuple(dec(v, depth + 1) for v in body)
         if tag in ("s", "fs") and type(body) is list:
-            try:
-                items = [dec(v, depth + 1) for v in body]
-                return set(items) if tag == "s" else frozenset(items)
-            except TypeError as e:  # an unhashable element
-                raise PlainDataError("bad set element: %s" % e) from None
+            items = [dec(v, depth + 1) for v in body]
+            _spread_hashes(items, "set element")
+            return set(items) if tag == "s" else frozenset(items)
         if tag == "d" and type(body) is list:
-            out = {}
-            for pair in body:
-                if type(pair) is not list or len(pair) != 2:
-                    raise PlainDataError("malformed dict item")
-                try:
-                    out[dec(pair[0], depth + 1)] = dec(pair[1], depth + 1)
-                except TypeError as e:
-                    raise PlainDataError("bad dict key: %s" % e) from None
-            return out
+            if not all(type(pair) is list and len(pair) == 2 for pair in body):
+                raise PlainDataError("malformed dict item")
+            keys = [dec(pair[0], depth + 1) for pair in body]
+            _spread_hashes(keys, "dict key")
+            return dict(zip(keys, [dec(pair[1], depth + 1) for pair in body]))
         if tag == "f" and body in ("nan", "inf", "-inf"):
             return float(body)
         if tag == "b" and type(body) is str:
@@ -138,6 +143,22 @@ def decode_value(text):
         raise PlainDataError("unknown tag %r" % (tag,))
 
     return dec(raw, 0)
+
+
+def _spread_hashes(items, what):
+    """Refuse elements of a set or keys of a dict whose shared hash values would make the hash table slow to
+    build (each element probes past every earlier one of its hash: sum of squared group sizes)."""
+    counts = {}  # keyed by hash values: distinct ints hash apart (as themselves), so this table stays fast
+    try:
+        for item in items:
+            h = hash(item)
+            counts[h] = counts.get(h, 0) + 1
+    except TypeError as e:  # an unhashable element
+        raise PlainDataError("bad %s: %s" % (what, e)) from None
+    work = sum(n * n for n in counts.values()) - len(items)
+    if work > MAX_COLLISION_WORK:
+        raise PlainDataError("too many %ss share a hash value (%d elements, %d distinct hashes)"
+                             % (what, len(items), len(counts)))
 
 
 def _reject_constant(name):

@@ -7,7 +7,11 @@
 
 Each worker is a long-lived bubblewrap sandbox holding a warm fork server (``sandbox/runner.py``); every
 program runs in its own PID namespace as an unprivileged uid with no capabilities, rlimits and a seccomp
-filter (layers and their checks: ``sandbox/isolation.py``, tests/sandbox/test_hostile.py).
+filter (layers and their checks: ``sandbox/isolation.py``, tests/sandbox/test_hostile.py), in a process cloned
+from a template that never held another program's data (tests/sandbox/test_integrity.py).
+
+``timeout_s`` of a run or a call is a limit on the CPU time the program spends on it (all its threads; in a
+session, counted from the end of the previous call); its wall clock is cut at ``WALL_FACTOR`` times that.
 
 Call sessions: the program's top-level code runs on the first ``call``; later calls reuse the module. An
 exception raised by the called function is that call's ``runtime_error`` and the program keeps serving. A
@@ -32,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sandbox import isolation as _isolation
 from sandbox.codec import PlainDataError, decode_value, encode_value
 from sandbox.pool import Pool, Worker, WorkerDied
-from sandbox.runner import STATUSES, capped
+from sandbox.wire import STATUSES, WALL_FACTOR, capped
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +169,8 @@ class Session:
     def run_stdin_many(self, stdins: list[bytes], *, timeout_s: float,
                        stop_after: frozenset[str] | set[str] = frozenset()) -> list[RunOutcome]:
         """Runs of the program, one per stdin, each exactly as ``run_stdin`` would make it (a fresh process,
-        its own timeout, output and status), in one request to the worker: with a PID namespace one set-up
-        sandbox process serves them all, forking a child per run. Stops after a run whose status is in
+        its own timeout, output and status), in one request to the worker: each run is a fresh process that
+        holds only its own input. Stops after a run whose status is in
         ``stop_after`` (the list is then shorter)."""
         if not stdins:
             return []
@@ -174,7 +178,7 @@ class Session:
         header = {"op": "runs", "code": self._code, "limits": self._limits_dict, "timeout": timeout,
                   "stop": sorted(stop_after)}
         # (each run may also need a new sandbox process: a second of slack per run)
-        reply, oom_killed = self._request(header, [bytes(s) for s in stdins], (timeout + 1.0) * len(stdins))
+        reply, oom_killed = self._request(header, [bytes(s) for s in stdins], (WALL_FACTOR * timeout + 1.0) * len(stdins))
         if reply is None:
             return [RunOutcome("runtime_error", None, b"", b"", timeout, "the sandbox worker died during the run")
                     for _ in stdins]
@@ -230,7 +234,7 @@ class Session:
             self._started = True
             if last:
                 header["end"] = True
-            reply, oom_killed = self._request(header, [], min(left, timeout * len(args_texts)))
+            reply, oom_killed = self._request(header, [], min(left, WALL_FACTOR * timeout * len(args_texts)))
             if reply is None:
                 self._fail(CallOutcome("runtime_error", None, b"", b"", timeout, "the sandbox worker died during the call"))
             else:

@@ -3,8 +3,8 @@
 The untrusted program only produces output (stdout, or a returned value decoded to plain data); every
 comparison, and the trusted test code of `check` tests, runs here. Comparison rules:
 - stdin: the whole output and the expected output are stripped and split into lines; lines match when equal
-  after stripping, or when both hold the same number of whitespace-separated tokens that all parse as numbers
-  and are pairwise equal (as Decimals, so "1.0" equals "1"; within `float_tolerance` when it is > 0), as
+  after stripping, or when both hold the same number of whitespace-separated tokens that are all ASCII
+  decimal numbers and are pairwise equal (as Decimals, so "1.0" equals "1"; within `float_tolerance` when it is > 0), as
   LiveCodeBench does.
 - functional: each input line is one JSON argument; the returned value (tuples read as lists) must equal the
   JSON-decoded expected output; numbers compare within `float_tolerance` when it is > 0.
@@ -120,14 +120,21 @@ def values_equal(actual: Any, expected: Any, *, float_tolerance: float = 0.0) ->
     return actual == expected
 
 
+# A number as text: ASCII digits only (Decimal() would also read fullwidth, Arabic-Indic and other Unicode
+# digits, and underscores, as the number), an optional sign, fraction and exponent.
+_ASCII_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _decimal_tokens(line: str) -> list[Decimal] | None:
-    """The line's tokens as finite Decimals, or None (NaN, infinities and signalling NaNs, which would raise
-    on comparison, only ever match as text)."""
-    try:
-        tokens = [Decimal(tok) for tok in line.split()]
-    except InvalidOperation:
+    """The line's tokens as Decimals when every one is an ASCII decimal number, else None (NaN and infinities
+    only ever match as text)."""
+    tokens = line.split()
+    if not all(_ASCII_DECIMAL.fullmatch(tok) for tok in tokens):
         return None
-    return tokens if all(t.is_finite() for t in tokens) else None
+    try:
+        return [Decimal(tok) for tok in tokens]
+    except InvalidOperation:  # (cannot happen for what the pattern admits; kept for safety)
+        return None
 
 
 def stdout_matches(actual: str, expected: str, *, float_tolerance: float = 0.0) -> bool:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from sandbox import isolation
-from sandbox.runner import FrameReader, pack_frame, write_all
+from sandbox.wire import FrameReader, pack_frame, write_all
 
 _SANDBOX_DIR = Path(__file__).resolve().parent
 READY_TIMEOUT_S = 30.0
@@ -24,9 +24,28 @@ class WorkerDied(RuntimeError):
     """The worker process ended or stopped answering; it has been killed and must be restarted."""
 
 
+# The modules that run inside the sandbox (standard library only), in import order.
+SANDBOX_MODULES = ("codec", "wire", "confine", "program", "template", "runner")
+_BOOT = """
+import sys, types
+package = types.ModuleType("sandbox")
+package.__path__ = []
+sys.modules["sandbox"] = package
+for name, source in %r:
+    module = types.ModuleType("sandbox." + name)
+    module.__file__ = "<sandbox/%%s.py>" %% name
+    sys.modules[module.__name__] = module
+    setattr(package, name, module)
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+del package, module, name, source
+sys.modules["sandbox.runner"].serve()
+"""
+
+
 def worker_source() -> str:
-    """The fork server's program: the codec, then the runner (both standard-library only)."""
-    return (_SANDBOX_DIR / "codec.py").read_text() + "\n\n" + (_SANDBOX_DIR / "runner.py").read_text()
+    """The fork server's program: the sandbox's own modules, loaded as the package ``sandbox`` (their imports
+    of each other work as on the trusted side), then ``runner.serve``."""
+    return _BOOT % ([(name, (_SANDBOX_DIR / (name + ".py")).read_text()) for name in SANDBOX_MODULES],)
 
 
 class Worker:

@@ -3,8 +3,8 @@
 Default-allow with explicit denies (EPERM) of the known holes: io_uring (its operations bypass seccomp, so
 the setup call itself must fail), tracing and cross-process memory access, mounts and namespaces (also
 through clone flags; clone3 answers ENOSYS so the C library falls back to the inspectable clone), kernel
-modules/keys/BPF/perf, System V IPC and POSIX message queues (they would outlive the program), and every socket
-family except AF_UNIX. The program process loads the BPF bytes
+modules/keys/BPF/perf, System V IPC and POSIX message queues (they would outlive the program), moving to
+other CPUs (sched_setaffinity), and every socket family except AF_UNIX. The program process loads the BPF bytes
 itself with prctl, after dropping its capabilities, so no libseccomp is needed inside the sandbox.
 """
 
@@ -26,7 +26,9 @@ DENIED = (
     "sethostname setdomainname vhangup fanotify_init lookup_dcookie "
     # System V IPC objects and POSIX message queues outlive their creator (the worker's programs share one
     # IPC namespace): none can be created.
-    "shmget msgget semget mq_open"
+    "shmget msgget semget mq_open "
+    # A program stays on the CPU its worker was placed on (pinning is enforced, not advisory).
+    "sched_setaffinity"
 ).split()
 
 NAMESPACE_FLAGS = {

@@ -60,7 +60,7 @@ def test_fork_bomb_is_contained_and_leaves_no_process(ex):
     assert counted.status == "ok" and 1 <= int(counted.stdout) <= FAST.n_procs
     bomb = run(ex, H.FORK_BOMB, timeout_s=1.0)
     assert bomb.status == "time_limit" and bomb.wall_s < 5
-    assert descendants(ex) == before == 2 * len(ex._pool._all)  # bubblewrap, fork server
+    assert descendants(ex) == before == 3 * len(ex._pool._all)  # bubblewrap, fork server, its template
 
 
 def test_fork_limit_holds_without_bubblewrap():

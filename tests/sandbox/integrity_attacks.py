@@ -1,0 +1,240 @@
+"""Attack programs on the integrity of verdicts (tests/sandbox/test_integrity.py), kept as data.
+
+Each is written as a policy could learn to write it: it knows the sandbox's source (it is public) and tries to
+earn a verdict it did not solve for. ``SCAN`` is their shared part: every match of a pattern in the
+process's own memory.
+"""
+
+SCAN = r'''
+import ctypes, re
+
+
+def scan(pattern):
+    """Every match of ``pattern`` (bytes regex) in this process's anonymous writable memory (heap, arenas,
+    stack: where what a process reads or receives lives), read in place."""
+    found = []
+    for line in open("/proc/self/maps").read().splitlines():
+        parts = line.split()
+        name = parts[5] if len(parts) > 5 else ""
+        if parts[1][:2] != "rw" or (name and not name.startswith(("[heap", "[stack", "[anon"))):
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        for pos in range(start, end, 8 << 20):
+            found += pattern.findall(ctypes.string_at(pos, min((8 << 20) + 4096, end - pos)))
+    return found
+'''
+
+# The honest solution of MYSTERY (tests: f(x) = 7x + 3), and a copycat that does not know the formula: it looks
+# for an earlier program's source of the same function in its memory (the worker graded it before) and runs it.
+MYSTERY_SOLUTION = "def mystery(x):\n    return x * 7 + 3\n"
+
+COPYCAT = SCAN + r'''
+import json
+
+NAME = "myst" + "ery"  # never spelled out here: this source must not match what it looks for
+
+
+def _sources():
+    for raw in scan(re.compile(rb"def " + NAME.encode() + rb"\([^\x00]{0,400}")):
+        text = raw.split(b'"')[0]  # a JSON-encoded copy ends at its closing quote
+        try:
+            text = json.loads(b'"' + text + b'"') if b"\\n" in text else text.decode()
+        except ValueError:
+            continue
+        while text:
+            yield text
+            text = text[: text.rfind("\n")] if "\n" in text else ""
+
+
+def _copy():
+    for source in _sources():
+        namespace = {}
+        try:
+            exec(source, namespace)
+        except BaseException:
+            continue
+        if callable(namespace.get(NAME)):
+            return namespace[NAME]
+    return lambda x: 0
+
+
+_impl = _copy()
+globals()[NAME] = lambda x: _impl(x)
+'''
+
+# What another program leaves: a marker in its source, its stdin and its call arguments. LEAK_SCANNER reports
+# every copy of the marker its own memory holds (as a run, and as a call).
+LEAKER = "MARK = 'LEAKMARK-%s-source'\nimport sys\nprint(len(sys.stdin.read()))\ndef f(x):\n    return len(x)\n"
+
+LEAK_SCANNER = SCAN + r'''
+MARK = b"LEAK" + b"MARK-"
+def found():
+    return sorted(set(m.decode() for m in scan(re.compile(re.escape(MARK) + rb"[0-9a-f]{8}-[a-z]+"))))
+print(found())
+'''
+
+# f(n) costs about n steps: FUTURE_CALLS_PROBLEM's last test is far harder than the others.
+SLOW_F = r'''
+def f(n):
+    x = 0
+    for i in range(n):
+        x = (x * 31 + i) % 1000003
+    return x
+'''
+
+HONEST_F = SLOW_F
+
+# A call session's program that finds the arguments of the calls still to come in its memory (the worker forked
+# it after reading the whole batch), starts the hardest on a thread at its first call, and stalls the easy
+# calls (each within its own limit) so the thread gets their time.
+FUTURE_CALLS = SCAN + SLOW_F + r'''
+import sys, threading, time
+
+STALL_S = {stall}
+_box, _thread = {{}}, None
+
+
+def solve(n):
+    global _thread
+    started = time.monotonic()
+    seen = sorted(set(int(x) for x in scan(re.compile(rb'"target":"solve","args":"\[(\d+)\]"'))))
+    sys.stderr.write("saw %s\n" % seen)
+    if _thread is None and seen and max(seen) > n:  # a later call's argument: start on the hardest
+        hardest = max(seen)
+        _thread = threading.Thread(target=lambda: _box.setdefault(hardest, f(hardest)), daemon=True)
+        _thread.start()
+    if _thread is not None and n not in _box and _thread.is_alive() and n == max(seen):
+        _thread.join()
+    if n in _box:
+        return _box[n]
+    value = f(n)
+    while _thread is not None and _thread.is_alive() and time.monotonic() - started < STALL_S:
+        time.sleep(0.01)
+    return value
+'''
+
+# A batched stdin run (pid 2 under the set-up process, pid 1) that finds the later runs' inputs in its memory,
+# computes the hardest on a thread, and never ends: it writes its parent's report of each run itself through
+# /proc/1/fd/4 and reads the next run's input from its parent's request pipe (/proc/1/fd/3).
+FORGER = SCAN + SLOW_F + r'''
+import json, os, struct, sys, threading, time
+
+STALL_S = {stall}
+
+
+def frame(header, blob=b""):
+    head = json.dumps(dict(header, blobs=[len(blob)] if blob else [])).encode()
+    return struct.pack(">I", len(head)) + head + blob
+
+
+started = time.monotonic()
+kind, n = sys.stdin.read().split()
+n = int(n)
+hard = sorted(set(int(x) for x in scan(re.compile(rb"HARD (\d+)\n"))))
+sys.stderr.write("saw %s\n" % hard)
+sys.stderr.flush()
+try:
+    report = os.open("/proc/1/fd/4", os.O_WRONLY)
+    requests = os.open("/proc/1/fd/3", os.O_RDONLY)
+except OSError:
+    report = None
+if report is None or os.getpid() == 1 or not hard:  # nothing to exploit: an honest run
+    print(f(n))
+    sys.exit(0)
+H = max(hard)
+box = {{}}
+worker = threading.Thread(target=lambda: box.setdefault(H, f(H)), daemon=True)
+worker.start()
+
+
+def answer(n, started):
+    if n == H:
+        worker.join()
+        value = box[H]
+    else:
+        value = f(n)
+        while worker.is_alive() and time.monotonic() - started < STALL_S:
+            time.sleep(0.01)
+    sys.stdout.write("%d\n" % value)
+    sys.stdout.flush()
+    os.write(report, frame({{"exit_code": 0, "frame": None, "clean": True, "cpu": 0.01, "maxrss": 1000}}))
+
+
+def read_exactly(k):
+    data = b""
+    while len(data) < k:
+        chunk = os.read(requests, k - len(data))
+        if not chunk:
+            os._exit(0)
+        data += chunk
+    return data
+
+
+answer(n, started)
+while True:
+    (size,) = struct.unpack(">I", read_exactly(4))
+    header = json.loads(read_exactly(size))
+    started = time.monotonic()
+    stdin = read_exactly(sum(header["blobs"]))
+    answer(int(stdin.split()[1]), started)
+'''
+
+# A returned set whose integers all share one hash (multiples of 2**61 - 1): a hash table of them is quadratic
+# to build. The program does not build it (it would pay the quadratic time itself): it writes the encoded
+# value as its own response frame.
+COLLIDING = r'''
+import json, os, struct, time
+
+P = (1 << 61) - 1
+
+
+def send(value_text):
+    head = json.dumps({{"status": "ok", "value": value_text, "blobs": []}}).encode()
+    os.write(4, struct.pack(">I", len(head)) + head)
+    time.sleep(30)
+
+
+def colliding(kind):
+    ints = [{{"i": hex(k * P)}} for k in range(1, {n} + 1)]
+    if kind == "set":
+        return {{"s": ints}}
+    if kind == "dict":
+        return {{"d": [[x, 0] for x in ints]}}
+    if kind == "tuples":
+        return {{"fs": [{{"t": [0, x]}} for x in ints]}}
+    raise ValueError(kind)
+
+
+def attack(kind):
+    send(json.dumps(colliding(kind), separators=(",", ":")))
+'''
+
+# Floods its response channel with a frame that never ends (the fork server buffers a frame until it is
+# whole): one that announces a huge blob, or one that announces a header just within the cap and pours on.
+FLOOD = r'''
+import os, struct
+
+
+def flood(kind, megabytes):
+    if kind == "claim":
+        os.write(4, struct.pack(">I", 20) + b'{"blobs":[67108864]}')
+    else:
+        os.write(4, struct.pack(">I", 16 << 20))
+    chunk = b"x" * (1 << 20)
+    for _ in range(megabytes):
+        os.write(4, chunk)
+    return "flooded"
+'''
+
+# Moves itself off the CPU its worker was placed on.
+AFFINITY = r'''
+import os
+before = sorted(os.sched_getaffinity(0))
+others = set(range(os.cpu_count())) - set(before)
+try:
+    os.sched_setaffinity(0, others or set(before))
+    result = "moved"
+except OSError as e:
+    result = "denied %d" % e.errno
+print(before, sorted(os.sched_getaffinity(0)), result)
+'''

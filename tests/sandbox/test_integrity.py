@@ -1,0 +1,210 @@
+"""Verdicts that cannot be forged: attack programs (tests/sandbox/integrity_attacks.py) run through the real
+grader and executor with every isolation layer on, each graded as what it solved, next to an honest solution
+whose verdict is the same as ever.
+
+- copying a sibling: a program's process holds no earlier program's source or input;
+- seeing the future: it holds no later test's input (a call's arguments, a run's stdin), so nothing can be
+  computed ahead; a run has no parent in its namespace whose reports it could forge;
+- stalling the trusted process: a value built to be slow to decode (colliding hashes) is refused at once, a
+  flood on the response channel is capped in the fork server without the cgroup layer;
+- moving to another CPU is denied;
+- numbers compare as ASCII decimals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+
+import psutil
+import pytest
+
+from sandbox.executor import Executor, Limits
+from sandbox.grader import Grader, stdout_matches
+from sandbox.problems import Problem, ProblemTest
+from tests.sandbox import integrity_attacks as A
+
+LIMITS = Limits(wall_s=10, cpu_s=10, memory_mb=512)
+
+
+@pytest.fixture(scope="module")
+def ex():
+    # One worker: every program of this module runs in the same fork server, one after another, as the
+    # rollouts of one problem do on a worker.
+    with Executor(1, isolation="full", limits=LIMITS) as executor:
+        yield executor
+
+
+def f(n: int) -> int:
+    """The trusted copy of SLOW_F."""
+    x = 0
+    for i in range(n):
+        x = (x * 31 + i) % 1000003
+    return x
+
+
+# ------------------------------------------------------------------------------------------- a sibling's source
+MYSTERY = Problem(id="mystery", prompt="", func_name="mystery", tests=[
+    ProblemTest(kind="functional", input=str(x), output=str(7 * x + 3)) for x in (1, 2, 5, 100)])
+
+
+def test_a_copycat_finds_no_sibling_to_copy(ex):
+    grader = Grader(ex, time_limit_s=5.0)
+    assert grader.grade_program(MYSTERY, A.MYSTERY_SOLUTION).verdict == "accepted"
+    for _ in range(3):  # whatever the worker served before: the honest solution, or a copycat
+        copycat = grader.grade_program(MYSTERY, A.COPYCAT)
+        assert copycat.verdict == "wrong_answer" and copycat.tests_passed == 0, copycat.feedback
+    assert grader.grade_program(MYSTERY, A.MYSTERY_SOLUTION).verdict == "accepted"
+
+
+def test_no_other_programs_source_input_or_arguments_in_a_programs_memory(ex):
+    tag = uuid.uuid4().hex[:8]
+    leaker = A.LEAKER.replace("%s", tag)
+    with ex.session(leaker) as s:
+        assert s.run_stdin(("LEAKMARK-%s-stdin\n" % tag).encode(), timeout_s=5).status == "ok"
+    with ex.session(leaker) as s:
+        assert s.call("f", ["LEAKMARK-%s-args" % tag], timeout_s=5).status == "ok"
+    with ex.session(A.LEAK_SCANNER) as s:
+        as_run = s.run_stdin(b"", timeout_s=10)
+    with ex.session(A.LEAK_SCANNER + "def look():\n    return found()\n") as s:
+        as_call = s.call("look", [], timeout_s=10)
+    assert as_run.status == "ok" and as_call.status == "ok", (as_run, as_call)
+    assert tag.encode() not in as_run.stdout and not any(tag in m for m in as_call.value), (as_run.stdout, as_call.value)
+
+
+# --------------------------------------------------------------------------------------- the future, time pooling
+def _calibrated(ex, hard: int) -> float:
+    """A time limit the honest solution misses on ``hard`` by a wide margin (0.6 of its CPU time here)."""
+    timed = A.HONEST_F + "import time\ndef cpu(n):\n    t = time.process_time()\n    f(n)\n    return time.process_time() - t\n"
+    with ex.session(timed) as s:
+        took = s.call("cpu", [hard], timeout_s=30)
+    assert took.status == "ok"
+    return took.value * 0.6
+
+
+HARD = 6_000_000
+
+
+def test_a_call_program_sees_no_later_arguments_and_cannot_pool_time(ex):
+    limit = _calibrated(ex, HARD)
+    problem = Problem(id="future", prompt="", func_name="solve", tests=[
+        ProblemTest(kind="functional", input=str(n), output=str(f(n))) for n in (1000, 2000, 3000, 4000, HARD)])
+    grader = Grader(ex, time_limit_s=limit)
+    honest = grader.grade_program(problem, A.HONEST_F.replace("def f(", "def solve("))
+    assert honest.verdict == "time_limit" and honest.tests_passed == 4, honest.feedback
+    attack = grader.grade_program(problem, A.FUTURE_CALLS.format(stall=0.85 * limit))
+    assert attack.verdict == "time_limit" and attack.tests_passed == 4, attack.feedback
+    # What each call found in its memory: at most its own and earlier calls' arguments.
+    args = [1000, 2000, 3000, 4000, HARD]
+    for i, test in enumerate(attack.tests[:4]):
+        (seen,) = re.findall(r"saw (\[.*\])", test.stderr)
+        assert set(json.loads(seen)) <= set(args[: i + 1]), (i, seen)
+
+
+def test_a_stdin_run_sees_no_later_input_and_has_no_parent_to_forge(ex):
+    limit = _calibrated(ex, HARD)
+    inputs = ["EASY 1000", "EASY 2000", "HARD %d" % HARD]
+    problem = Problem(id="forge", prompt="", tests=[
+        ProblemTest(kind="stdin", input=s + "\n", output=str(f(int(s.split()[1])))) for s in inputs])
+    grader = Grader(ex, time_limit_s=limit)
+    honest = grader.grade_program(problem, A.HONEST_F + "print(f(int(input().split()[1])))\n")
+    assert honest.verdict == "time_limit" and honest.tests_passed == 2, honest.feedback
+    attack = grader.grade_program(problem, A.FORGER.format(stall=0.85 * limit))
+    assert attack.verdict == "time_limit" and attack.tests_passed == 2, attack.feedback
+    # What each run found in its memory: at most its own input.
+    for test, n in zip(attack.tests, [1000, 2000, HARD]):
+        (seen,) = re.findall(r"saw (\[.*\])", test.stderr)
+        assert set(json.loads(seen)) <= {n} if test.input.startswith("HARD") else json.loads(seen) == [], test.stderr
+
+
+def test_a_test_is_limited_by_its_cpu_time_not_by_when_its_answer_arrives(ex):
+    # A call that answers at once but leaves a thread computing: the thread's CPU time, between the calls too,
+    # counts against the next call, which answers at once as well.
+    code = A.SLOW_F + (
+        "import threading\n"
+        "def spawn(n):\n"
+        "    threading.Thread(target=f, args=(n,), daemon=True).start()\n"
+        "    return 0\n"
+        "def quick():\n"
+        "    return 1\n")
+    limit = _calibrated(ex, HARD)
+    with ex.session(code) as s:
+        first = s.call("spawn", [HARD * 20], timeout_s=limit)
+        time.sleep(5 * limit)  # (the thread gets at least a fifth of a CPU meanwhile, even on a busy machine)
+        second = s.call("quick", [], timeout_s=limit)
+    assert first.status == "ok" and second.status == "time_limit", (first, second)
+    # Waiting is not computing: a call that sleeps past its CPU limit (within the wall-clock backstop) is not
+    # a time limit.
+    with ex.session("import time\ndef nap(s):\n    time.sleep(s)\n    return 1\n") as s:
+        assert s.call("nap", [0.6], timeout_s=0.5).status == "ok"
+
+
+# --------------------------------------------------------------------------------------- the trusted process
+@pytest.mark.parametrize("kind", ["set", "dict", "tuples"])
+def test_a_value_with_colliding_hashes_is_refused_at_once(ex, kind):
+    with ex.session(A.COLLIDING.format(n=40_000)) as s:
+        started = time.monotonic()
+        out = s.call("attack", [kind], timeout_s=10)
+        took = time.monotonic() - started
+    assert out.status == "runtime_error" and "could not be decoded" in out.error and took < 1.0, (out.error, took)
+
+
+def test_a_check_test_on_a_colliding_set_is_graded_in_well_under_a_second(ex):
+    problem = Problem(id="colliding", prompt="", func_name="attack", tests=[
+        ProblemTest(kind="check", input="assert candidate('set') == {1, 2}")])
+    started = time.monotonic()
+    verdict = Grader(ex, time_limit_s=5.0).grade_program(problem, A.COLLIDING.format(n=40_000))
+    assert verdict.verdict == "runtime_error" and time.monotonic() - started < 1.0
+
+
+def _peak_rss_kb(pid: int) -> int:
+    for line in open("/proc/%d/status" % pid):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_flood_on_the_response_channel_is_capped_without_the_cgroup_layer():
+    with Executor(1, limits=LIMITS, disable={"cgroup"}) as ex1:
+        worker = ex1._pool._all[0]
+        server = next(p for p in psutil.Process(worker.proc.pid).children(recursive=True)
+                      if "python" in os.path.basename(p.exe()))  # the first python below bubblewrap
+        before = _peak_rss_kb(server.pid)
+        with ex1.session(A.FLOOD) as s:
+            claim = s.call("flood", ["claim", 400], timeout_s=10)
+        with ex1.session(A.FLOOD) as s:
+            pour = s.call("flood", ["pour", 400], timeout_s=10)
+        grown_mb = (_peak_rss_kb(server.pid) - before) / 1024
+        for out in (claim, pour):  # a frame announcing more than the cap is no frame; B is ended at once
+            assert out.status == "runtime_error" and out.error == "garbled response from the program", out
+        assert grown_mb < 64, grown_mb
+        # As a run: garbled at once, then what follows counts as output.
+        flood_run = A.FLOOD + "flood('pour', 400)\n"
+        with ex1.session(flood_run) as s:
+            run = s.run_stdin(b"", timeout_s=10)
+        assert run.status == "output_limit" and (_peak_rss_kb(server.pid) - before) / 1024 < 64, run
+        with ex1.session("def ok():\n    return 1\n") as s:
+            assert s.call("ok", [], timeout_s=5).value == 1
+
+
+# -------------------------------------------------------------------------------------------------- placement
+def test_a_program_cannot_move_to_another_cpu():
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: nowhere to move")
+    with Executor(2, limits=LIMITS, pin_cpus=True) as ex2:
+        with ex2.session(A.AFFINITY) as s:
+            out = s.run_stdin(b"", timeout_s=5)
+    before, after, result = re.match(rb"(\[.*?\]) (\[.*?\]) (.*)", out.stdout.strip()).groups()
+    assert out.status == "ok" and len(json.loads(before)) == 1 and before == after and result == b"denied 1", out
+
+
+# ---------------------------------------------------------------------------------------------------- numbers
+@pytest.mark.parametrize("actual", ["\uff11\uff12\uff13", "\u0661\u0662\u0663", "1_23", "\U0001d7cf\U0001d7d0\U0001d7d1",
+                                    "\u00b9\u00b2\u00b3"])
+def test_numbers_compare_as_ascii_decimals_only(actual):
+    assert not stdout_matches(actual, "123")
+    assert not stdout_matches("5 " + actual, "5 123")
+    assert stdout_matches("123.0", "123") and stdout_matches("1.23e2", "123") and stdout_matches("+123", "123")
