@@ -61,12 +61,27 @@ class CheckpointRetention(_Section):
         "state ('weights'), its last checkpoints whole ('full'), or nothing ('none').")
 
 
+def check_seeds(seeds: list[int] | None) -> list[int] | None:
+    negative = [s for s in seeds or [] if s < 0]
+    if negative:
+        raise ValueError(f"seeds must be non-negative, got {negative}")
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise ValueError("a seed is listed twice")
+    return seeds
+
+
 class SweepModel(ModelConfig):
     """A model of the grid: the trial file's `model:` section plus a label and its own trial settings."""
 
     label: str | None = Field(None, description="Name in trial ids and figures (default: from the path).")
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="Trial settings for this model only, merged over `trial:`.")
+    seeds: list[int] | None = Field(None, min_length=1, description="This model's seeds (default: the sweep's).")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        return check_seeds(seeds)
 
 
 # Settings of a trial that the grid sets; the shared `trial:` section and `overrides:` may not. `trial.context`
@@ -109,12 +124,7 @@ class SweepFile(_Section):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, seeds: list[int]) -> list[int]:
-        negative = [s for s in seeds if s < 0]
-        if negative:
-            raise ValueError(f"seeds must be non-negative, got {negative}")
-        if len(set(seeds)) != len(seeds):
-            raise ValueError("a seed is listed twice")
-        return seeds
+        return check_seeds(seeds)
 
     @field_validator("resources", mode="before")
     @classmethod
@@ -178,7 +188,7 @@ def grid(sweep: SweepFile) -> list[GridPoint]:
     for model in sweep.models:
         label = model_label(model)
         for context in sweep.contexts:
-            for seed in sweep.seeds:
+            for seed in model.seeds or sweep.seeds:
                 trial_id = f"{label}-{context.name}-s{seed}"
                 raw = _deep_merge(copy.deepcopy(sweep.trial), model.overrides)
                 raw.setdefault("device", "cuda" if resources.gpus else "cpu")
@@ -188,7 +198,7 @@ def grid(sweep: SweepFile) -> list[GridPoint]:
                 shared_context = raw.get("context") or {}
                 raw.update(name=trial_id, seed=seed, data=sweep.data.model_dump(exclude_unset=True),
                            context={**shared_context, **context.model_dump(exclude_unset=True)},
-                           model=model.model_dump(exclude={"label", "overrides"}, exclude_unset=True))
+                           model=model.model_dump(exclude={"label", "overrides", "seeds"}, exclude_unset=True))
                 try:
                     config = TrialConfig.model_validate(raw)
                 except ValidationError as err:
@@ -239,7 +249,8 @@ def load_sweep(path: str | Path) -> tuple[SweepFile, list[GridPoint]]:
     try:
         sweep = SweepFile.model_validate(raw)
     except ValidationError as err:
-        item = err.errors()[0]
+        # A misspelt key also makes the key it was meant to be missing: report the misspelling.
+        item = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
         loc = tuple(item["loc"])
         # Errors inside a union (resources) carry the member's name in the location; drop it.
         loc = tuple(p for p in loc if p not in ("Resources", "str", "function-after[_preset(), Resources]"))

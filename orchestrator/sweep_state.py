@@ -84,7 +84,8 @@ class TrialFiles:
             if kind == "start":
                 entry.update({k: v for k, v in event.items() if k != "event"}, started=event["time"])
             elif kind == "end":
-                entry.update(ended=event["time"], exit_code=event.get("exit_code"), seconds=event.get("seconds"))
+                entry.update(ended=event["time"], exit_code=event.get("exit_code"), seconds=event.get("seconds"),
+                             lost=event.get("lost", False))
             elif kind == "pid":
                 entry["pid"] = event["pid"]
         return [merged[k] for k in sorted(merged)]

@@ -54,9 +54,10 @@ def trial_status(state: SweepState, trial_id: str, *, now: float | None = None) 
     if not attempts:
         return status
     last = attempts[-1]
-    failed = [a for a in attempts if a.get("exit_code") not in (None, 0)]
+    failed = [a for a in attempts if "ended" in a and a.get("exit_code") != 0]
     if failed:
-        status.failure = f"attempt {failed[-1]['attempt']} exit {failed[-1]['exit_code']} ({failed[-1].get('log')})"
+        how = "lost (its driver or node died)" if failed[-1].get("lost") else f"exit {failed[-1]['exit_code']}"
+        status.failure = f"attempt {failed[-1]['attempt']} {how} ({failed[-1].get('log')})"
     if "ended" not in last:
         status.state = "running"
         status.step, status.phase = progress.get("step"), progress.get("phase", "starting")

@@ -47,6 +47,10 @@ def train_grid_point(config: dict[str, Any]) -> None:
     trial_id = config["trial_id"]
     point = state.trials[trial_id]
     files = state.trial_files(trial_id)
+    for earlier in files.attempts():
+        if "ended" not in earlier:  # its trainable died with the driver or its node: no end was written
+            files.append_attempt({"attempt": earlier["attempt"], "event": "end", "time": time.time(),
+                                  "exit_code": None, "lost": True})
     attempt = len(files.attempts()) + 1
 
     if (files.summary() or {}).get("status") == "completed":  # finished before a driver restart

@@ -48,8 +48,8 @@ def _send_ray_logs_to(path: Path) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     for name in ("ray", "ray.tune", "ray.train", "ray.data"):
         logger = logging.getLogger(name)
-        for old in list(logger.handlers):
-            if isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler):
+        for old in list(logger.handlers):  # Ray's own handlers write to the terminal
+            if not isinstance(old, logging.FileHandler):
                 logger.removeHandler(old)
         logger.addHandler(handler)
         logger.propagate = False

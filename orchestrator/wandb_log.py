@@ -20,6 +20,9 @@ from typing import Any, Callable
 
 from orchestrator.sweep_file import WandbSettings
 
+# Seconds W&B may take to start a run before the trial goes on without it.
+INIT_TIMEOUT_S = 120.0
+
 
 def run_id(sweep: str, model: str, context: str, seed: int, *, attempt: int | None = None) -> str:
     """A W&B run id that names the trial and cannot collide across sweeps (W&B ids allow [A-Za-z0-9_-])."""
@@ -50,7 +53,7 @@ class TrialRun:
                 tags=[model, context, f"seed{seed}", *settings.tags], dir=str(wandb_dir.resolve()),
                 config={"sweep": sweep, "model_label": model, "context_name": context, "attempt": attempt, **config},
                 mode=settings.mode, reinit="create_new",
-                settings=wandb.Settings(silent=True, console="off", init_timeout=120, x_disable_stats=True))
+                settings=wandb.Settings(silent=True, console="off", init_timeout=INIT_TIMEOUT_S, x_disable_stats=True))
             self.run.define_metric("trial_step")
             self.run.define_metric("*", step_metric="trial_step")
             # A resumed online run already holds the steps an earlier attempt logged.

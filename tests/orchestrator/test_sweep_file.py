@@ -1,0 +1,170 @@
+"""Sweep files: the grid a user writes, and one-line errors naming the field and its line before anything runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.errors import SweepError
+from orchestrator.sweep_file import RESOURCE_PRESETS, load_sweep
+from orchestrator.sweep_state import prepare_sweep_dir, sweep_dir_of
+
+SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
+
+BASE = """\
+name: grid
+storage: {storage}
+models:
+  - path: embedded:smollm2-135m-instruct
+    overrides:
+      rollout: {{n_samples: 2}}
+  - path: Qwen/Qwen3-8B
+    seeds: [5]
+contexts: [none, feedback, {{name: mine, template: "{{prompt}} {{hint}}"}}]
+seeds: [0, 1]
+trial:
+  steps: 3
+  context: {{max_teacher_prompt_tokens: 1024}}
+  loss: {{top_k: 5}}
+resources: b200-1
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+def base(tmp_path: Path) -> str:
+    return BASE.format(storage=tmp_path / "store")
+
+
+def test_grid_merges_shared_settings_overrides_and_coordinates(tmp_path):
+    sweep, points = load_sweep(write(tmp_path, base(tmp_path)))
+    # 3 contexts x 2 seeds for the first model, 3 x 1 for the second (its own seeds).
+    assert [p.trial_id for p in points] == [
+        "smollm2-135m-instruct-none-s0", "smollm2-135m-instruct-none-s1", "smollm2-135m-instruct-feedback-s0",
+        "smollm2-135m-instruct-feedback-s1", "smollm2-135m-instruct-mine-s0", "smollm2-135m-instruct-mine-s1",
+        "qwen3-8b-none-s5", "qwen3-8b-feedback-s5", "qwen3-8b-mine-s5"]
+    first, last = points[0].config, points[-1].config
+    assert first.rollout.n_samples == 2 and last.rollout.n_samples == 8  # the override is the first model's only
+    assert first.loss.top_k == last.loss.top_k == 5 and first.steps == 3
+    assert last.context.name == "mine" and last.context.template == "{prompt} {hint}"
+    assert last.context.max_teacher_prompt_tokens == 1024  # shared context settings reach every context
+    assert last.seed == 5 and last.model.path == "Qwen/Qwen3-8B" and last.name == "qwen3-8b-mine-s5"
+    # The b200-1 preset: one GPU, so CUDA and one trainer rank; its sandbox workers.
+    preset = RESOURCE_PRESETS["b200-1"]
+    assert sweep.trial_resources == preset
+    assert last.device == "cuda" and last.deepspeed.world_size == 1 and last.sandbox.workers == preset.sandbox_workers
+
+
+def test_cpu_preset_is_the_default(tmp_path):
+    text = base(tmp_path).replace("resources: b200-1\n", "")
+    sweep, points = load_sweep(write(tmp_path, text))
+    assert sweep.trial_resources == RESOURCE_PRESETS["cpu"] and points[0].config.device == "cpu"
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (("feedback,", "feedbak,"), "sweep.yaml:9: contexts[1]: context.name: unknown construction 'feedbak'"),
+    (("seeds: [0, 1]", "seeds: [0, -1]"), "sweep.yaml:10: seeds: seeds must be non-negative, got [-1]"),
+    (("seeds: [0, 1]", "seeds: []"), "sweep.yaml:10: seeds: List should have at least 1 item"),
+    (("seeds: [5]", "seeds: [5, 5]"), "sweep.yaml:8: models[1].seeds: a seed is listed twice"),
+    (("top_k: 5", "top_kk: 5"), "sweep.yaml:14: trial.loss.top_kk: Extra inputs are not permitted"),
+    (("n_samples: 2", "n_samples: 0"), "sweep.yaml:6: models[0].overrides.rollout.n_samples: Input should be greater than 0"),
+    (("Qwen/Qwen3-8B", "/no/such/model"), "sweep.yaml:7: models[1].path: /no/such/model does not exist"),
+    (("resources: b200-1", "resources: b300"), "sweep.yaml:15: resources: unknown preset 'b300'"),
+    (("resources: b200-1", "resources: {gpus: -1}"), "sweep.yaml:15: resources.gpus: Input should be greater than or equal to 0"),
+    (("  steps: 3", "  seed: 3"), "sweep.yaml:11: trial: 'seed' is set by the grid"),
+    (("name: grid", "name: my grid"), "sweep.yaml:1: name: use letters"),
+    (("name: grid", "nmae: grid"), "sweep.yaml:1: nmae: Extra inputs are not permitted"),
+])
+def test_bad_sweep_files_are_refused_naming_field_and_line(tmp_path, edit, expected):
+    old, new = edit
+    text = base(tmp_path)
+    assert old in text
+    with pytest.raises(SweepError) as err:
+        load_sweep(write(tmp_path, text.replace(old, new, 1)))
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(str(tmp_path / expected.split(":")[0])), message
+    assert expected in message, message
+
+
+def test_unwritable_storage_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    sweep_file = write(tmp_path, base(tmp_path).replace(str(tmp_path / "store"), str(blocker / "sub")))
+    sweep, points = load_sweep(sweep_file)
+    with pytest.raises(SweepError, match=r"^storage: cannot write to .*file/sub/grid"):
+        prepare_sweep_dir(sweep, points, sweep_dir_of(sweep), sweep_file)
+
+
+def test_a_sweep_folder_refuses_another_grid(tmp_path):
+    sweep_file = write(tmp_path, base(tmp_path))
+    sweep, points = load_sweep(sweep_file)
+    state = prepare_sweep_dir(sweep, points, sweep_dir_of(sweep), sweep_file)
+    assert len(state.trials) == 9 and (state.dir / "trials" / points[0].trial_id / "trial.yaml").is_file()
+    # The same file again continues the same folder.
+    prepare_sweep_dir(sweep, points, sweep_dir_of(sweep), sweep_file)
+    other = write(tmp_path, base(tmp_path).replace("seeds: [0, 1]", "seeds: [0, 2]"))
+    sweep2, points2 = load_sweep(other)
+    with pytest.raises(SweepError, match="holds another sweep's grid"):
+        prepare_sweep_dir(sweep2, points2, sweep_dir_of(sweep2), other)
+    changed = write(tmp_path, base(tmp_path).replace("top_k: 5", "top_k: 7"))
+    sweep3, points3 = load_sweep(changed)
+    with pytest.raises(SweepError, match="was started with other settings"):
+        prepare_sweep_dir(sweep3, points3, sweep_dir_of(sweep3), changed)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    sweep_file = write(tmp_path, base(tmp_path).replace("feedback,", "feedbak,"))
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "run", str(sweep_file)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "contexts[1]" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name, trials", [("paper_fig1.yaml", 30), ("paper_fig3.yaml", 12)])
+def test_paper_sweeps_plan(name, trials):
+    sweep, points = load_sweep(SWEEPS / name)
+    assert len(points) == trials
+    assert {p.config.steps for p in points} == {50}
+    cfg = points[0].config
+    # METHOD.md's hyperparameters.
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.n_samples, cfg.rollout.temperature) == (32, 8, 1.0)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.teacher.ema_rate) == (1e-6, 0.01, 1.0, 0.01)
+    assert (cfg.loss.divergence, cfg.loss.support, cfg.loss.top_k) == ("reverse_kl", "topk_tail", 20)
+    assert (cfg.eval.n_samples, cfg.eval.temperature, cfg.eval.top_p) == (4, 0.6, 0.95)
+    assert cfg.data.source == "livecodebench" and cfg.data.release == "v6"
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "plan", str(SWEEPS / name)],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert f"{trials} trials, about " in result.stdout and "GPU-hours" in result.stdout
+    if name == "paper_fig1.yaml":
+        seeds = {(p.model, p.seed) for p in points}
+        assert {s for m, s in seeds if m == "qwen3-8b"} == {0, 1, 2} and {s for m, s in seeds if m != "qwen3-8b"} == {0, 1}
+        assert {p.context for p in points} == {"none", "expert_preamble", "feedback", "llm_peer_hints",
+                                                "own_solution_feedback", "peer_solution_feedback"}
+
+
+def test_plan_per_token_model_matches_the_papers_cost():
+    """The stated model is calibrated on the papers' ~20 B200-hours per Qwen3-8B run."""
+    from orchestrator.plan import estimate
+
+    sweep, points = load_sweep(SWEEPS / "paper_fig3.yaml")
+    estimates = {e.point.trial_id: e for e in estimate(sweep, points, [])}
+    qwen8 = estimates["qwen3-8b-peer_solution_feedback-s0"]
+    assert 15 < qwen8.device_hours < 25 and qwen8.source == "per-token model"
+    # Linear in size: the 4B model costs half the 8B one.
+    assert estimates["qwen3-4b-peer_solution_feedback-s0"].device_hours == pytest.approx(qwen8.device_hours / 2)
+
+
+def test_yaml_of_every_sweep_file_parses():
+    for path in SWEEPS.glob("*.yaml"):
+        assert isinstance(yaml.safe_load(path.read_text()), dict), path

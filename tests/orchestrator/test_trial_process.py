@@ -1,0 +1,107 @@
+"""A trial's process tree is killed whole on every exit path, including descendants that left its group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from orchestrator.trial_process import TrialProcess, alive, kill_recorded
+
+# A trial stand-in: a child in the group and a grandchild that starts its own session (as the sandbox's
+# workers do), then waits. It writes their pids so the test can look for them.
+TREE = """
+import os, subprocess, sys, time
+same_group = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+own_session = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+open(sys.argv[1], "w").write(f"{same_group.pid} {own_session.pid}")
+time.sleep(600)
+"""
+
+
+def start(tmp_path: Path) -> tuple[TrialProcess, list[int]]:
+    pids_file = tmp_path / "pids"
+    proc = TrialProcess([sys.executable, "-c", TREE, str(pids_file)], env=dict(os.environ),
+                        log_path=tmp_path / "log", record_path=tmp_path / "processes.json", cwd=tmp_path)
+    proc.__enter__()
+    deadline = time.monotonic() + 30
+    while not pids_file.is_file() or len(pids_file.read_text().split()) < 2:
+        assert time.monotonic() < deadline, "the stand-in trial did not start"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.poll()  # records the tree, as the trainable does every poll
+    return proc, [proc.pid, *map(int, pids_file.read_text().split())]
+
+
+def running(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_stop_kills_the_group_and_descendants_that_left_it(tmp_path):
+    proc, pids = start(tmp_path)
+    assert os.getpgid(pids[2]) != pids[0]  # the grandchild really left the group
+    records = json.loads((tmp_path / "processes.json").read_text())
+    assert {int(p) for p in records} >= set(pids)
+    proc.stop()
+    assert running(pids) == []
+    assert json.loads((tmp_path / "processes.json").read_text()) == {}
+
+
+def test_a_killed_child_leaves_nothing_behind(tmp_path):
+    proc, pids = start(tmp_path)
+    os.kill(pids[0], signal.SIGKILL)  # the trial's own process dies, as in an OOM kill
+    deadline = time.monotonic() + 10
+    while proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert running(pids[1:]) == pids[1:]  # its descendants outlive it ...
+    assert proc.stop() == -signal.SIGKILL
+    assert running(pids) == []  # ... until the clean-up
+
+
+def test_next_attempt_kills_what_a_dead_trainable_left(tmp_path):
+    """The trainable itself is SIGKILLed (its node's Ray worker dies): the child dies with it
+    (PR_SET_PDEATHSIG), its descendants do not; the next attempt kills them from the record."""
+    trainable = subprocess.Popen([sys.executable, "-c", f"""
+import os, sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from pathlib import Path
+from orchestrator.trial_process import TrialProcess
+tmp = Path({str(tmp_path)!r})
+proc = TrialProcess([sys.executable, "-c", {TREE!r}, str(tmp / "pids")], env=dict(os.environ),
+                    log_path=tmp / "log", record_path=tmp / "processes.json", cwd=tmp)
+proc.__enter__()
+while True:
+    proc.poll()
+    time.sleep(0.1)
+"""])
+    pids_file = tmp_path / "pids"
+    deadline = time.monotonic() + 30
+    while not pids_file.is_file() or len(pids_file.read_text().split()) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    records = {int(p): t for p, t in json.loads((tmp_path / "processes.json").read_text()).items()}
+    descendants = list(map(int, pids_file.read_text().split()))
+    assert set(descendants) <= set(records)
+    trainable.kill()
+    trainable.wait()
+    time.sleep(0.5)
+    child = [p for p in records if p not in descendants and p != trainable.pid]
+    assert running(child) == []  # died with its parent
+    assert running(descendants) == descendants
+    assert kill_recorded(tmp_path / "processes.json") == 2
+    assert running(descendants) == [] and alive(records) == []
