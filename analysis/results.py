@@ -39,6 +39,9 @@ STEP_COLUMNS: dict[str, str] = {
 }
 # Columns that identify a trial's place in the grid; steps.parquet may carry them or borrow them from trials.
 STEP_JOIN_COLUMNS = ("model", "model_family", "model_size_b", "context", "seed")
+# steps.parquet columns renamed by the trainer (old -> new); files written before are read under the new names
+# for one version.
+RENAMED_STEP_COLUMNS = {"is_weight_mean": "importance_weight_mean", "is_clip_fraction": "importance_clip_fraction"}
 COMPLETED = "completed"
 
 
@@ -84,8 +87,15 @@ def load_results(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
         raise AnalysisError(f"results not found: {path}")
     trials = read_table(trials_path, what="trials file")
     steps_path = trials_path.parent / "steps.parquet"
-    steps = read_table(steps_path, what="steps file") if steps_path.is_file() else None
+    steps = read_steps(steps_path) if steps_path.is_file() else None
     return trials, steps
+
+
+def read_steps(path: Path) -> pd.DataFrame:
+    """A steps file, with columns of an older trainer under their current names (`RENAMED_STEP_COLUMNS`)."""
+    steps = read_table(path, what="steps file")
+    old = {o: n for o, n in RENAMED_STEP_COLUMNS.items() if o in steps.columns and n not in steps.columns}
+    return steps.rename(columns=old)
 
 
 def collect_trial_folders(root: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -98,7 +108,7 @@ def collect_trial_folders(root: Path) -> tuple[pd.DataFrame, pd.DataFrame | None
         trials.append(record)
         step_file = summary.parent / "steps.parquet"
         if step_file.is_file():
-            steps.append(read_table(step_file, what="steps file").assign(trial_id=trial_id))
+            steps.append(read_steps(step_file).assign(trial_id=trial_id))
     return pd.concat(trials, ignore_index=True), (pd.concat(steps, ignore_index=True) if steps else None)
 
 
