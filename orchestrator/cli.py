@@ -33,14 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            # A package that is not written yet, or whose optional stack is missing, offers no commands.
-            if err.name not in (name, name.rsplit(".", 1)[0]):
-                raise
-            continue
-        module.register(subparsers)
+        # Every command module is part of the package and imports no optional stack at module level, so a
+        # missing one is a broken installation: let the ImportError name it.
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

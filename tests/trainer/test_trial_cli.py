@@ -66,3 +66,11 @@ def test_hints_generated_by_a_model(tmp_path, tiny_model_dir):
 
     hints = read_hints(out)
     assert list(hints) == ["HumanEval/0", "HumanEval/1", "HumanEval/2"] and all(hints.values())
+
+
+def test_a_missing_command_module_is_an_error_not_a_missing_command(monkeypatch):
+    from orchestrator import cli
+
+    monkeypatch.setattr(cli, "_COMMAND_MODULES", ("trainer.cli", "trainer.no_such_cli"))
+    with pytest.raises(ModuleNotFoundError, match="trainer.no_such_cli"):
+        cli.build_parser()
