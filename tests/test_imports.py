@@ -152,3 +152,10 @@ def test_layering(package, forbidden, why):
                         for module, names in raw.items() if module.split(".")[0] == package
                         for dotted, line in names if dotted.split(".")[0] in forbidden})
     assert not offending, f"{why}:\n" + "\n".join(offending)
+
+
+def test_trainer_modules_fit_in_one_sitting():
+    """docs/CONTRIBUTING.md: a module over ~500 lines says at its top why it is not split (none in trainer/)."""
+    long = {name: n for name, path in project_modules().items() if name.startswith("trainer")
+            for n in [len(path.read_text().splitlines())] if n > 500}
+    assert not long

@@ -11,7 +11,7 @@ import pytest
 
 from trainer import records
 from trainer.config import TrialConfig
-from trainer.records import PhaseTimer, Progress, code_version, error_line, mark_failed
+from trainer.records import Progress, code_version, error_line, mark_failed
 
 
 def read(path: Path) -> dict:

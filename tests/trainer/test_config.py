@@ -1,0 +1,54 @@
+"""The trial config: every setting documented, the choices shared with the sandbox agreeing with it, renamed
+settings still read, and a resumed trial recognised under renamed settings."""
+
+from __future__ import annotations
+
+import json
+from typing import get_args, get_type_hints
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from trainer.config import LossConfig, TrialConfig
+from trainer.errors import TrialConfigError
+from trainer.options import CodeBlock, Isolation
+from trainer.records import claim_out_dir
+
+
+def settings(model: type[BaseModel], prefix: str = ""):
+    for name, field in model.model_fields.items():
+        yield prefix + name, field
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from settings(field.annotation, prefix + name + ".")
+
+
+def test_every_setting_has_a_description():
+    undocumented = [name for name, field in settings(TrialConfig) if not (field.description or "").strip()]
+    assert not undocumented
+
+
+def test_choices_named_for_the_sandbox_are_the_sandbox_s():
+    from sandbox.executor import Executor
+    from sandbox.extract import CodeBlockMode
+
+    assert set(get_args(CodeBlock)) == set(get_args(CodeBlockMode))
+    assert set(get_args(Isolation)) == set(get_args(get_type_hints(Executor.__init__)["isolation"]))
+
+
+def test_old_loss_setting_names_are_read_for_one_version():
+    old = LossConfig.model_validate({"is_clip": 3.0, "rollout_is_clip": 1.5})
+    assert (old.importance_ratio_clip, old.rollout_ratio_clip) == (3.0, 1.5)
+    with pytest.raises(ValidationError, match="old name of loss.importance_ratio_clip"):
+        LossConfig.model_validate({"is_clip": 3.0, "importance_ratio_clip": 2.0})
+
+
+def test_a_trial_folder_written_under_old_setting_names_resumes(tmp_path):
+    cfg = TrialConfig.model_validate({"loss": {"importance_ratio_clip": 3.0}})
+    written = cfg.model_dump(mode="json")
+    written["loss"]["is_clip"] = written["loss"].pop("importance_ratio_clip")
+    written["loss"]["rollout_is_clip"] = written["loss"].pop("rollout_ratio_clip")
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    claim_out_dir(cfg, tmp_path)  # the same trial: no error
+    other = TrialConfig.model_validate({"loss": {"importance_ratio_clip": 2.5}})
+    with pytest.raises(TrialConfigError, match="differing sections: loss"):
+        claim_out_dir(other, tmp_path)
