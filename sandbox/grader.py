@@ -1,14 +1,11 @@
 """Grading: run a response's program on a problem's tests in the executor, compare in this (trusted) process.
 
 The untrusted program only produces output (stdout, or a returned value decoded to plain data); every
-comparison, and the trusted test code of `check` tests, runs here. Comparison rules:
-- stdin: the whole output and the expected output are stripped and split into lines; lines match when equal
-  after stripping, or when both hold the same number of whitespace-separated tokens that are all ASCII
-  decimal numbers and are pairwise equal (as Decimals, so "1.0" equals "1"; within `float_tolerance` when it is > 0), as
-  LiveCodeBench does.
-- functional: each input line is one JSON argument; the returned value (tuples read as lists) must equal the
-  JSON-decoded expected output; numbers compare within `float_tolerance` when it is > 0.
-- check: the trusted test code runs with `candidate` (and the entry point's own name) calling the program;
+comparison, and the trusted test code of `check` tests, runs here. Comparison rules (``sandbox/compare.py``):
+- stdin: the output's lines against the expected lines, numbers as ASCII decimals;
+- functional: each input line is one JSON argument; the returned value against the JSON-decoded expected
+  output;
+- check (planning their calls: ``sandbox/checks.py``): the trusted test code runs with `candidate` (and the entry point's own name) calling the program;
   AssertionError (or another exception raised by the test code after a call) is a wrong answer, a failed call
   has the call's status. Feedback shows the last call, its returned value and, for `assert candidate(..) == X`,
   the value of X, as Python reprs (functional tests show JSON, as their tests are written).
@@ -22,20 +19,18 @@ from __future__ import annotations
 import ast
 import functools
 import json
-import math
 import os
 import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from types import CodeType
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sandbox.codec import PlainDataError, encode_value
+from sandbox.checks import _call_text, _expected_of_assert, _same_plain_data, planned_call_args, trusted_code
+from sandbox.compare import safe_repr, show_value, stdout_matches, values_equal
 from sandbox.extract import CodeBlockMode, assemble_program, extract_program
 from sandbox.feedback import TestResult, render_feedback
 from sandbox.problems import Problem, ProblemError, ProblemTest
@@ -85,94 +80,6 @@ class GradeRequest:
     response: str
     tests: Sequence[ProblemTest] | None = None
     truncated: bool = False
-
-
-# ----------------------------------------------------------------------------------------------- comparisons
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _numbers_close(a: float, b: float, tol: float) -> bool:
-    if tol <= 0 or (isinstance(a, int) and isinstance(b, int)):  # ints past float range compare exactly
-        return a == b
-    try:
-        return math.isclose(a, b, rel_tol=tol, abs_tol=tol)
-    except OverflowError:  # an int past float range against a float: they cannot be close
-        return False
-
-
-def values_equal(actual: Any, expected: Any, *, float_tolerance: float = 0.0) -> bool:
-    """A returned value against a JSON-decoded expected value: tuples count as lists, numbers within tolerance."""
-    if isinstance(actual, tuple):
-        actual = list(actual)
-    if _is_number(actual) and _is_number(expected):
-        return _numbers_close(actual, expected, float_tolerance)
-    if isinstance(actual, list) and isinstance(expected, list):
-        return len(actual) == len(expected) and all(
-            values_equal(a, e, float_tolerance=float_tolerance) for a, e in zip(actual, expected))
-    if isinstance(actual, dict) and isinstance(expected, dict):
-        return actual.keys() == expected.keys() and all(
-            values_equal(actual[k], expected[k], float_tolerance=float_tolerance) for k in expected)
-    if type(actual) is not type(expected) and not (_is_number(actual) or _is_number(expected)):
-        return False
-    return actual == expected
-
-
-# A number as text: ASCII digits only (Decimal() would also read fullwidth, Arabic-Indic and other Unicode
-# digits, and underscores, as the number), an optional sign, fraction and exponent.
-_ASCII_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-
-
-def _decimal_tokens(line: str) -> list[Decimal] | None:
-    """The line's tokens as Decimals when every one is an ASCII decimal number, else None (NaN and infinities
-    only ever match as text)."""
-    tokens = line.split()
-    if not all(_ASCII_DECIMAL.fullmatch(tok) for tok in tokens):
-        return None
-    try:
-        return [Decimal(tok) for tok in tokens]
-    except InvalidOperation:  # (cannot happen for what the pattern admits; kept for safety)
-        return None
-
-
-def stdout_matches(actual: str, expected: str, *, float_tolerance: float = 0.0) -> bool:
-    """Stdin-test output rule (see the module docstring)."""
-    actual_lines = [line.strip() for line in actual.strip().split("\n")]
-    expected_lines = [line.strip() for line in expected.strip().split("\n")]
-    if len(actual_lines) != len(expected_lines):
-        return False
-    for a, e in zip(actual_lines, expected_lines):
-        if a == e:
-            continue
-        a_nums, e_nums = _decimal_tokens(a), _decimal_tokens(e)
-        if a_nums is None or e_nums is None or len(a_nums) != len(e_nums) or not a_nums:
-            return False
-        if float_tolerance > 0:
-            ok = all(_numbers_close(float(x), float(y), float_tolerance) for x, y in zip(a_nums, e_nums))
-        else:
-            ok = all(x == y for x, y in zip(a_nums, e_nums))
-        if not ok:
-            return False
-    return True
-
-
-def safe_repr(value: Any) -> str:
-    """Python's repr of plain data, or a placeholder when it cannot be shown (an int past Python's
-    4,300-digit string limit)."""
-    try:
-        return repr(value)
-    except ValueError:
-        return f"<{type(value).__name__} too large to show>"
-
-
-def show_value(value: Any) -> str:
-    """A returned value as feedback text: JSON where it is JSON, else Python's repr."""
-    try:
-        return json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
-        return safe_repr(value)
 
 
 def _decode(data: bytes) -> tuple[str, bool]:
@@ -273,110 +180,10 @@ class _TimeUp:
     error = None
 
 
-# Builtins a check test may call besides the program and still have its call planned: they cannot call back
-# into the program or change what it sees.
-_PURE_BUILTINS = frozenset("abs all any bool dict float frozenset int len list max min round set sorted str sum "
-                           "tuple type isinstance".split())
-
-
-def _unconditionally_evaluated(node: ast.AST, target: ast.AST) -> bool:
-    """Whether evaluating ``node`` always evaluates ``target`` (short-circuits and lazy parts excluded)."""
-    if node is target:
-        return True
-    if isinstance(node, ast.BoolOp):
-        children: list[ast.AST] = node.values[:1]
-    elif isinstance(node, ast.IfExp):
-        children = [node.test]
-    elif isinstance(node, ast.Compare):
-        children = [node.left, node.comparators[0]]
-    elif isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.NamedExpr)):
-        children = []
-    else:
-        children = list(ast.iter_child_nodes(node))
-    return any(_unconditionally_evaluated(child, target) for child in children)
-
-
-@functools.lru_cache(maxsize=1 << 14)
-def trusted_code(source: str, filename: str) -> CodeType:
-    """The compiled code of a problem's trusted test code (a problem is graded many times: compiled once)."""
-    return compile(source, filename, "exec")
-
-
-def _single_assert(test_code: str) -> ast.Assert | None:
-    """The test's statement when it is exactly one assert."""
-    try:
-        tree = ast.parse(test_code)
-    except SyntaxError:
-        return None
-    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
-        return None
-    return tree.body[0]
-
-
-@functools.lru_cache(maxsize=1 << 14)
-def planned_call_args(test_code: str, names: frozenset[str]) -> list[Any] | None:
-    """The arguments of the one call of the program that a check test makes, when they are known before it
-    runs: the test is a single assert that always makes exactly one call of the program (``names``), with
-    positional literal arguments, and calls nothing else but pure builtins. Else None (the test calls live).
-    Cached: the list returned is shared, read it only."""
-    statement = _single_assert(test_code)
-    if statement is None:
-        return None
-    calls = [n for n in ast.walk(statement) if isinstance(n, ast.Call)]
-    program_calls = [c for c in calls if isinstance(c.func, ast.Name) and c.func.id in names]
-    if len(program_calls) != 1:
-        return None
-    call = program_calls[0]
-    if call.keywords or not _unconditionally_evaluated(statement.test, call):
-        return None
-    if any(c is not call and not (isinstance(c.func, ast.Name) and c.func.id in _PURE_BUILTINS) for c in calls):
-        return None
-    try:
-        args = [ast.literal_eval(arg) for arg in call.args]  # a Starred argument is not a literal: None
-        encode_value(args)  # what cannot reach the program (1j) is left to the live call to report
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError, PlainDataError):
-        return None
-    return args
-
-
 @functools.lru_cache(maxsize=256)
 def _session_budget(limits: Any, time_limit_s: float, n_tests: int) -> Any:
     budget = max(limits.wall_s, time_limit_s * (n_tests + 1))
     return limits.model_copy(update={"wall_s": budget, "cpu_s": max(limits.cpu_s, budget)})
-
-
-def _same_plain_data(a: Any, b: Any) -> bool:
-    """Equal as the program receives them (True is not 1, a tuple is not a list)."""
-    try:
-        return encode_value(a) == encode_value(b)
-    except PlainDataError:
-        return False
-
-
-def _call_text(name: str, args: Sequence[Any]) -> str:
-    return f"{name}({', '.join(safe_repr(a) for a in args)})"
-
-
-def _expected_of_assert(test_code: str, namespace: dict[str, Any]) -> str | None:
-    """For `assert candidate(...) == EXPR`, the repr of EXPR evaluated in the trusted test code's namespace."""
-    statement = _single_assert(test_code)
-    if statement is None:
-        return None
-    test = statement.test
-    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
-        return None
-    left, right = test.left, test.comparators[0]
-
-    def is_call(node: ast.AST) -> bool:
-        return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "candidate"
-
-    other = right if is_call(left) else left if is_call(right) else None
-    if other is None or any(isinstance(n, ast.Name) and n.id == "candidate" for n in ast.walk(other)):
-        return None
-    try:
-        return safe_repr(eval(compile(ast.Expression(other), "<expected>", "eval"), namespace))
-    except Exception:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------------- grader
