@@ -15,6 +15,7 @@ _NAMES = {
     "fit_law": "analysis.fit", "fit_line": "analysis.fit", "FitResult": "analysis.fit",
     "leave_group_out": "analysis.crossval",
     "bootstrap_draws": "analysis.bootstrap", "attach_bootstrap": "analysis.bootstrap",
+    "bootstrap_obstacles": "analysis.bootstrap",
     "Law": "analysis.law", "LineLaw": "analysis.law", "load_law": "analysis.law",
     "predict_improvement": "analysis.predict", "screen": "analysis.predict",
     "fig1_law": "analysis.figures", "fig2_dynamics": "analysis.figures", "fig3_scale": "analysis.figures",

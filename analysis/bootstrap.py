@@ -4,6 +4,10 @@ Each resample draws, for every configuration, as many seeds as it has, with repl
 configurations are never dropped or mixed, so the grid of the sweep stays fixed and only the seed noise
 varies. Every resample refits each family's line, the pooled line and their leave-one-configuration-out
 metrics, the same way `fit_law` does; intervals are percentiles of the resampled values.
+
+A line gets no bootstrap where one cannot mean anything (`bootstrap_obstacles`): a line through two
+configurations (it has no intervals to begin with), or a line all of whose configurations have a single seed
+(every resample is the data itself). Such a line records why in `not_computed["bootstrap"]`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from analysis.aggregate import fit_weights
 from analysis.crossval import fold_lines, leave_group_out
 from analysis.errors import AnalysisError
 from analysis.fit import FitResult
-from analysis.law import Law
+from analysis.law import Law, LineLaw
 
 STATS = ("slope", "intercept", "loo_r2", "loo_rmse")
 
@@ -84,6 +88,22 @@ def bootstrap_draws(trials: pd.DataFrame, fit: FitResult, *, n_resamples: int, s
     return {name: pd.DataFrame(values, columns=list(STATS)) for name, values in out.items()}
 
 
+def bootstrap_obstacles(fit: FitResult) -> dict[str, str]:
+    """{line name: why a seed bootstrap is impossible} for the lines of `fit` that cannot have one."""
+    out = {}
+    for name, line in {**fit.law.families, "pooled": fit.law.pooled}.items():
+        if line is None:
+            continue
+        if not line.has_intervals:
+            out[name] = f"a line through {line.n_configs} configurations has no intervals to resample"
+            continue
+        families = line.families or (name,)
+        seeds = fit.configs.loc[fit.configs["model_family"].isin(families), "n_seeds"]
+        if (seeds < 2).all():
+            out[name] = "every configuration has a single seed, so every resample is the data itself: run 2 or more"
+    return out
+
+
 def _interval(values: pd.Series, confidence: float) -> list[float] | None:
     finite = values.to_numpy()[np.isfinite(values.to_numpy())]
     if finite.size == 0:
@@ -93,16 +113,30 @@ def _interval(values: pd.Series, confidence: float) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
-def attach_bootstrap(law: Law, draws: dict[str, pd.DataFrame], *, seed: int) -> Law:
-    """The law with a `bootstrap` entry on every line: percentile intervals of `bootstrap_draws`."""
+def attach_bootstrap(law: Law, draws: dict[str, pd.DataFrame] | None, *, seed: int,
+                     skip: dict[str, str] | None = None) -> Law:
+    """The law with a `bootstrap` entry on every line: percentile intervals of `bootstrap_draws`.
+
+    Lines named in `skip` (see bootstrap_obstacles) get none and record the reason in not_computed; with
+    draws None (nothing was resampled) every line must be in `skip` and settings keep bootstrap 0."""
     confidence = law.settings["confidence"]
+    skip = skip or {}
 
     def summary(frame: pd.DataFrame) -> dict:
         failed = int(frame["slope"].isna().sum())
         return {"n_resamples": len(frame), "n_failed": failed,
                 **{f"{stat}_ci": _interval(frame[stat], confidence) for stat in STATS}}
 
-    families = {name: replace(line, bootstrap=summary(draws[name])) for name, line in law.families.items()}
-    pooled = replace(law.pooled, bootstrap=summary(draws["pooled"])) if law.pooled else None
-    n = len(next(iter(draws.values())))
-    return replace(law, families=families, pooled=pooled, settings={**law.settings, "bootstrap": n, "seed": seed})
+    def attach(name: str, line: LineLaw) -> LineLaw:
+        if name in skip:
+            return replace(line, bootstrap=None, not_computed={**line.not_computed, "bootstrap": skip[name]})
+        if draws is None:
+            raise AnalysisError(f"no bootstrap draws for {name!r}")
+        return replace(line, bootstrap=summary(draws[name]))
+
+    families = {name: attach(name, line) for name, line in law.families.items()}
+    pooled = attach("pooled", law.pooled) if law.pooled else None
+    settings = dict(law.settings)
+    if draws is not None:
+        settings.update(bootstrap=len(next(iter(draws.values()))), seed=seed)
+    return replace(law, families=families, pooled=pooled, settings=settings)

@@ -89,7 +89,7 @@ class _DelayedProgress:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from analysis.report import run_analysis
+    from analysis.report import _ci, _num, run_analysis
 
     progress = _DelayedProgress("bootstrap over seeds")
     try:
@@ -99,9 +99,12 @@ def _analyze(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     for name, line in output.law.families.items():
-        print(f"{name}: improvement = {line.intercept:.4f} + {line.slope:.3f}·gap  "
-              f"slope CI [{line.slope_ci[0]:.3f}, {line.slope_ci[1]:.3f}]  R² {line.r2:.3f}  "
-              f"LOO R² {line.loo_r2:.3f}  ({line.n_configs} configs, {line.n_trials} trials)")
+        if line.has_intervals:
+            stats = f"slope CI {_ci(line.slope_ci)}  R² {_num(line.r2)}  LOO R² {_num(line.loo_r2)}"
+        else:
+            stats = f"a line through {line.n_configs} points: no intervals, no LOO, no evidence about the law"
+        print(f"{name}: improvement = {line.intercept:.4f} + {line.slope:.3f}·gap  {stats}  "
+              f"({line.n_configs} configs, {line.n_trials} trials)")
     for name, reason in output.law.skipped.items():
         print(f"{name}: no law ({reason})")
     print(f"wrote {output.law_path}, {output.report_path} and "

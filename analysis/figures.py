@@ -51,16 +51,24 @@ def _fit_curve(res, x_lo: float, x_hi: float, confidence: float) -> dict[str, np
             "band_lo": frame["mean_ci_lower"].to_numpy(), "band_hi": frame["mean_ci_upper"].to_numpy()}
 
 
+def _line_curve(line) -> dict:
+    """A line without intervals (two configurations) on the same grid as `_fit_curve`, with no band."""
+    pad = 0.05 * (line.x_max - line.x_min)
+    grid = np.linspace(line.x_min - pad, line.x_max + pad, 50)
+    return {"x": grid, "y": line.intercept + line.slope * grid, "band_lo": None, "band_hi": None}
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.2f}"
 
 
 def fig1_law(fit: FitResult, out_dir: str | Path) -> dict:
     """Fig. 1: improvement vs gap per family — configuration means with 1-SD error bars over seeds on both
-    axes, coloured by context, the fitted line with its confidence band, and slope, R², LOO R².
+    axes, coloured by context, the fitted line with its confidence band, and slope, R², LOO R². A line
+    through two configurations is drawn without a band, labelled as such.
 
     Returns {"paths": [...], "families": {family: {"x", "y", "band_lo", "band_hi", "slope", "intercept",
-    "n_points"}}} where slope/intercept are those of the drawn line.
+    "n_points"}}} where slope/intercept are those of the drawn line; band_lo/band_hi are None without a band.
     """
     law = fit.law
     families = list(law.families)
@@ -81,16 +89,22 @@ def fig1_law(fit: FitResult, out_dir: str | Path) -> dict:
                 ax.errorbar(row.gap_mean, row.improvement_mean, xerr=row.gap_sd, yerr=row.improvement_sd,
                             fmt=MARKERS[models.index(row.model) % len(MARKERS)], color=colours[row.context],
                             ms=4, elinewidth=0.7, capsize=1.5, mec="white", mew=0.4, zorder=3)
-            curve = _fit_curve(fit.models[family], line.x_min, line.x_max, law.settings["confidence"])
-            ax.fill_between(curve["x"], curve["band_lo"], curve["band_hi"], color="0.6", alpha=0.3, lw=0, zorder=1)
+            if line.has_intervals:
+                curve = _fit_curve(fit.models[family], line.x_min, line.x_max, law.settings["confidence"])
+                ax.fill_between(curve["x"], curve["band_lo"], curve["band_hi"], color="0.6", alpha=0.3, lw=0,
+                                zorder=1)
+                stats = (f"slope {line.slope:.2f} [{line.slope_ci[0]:.2f}, {line.slope_ci[1]:.2f}]\n"
+                         f"$R^2$ {_fmt(line.r2)}, LOO $R^2$ {_fmt(line.loo_r2)}")
+            else:  # a line through two configurations: no band, and the label says what it is
+                curve = _line_curve(line)
+                stats = f"slope {line.slope:.2f}, no interval\nline through {line.n_configs} points: no evidence"
             ax.plot(curve["x"], curve["y"], color="0.15", zorder=2)
             ax.axhline(0, color="0.7", lw=0.5, zorder=0)
             ax.set_title(family)
             ax.set_xlabel(GAP_LABEL)
             ax.set_ylabel(IMPROVEMENT_LABEL)
-            ax.text(0.03, 0.97, f"slope {line.slope:.2f} [{line.slope_ci[0]:.2f}, {line.slope_ci[1]:.2f}]\n"
-                    f"$R^2$ {_fmt(line.r2)}, LOO $R^2$ {_fmt(line.loo_r2)}\n{line.n_configs} configs, "
-                    f"{line.n_trials} trials", transform=ax.transAxes, va="top", fontsize=7,
+            ax.text(0.03, 0.97, f"{stats}\n{line.n_configs} configs, {line.n_trials} trials",
+                    transform=ax.transAxes, va="top", fontsize=7,
                     bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "0.8", "lw": 0.5})
             if len(models) > 1:
                 handles = [Line2D([], [], ls="", marker=MARKERS[i % len(MARKERS)], color="0.3", ms=4, label=m)
@@ -214,7 +228,8 @@ def fig3_scale(fit: FitResult, out_dir: str | Path) -> dict:
                 line = law.families[family]
                 colour = f"C{i}"
                 ax_slope.axhline(line.slope, color=colour, ls="--", lw=0.8, label=f"{family} (all sizes)")
-                ax_slope.axhspan(*line.slope_ci, color=colour, alpha=0.12, lw=0)
+                if line.slope_ci is not None:
+                    ax_slope.axhspan(*line.slope_ci, color=colour, alpha=0.12, lw=0)
                 items = [v for v in per_model.values() if v["family"] == family]
                 if items:
                     err = np.array([[v["slope"] - v["slope_ci"][0], v["slope_ci"][1] - v["slope"]] for v in items]).T

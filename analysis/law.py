@@ -13,10 +13,15 @@ LAW = {slope, intercept, slope_ci, intercept_ci, slope_se, intercept_se, slope_p
        loo_r2, loo_rmse, n_configs, n_trials, n_points, df_resid, residual_var,
        coef_cov ([[var a, cov], [cov, var b]], order intercept, slope), x_mean, x_min, x_max, sizes,
        leave_one_size_out: CV|null, bootstrap: {n_resamples, n_failed, slope_ci, intercept_ci, loo_r2_ci,
-       loo_rmse_ci}|null}
+       loo_rmse_ci}|null, not_computed: {CHECK: "why it could not be computed", ...}}
 CV = {"r2", "rmse", "n_groups"}.
+A line on 2 configurations is the line through their two means: slope, intercept, n_*, x_* and sizes only;
+slope_ci, intercept_ci, slope_se, intercept_se, slope_p, intercept_p, r2, loo_r2, loo_rmse, residual_var and
+coef_cov are null, df_resid is 0, and not_computed says why (CHECK is one of intervals, loo,
+leave_one_size_out, leave_one_family_out, interaction_test, bootstrap).
 A prediction for gap g: mean = intercept + slope·g, its variance x₀ᵀ·coef_cov·x₀ with x₀ = (1, g); a new
-configuration adds residual_var; the interval uses Student's t with df_resid degrees of freedom.
+configuration adds residual_var; the interval uses Student's t with df_resid degrees of freedom. A line
+without coef_cov has no interval and does not predict (predict.py refuses it).
 """
 
 from __future__ import annotations
@@ -31,28 +36,40 @@ from analysis.errors import AnalysisError
 
 SCHEMA_VERSION = 1
 
+# How many configurations (model × context) a fit needs, and what each count allows:
+MIN_LINE_CONFIGS = 2  # a line: with 2, the line through the two configuration means, and nothing else
+MIN_CONFIGS = 3  # two points always lie on a line; a third is the least that can disagree with it: intervals,
+#                  p-values and leave-one-out start here
+FEW_CONFIGS = 5  # below this (3 or 4) a fit has few degrees of freedom: the report calls it weak
+PAPER_CONTEXTS = 6  # contexts per model in the papers' sweeps
+NEEDS = (f"a line needs at least {MIN_LINE_CONFIGS} configurations of different gaps, intervals and "
+         f"leave-one-out at least {MIN_CONFIGS}, and a fit on fewer than {FEW_CONFIGS} is weak; "
+         f"the papers use {PAPER_CONTEXTS} contexts per model")
+
 
 @dataclass(frozen=True)
 class LineLaw:
-    """One fitted line improvement = intercept + slope·gap, with what intervals and predictions need."""
+    """One fitted line improvement = intercept + slope·gap, with what intervals and predictions need.
+
+    The interval fields are None on a line through two configurations (see `has_intervals`)."""
 
     slope: float
     intercept: float
-    slope_ci: tuple[float, float]
-    intercept_ci: tuple[float, float]
-    slope_se: float
-    intercept_se: float
-    slope_p: float
-    intercept_p: float
-    r2: float
+    slope_ci: tuple[float, float] | None
+    intercept_ci: tuple[float, float] | None
+    slope_se: float | None
+    intercept_se: float | None
+    slope_p: float | None
+    intercept_p: float | None
+    r2: float | None
     loo_r2: float | None
     loo_rmse: float | None
     n_configs: int
     n_trials: int
     n_points: int
     df_resid: float
-    residual_var: float
-    coef_cov: tuple[tuple[float, float], tuple[float, float]]
+    residual_var: float | None
+    coef_cov: tuple[tuple[float, float], tuple[float, float]] | None
     x_mean: float
     x_min: float
     x_max: float
@@ -63,6 +80,13 @@ class LineLaw:
     families: tuple[str, ...] | None = None
     leave_one_family_out: dict[str, Any] | None = None
     interaction_test: dict[str, Any] | None = None
+    # What could not be computed for this line, and why: {check: reason} (see the module docstring).
+    not_computed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_intervals(self) -> bool:
+        """False for a line through two configurations: no intervals, p-values or predictions."""
+        return self.slope_ci is not None and self.coef_cov is not None
 
 
 @dataclass(frozen=True)
@@ -124,7 +148,9 @@ class Law:
                 for key in ("slope_ci", "intercept_ci", "sizes", "families"):
                     if values.get(key) is not None:
                         values[key] = tuple(values[key])
-                values["coef_cov"] = tuple(tuple(float(v) for v in row) for row in item["coef_cov"])
+                cov = item["coef_cov"]
+                values["coef_cov"] = None if cov is None else tuple(tuple(float(v) for v in row) for row in cov)
+                values["not_computed"] = dict(values.get("not_computed") or {})
                 return LineLaw(**values)
             except (KeyError, TypeError, ValueError) as err:
                 raise AnalysisError(f"law file: entry {name!r} is incomplete or malformed ({err})") from err

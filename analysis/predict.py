@@ -11,7 +11,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis.errors import AnalysisError
-from analysis.law import Law, load_law
+from analysis.law import MIN_CONFIGS, Law, LineLaw, load_law
 from analysis.results import read_table
 
 GAP_COLUMNS = ["model_family", "model", "context", "initial_gap"]
@@ -34,9 +34,14 @@ def predict_improvement(law: Law | dict | str | Path, family: str,
     the law's mean at that gap), se_obs, pi_lo, pi_hi (the prediction interval of a new configuration's
     improvement, what statsmodels' get_prediction calls the obs interval), extrapolated (gap outside the
     range of the fitted gaps). The level is the law's confidence setting.
+
+    A line without intervals (fitted on 2 configurations) is refused: it predicts nothing about a new
+    configuration, and the AnalysisError says so and what the law needs.
     """
-    line = _as_law(law).line(family)
-    confidence = float(_as_law(law).settings.get("confidence", 0.95))
+    law = _as_law(law)
+    line = law.line(family)
+    _check_can_predict(law, family, line)
+    confidence = float(law.settings.get("confidence", 0.95))
     if isinstance(gaps, pd.DataFrame):
         if "initial_gap" not in gaps.columns:
             raise AnalysisError("gaps table lacks column: initial_gap")
@@ -63,6 +68,18 @@ def predict_improvement(law: Law | dict | str | Path, family: str,
     )
 
 
+def _check_can_predict(law: Law, family: str, line: LineLaw) -> None:
+    if line.has_intervals:
+        return
+    pooled = law.pooled
+    hint = (" or screen with the pooled law (--pooled), which has intervals"
+            if family != "pooled" and pooled is not None and pooled.has_intervals else "")
+    raise AnalysisError(
+        f"the law {family!r} is a line through {line.n_configs} configurations: it has no prediction interval "
+        f"and says nothing about a new configuration; refit it on at least {MIN_CONFIGS} configurations "
+        f"(add contexts){hint}")
+
+
 def screen(law: Law | dict | str | Path, gaps: pd.DataFrame, *, pooled: bool = False) -> pd.DataFrame:
     """Predictions for a gaps table (GAP_COLUMNS), each row by its family's law or, with pooled, the pooled law.
 
@@ -77,7 +94,8 @@ def screen(law: Law | dict | str | Path, gaps: pd.DataFrame, *, pooled: bool = F
     frame = gaps.reset_index(drop=True)
     families = ["pooled"] * len(frame) if pooled else frame["model_family"].astype(str).tolist()
     for family in dict.fromkeys(families):
-        law.line(family)  # an unknown family fails here, with the families the law has
+        # An unknown family, or a line without intervals, fails here before any prediction.
+        _check_can_predict(law, family, law.line(family))
     parts = []
     for family in dict.fromkeys(families):
         rows = frame[[f == family for f in families]]

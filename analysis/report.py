@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from analysis.aggregate import Unit, gap_reliability
-from analysis.bootstrap import attach_bootstrap, bootstrap_draws
+from analysis.bootstrap import attach_bootstrap, bootstrap_draws, bootstrap_obstacles
 from analysis.errors import AnalysisError
 from analysis.fit import FitResult, fit_law
-from analysis.law import Law, LineLaw
+from analysis.law import FEW_CONFIGS, MIN_CONFIGS, MIN_LINE_CONFIGS, PAPER_CONTEXTS, Law, LineLaw
 from analysis.results import completed_trials, join_steps, load_results
 
 # The verdict's thresholds: a law "holds" when its slope is positive with an interval that excludes zero and
@@ -43,8 +43,11 @@ def run_analysis(results: str | Path, out_dir: str | Path, *, unit: Unit = "conf
     fit = fit_law(trials, unit=unit, weighted=weighted, confidence=confidence)
     law = fit.law
     if n_bootstrap:
-        draws = bootstrap_draws(trials, fit, n_resamples=n_bootstrap, seed=seed, progress=progress)
-        law = attach_bootstrap(law, draws, seed=seed)
+        obstacles = bootstrap_obstacles(fit)
+        names = [*law.families, "pooled"]
+        draws = (bootstrap_draws(trials, fit, n_resamples=n_bootstrap, seed=seed, progress=progress)
+                 if any(name not in obstacles for name in names) else None)
+        law = attach_bootstrap(law, draws, seed=seed, skip=obstacles)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     law_path = out / "law.json"
@@ -88,13 +91,39 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+HOW_MANY = (f"Intervals, p-values and leave-one-out need at least {MIN_CONFIGS} configurations, a fit on "
+            f"fewer than {FEW_CONFIGS} stays weak, and the papers use {PAPER_CONTEXTS} contexts per model")
+
+
+def _dof(df: float) -> str:
+    return f"{df:g} residual degree{'' if df == 1 else 's'} of freedom"
+
+
 def verdict(name: str, line: LineLaw) -> str:
-    """One plain-language sentence on whether the law holds for this line."""
+    """One plain-language verdict on whether the law holds for this line.
+
+    2 configurations: a line through two points, no verdict. 3 or 4 (fewer than FEW_CONFIGS): weak, whatever
+    the slope, for want of degrees of freedom. From 5: holds, weak or not supported by the slope's interval
+    (and its seed bootstrap) and the LOO R².
+    """
+    n = line.n_configs
+    if not line.has_intervals:
+        return (f"**{name}: no evidence either way ({n} configurations).** A fit on {MIN_LINE_CONFIGS} "
+                f"configurations is a line through two points (slope {_num(line.slope)}, intercept "
+                f"{_num(line.intercept)}): any two points lie on a line, so it tells nothing about the law, and "
+                f"it has no intervals, p-values or leave-one-out. {HOW_MANY}: add contexts to the sweep.")
     lo, hi = line.slope_ci
     boot = (line.bootstrap or {}).get("slope_ci")
     positive = lo > 0 and (boot is None or boot[0] > 0)
     loo = line.loo_r2
     loo_text = f"held-out configurations are predicted with LOO R² {_num(loo, 2)}"
+    if n < FEW_CONFIGS:
+        evidence = (f"the slope {_num(line.slope, 2)} {_ci(line.slope_ci, 2)} "
+                    + ("is positive" if positive else "does not reliably exclude zero") + f" and {loo_text}")
+        return (f"**{name}: weak ({n} configurations).** With only {n} configurations the fit has few degrees of "
+                f"freedom ({_dof(n - 2)} between configurations): {evidence}, but each "
+                f"held-out configuration is predicted from {n - 1} others and the intervals are wide. {HOW_MANY}: "
+                f"add contexts before trusting it.")
     if not positive:
         return (f"**{name}: not supported.** The slope's interval {_ci(line.slope_ci, 2)} does not exclude zero"
                 f"{' (or its seed bootstrap does not)' if lo > 0 else ''}: the gap does not reliably predict "
@@ -109,6 +138,39 @@ def verdict(name: str, line: LineLaw) -> str:
             f"{loo_text} (below {LOO_R2_HOLDS}): the gap ranks configurations but predicts them poorly.")
 
 
+CHECK_NAMES = {"intervals": "intervals, p-values, R²", "loo": "leave-one-configuration-out",
+               "leave_one_size_out": "leave-one-size-out", "leave_one_family_out": "leave-one-family-out",
+               "interaction_test": "the test of a shared slope", "bootstrap": "seed bootstrap"}
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def not_computed(law: Law) -> list[str]:
+    """One line per law that lacks some check: which, and why (reasons shared by several checks once)."""
+    lines = {**law.families, **({"pooled": law.pooled} if law.pooled else {})}
+    out = []
+    for name, line in lines.items():
+        if name == "pooled" and len(law.families) == 1:
+            family = next(iter(law.families))
+            out.append(f"pooled: the line of {family} (one model family), so no leave-one-family-out and no test "
+                       f"of a shared slope.")
+            continue
+        by_reason: dict[str, list[str]] = {}
+        for check, reason in line.not_computed.items():
+            by_reason.setdefault(reason, []).append(CHECK_NAMES.get(check, check))
+        if by_reason:
+            out.append(f"{name}: " + "; ".join(f"{_and(checks)} ({reason})"
+                                               for reason, checks in by_reason.items()) + ".")
+    return out
+
+
+def _bootstrap_impossible(law: Law) -> bool:
+    lines = [*law.families.values(), *([law.pooled] if law.pooled else [])]
+    return all("bootstrap" in line.not_computed for line in lines)
+
+
 def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results: Path, n_all: int) -> str:
     settings = law.settings
     unit = "configuration means" if settings["unit"] == "configuration" else "every seed as a point"
@@ -120,7 +182,9 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
         f"intervals at "
         f"{100 * settings['confidence']:g}%; "
         + (f"seed bootstrap with {settings['bootstrap']} resamples (seed {settings['seed']})."
-           if settings["bootstrap"] else "no bootstrap."),
+           if settings["bootstrap"] else
+           "no seed bootstrap: it is impossible on every line (see below)." if _bootstrap_impossible(law) else
+           "no bootstrap."),
         "## Verdict",
     ]
     bullets = [verdict(name, line) for name, line in law.families.items()]
@@ -135,6 +199,9 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
                 + ("**the slopes differ**; use each family's own law." if differ else
                    f"no evidence that the slopes differ; the common slope is {_num(test['common_slope'], 2)} "
                    f"{_ci(test['common_slope_ci'], 2)}."))
+        elif "interaction_test" in law.pooled.not_computed:
+            bullets.append(f"Do families share one slope? Not testable here: "
+                           f"{law.pooled.not_computed['interaction_test']}.")
     parts.append("\n".join(f"- {b}" for b in bullets))
     if law.skipped:
         parts.append("Families without a law: " + "; ".join(f"{f} ({r})" for f, r in law.skipped.items()) + ".")
@@ -160,6 +227,10 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
     if lofo:
         parts.append(f"Leave one family out (pooled line, predicting a whole family from the others): "
                      f"R² {_num(lofo['r2'])}, RMSE {_num(lofo['rmse'])}.")
+    missing = not_computed(law)
+    if missing:
+        parts.append("Not computed (impossible on these results; n/a in the table above, null in law.json):\n\n"
+                     + "\n".join(f"- {item}" for item in missing))
 
     parts.append("## Configurations")
     rows = [[r.model_family, r.model, f"{r.model_size_b:g}", r.context, str(r.n_seeds),
@@ -173,7 +244,8 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
     points = fit.points[fit.points["family_fitted"]]
     parts.append("Per fitted point of each family's line: residual, externally studentised residual, leverage, "
                  "Cook's distance and the leave-one-configuration-out prediction. Points with Cook's distance "
-                 "above 4/n are marked ⚠ (they move the line on their own).")
+                 "above 4/n are marked ⚠ (they move the line on their own). A line through two configurations "
+                 "has none of these (n/a): it passes through both.")
     notes = []
     for family in law.families:
         lam = gap_reliability(fit.configs[fit.configs["model_family"] == family])
@@ -193,9 +265,11 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
                          "stud. resid.", "leverage", "Cook's D", "LOO pred."], rows))
 
     parts.append("## Figures")
+    two_point = any(not line.has_intervals for line in law.families.values())
     captions = {
         "fig1_law": "Fig. 1 — improvement vs initial gap per family (1-SD error bars over seeds), fitted line "
-                    "and its confidence band.",
+                    "and its confidence band"
+                    + (" (none on a line through two configurations)." if two_point else "."),
         "fig2_dynamics": "Fig. 2 — student (solid) and self-teacher (dashed) validation accuracy over training.",
         "fig3_scale": "Fig. 3 — the law across model sizes.",
     }

@@ -28,8 +28,8 @@ def _good() -> pd.DataFrame:
     return trials_from([(f"c{i}", [g, g + 0.01], [0.5 * g, 0.5 * g + 0.02]) for i, g in enumerate(gaps)])
 
 
-def _two_configs():
-    return _good().query("context in ['c0', 'c1']")
+def _one_config():
+    return _good().query("context == 'c0'")
 
 
 def _equal_gaps():
@@ -52,8 +52,11 @@ def _nans():
 
 # case: (builder, message the user reads, in full or as a regular expression)
 CASES = {
-    "fewer_than_3_configs": (_two_configs, r"cannot fit the law: 2 configuration\(s\), a fit needs at least 3"),
-    "all_gaps_equal": (_equal_gaps, r"cannot fit the law: all 4 configurations have the same gap \(0\.1\)"),
+    "one_config": (_one_config, r"cannot fit the law: 1 configuration \(model × context\); a line needs at least 2 "
+                                r"configurations of different gaps, intervals and leave-one-out at least 3, .*"
+                                r"the papers use 6 contexts per model: add contexts to the sweep$"),
+    "all_gaps_equal": (_equal_gaps, r"cannot fit the law: all 4 configurations have the same gap \(0\.1\), no slope "
+                                    r"can be fitted: add contexts whose gaps differ"),
     "missing_columns": (_missing_columns, r"trials file lacks column\(s\): seed, initial_gap"),
     "no_completed": (_no_completed, r"no completed trials \(8 row\(s\), statuses: failed, running\)"),
     "nans": (_nans, r"column improvement has NaN or non-numeric values in completed trials: "

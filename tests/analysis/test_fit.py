@@ -193,11 +193,15 @@ def test_diagnostics_leverage_and_cooks_distance(rng):
     assert points["residual"].to_numpy() == pytest.approx(ref["resid"], abs=1e-12)
 
 
-def test_a_family_with_too_few_configurations_is_skipped_not_fitted(rng):
+def test_a_family_with_one_configuration_or_one_gap_is_skipped_not_fitted(rng):
     trials = noisy_trials(rng)
-    small = trials_from([("x", 0.1, 0.05), ("y", 0.2, 0.1)], family="tiny")
-    law = fit_law(completed_trials(pd.concat([trials, small], ignore_index=True))).law
-    assert "tiny" not in law.families and "2 configuration(s)" in law.skipped["tiny"]
+    single = trials_from([("x", 0.1, 0.05)], family="single")
+    flat = trials_from([("x", 0.1, 0.05), ("y", 0.1, 0.1)], family="flat")
+    law = fit_law(completed_trials(pd.concat([trials, single, flat], ignore_index=True))).law
+    assert "single" not in law.families and "flat" not in law.families
+    assert law.skipped["single"].startswith("1 configuration (model × context)")
+    assert "add contexts" in law.skipped["single"]
+    assert law.skipped["flat"].startswith("all 2 configurations have the same gap (0.1)")
     assert law.pooled.families == ("fam_a", "fam_b")
 
 
