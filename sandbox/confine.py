@@ -67,12 +67,20 @@ class Prepared:
         self.caps = [ctypes.c_ulong(cap) for cap in range(max(last_cap, 40) + 1)]
 
 
-def _drop_capabilities(prepared):
+def drop_inheritable_capabilities(prepared):
+    """Empty the capability bounding and ambient sets: no process started from this one can gain a capability
+    by execve. Done once, by the template (needs CAP_SETPCAP): every program's process inherits them empty,
+    while the template keeps the capabilities it holds (a new PID namespace and the program's mounts need
+    CAP_SYS_ADMIN), which each program's process then drops (``_drop_capabilities``)."""
     c, zero = libc(), ctypes.c_ulong(0)
-    for cap in prepared.caps:  # needs CAP_SETPCAP, which is still held here
+    for cap in prepared.caps:
         c.prctl(PR_CAPBSET_DROP, cap, zero, zero, zero)
-    c.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
-    _check(c.capset(ctypes.byref(prepared.cap_header), prepared.cap_data), "capset")
+    c.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), zero, zero, zero)
+
+
+def _drop_capabilities(prepared):
+    """Empty the effective, permitted and inheritable sets (the bounding and ambient sets are empty already)."""
+    _check(libc().capset(ctypes.byref(prepared.cap_header), prepared.cap_data), "capset")
 
 
 def _load_seccomp(prepared):

@@ -176,9 +176,10 @@ class Session:
             return []
         timeout = min(float(timeout_s), self._limits.wall_s)
         header = {"op": "runs", "code": self._code, "limits": self._limits_dict, "timeout": timeout,
-                  "stop": sorted(stop_after)}
-        # (each run may also need a new sandbox process: a second of slack per run)
-        reply, oom_killed = self._request(header, [bytes(s) for s in stdins], (WALL_FACTOR * timeout + 1.0) * len(stdins))
+                  "wall": min(WALL_FACTOR * timeout, self._limits.wall_s), "stop": sorted(stop_after)}
+        # (each run is a new sandbox process: a second of slack per run)
+        reply, oom_killed = self._request(header, [bytes(s) for s in stdins],
+                                          (header["wall"] + 1.0) * len(stdins))
         if reply is None:
             return [RunOutcome("runtime_error", None, b"", b"", timeout, "the sandbox worker died during the run")
                     for _ in stdins]

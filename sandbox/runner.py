@@ -29,7 +29,7 @@ import sys
 import time
 
 from sandbox.confine import NOBODY, PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, STACK_BYTES, Prepared, _check, libc, prepare_streams
-from sandbox.template import Template
+from sandbox.template import Template, TemplateGone
 from sandbox.wire import (
     MAX_PROGRAM_FRAME,
     STATUSES,
@@ -194,6 +194,8 @@ class ForkServer:
         child_fds = (in_fd, out_w, err_w, req_r, resp_w)
         try:
             pid = self.template.spawn({"limits": limits, "mode": mode, "scratch": scratch}, child_fds)
+        except TemplateGone:
+            raise
         except BaseException as e:
             for fd in (out_r, err_r, resp_r, req_w):
                 os.close(fd)
@@ -296,7 +298,7 @@ class ForkServer:
         own limits: no run holds another's input, none outlives its turn. Stops after a run whose status is
         in ``stop`` (the caller would skip the rest). One result and two blobs (stdout, stderr) per run."""
         limits, timeout = req["limits"], req["timeout"]
-        cap = limits["output_bytes"]
+        wall, cap = req.get("wall", WALL_FACTOR * timeout), limits["output_bytes"]
         stop = set(req.get("stop", ()))
         results, out_blobs = [], []
         for stdin in blobs:
@@ -304,7 +306,7 @@ class ForkServer:
             started = time.monotonic()
             prog = self.spawn(limits, "run", req["code"], stdin)
             try:
-                reason = self.pump(prog, timeout, WALL_FACTOR * timeout, cap, out, err, want_frame=False)
+                reason = self.pump(prog, timeout, wall, cap, out, err, want_frame=False)
                 status, code, error = self.verdict(prog, reason, limits, timeout)
             finally:
                 prog.close(self)
@@ -467,6 +469,8 @@ def serve():
                 reply, out_blobs = {"ended": True}, []
             else:
                 raise ValueError("unknown op %r" % op)
+        except TemplateGone:  # no pristine process to clone programs from: the worker must be replaced
+            os._exit(1)
         except Exception as e:  # an infrastructure failure, not the program's
             server.end_session()
             reply, out_blobs = {"fatal": "%s: %s" % (type(e).__name__, e)}, []

@@ -11,7 +11,7 @@ import os
 import signal
 import socket
 
-from sandbox.confine import PR_SET_PDEATHSIG, clone_for_parent, libc
+from sandbox.confine import PR_SET_PDEATHSIG, clone_for_parent, drop_inheritable_capabilities, libc
 from sandbox.program import become_program
 
 
@@ -20,6 +20,8 @@ def _template_loop(sock, cfg):
     descriptors), clone one program's process and answer its pid. It reads nothing else, ever."""
     c = libc()
     c.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if cfg["drop"] == "caps":
+        drop_inheritable_capabilities(cfg["prepared"])
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1):  # the fork server's channels to the trusted process: never the template's
         os.dup2(null, fd)
@@ -44,6 +46,10 @@ def _template_loop(sock, cfg):
         sock.send(b"%d" % pid)
 
 
+class TemplateGone(RuntimeError):
+    """The template process has ended."""
+
+
 class Template:
     """The fork server's handle on its template (forked from it before any request was read)."""
 
@@ -60,11 +66,16 @@ class Template:
         self.pid, self.sock = pid, mine
 
     def spawn(self, header, fds):
-        """Clone a program's process with these descriptors; its pid (a child of the fork server)."""
-        socket.send_fds(self.sock, [json.dumps(header, separators=(",", ":")).encode()], fds)
-        reply = self.sock.recv(64)
+        """Clone a program's process with these descriptors; its pid (a child of the fork server). Raises
+        TemplateGone when the template has died (e.g. the cgroup's OOM killer chose it): the fork server cannot
+        make another (its memory is no longer pristine), so it ends and the pool replaces the worker."""
+        try:
+            socket.send_fds(self.sock, [json.dumps(header, separators=(",", ":")).encode()], fds)
+            reply = self.sock.recv(64)
+        except OSError as e:
+            raise TemplateGone(str(e)) from None
         if not reply:
-            raise RuntimeError("the template is gone")
+            raise TemplateGone("the template ended")
         pid = int(reply)
         if pid < 0:
             raise OSError(-pid, "clone: %s" % os.strerror(-pid))

@@ -3,7 +3,8 @@
 A frame is a 4-byte big-endian length, a JSON header (a dict, whose "blobs" lists the sizes of the raw byte
 blobs that follow it) and the blobs. Every reader of frames has a bound on one frame's size: what comes from a
 program (its response channel) is capped as tightly as its content allows, so a flood there costs the reader
-no more than the cap (the fork server then counts what follows without keeping it). This file runs inside the sandbox too (see ``sandbox/pool.py:worker_source``).
+no more than the cap (the fork server then counts what follows without keeping it). This file runs inside
+the sandbox too (see ``sandbox/pool.py:worker_source``).
 """
 
 import json

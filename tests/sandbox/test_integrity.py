@@ -190,6 +190,30 @@ def test_a_flood_on_the_response_channel_is_capped_without_the_cgroup_layer():
             assert s.call("ok", [], timeout_s=5).value == 1
 
 
+def _template_of(worker) -> psutil.Process:
+    server = next(p for p in psutil.Process(worker.proc.pid).children(recursive=True)
+                  if "python" in os.path.basename(p.exe()))
+    (template,) = server.children()  # between programs, the fork server's only child
+    return template
+
+
+def test_a_dead_template_takes_its_worker_down_and_the_pool_replaces_it():
+    # (The fork server cannot make another template: its memory holds requests.)
+    with Executor(1, limits=LIMITS) as ex1:
+        template = _template_of(ex1._pool._all[0])
+        template.kill()
+        deadline = time.monotonic() + 5
+        while template.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with ex1.session("print(1)") as s:
+            lost = s.run_stdin(b"", timeout_s=5)
+        with ex1.session("print(2)") as s:
+            again = s.run_stdin(b"", timeout_s=5)
+        assert lost.status == "runtime_error" and "worker died" in lost.error, lost
+        assert (again.status, again.stdout) == ("ok", b"2\n")
+        assert _template_of(ex1._pool._all[0]).pid != template.pid
+
+
 # -------------------------------------------------------------------------------------------------- placement
 def test_a_program_cannot_move_to_another_cpu():
     if len(os.sched_getaffinity(0)) < 2:
