@@ -127,7 +127,8 @@ def estimate(sweep: SweepFile, points: list[GridPoint], search_roots: list[Path]
 
 
 def checkpoint_bytes(sweep: SweepFile, estimates: list[TrialEstimate]) -> tuple[float, float]:
-    """(peak while running, kept after the sweep) bytes of checkpoints."""
+    """(peak while running, kept after the sweep) bytes of checkpoints; the peak assumes `max_concurrent_trials`
+    trials (or all of them) run at once."""
     keep = sweep.checkpoints.keep_last
     running = sweep.max_concurrent_trials or len(estimates)
     per_trial_running, per_trial_final = [], []
@@ -153,7 +154,7 @@ def plan_table(sweep: SweepFile, estimates: list[TrialEstimate]) -> Table:
         table.add_column(column, justify="left" if column in ("trial", "estimate from") else "right")
     for e in estimates:
         table.add_row(e.point.trial_id, "-" if e.size_b is None else f"{e.size_b:g}", str(e.point.config.steps),
-                      f"{e.tokens / 1e6:.1f}M", "-" if e.device_hours is None else f"{e.device_hours:.1f}", e.source)
+                      f"{e.tokens / 1e6:.1f}M" if e.tokens >= 1e5 else f"{e.tokens / 1e3:.0f}k", "-" if e.device_hours is None else f"{e.device_hours:.1f}", e.source)
     return table
 
 

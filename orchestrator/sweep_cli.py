@@ -172,7 +172,9 @@ def _plan(args: argparse.Namespace) -> int:
     total = f"{sum(known):.1f} {unit}" + ("" if len(known) == len(estimates) else
                                            f" for the {len(known)} trials of known size")
     peak, kept = checkpoint_bytes(sweep, estimates)
-    console.print(f"{len(points)} trials, about {total}; checkpoints: up to {human_bytes(peak)} while running, "
-                  f"{human_bytes(kept)} kept after (checkpoints.when_done: {sweep.checkpoints.when_done})")
+    at_once = sweep.max_concurrent_trials or len(points)
+    console.print(f"{len(points)} trials, about {total}; checkpoints: up to {human_bytes(peak)} with {at_once} trials "
+                  f"running at once, {human_bytes(kept)} kept after (checkpoints.when_done: "
+                  f"{sweep.checkpoints.when_done})")
     console.print(f"results in {Path(sweep.storage).expanduser() / sweep.name}")
     return 0

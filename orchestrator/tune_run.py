@@ -41,17 +41,23 @@ def init_ray(state: SweepState, address: str | None, *, num_cpus: int | None = N
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kwargs)
+    _send_ray_logs_to(state.dir / "driver.log")  # ray.init empties the "ray" logger's handlers
+
+
+# Ray's loggers that speak in the driver; ray.init resets the top one, so the others carry the file too.
+_RAY_LOGGERS = ("ray", "ray._private", "ray.tune", "ray.train", "ray.air", "ray.data", "ray.util", "ray.autoscaler")
 
 
 def _send_ray_logs_to(path: Path) -> None:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+    for name in _RAY_LOGGERS:
         logger = logging.getLogger(name)
         for old in list(logger.handlers):  # Ray's own handlers write to the terminal
             if not isinstance(old, logging.FileHandler):
                 logger.removeHandler(old)
-        logger.addHandler(handler)
+        if not any(getattr(h, "baseFilename", None) == handler.baseFilename for h in logger.handlers):
+            logger.addHandler(handler)
         logger.propagate = False
 
 

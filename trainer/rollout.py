@@ -118,7 +118,9 @@ class RolloutEngine:
         self.llm = LLM(
             model=str(self.model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
             enforce_eager=enforce_eager, worker_extension_cls=WORKER_EXTENSION,
-            logprobs_mode="processed_logprobs", **kwargs)
+            # Inside a Ray Tune trial vLLM would otherwise pick its Ray backend (a placement group is current)
+            # and refuse a bundle of several GPUs (vllm#3190); the engine's workers are the trial's own processes.
+            distributed_executor_backend="mp", logprobs_mode="processed_logprobs", **kwargs)
         self.startup_seconds = time.perf_counter() - started
         # The engine's own processes (engine core, workers), so close() can wait for them; multiprocessing's
         # resource tracker is shared by the whole interpreter and outlives any one engine.
