@@ -168,3 +168,34 @@ def test_plan_per_token_model_matches_the_papers_cost():
 def test_yaml_of_every_sweep_file_parses():
     for path in SWEEPS.glob("*.yaml"):
         assert isinstance(yaml.safe_load(path.read_text()), dict), path
+
+
+def test_plan_uses_a_finished_trial_of_the_same_model(tmp_path):
+    """Measured phase times win over the per-token model, scaled by the tokens each trial handles."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.plan import estimate, trial_tokens
+
+    sweep_file = write(tmp_path, base(tmp_path).replace("resources: b200-1", "resources: cpu"))
+    sweep, points = load_sweep(sweep_file)
+    ref_point = points[0]
+    done = tmp_path / "store" / "earlier" / "trials" / "t0"
+    done.mkdir(parents=True)
+    (done / "config.json").write_text(ref_point.config.model_dump_json())
+    (done / "trial.json").write_text(json.dumps({"model": ref_point.config.model.path, "status": "completed",
+                                                 "wall_seconds": 100.0}))
+    # Three training steps of 20 s each (median 20): 60 s of steps, 40 s of start-up and evaluations.
+    pq.write_table(pa.Table.from_pylist([
+        {"step": s, "phase": "train", "time/rollout_s": 15.0, "time/optimizer_s": 5.0} for s in (1, 2, 3)]),
+        done / "steps.parquet")
+    estimates = estimate(sweep, points, [tmp_path / "store"])
+    first = estimates[0]
+    assert first.source == f"measured: {done}"
+    seconds_per_token = (20.0 * ref_point.config.steps + 40.0) / trial_tokens(ref_point)
+    cpus = sweep.trial_resources.cpus
+    assert first.device_hours == pytest.approx(trial_tokens(ref_point) * seconds_per_token * cpus / 3600)
+    # Another model has no finished trial: the per-token model, said so.
+    assert estimates[-1].source == "per-token model"
