@@ -1,5 +1,7 @@
-"""`opsd analyze` (fit the law, write law.json, figures and report.md) and `opsd screen` (predict
-improvements from measured gaps with an earlier law). No torch, Ray or vLLM: both run on a laptop."""
+"""`opsd analyze` (fit the law, write law.json, figures and report.md) and the prediction half of `opsd screen`
+(`screen_gaps`: predicted improvements from measured gaps with an earlier law). No torch, Ray or vLLM: both run
+on a laptop. `opsd screen` itself is registered by orchestrator/screen_cli.py, which also measures gaps from a
+trial or sweep file (the analysis may not import the trainer)."""
 
 from __future__ import annotations
 
@@ -19,18 +21,6 @@ Writes OUT/law.json, OUT/report.md, OUT/fig1_law.{png,pdf}, OUT/fig2_dynamics.{p
 exist) and OUT/fig3_scale.{png,pdf} (when several model sizes exist).
 """
 
-SCREEN_EPILOG = """\
-examples:
-  opsd screen gaps.csv --law report/law.json                  print predictions
-  opsd screen gaps.parquet --law report/law.json --out predictions.csv
-  opsd screen gaps.json --law report/law.json --pooled        use the pooled law for every row
-
-GAPS (.parquet, .csv, .json records or .jsonl) has columns model_family, model, context, initial_gap.
-Output columns: predicted_improvement, ci_lo/ci_hi (the law's mean), pi_lo/pi_hi (a new configuration's
-prediction interval), extrapolated (gap outside the fitted range), law (the line used).
-"""
-
-
 def register(subparsers) -> None:
     analyze = subparsers.add_parser(
         "analyze", help="fit the predictive law from sweep results",
@@ -48,17 +38,6 @@ def register(subparsers) -> None:
     analyze.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of the bootstrap (default 0)")
     analyze.add_argument("--confidence", type=float, default=0.95, help="level of every interval (default 0.95)")
     analyze.set_defaults(func=_analyze)
-
-    screen = subparsers.add_parser(
-        "screen", help="predict improvements from measured gaps with a fitted law",
-        description="Predicted improvement and prediction interval for configurations whose initial gap was "
-                    "measured but which were not trained.",
-        epilog=SCREEN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    screen.add_argument("gaps", metavar="GAPS", help="table of model_family, model, context, initial_gap")
-    screen.add_argument("--law", required=True, metavar="LAW.json", help="law.json written by `opsd analyze`")
-    screen.add_argument("--out", metavar="FILE", help="write predictions to .csv, .parquet or .json")
-    screen.add_argument("--pooled", action="store_true", help="predict every row with the pooled law")
-    screen.set_defaults(func=_screen)
 
 
 class _DelayedProgress:
@@ -112,13 +91,15 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _screen(args: argparse.Namespace) -> int:
+def screen_gaps(gaps: str | Path, law: str | Path, *, out: str | Path | None = None, pooled: bool = False) -> int:
+    """`opsd screen GAPS --law LAW.json`: print (and with `out` write) the predicted improvement and its
+    prediction interval for each row of a table of measured gaps."""
     from analysis.errors import AnalysisError
     from analysis.predict import load_gaps, screen
 
-    predictions = screen(args.law, load_gaps(Path(args.gaps)), pooled=args.pooled)
-    if args.out:
-        out = Path(args.out)
+    predictions = screen(law, load_gaps(Path(gaps)), pooled=pooled)
+    if out:
+        out = Path(out)
         suffix = out.suffix.lower()
         if suffix == ".csv":
             predictions.to_csv(out, index=False)

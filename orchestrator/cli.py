@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Packages whose `cli.register` adds sub-commands, in the order `opsd --help` lists them.
-_COMMAND_MODULES = ("sandbox.cli", "trainer.cli", "orchestrator.sweep_cli", "analysis.cli")
+_COMMAND_MODULES = ("sandbox.cli", "trainer.cli", "orchestrator.sweep_cli", "orchestrator.screen_cli", "analysis.cli")
 
 EPILOG = """\
 examples:

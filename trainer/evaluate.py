@@ -11,22 +11,105 @@
 - Where every validation problem has a reference solution, `student_ref_logp`: the student's mean log-prob
   per token of that solution (as a ```python block) after its prompt. It moves long before accuracy does on
   a weak model, so it shows whether training pulls the student towards what a better teacher would write.
+
+The gap's pieces (`sample_student_attempts`, `teacher_prompts_for_attempts`, `sample_teacher`,
+`grade_on_all_tests`) are shared with trainer/screen.py, which measures every context from one student pass.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Sequence
 
-from sandbox.grader import GradeRequest, Verdict
+from sandbox.grader import GradeRequest, Grader, Verdict
+from sandbox.problems import Problem
+from trainer.config import ContextConfig, TrialConfig
 from trainer.contexts import GradedRollout, teacher_prompts_for_group
 from trainer.data import train_tests_of
 from trainer.hints import hints_from_reference_solutions
 from trainer.records import mean_or_zero
+from trainer.rollout import Rollout, RolloutEngine
 from trainer.runtime import TrialRuntime
 
 
 def _scores(verdicts: Sequence[Verdict]) -> tuple[float, float]:
     return mean_or_zero([float(v.passed) for v in verdicts]), mean_or_zero([v.fraction_passed for v in verdicts])
+
+
+def _no_phase(name: str) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+def eval_max_tokens(cfg: TrialConfig) -> int:
+    """The longest response an evaluation samples."""
+    return cfg.eval.max_response_tokens or cfg.rollout.max_response_tokens
+
+
+@dataclass
+class StudentAttempts:
+    """The student's samples at train-time decoding: `groups[i]` are problem i's `eval.teacher_n_samples`
+    rollouts; `verdicts` (all tests: the student's accuracy) and `train_verdicts` (the train tests: the
+    feedback of its privileged contexts) are flat, group after group."""
+
+    problems: list[Problem]
+    groups: list[list[Rollout]]
+    verdicts: list[Verdict]
+    train_verdicts: list[Verdict]
+
+    def response_problems(self) -> list[Problem]:
+        """The problem of each rollout, in the flat order of the verdicts (and of the teacher's prompts)."""
+        return [p for p, group in zip(self.problems, self.groups) for _ in group]
+
+
+def sample_student_attempts(engine: RolloutEngine, grader: Grader, cfg: TrialConfig, problems: Sequence[Problem],
+                            prompts: Sequence[list[int]], *, seed: int,
+                            phase: Callable[[str], ContextManager] = _no_phase) -> StudentAttempts:
+    """The student at train-time decoding, graded on all tests (its accuracy) and on the train tests (feedback).
+
+    `phase(name)` wraps the sampling ("student sampling") and the grading ("grading"), e.g. to show progress."""
+    with phase("student sampling"):
+        groups = engine.generate(list(prompts), n=cfg.eval.teacher_n_samples,
+                                 temperature=cfg.eval.teacher_temperature, top_p=cfg.rollout.top_p,
+                                 max_tokens=eval_max_tokens(cfg), seed=seed)
+    feedback_tests = {p.id: train_tests_of(p, fraction=cfg.data.train_test_fraction, seed=cfg.data.seed)
+                      for p in problems}
+    requests = [GradeRequest(problem, r.text, tests, r.finish_reason == "length")
+                for problem, group in zip(problems, groups) for r in group
+                for tests in (None, feedback_tests[problem.id])]
+    with phase("grading"):
+        both = grader.grade_many(requests)
+    return StudentAttempts(list(problems), groups, both[0::2], both[1::2])
+
+
+def teacher_prompts_for_attempts(tokenizer: Any, attempts: StudentAttempts, *, context: ContextConfig,
+                                 hints: dict[str, str], thinking: bool) -> tuple[list[list[int]], list[bool]]:
+    """One self-teacher prompt per student attempt, its context built exactly as in training (flat order),
+    and whether the construction had anything to add to it (`has_context`)."""
+    prompts, has_context = [], []
+    graded_groups = GradedRollout.groups([[r.text for r in group] for group in attempts.groups],
+                                         attempts.train_verdicts)
+    for problem, graded in zip(attempts.problems, graded_groups):
+        ids, keep, _ = teacher_prompts_for_group(tokenizer, graded, problem=problem, context=context,
+                                                 hint=hints.get(problem.id), thinking=thinking)
+        prompts.extend(ids)
+        has_context.extend(keep)
+    return prompts, has_context
+
+
+def sample_teacher(engine: RolloutEngine, cfg: TrialConfig, teacher_prompts: Sequence[list[int]], *,
+                   seed: int) -> list[Rollout]:
+    """The self-teacher's one answer per privileged prompt, at train-time decoding (whatever weights the
+    engine holds: the caller puts the teacher's there)."""
+    groups = engine.generate(list(teacher_prompts), n=1, temperature=cfg.eval.teacher_temperature,
+                             top_p=cfg.rollout.top_p, max_tokens=eval_max_tokens(cfg), seed=seed)
+    return [group[0] for group in groups]
+
+
+def grade_on_all_tests(grader: Grader, problems: Sequence[Problem], rollouts: Sequence[Rollout]) -> list[Verdict]:
+    """Each rollout graded on all of its problem's tests (`problems[i]` is rollout i's)."""
+    return grader.grade_many([GradeRequest(problem, r.text, None, r.finish_reason == "length")
+                              for problem, r in zip(problems, rollouts)])
 
 
 def evaluate(trial: TrialRuntime, *, step: int) -> dict[str, Any]:
@@ -35,44 +118,25 @@ def evaluate(trial: TrialRuntime, *, step: int) -> dict[str, Any]:
     cfg = trial.cfg
     problems = list(trial.split.val)
     prompts = [trial.prompt_ids[p.id] for p in problems]
-    max_tokens = cfg.eval.max_response_tokens or cfg.rollout.max_response_tokens
     seed = trial.sampling_seed(step, "eval")
 
     # Student at the validation decoding, graded on every test.
     groups = trial.engine.generate(prompts, n=cfg.eval.n_samples, temperature=cfg.eval.temperature,
-                                   top_p=cfg.eval.top_p, max_tokens=max_tokens, seed=seed)
-    verdicts = trial.grader.grade_many([
-        GradeRequest(problem, r.text, None, r.finish_reason == "length")
-        for problem, group in zip(problems, groups) for r in group])
+                                   top_p=cfg.eval.top_p, max_tokens=eval_max_tokens(cfg), seed=seed)
+    verdicts = grade_on_all_tests(trial.grader, [p for p in problems for _ in range(cfg.eval.n_samples)],
+                                  [r for group in groups for r in group])
     student_acc, student_frac = _scores(verdicts)
 
     # Student at train-time decoding: graded on all tests (its accuracy) and on the train tests (feedback).
-    t1_groups = trial.engine.generate(prompts, n=cfg.eval.teacher_n_samples, temperature=cfg.eval.teacher_temperature,
-                                      top_p=cfg.rollout.top_p, max_tokens=max_tokens, seed=seed + 1)
-    feedback_tests = {p.id: train_tests_of(p, fraction=cfg.data.train_test_fraction, seed=cfg.data.seed)
-                      for p in problems}
-    requests = [GradeRequest(problem, r.text, tests, r.finish_reason == "length")
-                for problem, group in zip(problems, t1_groups) for r in group
-                for tests in (None, feedback_tests[problem.id])]
-    both = trial.grader.grade_many(requests)
-    t1_all, t1_train = both[0::2], both[1::2]
-    student_acc_t1, student_frac_t1 = _scores(t1_all)
+    attempts = sample_student_attempts(trial.engine, trial.grader, cfg, problems, prompts, seed=seed + 1)
+    student_acc_t1, student_frac_t1 = _scores(attempts.verdicts)
 
     # The self-teacher answers once per context built from the student's graded attempt.
-    teacher_prompts = []
-    n = cfg.eval.teacher_n_samples
-    graded_groups = GradedRollout.groups([[r.text for r in group] for group in t1_groups], t1_train)
-    for problem, graded in zip(problems, graded_groups):
-        ids, _, _ = teacher_prompts_for_group(trial.tokenizer, graded, problem=problem, context=cfg.context,
-                                              hint=trial.hints.get(problem.id), thinking=cfg.model.thinking)
-        teacher_prompts.extend(ids)
+    teacher_prompts, _ = teacher_prompts_for_attempts(trial.tokenizer, attempts, context=cfg.context,
+                                                      hints=trial.hints, thinking=cfg.model.thinking)
     with trial.teacher_weights_in_engine():
-        teacher_groups = trial.engine.generate(teacher_prompts, n=1, temperature=cfg.eval.teacher_temperature,
-                                               top_p=cfg.rollout.top_p, max_tokens=max_tokens, seed=seed + 2)
-    teacher_problems = [p for p in problems for _ in range(n)]
-    teacher_verdicts = trial.grader.grade_many([
-        GradeRequest(problem, group[0].text, None, group[0].finish_reason == "length")
-        for problem, group in zip(teacher_problems, teacher_groups)])
+        teacher_rollouts = sample_teacher(trial.engine, cfg, teacher_prompts, seed=seed + 2)
+    teacher_verdicts = grade_on_all_tests(trial.grader, attempts.response_problems(), teacher_rollouts)
     teacher_acc, teacher_frac = _scores(teacher_verdicts)
 
     ref_logp = {}
