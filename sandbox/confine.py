@@ -18,7 +18,7 @@ STACK_BYTES = 1 << 30
 THREAD_STACK_BYTES = 8 << 20
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_PARENT = 0x00020000, 0x08000000, 0x20000000, 0x00008000
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 1 << 14, 1 << 18
 PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER = 38, 22, 24, 36
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER = 47, 4, 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
@@ -115,9 +115,19 @@ def enter_program(cfg, limits, fds, scratch):
     os.setsid()
     c = libc()
     if cfg["mounts"]:
+        if cfg.get("host_root"):
+            # A copy of the host's mounts (no bubblewrap): private first, so nothing mounted here reaches the
+            # host; the host's world-writable directories other than the scratch dir become read-only.
+            _check(c.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None), "make / private")
+            for shared in (b"/dev/shm", b"/var/tmp"):
+                if os.path.isdir(shared):
+                    _check(c.mount(b"tmpfs", shared, b"tmpfs", ctypes.c_ulong(MS_RDONLY | MS_NOSUID | MS_NODEV), b"size=4k"),
+                           "mount %s" % shared.decode())
         _check(c.mount(b"proc", b"/proc", b"proc", ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC), None), "mount /proc")
         size = ("size=%d,mode=0700" % max(16 << 20, 4 * limits["file_bytes"])).encode()
         _check(c.mount(b"tmpfs", scratch.encode(), b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV), size), "mount scratch")
+        if cfg.get("host_root"):
+            os.chown(scratch, NOBODY, NOBODY)  # the program's uid owns its scratch dir
     import fcntl
 
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in fds]  # so no source is overwritten below

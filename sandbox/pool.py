@@ -89,7 +89,10 @@ class Worker:
         os.set_blocking(self.proc.stdout.fileno(), False)
         self._reader = FrameReader()
         cfg = {
-            "pidns": plan.pidns, "mounts": bool(plan.bwrap) and plan.pidns, "drop": plan.drop,
+            # mounts: a program gets its own mount namespace, /proc and a size-capped tmpfs on /tmp (inside
+            # bubblewrap, or as root without it: host_root, the host's mounts copied, made private).
+            "pidns": plan.pidns, "mounts": plan.pidns and (bool(plan.bwrap) or plan.drop == "setuid"),
+            "host_root": not plan.bwrap, "drop": plan.drop,
             "env": isolation.SANDBOX_ENV, "scratch_root": scratch_root, "probe_limits": self.probe_limits,
             "wipe_scratch_root": bool(plan.bwrap),
         }

@@ -190,6 +190,38 @@ def test_a_flood_on_the_response_channel_is_capped_without_the_cgroup_layer():
             assert s.call("ok", [], timeout_s=5).value == 1
 
 
+FILL = (
+    "import os\n"
+    "written, errors = 0, set()\n"
+    "for k, d in enumerate(('.', '/tmp', '/dev/shm', '/var/tmp')):\n"
+    "    for i in range(200):\n"
+    "        try:\n"
+    "            with open(os.path.join(d, 'fill-%d-%d' % (k, i)), 'wb') as f:\n"
+    "                f.write(b'x' * 500_000)\n"
+    "            written += 500_000\n"
+    "        except OSError as e:\n"
+    "            errors.add(e.errno)\n"
+    "            break\n"
+    "print(written, sorted(errors))\n"
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="without bubblewrap, only root can give a program its own mounts")
+def test_without_bubblewrap_a_programs_files_are_capped_in_total_and_stay_its_own(tmp_path):
+    limits = Limits(wall_s=10, cpu_s=10, memory_mb=512, file_bytes=1 << 20, n_procs=4096)
+    before = set(os.listdir("/tmp"))
+    with Executor(1, limits=limits, disable={"bwrap"}) as ex1:
+        with ex1.session(FILL) as s:
+            out = s.run_stdin(b"", timeout_s=10)
+        with ex1.session("import os\nprint(sorted(os.listdir('/tmp')), sorted(os.listdir('.')))") as s:
+            after = s.run_stdin(b"", timeout_s=10)
+    written, errors = out.stdout.split(maxsplit=1)
+    # Files of the program itself: at most its scratch tmpfs (16 MiB here); /dev/shm and /var/tmp read-only.
+    assert out.status == "ok" and int(written) <= 16 << 20 and set(json.loads(errors)) <= {28, 30}, out
+    assert after.stdout == b"[] []\n"  # nothing left for the next program
+    assert not {n for n in set(os.listdir("/tmp")) - before if n.startswith("fill-")}
+
+
 def _template_of(worker) -> psutil.Process:
     server = next(p for p in psutil.Process(worker.proc.pid).children(recursive=True)
                   if "python" in os.path.basename(p.exe()))
