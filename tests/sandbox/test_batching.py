@@ -639,8 +639,8 @@ DEEP_DIRS = ("import os, sys\nprint(sorted(os.listdir('.')))\nif sys.stdin.read(
 
 
 def test_files_a_run_leaves_beyond_cleaning_never_reach_the_next_run(ex):
-    # 3000 nested directories are more than the set-up process walks: it reports the scratch dir unclean and
-    # the server gives the next run a new set-up process (a fresh, empty scratch dir).
+    # 3000 nested directories, more than a walk of the scratch dir would clean: each run has a scratch tmpfs of
+    # its own, gone with it.
     outs = run_many(ex, DEEP_DIRS, [b"deep", b"look", b"deep", b"look"])
     assert [(o.status, o.stdout) for o in outs] == [("ok", b"[]\n")] * 4, outs
 
@@ -650,7 +650,7 @@ BIG_STDIN = ("import hashlib, sys\ndata = sys.stdin.buffer.read()\nprint(len(dat
 
 
 def test_batched_runs_take_stdin_larger_than_the_file_size_limit(ex):
-    # The set-up process writes each run's stdin into a file: the file-size limit is the program's alone.
+    # The fork server writes each run's stdin into a sealed file: the file-size limit is the program's alone.
     import hashlib
     import os as _os
 
