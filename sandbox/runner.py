@@ -82,6 +82,9 @@ class Program:
 
     def __init__(self, pid, out_fd, err_fd, req_fd, resp_fd, scratch):
         self.pid, self.pidfd = pid, os.pidfd_open(pid)
+        # B's /proc files, kept open (re-read from offset 0): its CPU time is read at every call's end.
+        self.stat_fd = os.open("/proc/%d/stat" % pid, os.O_RDONLY)
+        self.children_fd = os.open("/proc/%d/task/%d/children" % (pid, pid), os.O_RDONLY)
         self.clock = ((~pid) << 3) | _CPUCLOCK_SCHED  # B's CPU time, all its threads
         self.cpu_mark = 0.0  # B's CPU time when its last call ended (0: B's whole life)
         self.out_fd, self.err_fd, self.req_fd, self.resp_fd = out_fd, err_fd, req_fd, resp_fd
@@ -92,13 +95,28 @@ class Program:
         self.discarded = 0  # bytes B wrote on its response channel after that
 
     def cpu(self):
-        """B's CPU time so far (its threads; its children once it has waited for them)."""
+        """The CPU time the program has spent so far: B's threads, every process below B (the program's
+        children, grandchildren, orphans: all stay below B, PID 1 of their namespace) and the children each
+        of them has waited for. A child left computing between calls is billed like a thread."""
         try:
-            return time.clock_gettime(self.clock)
-        except OSError:  # B has ended: its rusage says it all
+            own = time.clock_gettime(self.clock)
+            _, waited, threads = _stat_cpu(os.pread(self.stat_fd, 4096, 0))
+            todo = (_children(self.pid, threads) if threads > 1 else
+                    [int(c) for c in os.pread(self.children_fd, 1 << 16, 0).split()])
+        except (OSError, ValueError, IndexError):  # B has ended: its rusage says it all
             if self.reap(block=False) is not None:
                 return self.rusage.ru_utime + self.rusage.ru_stime
             return self.cpu_mark
+        ticks = waited
+        while todo:  # the processes below B (rare: most programs start none)
+            pid = todo.pop()
+            try:
+                ran, waited, threads = _stat_cpu(_read_proc("/proc/%d/stat" % pid))
+                todo.extend(_children(pid, threads))
+            except (OSError, ValueError, IndexError):  # gone meanwhile
+                continue
+            ticks += ran + waited
+        return own + ticks / _TICKS
 
     def reap(self, block=True):
         if self.status is None:
@@ -117,14 +135,36 @@ class Program:
 
     def close(self, server):
         self.kill()
-        for fd in (self.pidfd, self.out_fd, self.err_fd, self.req_fd, self.resp_fd):
+        for fd in (self.pidfd, self.out_fd, self.err_fd, self.req_fd, self.resp_fd, self.stat_fd, self.children_fd):
             if fd is not None:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-        self.pidfd = self.out_fd = self.err_fd = self.req_fd = self.resp_fd = None
+        self.pidfd = self.out_fd = self.err_fd = self.req_fd = self.resp_fd = self.stat_fd = self.children_fd = None
         server.remove_scratch(self.scratch)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _read_proc(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
+def _stat_cpu(stat):
+    """(utime + stime, cutime + cstime, threads) in clock ticks from a /proc/<pid>/stat text."""
+    fields = stat.rsplit(b")", 1)[1].split()  # fields 14-17 and 20 of stat: 11-14 and 17 after the name
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]), int(fields[17])
+
+
+def _children(pid, threads):
+    tasks = [str(pid)] if threads == 1 else os.listdir("/proc/%d/task" % pid)
+    return [int(c) for task in tasks for c in _read_proc("/proc/%d/task/%s/children" % (pid, task)).split()]
 
 
 def _sealed_memfd(data):
@@ -226,11 +266,19 @@ class ForkServer:
         for fd in (prog.out_fd, prog.err_fd, prog.resp_fd, prog.pidfd):
             poller.register(fd, select.POLLIN)
         exited = False
+        # The program's CPU time is read (a walk of its processes) only when it could have used up its limit:
+        # at most n_cpus seconds of it per second. The caller bills what it used in the end.
+        next_check = time.monotonic() + timeout / n_cpus
         while True:
-            now, used = time.monotonic(), prog.cpu() - prog.cpu_mark
-            if now >= deadline or used >= timeout:
+            now = time.monotonic()
+            if now >= deadline:
                 return "timeout"
-            wait = 0 if exited else max(1, int(min(deadline - now, (timeout - used) / n_cpus) * 1000) + 1)
+            if now >= next_check:
+                used = prog.cpu() - prog.cpu_mark
+                if used >= timeout:
+                    return "timeout"
+                next_check = now + max(0.001, (timeout - used) / n_cpus)
+            wait = 0 if exited else max(1, int((min(deadline, next_check) - now) * 1000) + 1)
             events = poller.poll(wait)
             if not events and exited:
                 return "exit"
