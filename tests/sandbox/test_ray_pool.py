@@ -15,7 +15,8 @@ LIMITS = Limits(wall_s=20, cpu_s=20, memory_mb=512)
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": a Ray of this test's own, even when a cluster is already running on the machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 
