@@ -85,6 +85,7 @@ class Program:
         # B's /proc files, kept open (re-read from offset 0): its CPU time is read at every call's end.
         self.stat_fd = os.open("/proc/%d/stat" % pid, os.O_RDONLY)
         self.children_fd = os.open("/proc/%d/task/%d/children" % (pid, pid), os.O_RDONLY)
+        self.quiet_since, self.waited_ticks = None, 0  # (``cpu``)
         self.clock = ((~pid) << 3) | _CPUCLOCK_SCHED  # B's CPU time, all its threads
         self.cpu_mark = 0.0  # B's CPU time when its last call ended (0: B's whole life)
         self.out_fd, self.err_fd, self.req_fd, self.resp_fd = out_fd, err_fd, req_fd, resp_fd
@@ -97,9 +98,14 @@ class Program:
     def cpu(self):
         """The CPU time the program has spent so far: B's threads, every process below B (the program's
         children, grandchildren, orphans: all stay below B, PID 1 of their namespace) and the children each
-        of them has waited for. A child left computing between calls is billed like a thread."""
+        of them has waited for. A child left computing between calls is billed like a thread. The walk of
+        /proc is skipped while it would find what it found last time: no process below B then, and no task
+        made in the worker since (its last pid unchanged)."""
         try:
             own = time.clock_gettime(self.clock)
+            last_pid = os.pread(_LAST_PID_FD, 32, 0) if _LAST_PID_FD is not None else None
+            if last_pid is not None and last_pid == self.quiet_since:
+                return own + self.waited_ticks / _TICKS
             _, waited, threads = _stat_cpu(os.pread(self.stat_fd, 4096, 0))
             todo = (_children(self.pid, threads) if threads > 1 else
                     [int(c) for c in os.pread(self.children_fd, 1 << 16, 0).split()])
@@ -107,6 +113,7 @@ class Program:
             if self.reap(block=False) is not None:
                 return self.rusage.ru_utime + self.rusage.ru_stime
             return self.cpu_mark
+        self.quiet_since, self.waited_ticks = (None if todo else last_pid), waited
         ticks = waited
         while todo:  # the processes below B (rare: most programs start none)
             pid = todo.pop()
@@ -146,6 +153,7 @@ class Program:
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+_LAST_PID_FD = None  # /proc/sys/kernel/ns_last_pid, opened by the fork server (``ForkServer.__init__``)
 
 
 def _read_proc(path):
@@ -180,8 +188,13 @@ def _sealed_memfd(data):
 
 class ForkServer:
     def __init__(self, cfg):
+        global _LAST_PID_FD
         self.cfg = cfg
         self.template = Template(cfg)
+        try:  # the last pid given out in the worker's PID namespace (any process or thread made there moves it)
+            _LAST_PID_FD = os.open("/proc/sys/kernel/ns_last_pid", os.O_RDONLY)
+        except OSError:
+            pass
         self.session = None  # Program of the current call session
         self.session_failure = None
         self.n_scratch = 0  # scratch dirs made (their names, without mounts)
