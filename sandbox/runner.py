@@ -82,9 +82,9 @@ class Program:
 
     def __init__(self, pid, out_fd, err_fd, req_fd, resp_fd, scratch):
         self.pid, self.pidfd = pid, os.pidfd_open(pid)
-        # B's /proc files, kept open (re-read from offset 0): its CPU time is read at every call's end.
-        self.stat_fd = os.open("/proc/%d/stat" % pid, os.O_RDONLY)
-        self.children_fd = os.open("/proc/%d/task/%d/children" % (pid, pid), os.O_RDONLY)
+        # B's /proc files, opened when first read and kept open (re-read from offset 0): a session's CPU time
+        # is read at every call's end; a short run's never.
+        self.stat_fd = self.children_fd = None
         self.quiet_since, self.waited_ticks = None, 0  # (``cpu``)
         self.clock = ((~pid) << 3) | _CPUCLOCK_SCHED  # B's CPU time, all its threads
         self.cpu_mark = 0.0  # B's CPU time when its last call ended (0: B's whole life)
@@ -106,6 +106,9 @@ class Program:
             last_pid = os.pread(_LAST_PID_FD, 32, 0) if _LAST_PID_FD is not None else None
             if last_pid is not None and last_pid == self.quiet_since:
                 return own + self.waited_ticks / _TICKS
+            if self.stat_fd is None:
+                self.stat_fd = os.open("/proc/%d/stat" % self.pid, os.O_RDONLY)
+                self.children_fd = os.open("/proc/%d/task/%d/children" % (self.pid, self.pid), os.O_RDONLY)
             _, waited, threads = _stat_cpu(os.pread(self.stat_fd, 4096, 0))
             todo = (_children(self.pid, threads) if threads > 1 else
                     [int(c) for c in os.pread(self.children_fd, 1 << 16, 0).split()])
