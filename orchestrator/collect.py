@@ -25,7 +25,7 @@ from orchestrator.sweep_status import trial_status
 
 def collect(state: SweepState, out_dir: Path | None = None) -> tuple[Path, Path, dict[str, int]]:
     """Write trials.parquet and steps.parquet into `out_dir` (default: the sweep folder)."""
-    out_dir = Path(out_dir or state.dir)
+    out_dir = Path(out_dir) if out_dir else state.dir
     out_dir.mkdir(parents=True, exist_ok=True)
     trial_rows, step_rows = [], []
     for trial_id, point in state.trials.items():
@@ -57,6 +57,10 @@ def collect(state: SweepState, out_dir: Path | None = None) -> tuple[Path, Path,
     trials_path, steps_path = out_dir / "trials.parquet", out_dir / "steps.parquet"
     _write(trials_path, trial_rows)
     _write(steps_path, step_rows)
+    if state.remote and out_dir == state.dir:
+        remote = state.remote_sweep()
+        remote.push("trials.parquet")
+        remote.push("steps.parquet")
     counts: dict[str, int] = {}
     for row in trial_rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1

@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Restore the Ray Tune experiment of a sweep folder and finish it; failed trials are retried "
         "from their checkpoints.", epilog="example:\n  opsd sweep resume runs/sweeps/demo",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    resume.add_argument("sweep_dir", metavar="DIR")
+    resume.add_argument("sweep_dir", metavar="DIR", help="the sweep folder <storage>/<name>, or its URI (s3://...)")
     _cluster_options(resume)
     resume.set_defaults(func=_resume)
 
@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read a sweep folder (no Ray needed) and print one row per trial.",
         epilog="example:\n  opsd sweep status runs/sweeps/demo\n  opsd sweep status runs/sweeps/demo --json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    status.add_argument("sweep_dir", metavar="DIR")
+    status.add_argument("sweep_dir", metavar="DIR", help="the sweep folder <storage>/<name>, or its URI (s3://...)")
     status.add_argument("--json", action="store_true", help="one JSON object per trial")
     status.set_defaults(func=_status)
 
@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Gather every trial's summary and steps into two Parquet files (each step exactly once).",
         epilog="example:\n  opsd sweep collect runs/sweeps/demo && opsd analyze runs/sweeps/demo --out report/",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    collect.add_argument("sweep_dir", metavar="DIR")
+    collect.add_argument("sweep_dir", metavar="DIR", help="the sweep folder <storage>/<name>, or its URI (s3://...)")
     collect.add_argument("--out", metavar="DIR", help="where to write them (default: the sweep folder)")
     collect.set_defaults(func=_collect)
 
@@ -94,17 +94,18 @@ def _console(stderr: bool = False):
 
 def _run(args: argparse.Namespace) -> int:
     from orchestrator.sweep_file import load_sweep
-    from orchestrator.sweep_state import prepare_sweep_dir, sweep_dir_of
+    from orchestrator.sweep_state import prepare_sweep_dir, sweep_location
 
     sweep, points = load_sweep(args.sweep_file)
-    state = prepare_sweep_dir(sweep, points, sweep_dir_of(sweep, args.storage), Path(args.sweep_file))
+    local, remote = sweep_location(sweep, args.storage)
+    state = prepare_sweep_dir(sweep, points, local, Path(args.sweep_file), remote=remote)
     return _drive(state, args)
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from orchestrator.sweep_state import SweepState
+    from orchestrator.sweep_state import open_sweep
 
-    return _drive(SweepState.read(Path(args.sweep_dir)), args)
+    return _drive(open_sweep(args.sweep_dir, "driver"), args)
 
 
 def _drive(state, args: argparse.Namespace) -> int:
@@ -116,6 +117,8 @@ def _drive(state, args: argparse.Namespace) -> int:
     failed = run_sweep(state, address=args.address, allow_pending=args.allow_pending, console=console,
                        num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     trials_path, steps_path, counts = collect(state)
+    if state.remote:
+        console.print(f"storage: {state.remote} (this machine's mirror: {state.dir})")
     console.print()
     console.print(f"trials: {', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}")
     console.print(f"results: {trials_path} and {steps_path} (`opsd analyze {state.dir} --out report/`)")
@@ -132,10 +135,10 @@ def _status(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from orchestrator.sweep_state import SweepState
+    from orchestrator.sweep_state import open_sweep
     from orchestrator.sweep_status import status_table, sweep_status
 
-    state = SweepState.read(Path(args.sweep_dir))
+    state = open_sweep(args.sweep_dir)
     statuses = sweep_status(state)
     if args.json:
         for s in statuses:
@@ -151,9 +154,9 @@ def _status(args: argparse.Namespace) -> int:
 
 def _collect(args: argparse.Namespace) -> int:
     from orchestrator.collect import collect
-    from orchestrator.sweep_state import SweepState
+    from orchestrator.sweep_state import open_sweep
 
-    trials_path, steps_path, counts = collect(SweepState.read(Path(args.sweep_dir)), args.out and Path(args.out))
+    trials_path, steps_path, counts = collect(open_sweep(args.sweep_dir), args.out and Path(args.out))
     print(f"wrote {trials_path} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}) and {steps_path}")
     return 0
 
@@ -163,7 +166,7 @@ def _plan(args: argparse.Namespace) -> int:
     from orchestrator.sweep_file import load_sweep
 
     sweep, points = load_sweep(args.sweep_file)
-    roots = [Path(p) for p in args.measured] or [Path(sweep.storage).expanduser()]
+    roots = [Path(p) for p in args.measured] or ([] if "://" in sweep.storage else [Path(sweep.storage).expanduser()])
     estimates = estimate(sweep, points, [r for r in roots if r.is_dir()])
     console = _console()
     console.print(plan_table(sweep, estimates))
@@ -176,5 +179,5 @@ def _plan(args: argparse.Namespace) -> int:
     console.print(f"{len(points)} trials, about {total}; checkpoints: up to {human_bytes(peak)} with {at_once} trials "
                   f"running at once, {human_bytes(kept)} kept after (checkpoints.when_done: "
                   f"{sweep.checkpoints.when_done})")
-    console.print(f"results in {Path(sweep.storage).expanduser() / sweep.name}")
+    console.print(f"results in {sweep.storage.rstrip('/')}/{sweep.name}")
     return 0

@@ -102,8 +102,9 @@ class SweepFile(_Section):
                                        "{gpus, cpus, sandbox_workers}.")
     max_concurrent_trials: int | None = Field(None, ge=1, description="At most this many trials at once.")
     max_failures: int = Field(2, ge=0, description="Retries of a failed trial; each resumes from its checkpoint.")
-    storage: str = Field("runs/sweeps", description="Results and checkpoints: a local or shared (NFS) folder; "
-                         "the sweep writes <storage>/<name>/.")
+    storage: str = Field("runs/sweeps", description="Results and checkpoints: a local or shared (NFS) folder, "
+                         "or a URI (s3://bucket/prefix, gs://...; trials then work in node-local mirrors, see "
+                         "orchestrator/remote.py); the sweep writes <storage>/<name>/.")
     wandb: WandbSettings = WandbSettings()
     checkpoints: CheckpointRetention = CheckpointRetention()
 

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import SweepError
+from orchestrator.remote import RemoteSweep, is_uri, mirror_dir
 from orchestrator.sweep_file import CheckpointRetention, GridPoint, Resources, SweepFile, WandbSettings
 
 STATE_FORMAT = 1
@@ -115,6 +116,7 @@ class SweepState:
     max_failures: int
     max_concurrent_trials: int | None
     trials: dict[str, dict[str, Any]]  # trial id -> model, context, seed, model path, family, size
+    remote: str | None = None  # the sweep's URI when its storage is s3://, gs://, ...; `dir` is then a mirror
 
     @property
     def tune_dir(self) -> Path:
@@ -138,36 +140,66 @@ class SweepState:
         return cls(dir=Path(sweep_dir).resolve(), name=raw["name"], resources=Resources(**raw["resources"]),
                    wandb=WandbSettings(**raw["wandb"]), checkpoints=CheckpointRetention(**raw["checkpoints"]),
                    max_failures=raw["max_failures"], max_concurrent_trials=raw["max_concurrent_trials"],
-                   trials=raw["trials"])
+                   trials=raw["trials"], remote=raw.get("remote"))
+
+    def remote_sweep(self) -> "RemoteSweep | None":
+        return RemoteSweep(self.remote, self.dir) if self.remote else None
+
+
+# What `status`, `collect` and the live view need of a remote sweep (not checkpoints, rollouts, logs, runs).
+SMALL_FILES_SKIP = ("checkpoints", "rollouts", "logs", "wandb", "tune")
+
+
+def sweep_location(sweep: SweepFile, storage: str | None = None) -> tuple[Path, str | None]:
+    """The sweep's folder on this machine, and its URI when the storage is remote (the folder is a mirror)."""
+    root = storage or sweep.storage
+    if is_uri(root):
+        uri = f"{root.rstrip('/')}/{sweep.name}"
+        return mirror_dir(uri, "driver"), uri
+    return (Path(root).expanduser() / sweep.name).resolve(), None
 
 
 def sweep_dir_of(sweep: SweepFile, storage: str | None = None) -> Path:
-    root = storage or sweep.storage
-    if "://" in root:
-        raise SweepError(f"storage: {root}: only local or shared (NFS, Lustre) folders are supported; mount the "
-                         "bucket (e.g. s3fs, gcsfuse) and give its path")
-    return (Path(root).expanduser() / sweep.name).resolve()
+    return sweep_location(sweep, storage)[0]
 
 
-def prepare_sweep_dir(sweep: SweepFile, points: list[GridPoint], sweep_dir: Path, source: Path) -> SweepState:
+def open_sweep(where: str | Path, role: str = "read") -> SweepState:
+    """A sweep folder, or a sweep's URI (its small files are pulled into this machine's mirror first)."""
+    if is_uri(str(where)):
+        local = mirror_dir(str(where), role)
+        RemoteSweep(str(where), local).pull(skip=SMALL_FILES_SKIP)
+        return SweepState.read(local)
+    return SweepState.read(Path(where))
+
+
+def prepare_sweep_dir(sweep: SweepFile, points: list[GridPoint], sweep_dir: Path, source: Path,
+                      remote: str | None = None) -> SweepState:
     """Create (or check) the sweep folder: the resolved grid and one trial file per grid point.
 
     Re-running the same sweep file continues its folder; a different grid in the same folder is refused, so
-    results of two sweeps never mix."""
+    results of two sweeps never mix. With `remote`, `sweep_dir` mirrors the sweep's URI."""
+    mirror = RemoteSweep(remote, sweep_dir) if remote else None
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         probe = sweep_dir / f".write-probe-{os.getpid()}"
         probe.write_text("ok")
+        if mirror is not None:
+            mirror.fs.create_dir(mirror.root, recursive=True)
+            with mirror.fs.open_output_stream(f"{mirror.root}/.write-probe") as out:
+                out.write(b"ok")
+            mirror.fs.delete_file(f"{mirror.root}/.write-probe")
+            mirror.pull(skip=SMALL_FILES_SKIP)
         probe.unlink()
     except OSError as err:
-        raise SweepError(f"storage: cannot write to {sweep_dir}: {err.strerror or err}") from None
+        where = remote or sweep_dir
+        raise SweepError(f"storage: cannot write to {where}: {getattr(err, 'strerror', None) or err}") from None
     trials = {p.trial_id: {"model": p.model, "context": p.context, "seed": p.seed, "model_path": p.config.model.path,
                            "family": p.config.model.family, "size_b": p.config.model.size_b, "steps": p.config.steps}
               for p in points}
     state = {"format": STATE_FORMAT, "name": sweep.name, "resources": sweep.trial_resources.model_dump(),
              "wandb": sweep.wandb.model_dump(), "checkpoints": sweep.checkpoints.model_dump(),
              "max_failures": sweep.max_failures, "max_concurrent_trials": sweep.max_concurrent_trials,
-             "trials": trials}
+             "trials": trials, "remote": remote}
     path = sweep_dir / "sweep.json"
     if path.is_file():
         previous = json.loads(path.read_text())
@@ -184,6 +216,8 @@ def prepare_sweep_dir(sweep: SweepFile, points: list[GridPoint], sweep_dir: Path
         trial_dir = sweep_dir / "trials" / point.trial_id
         trial_dir.mkdir(parents=True, exist_ok=True)
         _atomic_text(trial_dir / "trial.yaml", yaml.safe_dump(point.config.model_dump(mode="json"), sort_keys=False))
+    if mirror is not None:
+        mirror.push(skip=SMALL_FILES_SKIP)
     return SweepState.read(sweep_dir)
 
 

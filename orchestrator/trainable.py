@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import TrialFailed
+from orchestrator.remote import RemoteSweep, mirror_dir
 from orchestrator.sweep_file import CheckpointRetention, WandbSettings
 from orchestrator.sweep_state import SweepState, TrialFiles, read_progress, read_step_rows
 from orchestrator.trial_process import TrialProcess, trial_command
@@ -43,19 +44,35 @@ def train_grid_point(config: dict[str, Any]) -> None:
     import ray
     from ray import tune
 
-    state = SweepState.read(Path(config["sweep_dir"]))
     trial_id = config["trial_id"]
+    remote = None
+    if config.get("sweep_uri"):  # remote storage: this node works in its own mirror of the trial's folder
+        remote = RemoteSweep(config["sweep_uri"], mirror_dir(config["sweep_uri"], "trials"))
+        remote.pull("sweep.json")
+        remote.pull_trial(f"trials/{trial_id}")
+        state = SweepState.read(remote.local)
+    else:
+        state = SweepState.read(Path(config["sweep_dir"]))
     point = state.trials[trial_id]
     files = state.trial_files(trial_id)
+    sync = _Sync(remote, f"trials/{trial_id}")
     for earlier in files.attempts():
         if "ended" not in earlier:  # its trainable died with the driver or its node: no end was written
             files.append_attempt({"attempt": earlier["attempt"], "event": "end", "time": time.time(),
                                   "exit_code": None, "lost": True})
     attempt = len(files.attempts()) + 1
 
-    if (files.summary() or {}).get("status") == "completed":  # finished before a driver restart
-        tune.report({**live_metrics(read_progress(files.progress), read_step_rows(files.steps), attempt=attempt - 1),
-                     "status": "completed"})
+    if (files.summary() or {}).get("status") == "completed":
+        # The trial finished, but its trainable died (with the driver) before it had logged everything: W&B
+        # gets the whole trial once more (offline, a run of its own), and Tune the final report.
+        rows = read_step_rows(files.steps)
+        finisher = TrialRun(state.wandb, sweep=state.name, model=point["model"], context=point["context"],
+                            seed=point["seed"], attempt=attempt, config=yaml.safe_load(files.trial_file.read_text()),
+                            wandb_dir=state.wandb_dir, warn=lambda message: None)
+        finisher.log_rows(rows)
+        finisher.finish(files.summary(), exit_code=0)
+        sync.push_wandb(state.wandb_dir)
+        tune.report({**live_metrics(read_progress(files.progress), rows, attempt=attempt - 1), "status": "completed"})
         return
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
     if len(gpu_ids) != state.resources.gpus:
@@ -95,9 +112,11 @@ def train_grid_point(config: dict[str, Any]) -> None:
                 if key != last_reported and code is None:
                     tune.report(report)
                     last_reported = key
+                    sync.push(force=True)
                 if code is not None:
                     break
                 prune_checkpoints(files.checkpoints, keep_last=state.checkpoints.keep_last)
+                sync.push()
                 time.sleep(POLL_S)
             code = proc.stop()
     finally:
@@ -105,12 +124,35 @@ def train_grid_point(config: dict[str, Any]) -> None:
         wandb_run.finish(summary, exit_code=0 if code == 0 else 1)
         files.append_attempt({"attempt": attempt, "event": "end", "time": time.time(), "exit_code": code,
                               "seconds": round(time.time() - started, 1)})
+        if code != 0:
+            sync.push(force=True)
+            sync.push_wandb(state.wandb_dir)
     if code != 0:
         tail = _tail(log_path)
         raise TrialFailed(f"trial {trial_id} attempt {attempt} exited with code {code}; log {log_path}\n{tail}")
     retain_when_done(files.checkpoints, state.checkpoints)
+    sync.push(force=True)
+    sync.push_wandb(state.wandb_dir)
     tune.report({**live_metrics(read_progress(files.progress), read_step_rows(files.steps), attempt=attempt),
                  "status": "completed", **{k: summary[k] for k in ("initial_gap", "improvement") if summary}})
+
+
+class _Sync:
+    """Pushes a trial's folder to remote storage: when its step or phase changes, else at most every minute."""
+
+    def __init__(self, remote: RemoteSweep | None, trial_dir: str):
+        self.remote, self.trial_dir, self.last = remote, trial_dir, 0.0
+
+    def push(self, *, force: bool = False) -> None:
+        if self.remote is None or (not force and time.monotonic() - self.last < 60):
+            return
+        self.remote.push(self.trial_dir)
+        self.remote.delete_checkpoints_pruned_locally(self.trial_dir)
+        self.last = time.monotonic()
+
+    def push_wandb(self, wandb_dir: Path) -> None:
+        if self.remote is not None and (wandb_dir / "wandb").is_dir():
+            self.remote.push("wandb")
 
 
 def live_metrics(progress: dict[str, Any], rows: list[dict[str, Any]], *, attempt: int) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """A trial's processes: started together, watched, and all killed on every exit path.
 
-A trial runs as `opsd trial` in a child process of the Ray Tune trainable, in a session of its own, with its
-DeepSpeed ranks, vLLM engine and sandbox workers below it. Orphaned vLLM processes holding GPU memory after a
+A trial runs as `opsd trial` under a guard process (orchestrator/trial_guard.py: a subreaper that kills every
+descendant when the trial ends or its trainable dies) in a child process of the Ray Tune trainable, in a
+session of its own, with its DeepSpeed ranks, vLLM engine and sandbox workers below it. Orphaned vLLM processes holding GPU memory after a
 failed trial are what sweep users hit first (ray#54364, vllm#20860), so nothing is left to chance:
 - the child is a process-group leader (its own session) that dies with its parent (PR_SET_PDEATHSIG);
 - the trainable records the child's whole process tree while it runs (pid and start time, in the trial
@@ -174,5 +175,7 @@ def _write_records(path: Path, records: dict[int, float]) -> None:
 
 
 def trial_command(trial_file: Path, out_dir: Path) -> list[str]:
-    """`opsd trial` for one grid point, with the interpreter that runs the sweep."""
-    return [sys.executable, "-m", "orchestrator.cli", "trial", str(trial_file), "--out", str(out_dir)]
+    """`opsd trial` for one grid point under the trial guard (orchestrator/trial_guard.py), with the
+    interpreter that runs the sweep."""
+    return [sys.executable, "-m", "orchestrator.trial_guard", "--",
+            sys.executable, "-m", "orchestrator.cli", "trial", str(trial_file), "--out", str(out_dir)]

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.live import Live
 
 from orchestrator.errors import SweepError
-from orchestrator.sweep_state import SweepState
+from orchestrator.sweep_state import SMALL_FILES_SKIP, SweepState
 from orchestrator.sweep_status import status_table, sweep_status
 
 
@@ -90,11 +90,13 @@ def build_tuner(state: SweepState):
     from orchestrator.trainable import train_grid_point
 
     trainable = tune.with_resources(train_grid_point, placement(state))
-    tune_dir = state.tune_dir
-    if tune.Tuner.can_restore(str(tune_dir)):
-        return tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True), True
+    # Tune keeps its experiment state in the sweep folder, or at the sweep's URI (it reads URIs itself).
+    storage = state.remote or str(state.dir)
+    tune_dir = f"{storage}/{state.tune_dir.name}"
+    if tune.Tuner.can_restore(tune_dir):
+        return tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True), True
     run_config = tune.RunConfig(
-        name=tune_dir.name, storage_path=str(tune_dir.parent), verbose=0,
+        name=state.tune_dir.name, storage_path=storage, verbose=0,
         failure_config=tune.FailureConfig(max_failures=state.max_failures),
         # Our trials keep their own checkpoints in the sweep folder; Tune keeps only its experiment state.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
@@ -102,7 +104,8 @@ def build_tuner(state: SweepState):
         num_samples=1, max_concurrent_trials=state.max_concurrent_trials,
         trial_name_creator=lambda trial: trial.config["trial_id"],
         trial_dirname_creator=lambda trial: trial.config["trial_id"])
-    param_space = {"sweep_dir": str(state.dir), "trial_id": tune.grid_search(list(state.trials))}
+    param_space = {"sweep_dir": str(state.dir), "sweep_uri": state.remote,
+                   "trial_id": tune.grid_search(list(state.trials))}
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), False
 
 
@@ -118,14 +121,19 @@ def run_sweep(state: SweepState, *, address: str | None = None, allow_pending: b
             check_cluster_fits(state)
         tuner, restored = build_tuner(state)
         console.print(f"[bold]{'continuing' if restored else 'starting'} sweep {state.name}[/]: "
-                      f"{len(state.trials)} trials in {state.dir}")
+                      f"{len(state.trials)} trials in {state.remote or state.dir}")
         concurrency = _concurrency(state)
         started = time.time()
         stop = threading.Event()
         with Live(status_table(state, sweep_status(state), elapsed=0, concurrency=concurrency),
                   console=console, refresh_per_second=1, transient=False) as live:
+            remote = state.remote_sweep()
+
             def refresh() -> None:
-                while not stop.wait(2.0):
+                # A remote sweep's trials push to its URI: the view pulls their small files less often.
+                while not stop.wait(10.0 if remote else 2.0):
+                    if remote is not None:
+                        remote.pull(skip=SMALL_FILES_SKIP)
                     live.update(status_table(state, sweep_status(state), elapsed=time.time() - started,
                                              concurrency=concurrency))
             thread = threading.Thread(target=refresh, daemon=True)
@@ -137,9 +145,13 @@ def run_sweep(state: SweepState, *, address: str | None = None, allow_pending: b
                 thread.join()
                 live.update(status_table(state, sweep_status(state), elapsed=time.time() - started,
                                          concurrency=concurrency))
+        if remote is not None:
+            remote.pull(skip=SMALL_FILES_SKIP)
         return sum(1 for result in grid if result.error is not None)
     finally:
         ray.shutdown()
+        if state.remote:
+            state.remote_sweep().push("driver.log")
 
 
 def _concurrency(state: SweepState) -> int:

@@ -115,3 +115,35 @@ def test_resources_no_node_can_hold_are_refused_before_any_trial(tmp_path, tiny_
                       "nodes have 2 CPUs/0 GPUs (use a smaller preset, or --allow-pending for an autoscaling cluster)"]
     assert not (tmp_path / "storage" / "too-big" / "trials" / "tiny-none-s0" / "attempts.jsonl").exists()
     assert os.path.isfile(tmp_path / "storage" / "too-big" / "driver.log")
+
+
+@pytest.mark.slow
+def test_sweep_on_remote_storage(tmp_path, tiny_model_dir, monkeypatch):
+    """Storage at a URI (s3:// on a cluster; file:// here, the same pyarrow path): trials work in node-local
+    mirrors and push to it, Tune keeps its state there, and status and collect read it from anywhere."""
+    remote_root = tmp_path / "bucket"
+    path = write_sweep(tmp_path, tiny_model_dir, name="remote", seeds=[0, 1], contexts=["none"],
+                       resources={"gpus": 0, "cpus": 1, "sandbox_workers": 1}, trial={"steps": 1})
+    text = yaml.safe_load(path.read_text())
+    text.update(storage=f"file://{remote_root}", wandb={"mode": "offline"},
+                checkpoints={"keep_last": 1, "when_done": "weights"})
+    path.write_text(yaml.safe_dump(text))
+    env = {**trial_env(), "OPSD_SCRATCH": str(tmp_path / "scratch")}
+    with open(tmp_path / "run.log", "w") as log:
+        result = subprocess.run([*OPSD, "sweep", "run", str(path)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                timeout=1500)
+    assert result.returncode == 0, (tmp_path / "run.log").read_text()[-3000:]
+    uri = f"file://{remote_root}/remote"
+    sweep = remote_root / "remote"
+    trials = pd.read_parquet(sweep / "trials.parquet")
+    assert sorted(trials.trial_id) == ["tiny-none-s0", "tiny-none-s1"] and (trials.status == "completed").all()
+    for trial_id in trials.trial_id:
+        folder = sweep / "trials" / trial_id
+        assert (folder / "trial.json").is_file() and (folder / "logs" / "attempt-1.log").is_file()
+        (final,) = (folder / "checkpoints").iterdir()  # the final weights, without optimizer state
+        assert (final / "WEIGHTS_ONLY").is_file() and (final / "trainer_state.json").is_file()
+    assert (sweep / "tune").is_dir() and list((sweep / "wandb").glob("offline-run-*"))
+    # Another machine (another scratch folder) reads the sweep from its URI alone.
+    status = subprocess.run([*OPSD, "sweep", "status", uri, "--json"], capture_output=True, text=True, timeout=300,
+                            env={**env, "OPSD_SCRATCH": str(tmp_path / "elsewhere")})
+    assert [json.loads(line)["state"] for line in status.stdout.splitlines()] == ["completed"] * 2, status.stderr

@@ -107,12 +107,13 @@ def faulted_sweep(tmp_path_factory, tiny_model_dir) -> dict:
         target = trials / KILLED_TRIAL
         if not killed_trial and (target / "checkpoints" / "step-00000001" / "trainer_state.json").is_file() \
                 and not (target / "trial.json").exists():
-            pid = [e for e in attempts(target) if e["event"] == "pid"][-1]["pid"]
+            guard = [e for e in attempts(target) if e["event"] == "pid"][-1]["pid"]
             try:
-                events["trial_env"] = psutil.Process(pid).environ()
-                os.kill(pid, signal.SIGKILL)
+                (trial,) = psutil.Process(guard).children()  # `opsd trial` itself, as an OOM kill would hit it
+                events["trial_env"] = trial.environ()
+                trial.kill()
                 killed_trial = True
-            except psutil.NoSuchProcess:
+            except (psutil.NoSuchProcess, ValueError):
                 pass
         elif killed_trial:
             done = [d for d in trials.iterdir() if (d / "trial.json").is_file()]

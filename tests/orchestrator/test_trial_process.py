@@ -105,3 +105,37 @@ while True:
     assert running(descendants) == descendants
     assert kill_recorded(tmp_path / "processes.json") == 2
     assert running(descendants) == [] and alive(records) == []
+
+
+def test_the_guard_kills_everything_when_its_trainable_dies(tmp_path):
+    """A trainable SIGKILLed by Ray runs no clean-up of its own: the guard (a subreaper told of its parent's
+    death) kills the trial's descendants, including one in a session of its own and orphans."""
+    pids_file = tmp_path / "pids"
+    trainable = subprocess.Popen([sys.executable, "-c", f"""
+import os, subprocess, sys, time
+subprocess.Popen([sys.executable, "-m", "orchestrator.trial_guard", "--", sys.executable, "-c", {TREE!r},
+                  {str(pids_file)!r}], start_new_session=True)
+time.sleep(600)
+"""], cwd=Path(__file__).resolve().parents[2])
+    deadline = time.monotonic() + 30
+    while not pids_file.is_file() or len(pids_file.read_text().split()) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    descendants = list(map(int, pids_file.read_text().split()))
+    (guard,) = psutil.Process(trainable.pid).children()
+    trial = guard.children()[0].pid
+    trainable.kill()
+    trainable.wait()
+    deadline = time.monotonic() + 20
+    while running([guard.pid, trial, *descendants]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert running([guard.pid, trial, *descendants]) == []
+
+
+def test_the_guard_ends_like_its_command_and_leaves_no_orphan(tmp_path):
+    pids_file = tmp_path / "pids"
+    script = TREE.rsplit("time.sleep(600)", 1)[0] + "os.kill(os.getpid(), 9)\n"
+    guard = subprocess.run([sys.executable, "-m", "orchestrator.trial_guard", "--", sys.executable, "-c", script,
+                            str(pids_file)], cwd=Path(__file__).resolve().parents[2], timeout=60)
+    assert guard.returncode == -signal.SIGKILL  # the trainable sees the trial's own death
+    assert running(list(map(int, pids_file.read_text().split()))) == []
