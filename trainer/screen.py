@@ -67,16 +67,15 @@ def screen_contexts(cfg: TrialConfig, names: Sequence[str] | None = None,
                     extra: Sequence[ContextConfig] = ()) -> list[ContextConfig]:
     """The contexts to screen: the six built-ins (each with the trial's shared context settings: hints file,
     truncation, ...), `cfg.context` itself when it is a user template, and `extra` (a sweep file's contexts,
-    which replace the built-ins when given). `names` picks some of them, in that order; an unknown name is a
-    ContextError listing the known ones."""
-    if extra:
-        known = {c.name: c for c in extra}
-    else:
-        known = {name: cfg.context.model_copy(update={"name": name, "template": None}) for name in CONTEXT_NAMES}
-        if cfg.context.template is not None:
-            known[cfg.context.name] = cfg.context
+    screened by default when given: a sweep's own templates and settings win over a built-in of the same
+    name). `names` picks some of them, in that order (a sweep file's screen may name built-ins it does not
+    train); an unknown name is a ContextError listing the known ones."""
+    builtins = {name: cfg.context.model_copy(update={"name": name, "template": None}) for name in CONTEXT_NAMES}
+    if cfg.context.template is not None:
+        builtins[cfg.context.name] = cfg.context
+    known = {**builtins, **{c.name: c for c in extra}}
     if names is None:
-        return list(known.values())
+        return list(extra) if extra else list(builtins.values())
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ContextError(f"unknown context {unknown[0]!r} to screen; known here: {', '.join(known)}")

@@ -109,7 +109,9 @@ def faulted_sweep(tmp_path_factory, tiny_model_dir) -> dict:
                 and not (target / "trial.json").exists():
             guard = [e for e in attempts(target) if e["event"] == "pid"][-1]["pid"]
             try:
-                (trial,) = psutil.Process(guard).children()  # `opsd trial` itself, as an OOM kill would hit it
+                # `opsd trial` itself (below the guard's supervisor), as an OOM kill would hit it.
+                (trial,) = [p for p in psutil.Process(guard).children(recursive=True)
+                            if "orchestrator.cli" in " ".join(p.cmdline())]
                 events["trial_env"] = trial.environ()
                 trial.kill()
                 killed_trial = True

@@ -123,13 +123,31 @@ time.sleep(600)
         time.sleep(0.05)
     descendants = list(map(int, pids_file.read_text().split()))
     (guard,) = psutil.Process(trainable.pid).children()
-    trial = guard.children()[0].pid
+    tree = [p.pid for p in guard.children(recursive=True)]  # the supervisor, the trial, its descendants
     trainable.kill()
     trainable.wait()
     deadline = time.monotonic() + 20
-    while running([guard.pid, trial, *descendants]) and time.monotonic() < deadline:
+    while running([guard.pid, *tree, *descendants]) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert running([guard.pid, trial, *descendants]) == []
+    assert running([guard.pid, *tree, *descendants]) == []
+
+
+def test_the_guard_cleans_up_when_ray_kills_it(tmp_path):
+    """Ray SIGKILLs a dead worker's direct children, the guard among them: its supervisor cleans up."""
+    pids_file = tmp_path / "pids"
+    guard = subprocess.Popen([sys.executable, "-m", "orchestrator.trial_guard", "--", sys.executable, "-c", TREE,
+                              str(pids_file)], cwd=Path(__file__).resolve().parents[2])
+    deadline = time.monotonic() + 30
+    while not pids_file.is_file() or len(pids_file.read_text().split()) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    tree = [p.pid for p in psutil.Process(guard.pid).children(recursive=True)]
+    guard.kill()
+    guard.wait()
+    deadline = time.monotonic() + 20
+    while running(tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(tree) >= 4 and running(tree) == []
 
 
 def test_the_guard_ends_like_its_command_and_leaves_no_orphan(tmp_path):
