@@ -37,6 +37,8 @@ def register(subparsers) -> None:
                          help="seed-bootstrap resamples (0 = none; default 1000)")
     analyze.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of the bootstrap (default 0)")
     analyze.add_argument("--confidence", type=float, default=0.95, help="level of every interval (default 0.95)")
+    analyze.add_argument("--measure", choices=["all_pass", "tests"], default="all_pass",
+                         help="accuracy measure: all tests passed (default) or the fraction of tests passed")
     analyze.set_defaults(func=_analyze)
 
 
@@ -74,7 +76,7 @@ def _analyze(args: argparse.Namespace) -> int:
     try:
         output = run_analysis(args.results, args.out, unit="seed" if args.seed_level else "configuration",
                               weighted=args.weighted, n_bootstrap=args.bootstrap, seed=args.seed,
-                              confidence=args.confidence, progress=progress)
+                              confidence=args.confidence, progress=progress, measure=args.measure)
     finally:
         progress.close()
     for name, line in output.law.families.items():
@@ -91,13 +93,15 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def screen_gaps(gaps: str | Path, law: str | Path, *, out: str | Path | None = None, pooled: bool = False) -> int:
+def screen_gaps(gaps: str | Path, law: str | Path, *, out: str | Path | None = None, pooled: bool = False,
+                measure: str = "all_pass") -> int:
     """`opsd screen GAPS --law LAW.json`: print (and with `out` write) the predicted improvement and its
     prediction interval for each row of a table of measured gaps."""
     from analysis.errors import AnalysisError
     from analysis.predict import load_gaps, screen
+    from analysis.results import use_measure
 
-    predictions = screen(law, load_gaps(Path(gaps)), pooled=pooled)
+    predictions = screen(law, use_measure(load_gaps(Path(gaps)), measure), pooled=pooled)
     if out:
         out = Path(out)
         suffix = out.suffix.lower()

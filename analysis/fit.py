@@ -205,7 +205,9 @@ def fit_law(trials: pd.DataFrame, *, unit: Unit = "configuration", weighted: boo
         families[family] = _line_law(res, sub, n_trials, confidence=confidence, loo=loo)
         models[family] = res
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
+            # Leaving one configuration out of a small fit can leave one gap value (a rank-deficient design):
+            # statsmodels warns (RuntimeWarning, SingularMatrixWarning) and that point's diagnostics are void.
+            warnings.simplefilter("ignore")
             # WLS results have no influence measures; those of OLS on the whitened data are the WLS ones.
             influence = OLS(res.model.wendog, res.model.wexog).fit().get_influence()
             columns["leverage"][idx] = influence.hat_matrix_diag

@@ -13,7 +13,7 @@ from analysis.bootstrap import attach_bootstrap, bootstrap_draws, bootstrap_obst
 from analysis.errors import AnalysisError
 from analysis.fit import FitResult, fit_law
 from analysis.law import FEW_CONFIGS, MIN_CONFIGS, MIN_LINE_CONFIGS, PAPER_CONTEXTS, Law, LineLaw
-from analysis.results import completed_trials, join_steps, load_results
+from analysis.results import completed_trials, join_steps, load_results, use_measure
 
 # The verdict's thresholds: a law "holds" when its slope is positive with an interval that excludes zero and
 # it predicts held-out configurations better than half their variance.
@@ -33,12 +33,13 @@ class AnalysisOutput:
 
 def run_analysis(results: str | Path, out_dir: str | Path, *, unit: Unit = "configuration",
                  weighted: bool = False, n_bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95,
-                 progress: Callable[[int, int], None] | None = None) -> AnalysisOutput:
+                 progress: Callable[[int, int], None] | None = None, measure: str = "all_pass") -> AnalysisOutput:
     """Fit the law from RESULTS (folder with trials.parquet [+ steps.parquet], or the trials file) and write
     out_dir/law.json, out_dir/report.md and the figures (PNG and PDF). n_bootstrap=0 skips the bootstrap."""
     if n_bootstrap < 0:
         raise AnalysisError(f"--bootstrap must be 0 or more, got {n_bootstrap}")
     raw_trials, raw_steps = load_results(results)
+    raw_trials, raw_steps = use_measure(raw_trials, measure), use_measure(raw_steps, measure)
     trials = completed_trials(raw_trials)
     fit = fit_law(trials, unit=unit, weighted=weighted, confidence=confidence)
     law = fit.law
@@ -64,7 +65,11 @@ def run_analysis(results: str | Path, out_dir: str | Path, *, unit: Unit = "conf
         figures["fig3_scale"] = fig3_scale(fit, out)
 
     report_path = out / "report.md"
-    report_path.write_text(render_report(law, fit, figures, results=Path(results), n_all=len(raw_trials)))
+    report = render_report(law, fit, figures, results=Path(results), n_all=len(raw_trials))
+    if measure == "tests":  # said once, under the title: every accuracy below is a fraction of tests
+        title, _, rest = report.partition("\n")
+        report = f"{title}\n\nAccuracy measure: the fraction of tests passed (`*_test_frac`), not all tests passed.\n{rest}"
+    report_path.write_text(report)
     return AnalysisOutput(law=law, fit=fit, out_dir=out, law_path=law_path, report_path=report_path,
                           figures=figures)
 

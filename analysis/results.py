@@ -68,6 +68,30 @@ def read_table(path: Path, *, what: str) -> pd.DataFrame:
     raise AnalysisError(f"{what} {path}: unknown format {suffix!r} (use .parquet, .csv, .json or .jsonl)")
 
 
+# The two accuracy measures a trial reports (METHOD.md section 4): all tests passed (the default columns) and
+# the fraction of tests passed (`*_test_frac`). `use_measure` puts the chosen one under the default names.
+MEASURES = ("all_pass", "tests")
+_TEST_FRAC_COLUMNS = {
+    "initial_student_acc": "initial_student_test_frac", "initial_teacher_acc": "initial_teacher_test_frac",
+    "initial_gap": "initial_gap_test_frac", "final_student_acc": "final_student_test_frac",
+    "improvement": "improvement_test_frac", "student_acc": "student_test_frac", "teacher_acc": "teacher_test_frac",
+    "gap": "gap_test_frac", "initial_student_acc_t1": "initial_student_test_frac_t1",
+}
+
+
+def use_measure(frame: pd.DataFrame | None, measure: str) -> pd.DataFrame | None:
+    """`frame` with the columns of `measure` under the default names ('all_pass': unchanged)."""
+    if frame is None or measure == "all_pass":
+        return frame
+    if measure != "tests":
+        raise AnalysisError(f"unknown accuracy measure {measure!r}; measures: {', '.join(MEASURES)}")
+    frame = frame.copy()
+    for name, test_frac in _TEST_FRAC_COLUMNS.items():
+        if test_frac in frame.columns:
+            frame[name] = frame[test_frac]
+    return frame
+
+
 def load_results(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Read RESULTS (a folder holding trials.parquet and maybe steps.parquet, or a trials file itself).
 

@@ -53,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     screen.add_argument("input", metavar="FILE", help="trial or sweep file (.yaml) to measure, or a table of gaps")
     screen.add_argument("--law", metavar="LAW.json", help="law.json of `opsd analyze`: add predicted improvements")
     screen.add_argument("--pooled", action="store_true", help="predict with the pooled law")
+    screen.add_argument("--measure", choices=["all_pass", "tests"], default="all_pass",
+                        help="with a table of gaps: the measure its law was fitted on (`opsd analyze --measure`)")
     screen.add_argument("--out", metavar="DIR|FILE", help="results folder (a .yaml FILE; required) or the "
                         "predictions file (a table of gaps)")
     screen.add_argument("--contexts", metavar="A,B,C", help="contexts to screen, by name (default: the six "
@@ -77,7 +79,7 @@ def _screen(args: argparse.Namespace) -> int:
                             "(or a trial or sweep file .yaml to measure gaps)")
     if args.contexts or args.overrides or args.seed is not None:
         raise AnalysisError("--contexts, --set and --seed apply to a trial or sweep file, not to a table of gaps")
-    return screen_gaps(args.input, args.law, out=args.out, pooled=args.pooled)
+    return screen_gaps(args.input, args.law, out=args.out, pooled=args.pooled, measure=args.measure)
 
 
 # ---------------------------------------------------------------------------------------------- measuring
