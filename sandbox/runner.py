@@ -18,6 +18,10 @@ enforces the output cap, the cap on B's response frames, and each run's or call'
 program spends in it (counted from the end of the previous call: a thread left running between calls is
 billed to the next), with the wall clock as a backstop (``WALL_FACTOR``). Nothing it sends back is trusted
 by the executor.
+
+Why one module of ~540 lines: the request loop, the bookkeeping of B's processes and pipes and the CPU-time
+accounting share the server's state at every step of a call; the parts that stand alone (frames, confinement,
+the program's side, the template) are their own modules already.
 """
 
 import io

@@ -154,8 +154,9 @@ def test_layering(package, forbidden, why):
     assert not offending, f"{why}:\n" + "\n".join(offending)
 
 
-def test_trainer_modules_fit_in_one_sitting():
-    """docs/CONTRIBUTING.md: a module over ~500 lines says at its top why it is not split (none in trainer/)."""
-    long = {name: n for name, path in project_modules().items() if name.startswith("trainer")
-            for n in [len(path.read_text().splitlines())] if n > 500}
+def test_modules_fit_in_one_sitting():
+    """docs/CONTRIBUTING.md: a module over ~500 lines says at its top why it is not split."""
+    long = {name: n for name, path in project_modules().items()
+            for text in [path.read_text()] for n in [len(text.splitlines())]
+            if n > 500 and "Why one module" not in text[:4000]}
     assert not long
