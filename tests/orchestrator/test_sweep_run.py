@@ -111,7 +111,7 @@ def faulted_sweep(tmp_path_factory, tiny_model_dir) -> dict:
             try:
                 # `opsd trial` itself (below the guard's supervisor), as an OOM kill would hit it.
                 (trial,) = [p for p in psutil.Process(guard).children(recursive=True)
-                            if "orchestrator.cli" in " ".join(p.cmdline())]
+                            if p.cmdline()[1:3] == ["-m", "orchestrator.cli"]]
                 events["trial_env"] = trial.environ()
                 trial.kill()
                 killed_trial = True
