@@ -36,7 +36,7 @@ cat <<EOF
   screen      $out/screen/screen.parquet (gap per context, with bootstrap intervals), rollouts beside it
   sweep       $out/$name/trials.parquet (one row per trial), $out/$name/steps.parquet (every step)
               opsd sweep status $out/$name     each trial; logs in $out/$name/trials/*/logs/
-  law         $out/report/report.md, law.json, fig1_law.png, fig2_dynamics.png, fig3_scale.png
+  law         $out/report/report.md, law.json, fig1_law.png, fig2_dynamics.png (fig3_scale.png: several sizes)
   W&B         offline runs in $out/$name/wandb/; upload with
               wandb sync --include-offline $out/$name/wandb/offline-run-*
   Parquet     readable by pandas (pd.read_parquet), DuckDB (SELECT * FROM '$out/$name/trials.parquet'), Arrow

@@ -55,13 +55,13 @@ def test_demo_screens_sweeps_and_fits(tmp_path, tiny_model_dir):
     sweep_dir = out / "tiny-demo"
     for name, rows in (("trials.parquet", 3), ("steps.parquet", 3 * 3)):
         frame = pd.read_parquet(sweep_dir / name)
-        (count,) = duckdb.sql(f"SELECT count(*) FROM '{sweep_dir / name}'").fetchone()
+        ((count,),) = duckdb.sql(f"SELECT count(*) FROM '{sweep_dir / name}'").fetchall()
         assert len(frame) == count == rows, name
     trials = pd.read_parquet(sweep_dir / "trials.parquet")
     assert (trials.status == "completed").all() and sorted(trials.context) == sorted(demo["contexts"])
 
     report = out / "report"
-    for figure in ("fig1_law.png", "fig2_dynamics.png", "fig3_scale.png"):
+    for figure in ("fig1_law.png", "fig2_dynamics.png"):  # fig3_scale needs several model sizes
         assert (report / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
     text = (report / "report.md").read_text()
     assert "3 configurations" in text  # the report says how little a 3-point fit means
