@@ -30,6 +30,7 @@ import yaml
 from orchestrator.errors import SweepError
 from orchestrator.remote import RemoteSweep, is_uri, mirror_dir
 from orchestrator.sweep_file import CheckpointRetention, GridPoint, Resources, SweepFile, WandbSettings
+from trainer.records import atomic_write_bytes
 
 STATE_FORMAT = 1
 
@@ -241,6 +242,20 @@ def read_step_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
+
+
+# The live metrics of a trial: its latest training and evaluation rows.
+TRAIN_KEYS = ("loss", "kl", "reward")
+EVAL_KEYS = ("student_acc", "teacher_acc", "gap")
+
+
+def latest_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """`train/<key>`, `eval/<key>` and `<phase>/step` of the newest row of each phase (None values left out)."""
+    out: dict[str, Any] = {}
+    for phase, keys in (("train", TRAIN_KEYS), ("eval", EVAL_KEYS)):
+        latest = [r for r in rows if r.get("phase") == phase]
+        if latest:
+            out.update({f"{phase}/{k}": latest[-1][k] for k in keys if latest[-1].get(k) is not None})
+            out[f"{phase}/step"] = latest[-1]["step"]
+    return out

@@ -15,7 +15,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.sweep_state import SweepState, TrialFiles, read_progress, read_step_rows
+from orchestrator.sweep_state import SweepState, TrialFiles, latest_metrics, read_progress, read_step_rows
 
 
 @dataclass
@@ -44,10 +44,7 @@ def trial_status(state: SweepState, trial_id: str, *, now: float | None = None) 
     seconds = sum((a.get("ended") or now) - a["started"] for a in attempts if "started" in a) if attempts else None
     status = TrialStatus(trial_id, "pending", len(attempts), steps=steps, seconds=seconds,
                          host=attempts[-1].get("host") if attempts else None)
-    for phase, keys in (("train", ("loss", "kl", "reward")), ("eval", ("student_acc", "teacher_acc", "gap"))):
-        latest = [r for r in rows if r.get("phase") == phase]
-        if latest:
-            status.last.update({f"{phase}/{k}": latest[-1].get(k) for k in keys})
+    status.last.update(latest_metrics(rows))
     if summary is not None and summary.get("status", "completed") == "completed":
         status.state, status.step, status.phase = "completed", steps, None
         return status

@@ -28,15 +28,12 @@ import yaml
 from orchestrator.errors import TrialFailed
 from orchestrator.remote import RemoteSweep, mirror_dir
 from orchestrator.sweep_file import CheckpointRetention, WandbSettings
-from orchestrator.sweep_state import SweepState, TrialFiles, read_progress, read_step_rows
+from orchestrator.sweep_state import SweepState, TrialFiles, latest_metrics, read_progress, read_step_rows
 from orchestrator.trial_process import TrialProcess, trial_command
 from orchestrator.wandb_log import TrialRun, strip_secrets
 
 POLL_S = 2.0
 
-# Per-step and per-evaluation metrics shown live and reported to Tune.
-TRAIN_KEYS = ("loss", "kl", "reward")
-EVAL_KEYS = ("student_acc", "teacher_acc", "gap")
 
 
 def train_grid_point(config: dict[str, Any]) -> None:
@@ -160,12 +157,7 @@ def live_metrics(progress: dict[str, Any], rows: list[dict[str, Any]], *, attemp
     out: dict[str, Any] = {"attempt": attempt, "step": progress.get("step", 0), "steps": progress.get("steps"),
                            "phase": progress.get("phase", "starting"), "status": progress.get("status", "starting"),
                            "phase_started": progress.get("phase_started"), "attempt_started": progress.get("started")}
-    for phase, keys in (("train", TRAIN_KEYS), ("eval", EVAL_KEYS)):
-        latest = [r for r in rows if r.get("phase") == phase]
-        if latest:
-            out.update({f"{phase}/{k}": latest[-1][k] for k in keys if latest[-1].get(k) is not None})
-            out[f"{phase}/step"] = latest[-1]["step"]
-    return out
+    return {**out, **latest_metrics(rows)}
 
 
 def prune_checkpoints(root: Path, *, keep_last: int) -> None:
