@@ -272,7 +272,7 @@ def _run_steps(cfg: TrialConfig, out_dir: Path, progress: Progress) -> dict[str,
         else:
             first_step = 1
             with around("initial_eval"):
-                initial = latest_eval = _evaluate_on_main(trial, step=0)
+                initial = latest_eval = _evaluate_on_main(trial)
             if main:
                 log.append(0, "eval", initial)
                 log.flush()
@@ -291,7 +291,7 @@ def _run_steps(cfg: TrialConfig, out_dir: Path, progress: Progress) -> dict[str,
                       f"({sum(v for k, v in metrics.items() if k.startswith('time/')):.1f}s)", flush=True)
             if step % cfg.eval.every_steps == 0 or step == cfg.steps:
                 with around("eval"):
-                    latest_eval = _evaluate_on_main(trial, step=step)
+                    latest_eval = _evaluate_on_main(trial)
                 if main:
                     log.append(step, "eval", latest_eval)
                     _print_eval(step, latest_eval)
@@ -307,12 +307,12 @@ def _run_steps(cfg: TrialConfig, out_dir: Path, progress: Progress) -> dict[str,
     return summary
 
 
-def _evaluate_on_main(trial: TrialRuntime, *, step: int) -> dict[str, Any]:
+def _evaluate_on_main(trial: TrialRuntime) -> dict[str, Any]:
     """Rank 0 evaluates; every rank first copies the student's full weights (collective under ZeRO-3), which
     rank 0 pushes back into the engine after the self-teacher's turn, and every rank gets the metrics."""
     trial.student_weights = dict(trial.student.named_full_parameters())
     try:
-        return broadcast_from_main(evaluate(trial, step=step) if trial.is_main else None)
+        return broadcast_from_main(evaluate(trial) if trial.is_main else None)
     finally:
         trial.student_weights = None
 
