@@ -162,8 +162,9 @@ def live_metrics(progress: dict[str, Any], rows: list[dict[str, Any]], *, attemp
 
 def prune_checkpoints(root: Path, *, keep_last: int) -> None:
     """Keep the newest `keep_last` complete checkpoints (the trial itself keeps two)."""
-    complete = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()) if root.is_dir() else []
-    for old in complete[:-keep_last]:
+    from trainer.checkpoint import list_checkpoints  # imports torch: only where a trial has finished a step
+
+    for _, old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 

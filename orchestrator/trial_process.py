@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psutil
 
+from trainer.records import atomic_write_bytes
+
 # A process record: (pid, create_time); the start time tells a recorded process from a new one with its pid.
 ProcessRecord = tuple[int, float]
 
@@ -169,9 +171,7 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def _write_records(path: Path, records: dict[int, float]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({str(pid): created for pid, created in records.items()}))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps({str(pid): created for pid, created in records.items()}).encode())
 
 
 def trial_command(trial_file: Path, out_dir: Path) -> list[str]:

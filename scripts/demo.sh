@@ -41,7 +41,7 @@ cat <<EOF
               wandb sync --include-offline $out/$name/wandb/offline-run-*
   Parquet     readable by pandas (pd.read_parquet), DuckDB (SELECT * FROM '$out/$name/trials.parquet'), Arrow
 
-A demo-sized sweep (one seed, three contexts, two steps of 16 rollouts on a 135M model) cannot show the law:
+A demo-sized sweep (one seed, three contexts, one step of 4 rollouts on a 135M model) cannot show the law:
 the report says how little its fit means. For a real run: sweeps/paper_fig1.yaml (Qwen3-8B and
 Olmo-3-7B-Instruct, six contexts, 3 and 2 seeds, 50 steps on LiveCodeBench v6), installed with
 pip install -e ".[gpu]" on B200 nodes, submitted with clusters/ (SLURM, KubeRay, the Ray cluster launcher),

@@ -112,7 +112,7 @@ def opsd_step(trial: TrialRuntime, step: int, timer: PhaseTimer | None = None) -
                     old_logps=None if old_logps is None else _padded([old_logps[i] for i in micro], student_batch),
                     rollout_logps=_padded([samples[i].rollout_logps for i in micro], student_batch))
                 trial.student.backward(loss)
-            mini_loss += float(loss)
+            mini_loss += float(loss.detach())
             micro_rows.append({key: float(value) for key, value in loss_metrics.items()})
         # 7. One AdamW step over the mini-batch's accumulated gradients.
         with timer("optimizer"):

@@ -7,6 +7,7 @@ summary names must exist and open: Parquet through pandas and DuckDB, figures as
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -69,3 +70,9 @@ def test_demo_screens_sweeps_and_fits(tmp_path, tiny_model_dir):
     runs = sorted((sweep_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 3 and all([r["trial_step"] for r in history(run)] == [0, 1] for run in runs)
     assert os.path.getsize(sweep_dir / "driver.log") > 0
+    # Third-party noise belongs in the trial logs; a warning raised by the project's own code belongs nowhere.
+    ours = re.compile(r"/(trainer|sandbox|orchestrator|analysis)/\w+\.py:\d+: \w*Warning")
+    logs = list((sweep_dir / "trials").glob("*/logs/*.log")) + [out / "screen" / "screen.log"]
+    assert len(logs) >= 4
+    for log in logs:
+        assert not ours.search(log.read_text(errors="replace")), log
