@@ -5,7 +5,8 @@ nothing is dropped with `sample_mask` 0). Masked positions are selected away wit
 multiplied by 0, so whatever a padded position holds (even inf or NaN) cannot leak into the loss value.
 
 One optimizer step covers a mini-batch, computed as micro-batches on every rank: `minibatch_normalizer` gives
-the count each micro-batch's `aggregate` divides by, so that their losses add up to the mini-batch's.
+the count each micro-batch's `aggregate` divides by, so that their losses add up to the mini-batch's;
+`micro_batch_normalizers` chooses between that and the SDPO reference's per-micro-batch mean.
 """
 
 from __future__ import annotations
@@ -87,3 +88,33 @@ def minibatch_normalizer(kept_response_lengths: Sequence[int], *, mode: Aggregat
     else:
         raise ValueError(f"unknown aggregation mode {mode!r}")
     return max(count, 1) / world_size
+
+
+def micro_batch_normalizers(
+    minibatch_kept_lengths: Sequence[int],
+    micro_batch_kept_lengths: Sequence[Sequence[int]],
+    *,
+    mode: Aggregation,
+    world_size: int = 1,
+    sdpo_compat: bool = False,
+) -> list[float]:
+    """The `normalizer` of `aggregate` for each of this rank's micro-batches of one mini-batch (pure).
+
+    minibatch_kept_lengths: the kept rollouts' response lengths of the whole mini-batch, over all ranks.
+    micro_batch_kept_lengths: this rank's micro-batches, each the response lengths of its kept rollouts.
+    - default: every micro-batch divides by `minibatch_normalizer` of the whole mini-batch, so the step's loss
+      is the true mini-batch aggregate: every token (or sequence) weighs the same whatever the split.
+    - sdpo_compat: each micro-batch divides by its own count (at least 1) times the number of this rank's
+      micro-batches: the mean over micro-batches of each one's own aggregate, as the SDPO reference does
+      (lasgroup/SDPO: verl/trainer/ppo/core_algos.py line 1186, the micro-batch's kept tokens as
+      batch_num_tokens; verl/workers/actor/dp_actor.py lines 746-748 and 772, loss_scale_factor = 1 /
+      gradient_accumulation, with ppo_mini_batch_size per GPU a multiple of the micro-batch size,
+      verl/workers/fsdp_workers.py line 256). A token of a short micro-batch then weighs more than one of a
+      long one. No world_size factor: the ranks' gradients are averaged there as here, which already makes
+      the mean over all ranks' micro-batches (every rank has as many).
+    """
+    if not sdpo_compat:
+        return [minibatch_normalizer(minibatch_kept_lengths, mode=mode, world_size=world_size)] * len(
+            micro_batch_kept_lengths)
+    n_micro = len(micro_batch_kept_lengths)
+    return [minibatch_normalizer(lengths, mode=mode) * n_micro for lengths in micro_batch_kept_lengths]

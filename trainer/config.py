@@ -11,7 +11,7 @@ import string
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from trainer.errors import ContextError, TrialConfigError
 from trainer.options import (
@@ -141,6 +141,9 @@ class RolloutConfig(_Section):
 # Settings renamed in this version; their old names are still read (a trial file, or the config.json of a
 # trial to resume) and are dropped in the next version.
 _OLD_LOSS_NAMES = {"is_clip": "importance_ratio_clip", "rollout_is_clip": "rollout_ratio_clip"}
+# The SDPO reference truncates its token-level rollout correction at 2 (lasgroup/SDPO, verl/trainer/config/
+# sdpo.yaml lines 30-32: rollout_is token, rollout_is_threshold 2.0).
+_SDPO_ROLLOUT_RATIO_CLIP = 2.0
 
 
 class LossConfig(_Section):
@@ -153,6 +156,10 @@ class LossConfig(_Section):
     aggregation: Aggregation = Field(
         "token_mean", description="How per-token losses become a mini-batch's loss: mean over its tokens, or over "
         "its sequences of each one's token sum or token mean.")
+    sdpo_compat: bool = Field(
+        False, description="Reproduce the SDPO reference's conventions (METHOD.md section 7): the top-k tail "
+        "floored at 1e-7 instead of exact, each micro-batch's own aggregate scaled by 1/(its rank's micro-batches) "
+        "instead of the true mini-batch aggregate, and the rollout correction on with rollout_ratio_clip 2.")
     importance_ratio_clip: float | None = Field(
         2.0, gt=0, description="Upper clip of the importance ratio exp(logp - logp_old) that corrects a step's later "
         "mini-batches for the updates before them; None applies no ratio.")
@@ -162,15 +169,33 @@ class LossConfig(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _read_old_names(cls, data):
-        if isinstance(data, dict) and any(old in data for old in _OLD_LOSS_NAMES):
-            data = dict(data)
-            for old, new in _OLD_LOSS_NAMES.items():
-                if old in data:
-                    if new in data:
-                        raise ValueError(f"loss.{old} is the old name of loss.{new}: give only {new}")
-                    data[new] = data.pop(old)
+    def _resolve(cls, data):
+        # One validator, so that the old names are read before sdpo_compat looks for rollout_ratio_clip.
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, new in _OLD_LOSS_NAMES.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"loss.{old} is the old name of loss.{new}: give only {new}")
+                data[new] = data.pop(old)
+        # Only a setting the user left out is filled in: an explicit other value (None included) is a conflict.
+        if _sdpo_compat_requested(data):
+            clip = data.setdefault("rollout_ratio_clip", _SDPO_ROLLOUT_RATIO_CLIP)
+            if clip != _SDPO_ROLLOUT_RATIO_CLIP:
+                raise ValueError(
+                    f"loss.sdpo_compat turns on the SDPO reference's rollout correction, clipped at "
+                    f"{_SDPO_ROLLOUT_RATIO_CLIP:g}, but loss.rollout_ratio_clip is {clip}: leave rollout_ratio_clip "
+                    f"out (or set it to {_SDPO_ROLLOUT_RATIO_CLIP:g}), or turn sdpo_compat off")
         return data
+
+
+def _sdpo_compat_requested(data: dict) -> bool:
+    """Whether raw settings turn sdpo_compat on, read as the field reads them ('true', 1, ...)."""
+    try:
+        return TypeAdapter(bool).validate_python(data.get("sdpo_compat", False))
+    except ValidationError:
+        return False  # not a boolean: the field's own validation reports it
 
 
 class OptimConfig(_Section):

@@ -18,10 +18,12 @@ import math
 import torch
 
 from trainer.aggregation import aggregate, combine_masks
-from trainer.options import Aggregation, Divergence, DistributionDivergence, Support
+from trainer.options import Aggregation, Divergence, DistributionDivergence, Support, Tail
 
 # exp() of a log-ratio beyond this overflows in float32; the reference code clamps the same way.
 _MAX_LOG_RATIO = 20.0
+# The SDPO reference caps the log of the top-k mass at -1e-7, so its tail is never below 1 - exp(-1e-7).
+_SDPO_MAX_LOG_TOP_MASS = -1e-7
 
 
 def _scaled(logits: torch.Tensor, temperature: float, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -31,17 +33,31 @@ def _scaled(logits: torch.Tensor, temperature: float, dtype: torch.dtype | None 
     return logits.to(dtype or torch.promote_types(logits.dtype, torch.float32)) / temperature
 
 
-def _tail_logps(scaled: torch.Tensor, top_ids: torch.Tensor, log_normalizer: torch.Tensor) -> torch.Tensor:
-    """Log of the mass outside the top-k ids: logsumexp of the other logits minus the full logsumexp.
+def _tail_logps(
+    scaled: torch.Tensor, top_ids: torch.Tensor, log_normalizer: torch.Tensor, *, tail: Tail = "exact"
+) -> torch.Tensor:
+    """Log of the mass outside the top-k ids. scaled: [..., V]; top_ids: [..., k] with k < V;
+    log_normalizer: [..., 1]. Returns [..., 1].
 
-    scaled: [..., V]; top_ids: [..., k] with k < V; log_normalizer: [..., 1]. Returns [..., 1].
-    Summing the tail directly, rather than taking log(1 - sum p_topk), is exact however little mass the tail
-    holds: with log1p(-exp(.)) and a clamp, a student tail below float eps (common at low entropy) is pinned
-    at eps, which changes forward KL and JSD by tens of nats where the teacher puts real mass there. The cost is
-    one masked copy of the logits per side (bounded by `chunk_size`).
+    - exact: logsumexp of the other logits minus the full logsumexp. Summing the tail directly, rather than
+      taking log(1 - sum p_topk), is exact however little mass the tail holds: with log1p(-exp(.)) and a clamp,
+      a student tail below the clamp (common at low entropy) is pinned there, which changes forward KL by tens
+      of nats times the teacher's tail (reverse KL likewise when the teacher's tail is the tiny one). The cost
+      is one masked copy of the logits per side (bounded by `chunk_size`).
+    - floored: the SDPO reference's tail (lasgroup/SDPO, verl/trainer/ppo/core_algos.py, `add_tail` in
+      `compute_self_distillation_loss`, lines 1112-1118): log(1 - exp(s)), s the logsumexp of the top-k
+      log-probs capped at -1e-7. A tail below 1 - exp(-1e-7) (about 1e-7) is raised to it, and there the cap
+      passes no gradient; the k + 1 categories then hold slightly more than mass 1.
     """
-    outside = scaled.scatter(-1, top_ids, float("-inf"))
-    return outside.logsumexp(-1, keepdim=True) - log_normalizer
+    if tail == "exact":
+        outside = scaled.scatter(-1, top_ids, float("-inf"))
+        return outside.logsumexp(-1, keepdim=True) - log_normalizer
+    elif tail == "floored":
+        log_top_mass = (scaled.gather(-1, top_ids) - log_normalizer).logsumexp(-1, keepdim=True)
+        # expm1 keeps 1 - exp(s) accurate for s near 0, where the tail is small.
+        return torch.log(-torch.expm1(log_top_mass.clamp(max=_SDPO_MAX_LOG_TOP_MASS)))
+    else:
+        raise ValueError(f"unknown tail {tail!r}")
 
 
 def _divergence_over_categories(
@@ -79,8 +95,9 @@ def _support_logps(
     *,
     support: str,
     top_k: int,
+    tail: Tail = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both sides' log-probs over the categories of `support`.
+    """Both sides' log-probs over the categories of `support` (`tail`: see `_tail_logps`).
 
     student, teacher: scaled logits [..., V]; student_lse, teacher_lse: their logsumexp [..., 1].
     Returns two [..., C].
@@ -99,8 +116,10 @@ def _support_logps(
         if support == "topk_renorm":
             return student_top.log_softmax(-1), teacher_top.log_softmax(-1)
         # Normalised by the full vocabulary, so the k ids keep their true mass and the tail holds the rest.
-        student_logps = torch.cat([student_top - student_lse, _tail_logps(student, ids, student_lse)], dim=-1)
-        teacher_logps = torch.cat([teacher_top - teacher_lse, _tail_logps(teacher, ids, teacher_lse)], dim=-1)
+        student_logps = torch.cat([student_top - student_lse, _tail_logps(student, ids, student_lse, tail=tail)],
+                                  dim=-1)
+        teacher_logps = torch.cat([teacher_top - teacher_lse, _tail_logps(teacher, ids, teacher_lse, tail=tail)],
+                                  dim=-1)
         return student_logps, teacher_logps
     else:
         raise ValueError(f"unknown support {support!r}")
@@ -131,6 +150,7 @@ def _position_terms(
     top_k: int,
     alpha: float,
     temperature: float,
+    tail: Tail = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Everything one chunk of positions contributes: (per-token divergence, student and teacher token logps).
 
@@ -155,7 +175,7 @@ def _position_terms(
         per_token = sampled_token_loss(student_tok, teacher_tok)
     else:
         student_logps, teacher_logps = _support_logps(student, teacher, student_lse, teacher_lse,
-                                                      support=support, top_k=top_k)
+                                                      support=support, top_k=top_k, tail=tail)
         per_token = _divergence_over_categories(student_logps, teacher_logps, divergence=divergence, alpha=alpha)
     if student_tok is not None:
         student_tok = student_tok.detach()
@@ -249,6 +269,7 @@ def distillation_divergence(
     alpha: float,
     temperature: float,
     chunk_size: int | None = None,
+    tail: Tail = "exact",
 ) -> torch.Tensor:
     """Per-position divergence between the student's and the teacher's next-token distributions.
 
@@ -268,10 +289,11 @@ def distillation_divergence(
       mixture form vanishes, and alpha = 0 is defined as forward KL, alpha = 1 as reverse KL: the limits of
       JSD / alpha as alpha -> 0 and JSD / (1 - alpha) as alpha -> 1.
     chunk_size: compute at most this many positions at a time (see `opsd_loss`); the result is the same.
+    tail: 'exact' as above; 'floored' is the SDPO reference's tail, never below about 1e-7 (`_tail_logps`).
     """
     per_token, _, _ = _chunked_position_terms(
         student_logits, teacher_logits, None, chunk_size=chunk_size,
-        divergence=divergence, support=support, top_k=top_k, alpha=alpha, temperature=temperature,
+        divergence=divergence, support=support, top_k=top_k, alpha=alpha, temperature=temperature, tail=tail,
     )
     return per_token
 
@@ -327,6 +349,7 @@ def opsd_loss(
     rollout_logps: torch.Tensor | None = None,
     chunk_size: int | None = None,
     normalizer: float | torch.Tensor | None = None,
+    sdpo_compat: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The OPSD loss of one (micro-)batch: divergence per response token, importance weight, masked aggregate.
 
@@ -347,6 +370,9 @@ def opsd_loss(
       the [B, chunk, V] float32 intermediates never exist for all T at once; same loss and gradient. The
       backward then recomputes the forward (about 1.5-2x the loss's compute); use it for long responses.
     - normalizer: passed to `aggregate` (e.g. the mini-batch's token count under gradient accumulation).
+    - sdpo_compat: the topk_tail tail as the SDPO reference computes it ('floored' in `_tail_logps`) instead of
+      the exact one. Its other conventions are the caller's: `LossConfig` sets rollout_ratio_clip to 2 and
+      `aggregation.micro_batch_normalizers` gives each micro-batch's normalizer.
     Returns (loss: 0-dim tensor, metrics: detached 0-dim tensors): divergence (mean over kept tokens of the
     divergence; for sampled_token the log-ratio, whose expectation is the reverse KL), importance_weight_mean,
     importance_clip_fraction, rollout_weight_mean, rollout_clip_fraction (over kept tokens; 1 and 0 when not
@@ -356,6 +382,7 @@ def opsd_loss(
     per_token, student_tok, teacher_tok = _chunked_position_terms(
         student_logits, teacher_logits, response_ids, chunk_size=chunk_size,
         divergence=divergence, support=support, top_k=top_k, alpha=jsd_alpha, temperature=temperature,
+        tail="floored" if sdpo_compat else "exact",
     )
     divergence_values = (student_tok - teacher_tok) if divergence == "sampled_token" else per_token
 

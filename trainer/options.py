@@ -27,6 +27,8 @@ Truncation = Literal["left", "right"]
 DistributionDivergence = Literal["reverse_kl", "forward_kl", "jsd"]
 Divergence = Literal[DistributionDivergence, "sampled_token"]
 Support = Literal["topk_tail", "topk_renorm", "full"]
+# How the top-k tail bucket is computed: summed exactly in log space, or as the SDPO reference does (floored).
+Tail = Literal["exact", "floored"]
 Aggregation = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]
 
 # The sandbox's own choices (sandbox.extract.CodeBlockMode, sandbox.Executor's isolation), named here so that

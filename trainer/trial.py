@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from sandbox.grader import GradeRequest
-from trainer.aggregation import minibatch_normalizer
+from trainer.aggregation import micro_batch_normalizers
 from trainer.batch import PackedBatch, forward_response_logits, pack
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrialConfig
@@ -87,15 +87,17 @@ def opsd_step(trial: TrialRuntime, step: int, timer: PhaseTimer | None = None) -
     # importance ratio against the policy that sampled them corrects later mini-batches for earlier steps.
     minibatches = _minibatches(trial, len(samples), step)
     old_logps = None
-    if len(minibatches) > 1 and cfg.loss.importance_ratio_clip is not None:
+    # The rollout correction uses them too (the SDPO reference's old_log_probs), not the student after earlier ones.
+    if len(minibatches) > 1 and (cfg.loss.importance_ratio_clip is not None or cfg.loss.rollout_ratio_clip is not None):
         with timer("old_logps"), torch.no_grad():
             old_logps = _student_token_logps(trial, samples, [m for _, mine in minibatches for m in mine])
     micro_rows, mini_losses, grad_norms, optim_metrics = [], [], [], {}
     for items, mine in minibatches:
-        normalizer = minibatch_normalizer([len(samples[i].response_ids) for i in items if samples[i].has_context],
-                                          mode=cfg.loss.aggregation, world_size=trial.world_size)
+        normalizers = micro_batch_normalizers(_kept_lengths(samples, items), [_kept_lengths(samples, m) for m in mine],
+                                              mode=cfg.loss.aggregation, world_size=trial.world_size,
+                                              sdpo_compat=cfg.loss.sdpo_compat)
         mini_loss = 0.0
-        for micro in mine:
+        for micro, normalizer in zip(mine, normalizers):
             student_batch, teacher_batch = _pack_both(trial, [samples[i] for i in micro])
             # 4. The self-teacher (EMA weights, no gradient) scores the response after its privileged prompt.
             with timer("teacher_forward"):
@@ -194,6 +196,11 @@ def _student_token_logps(trial: TrialRuntime, samples: list[Sample],
         for row, i in enumerate(micro):
             out[i] = logps[row, : len(samples[i].response_ids)].detach()
     return out
+
+
+def _kept_lengths(samples: list[Sample], indices: list[int]) -> list[int]:
+    """Response lengths of the samples whose loss is kept (their context added something)."""
+    return [len(samples[i].response_ids) for i in indices if samples[i].has_context]
 
 
 def _padded(rows: list, batch: PackedBatch) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import get_args, get_type_hints
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from trainer.config import LossConfig, TrialConfig
+from trainer.config import LossConfig, TrialConfig, format_validation_error
 from trainer.errors import TrialConfigError
 from trainer.options import CodeBlock, Isolation
 from trainer.records import claim_out_dir
@@ -40,6 +40,25 @@ def test_old_loss_setting_names_are_read_for_one_version():
     assert (old.importance_ratio_clip, old.rollout_ratio_clip) == (3.0, 1.5)
     with pytest.raises(ValidationError, match="old name of loss.importance_ratio_clip"):
         LossConfig.model_validate({"is_clip": 3.0, "importance_ratio_clip": 2.0})
+
+
+def test_sdpo_compat_turns_on_the_rollout_correction_at_2_and_refuses_another_clip():
+    assert LossConfig().sdpo_compat is False and LossConfig().rollout_ratio_clip is None
+    for given in ({"sdpo_compat": True}, {"sdpo_compat": "true", "rollout_ratio_clip": 2},
+                  {"sdpo_compat": True, "rollout_is_clip": 2.0}):
+        cfg = LossConfig.model_validate(given)
+        assert cfg.sdpo_compat is True and cfg.rollout_ratio_clip == 2.0
+        assert LossConfig.model_validate(cfg.model_dump()) == cfg  # the resolved config reads back the same
+    for clip in (1.5, None):
+        for name in ("rollout_ratio_clip", "rollout_is_clip"):
+            with pytest.raises(ValidationError, match=f"loss.sdpo_compat .* loss.rollout_ratio_clip is {clip}"):
+                LossConfig.model_validate({"sdpo_compat": True, name: clip})
+    assert LossConfig(sdpo_compat=False, rollout_ratio_clip=1.5).rollout_ratio_clip == 1.5
+    with pytest.raises(ValidationError, match="sdpo_compat"):
+        LossConfig.model_validate({"sdpo_compat": "perhaps"})
+    with pytest.raises(ValidationError) as raised:
+        TrialConfig.model_validate({"loss": {"sdpo_compat": True, "rollout_ratio_clip": 3.0}})
+    assert format_validation_error(raised.value).startswith("loss.sdpo_compat turns on the SDPO reference's rollout")
 
 
 def test_a_trial_folder_written_under_old_setting_names_resumes(tmp_path):

@@ -1,6 +1,6 @@
 """The OPSD losses against independent computations written here: explicit softmax, categories built by hand
 with Python loops, hand-computed numbers, and invariances (k = V is full KL, alpha = 0 is forward KL,
-chunked equals plain, masked positions are inert)."""
+chunked equals plain, masked positions are inert); `sdpo_compat` against a port of the SDPO reference's loss."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from trainer.aggregation import aggregate, combine_masks, minibatch_normalizer
+from trainer.aggregation import aggregate, combine_masks, micro_batch_normalizers, minibatch_normalizer
 from trainer.config import LossConfig
 from trainer.losses import (
     distillation_divergence,
@@ -545,3 +545,174 @@ def test_bad_options_raise():
                 dict(divergence="jsd", alpha=1.5), dict(temperature=0.0), dict(chunk_size=0)):
         with pytest.raises(ValueError):
             distillation_divergence(student, teacher, **{**base, **bad})
+
+
+# ---------------------------------------------------------------- SDPO compatibility (loss.sdpo_compat)
+# A port of the SDPO reference's loss (lasgroup/SDPO), written here from its description on full-vocabulary
+# probabilities: top-k + tail distillation with the tail 1 - sum p_topk never below 1 - exp(-1e-7)
+# (verl/trainer/ppo/core_algos.py, compute_self_distillation_loss), the IS ratio exp(logp - logp_old) truncated at
+# is_clip, the token-level rollout weight exp(logp_old - logp_rollout) truncated at 2 and detached
+# (verl/trainer/ppo/rollout_corr_helper.py), each micro-batch's token mean over its kept tokens, scaled by
+# 1 / (micro-batches per mini-batch) (verl/workers/actor/dp_actor.py).
+def sdpo_port_categories(logits, top_ids, temperature):
+    """[..., V] -> [..., k + 1]: the top-k probabilities and the reference's floored tail."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    top = probs.gather(-1, top_ids)
+    mass = top.sum(-1, keepdim=True)
+    smallest_tail = -math.expm1(-1e-7)
+    # where the top-k mass exceeds exp(-1e-7) the reference's tail is the constant floor (no gradient)
+    tail = torch.where(mass > math.exp(-1e-7), torch.full_like(mass, smallest_tail), 1.0 - mass)
+    return torch.cat([top, tail], dim=-1)
+
+
+def sdpo_port_per_token(student, teacher, *, divergence, alpha, top_k, temperature):
+    ids = student.detach().topk(top_k, dim=-1).indices
+    s = sdpo_port_categories(student, ids, temperature)
+    q = sdpo_port_categories(teacher.detach(), ids, temperature)
+    if divergence == "reverse_kl":
+        return (s * torch.log(s / q)).sum(-1)
+    if divergence == "forward_kl":
+        return (q * torch.log(q / s)).sum(-1)
+    m = alpha * q + (1 - alpha) * s
+    return alpha * (q * torch.log(q / m)).sum(-1) + (1 - alpha) * (s * torch.log(s / m)).sum(-1)
+
+
+def sdpo_port_minibatch_loss(micro_batches, *, divergence, alpha, top_k, temperature, is_clip, rollout_clip):
+    total = 0.0
+    for mb in micro_batches:
+        per_token = sdpo_port_per_token(mb["student"], mb["teacher"], divergence=divergence, alpha=alpha,
+                                        top_k=top_k, temperature=temperature)
+        logp = torch.log_softmax(mb["student"] / temperature, dim=-1).gather(-1, mb["ids"].unsqueeze(-1)).squeeze(-1)
+        # on-policy (the first mini-batch) the reference's old log-probs are the current ones: ratio 1
+        old = logp.detach() if mb["old"] is None else mb["old"]
+        ratio = torch.exp((logp - old).detach().clamp(-20, 20)).clamp(max=is_clip)
+        rollout_weight = torch.exp((old - mb["rollout"]).clamp(-20, 20)).clamp(max=rollout_clip).detach()
+        kept = mb["mask"].to(F64) * mb["sample_mask"].to(F64).unsqueeze(-1)
+        total = total + (per_token * ratio * rollout_weight * kept).sum() / kept.sum().clamp(min=1)
+    return total / len(micro_batches)
+
+
+def sdpo_case(top_k=3, vocab=6, temperature=0.8):
+    """One rank's mini-batch of two micro-batches with 3 and 8 kept tokens, where every convention matters:
+    a position whose student tail is ~1e-20 (teacher diffuse), one whose teacher tail on the student's top-k is
+    ~1e-20 (student diffuse), rollout and IS log-ratios above log 2, and a dropped sample."""
+    lengths = ([1, 2], [4, 4, 3])
+    micro_batches = []
+    for index, rows in enumerate(lengths):
+        width = max(rows)
+        student = make_logits(len(rows), width, vocab, seed=60 + index)
+        teacher = make_logits(len(rows), width, vocab, seed=70 + index)
+        ids = torch.randint(0, vocab, (len(rows), width), generator=torch.Generator().manual_seed(80 + index))
+        mask = torch.tensor([[t < n for t in range(width)] for n in rows])
+        micro_batches.append(dict(student=student, teacher=teacher, ids=ids, mask=mask,
+                                  sample_mask=torch.ones(len(rows))))
+    a, b = micro_batches
+    a["student"][1, 1] = torch.tensor([40.0, 39.0, 38.0, -10.0, -11.0, -12.0], dtype=F64) * temperature
+    b["teacher"][0, 2] = torch.where(b["student"][0, 2] >= b["student"][0, 2].topk(top_k).values[-1], 40.0, -10.0)
+    b["sample_mask"] = torch.tensor([1.0, 0.0, 1.0])  # 4 + 3 kept tokens (and the dropped row's 4 are not)
+    for mb, offsets_seed in zip(micro_batches, (90, 91)):
+        current = token_logps(mb["student"], mb["ids"], temperature=temperature)
+        mb["old"] = None
+        mb["rollout"] = current - 0.8 * make_logits(*mb["ids"].shape, seed=offsets_seed, scale=1.0)
+    # the second micro-batch as if a mini-batch had already updated the student: an IS ratio applies
+    b["old"] = token_logps(b["student"], b["ids"], temperature=temperature) - 0.8 * make_logits(3, 4, seed=92,
+                                                                                                   scale=1.0)
+    b["rollout"] = b["old"] - 0.8 * make_logits(3, 4, seed=93, scale=1.0)
+    return micro_batches
+
+
+def run_minibatch(micro_batches, cfg, *, sdpo_compat_normalizers, temperature, chunk_size=None):
+    """This project's loss of the mini-batch (summed over micro-batches) and each micro-batch's gradient."""
+    def kept_lengths(mb):
+        return [int(n) for n, keep in zip(mb["mask"].sum(-1), mb["sample_mask"]) if keep]
+
+    normalizers = micro_batch_normalizers([n for mb in micro_batches for n in kept_lengths(mb)],
+                                          [kept_lengths(mb) for mb in micro_batches], mode=cfg.aggregation,
+                                          sdpo_compat=sdpo_compat_normalizers)
+    students = [mb["student"].clone().requires_grad_(True) for mb in micro_batches]
+    options = {**cfg.model_dump(), "chunk_size": chunk_size}
+    total = sum(opsd_loss(s, mb["teacher"], mb["ids"], mb["mask"], mb["sample_mask"], **options,
+                          temperature=temperature, normalizer=normalizer, old_logps=mb["old"],
+                          rollout_logps=mb["rollout"])[0]
+                for s, mb, normalizer in zip(students, micro_batches, normalizers))
+    return total.detach(), torch.autograd.grad(total, students)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("divergence,alpha", DIVERGENCES)
+def test_sdpo_compat_matches_a_port_of_the_reference_and_the_default_differs(divergence, alpha, chunk_size):
+    temperature = 0.8
+    micro_batches = sdpo_case(temperature=temperature)
+    compat = LossConfig(sdpo_compat=True, divergence=divergence, jsd_alpha=alpha, top_k=3)
+    assert compat.rollout_ratio_clip == 2.0 and compat.importance_ratio_clip == 2.0
+
+    students = [mb["student"].clone().requires_grad_(True) for mb in micro_batches]
+    port = sdpo_port_minibatch_loss([{**mb, "student": s} for mb, s in zip(micro_batches, students)],
+                                    divergence=divergence, alpha=alpha, top_k=3, temperature=temperature,
+                                    is_clip=2.0, rollout_clip=2.0)
+    port_grads = torch.autograd.grad(port, students)
+    port = port.detach()
+
+    loss, grads = run_minibatch(micro_batches, compat, sdpo_compat_normalizers=True, temperature=temperature,
+                                chunk_size=chunk_size)
+    torch.testing.assert_close(loss, port, rtol=1e-9, atol=1e-12)
+    for got, want in zip(grads, port_grads):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+
+    # The default (exact tail, true mini-batch token mean) differs here, and so does each convention alone:
+    # the tail by nats for the KLs; the mixture JSD is bounded by log 2, and a tail of 1e-20 or 1e-7 beside
+    # the other side's real mass barely moves it (the floor still shows, far above rounding).
+    default = LossConfig(divergence=divergence, jsd_alpha=alpha, top_k=3, rollout_ratio_clip=2.0)
+    tail_difference = 1e-9 if divergence == "jsd" else 1e-2
+    for cfg, compat_normalizers, at_least in ((default, False, 1e-2), (default, True, tail_difference),
+                                              (compat, False, 1e-2)):
+        other, _ = run_minibatch(micro_batches, cfg, sdpo_compat_normalizers=compat_normalizers,
+                                 temperature=temperature, chunk_size=chunk_size)
+        assert abs(float(other) - port.item()) > at_least * abs(port.item())
+
+
+@pytest.mark.parametrize("divergence,alpha", DIVERGENCES)
+def test_the_floored_tail_is_the_exact_one_above_the_floor_and_differs_below(divergence, alpha):
+    student = make_logits(2, 3, 8, seed=94)
+    teacher = make_logits(2, 3, 8, seed=95)
+    kwargs = dict(divergence=divergence, support="topk_tail", top_k=3, alpha=alpha, temperature=1.0)
+    floored = distillation_divergence(student, teacher, tail="floored", **kwargs)
+    torch.testing.assert_close(floored, distillation_divergence(student, teacher, **kwargs), rtol=1e-12, atol=1e-13)
+    # A student tail of ~1e-20 under a diffuse teacher and a teacher tail of ~1e-20 under a diffuse student:
+    # the floor changes either KL by ~34 nats x the diffuse side's tail; the mixture JSD by far less.
+    student[0, 0] = torch.tensor([40.0, 39.0, 38.0, -10.0, -11.0, -12.0, -13.0, -14.0], dtype=F64)
+    teacher[1, 1] = torch.where(student[1, 1] >= student[1, 1].topk(3).values[-1], 40.0, -10.0)
+    floored = distillation_divergence(student, teacher, tail="floored", **kwargs)
+    exact = distillation_divergence(student, teacher, **kwargs)
+    want = sdpo_port_per_token(student, teacher, divergence=divergence, alpha=alpha, top_k=3, temperature=1.0)
+    torch.testing.assert_close(floored, want, rtol=1e-10, atol=1e-12)
+    assert float((exact - floored).abs().max()) > (1e-9 if divergence == "jsd" else 0.5)
+    with pytest.raises(ValueError):
+        distillation_divergence(student, teacher, tail="clamped", **kwargs)
+
+
+def test_micro_batch_normalizers_by_hand():
+    # One mini-batch over two ranks: kept response lengths 3, 0, 5 (this rank's two micro-batches) and 2, 6.
+    whole = [3, 0, 5, 2, 6]
+    mine = [[3], [0, 5]]
+    assert micro_batch_normalizers(whole, mine, mode="token_mean", world_size=2) == [8.0, 8.0]
+    assert micro_batch_normalizers(whole, mine, mode="seq_mean_token_mean", world_size=2) == [2.0, 2.0]
+    # SDPO: each micro-batch's own count times the rank's 2 micro-batches; the ranks' average does the rest
+    assert micro_batch_normalizers(whole, mine, mode="token_mean", world_size=2, sdpo_compat=True) == [6.0, 10.0]
+    assert micro_batch_normalizers(whole, mine, mode="seq_mean_token_sum", world_size=2, sdpo_compat=True) == [2.0, 2.0]
+    # a micro-batch with nothing kept divides by 1 x 3 (its loss is 0), never by 0
+    assert micro_batch_normalizers([4], [[4], [], [0]], mode="token_mean", sdpo_compat=True) == [12.0, 3.0, 3.0]
+
+
+def test_sdpo_compat_normalizers_give_the_mean_of_micro_batch_token_means():
+    per_token = make_logits(5, 4, seed=96)
+    lengths = [1, 4, 2, 4, 3]
+    mask = torch.tensor([[t < n for t in range(4)] for n in lengths])
+    micro_rows = [[0], [1, 2], [3, 4]]
+    normalizers = micro_batch_normalizers(lengths, [[lengths[i] for i in rows] for rows in micro_rows],
+                                          mode="token_mean", sdpo_compat=True)
+    summed = sum(aggregate(per_token[rows], mask[rows], mode="token_mean", normalizer=n)
+                 for rows, n in zip(micro_rows, normalizers))
+    means = [aggregate(per_token[rows], mask[rows], mode="token_mean") for rows in micro_rows]
+    torch.testing.assert_close(summed, sum(means) / 3, rtol=1e-12, atol=1e-14)
+    assert abs(float(summed) - float(aggregate(per_token, mask, mode="token_mean"))) > 1e-2
