@@ -79,12 +79,18 @@ def _line_law(res: RegressionResultsWrapper, points: pd.DataFrame, n_trials: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         pvalues = np.asarray(res.pvalues, dtype=float)
+    r2 = None
+    if np.ptp(res.model.endog) > 0:
+        r2 = float(res.rsquared)
+    else:  # R² = 1 - SSR/SS_tot, and SS_tot is 0 (or float rounding of 0)
+        not_computed["r2"] = not_computed["loo"] = (
+            "every configuration improved by the same amount: there is no variation for the gap to explain")
     return LineLaw(
         slope=float(res.params[1]), intercept=float(res.params[0]),
         slope_ci=(float(ci[1, 0]), float(ci[1, 1])), intercept_ci=(float(ci[0, 0]), float(ci[0, 1])),
         slope_se=float(res.bse[1]), intercept_se=float(res.bse[0]),
         slope_p=float(pvalues[1]), intercept_p=float(pvalues[0]),
-        r2=float(res.rsquared), loo_r2=loo.r2, loo_rmse=loo.rmse,
+        r2=r2, loo_r2=loo.r2 if "loo" not in not_computed else None, loo_rmse=loo.rmse,
         df_resid=float(res.df_resid), residual_var=float(res.scale),
         coef_cov=((float(cov[0, 0]), float(cov[0, 1])), (float(cov[1, 0]), float(cov[1, 1]))),
         leave_one_size_out=by_size, not_computed=not_computed, **_base_fields(points, n_trials),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -61,6 +63,17 @@ def test_points_exactly_on_a_line_give_the_line_r2_one_and_perfect_loo():
     assert line.loo_rmse == pytest.approx(0.0, abs=1e-12)
     assert line.slope_ci[0] == pytest.approx(0.7, abs=1e-9) and line.slope_ci[1] == pytest.approx(0.7, abs=1e-9)
     assert (line.n_configs, line.n_trials, line.n_points) == (5, 10, 5)
+
+
+def test_identical_improvements_give_a_flat_line_and_no_r2_without_warnings():
+    # A demo-sized sweep can end with every configuration improved by exactly the same amount.
+    trials = trials_from([(f"c{i}", [g], [0.047]) for i, g in enumerate([0.0, 0.04, 0.08])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        line = fit_law(completed_trials(trials)).law.families["fam"]
+    assert line.slope == pytest.approx(0.0, abs=1e-12) and line.intercept == pytest.approx(0.047, abs=1e-12)
+    assert line.r2 is None and line.loo_r2 is None
+    assert "improved by the same amount" in line.not_computed["r2"]
 
 
 def test_hand_computed_four_point_example():
