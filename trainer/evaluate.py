@@ -112,6 +112,14 @@ def grade_on_all_tests(grader: Grader, problems: Sequence[Problem], rollouts: Se
                               for problem, r in zip(problems, rollouts)])
 
 
+def validation_is_train_time_decoding(cfg: TrialConfig) -> bool:
+    """Whether the student's validation sample (`eval.n_samples` at `eval.temperature`, `eval.top_p`) is drawn
+    exactly as its train-time attempts of the gap are (`eval.teacher_n_samples` at `eval.teacher_temperature`,
+    `rollout.top_p`), so that one sample serves both."""
+    return (cfg.eval.n_samples, cfg.eval.temperature, cfg.eval.top_p) == (
+        cfg.eval.teacher_n_samples, cfg.eval.teacher_temperature, cfg.rollout.top_p)
+
+
 def evaluate(trial: TrialRuntime) -> dict[str, Any]:
     """Student and self-teacher accuracy on the validation problems (rank 0); the engine holds the student's
     weights before and after the call."""
@@ -123,16 +131,20 @@ def evaluate(trial: TrialRuntime) -> dict[str, Any]:
     # model that has not changed scores exactly what it scored before.
     seed = trial.sampling_seed(0, "eval")
 
-    # Student at the validation decoding, graded on every test.
-    groups = trial.engine.generate(prompts, n=cfg.eval.n_samples, temperature=cfg.eval.temperature,
-                                   top_p=cfg.eval.top_p, max_tokens=eval_max_tokens(cfg), seed=seed)
-    verdicts = grade_on_all_tests(trial.grader, [p for p in problems for _ in range(cfg.eval.n_samples)],
-                                  [r for group in groups for r in group])
-    student_acc, student_frac = _scores(verdicts)
-
     # Student at train-time decoding: graded on all tests (its accuracy) and on the train tests (feedback).
     attempts = sample_student_attempts(trial.engine, trial.grader, cfg, problems, prompts, seed=seed + 1)
     student_acc_t1, student_frac_t1 = _scores(attempts.verdicts)
+
+    # Student at the validation decoding, graded on every test; when that decoding is the train-time one, the
+    # attempts above are already such a sample, and a second would only cost time.
+    if validation_is_train_time_decoding(cfg):
+        student_acc, student_frac = student_acc_t1, student_frac_t1
+    else:
+        groups = trial.engine.generate(prompts, n=cfg.eval.n_samples, temperature=cfg.eval.temperature,
+                                       top_p=cfg.eval.top_p, max_tokens=eval_max_tokens(cfg), seed=seed)
+        verdicts = grade_on_all_tests(trial.grader, [p for p in problems for _ in range(cfg.eval.n_samples)],
+                                      [r for group in groups for r in group])
+        student_acc, student_frac = _scores(verdicts)
 
     # The self-teacher answers once per context built from the student's graded attempt.
     teacher_prompts, _ = teacher_prompts_for_attempts(trial.tokenizer, attempts, context=cfg.context,
