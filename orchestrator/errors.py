@@ -11,3 +11,10 @@ class SweepError(ValueError):
 
 class TrialFailed(RuntimeError):
     """A trial's process ended without finishing; Ray Tune retries the trial (FailureConfig)."""
+
+
+class SweepStopped(RuntimeError):
+    """Ray Tune's driver itself failed (not one trial); the message says where the traceback is and how to
+    continue."""
+
+    user_facing = True

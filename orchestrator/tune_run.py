@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
-from orchestrator.errors import SweepError
+from orchestrator.errors import SweepError, SweepStopped
 from orchestrator.sweep_state import SMALL_FILES_SKIP, SweepState
 from orchestrator.sweep_status import status_table, sweep_status
 
@@ -40,6 +40,10 @@ def init_ray(state: SweepState, address: str | None, *, num_cpus: int | None = N
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # Ray's memory monitor kills a trainable's worker when the node runs low, and Tune then stops the whole
+        # sweep (an OutOfMemoryError it does not retry). A trial's memory is its `opsd trial` process, which the
+        # kernel's OOM killer takes first; the trainable sees that process fail, and Tune retries the trial.
+        os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kwargs)
     _send_ray_logs_to(state.dir / "driver.log")  # ray.init empties the "ray" logger's handlers
 
@@ -140,6 +144,12 @@ def run_sweep(state: SweepState, *, address: str | None = None, allow_pending: b
             thread.start()
             try:
                 grid = tuner.fit()
+            except Exception as err:  # the driver's own failure; a trial's failures are retried inside fit()
+                logging.getLogger("ray.tune").exception("Ray Tune stopped the sweep")
+                first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise SweepStopped(
+                    f"Ray Tune stopped the sweep: {first_line} (traceback in {state.dir / 'driver.log'}); "
+                    f"`opsd sweep resume {state.dir}` continues it") from err
             finally:
                 stop.set()
                 thread.join()

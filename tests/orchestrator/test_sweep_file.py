@@ -199,3 +199,32 @@ def test_plan_uses_a_finished_trial_of_the_same_model(tmp_path):
     assert first.device_hours == pytest.approx(trial_tokens(ref_point) * seconds_per_token * cpus / 3600)
     # Another model has no finished trial: the per-token model, said so.
     assert estimates[-1].source == "per-token model"
+
+
+def test_a_failure_of_tune_itself_is_one_line_with_the_way_to_continue(tmp_path, monkeypatch):
+    """Tune stops the whole fit() on errors it does not retry (e.g. an OutOfMemoryError of Ray's memory
+    monitor): `opsd sweep run` says so in one line, keeps the traceback in driver.log, and names `resume`."""
+    import logging
+
+    import orchestrator.tune_run as tune_run
+    from orchestrator.errors import SweepStopped
+
+    class StoppedTuner:
+        def fit(self):
+            raise RuntimeError("Caught unexpected exception: 1 worker(s) were killed due to the node running low "
+                               "on memory.\nOOM kill reason: ...")
+
+    sweep_file = write(tmp_path, base(tmp_path))
+    sweep, points = load_sweep(sweep_file)
+    state = prepare_sweep_dir(sweep, points, sweep_dir_of(sweep), sweep_file)
+    monkeypatch.setattr(tune_run, "init_ray", lambda state, *a, **k: tune_run._send_ray_logs_to(state.dir / "driver.log"))
+    monkeypatch.setattr(tune_run, "build_tuner", lambda state: (StoppedTuner(), False))
+    monkeypatch.setattr(tune_run, "_concurrency", lambda state: 1)
+    with pytest.raises(SweepStopped) as err:
+        tune_run.run_sweep(state, allow_pending=True)
+    for handler in logging.getLogger("ray.tune").handlers:
+        handler.flush()
+    message = str(err.value)
+    assert "\n" not in message and "killed due to the node running low on memory" in message
+    assert f"opsd sweep resume {state.dir}" in message
+    assert "OOM kill reason" in (state.dir / "driver.log").read_text()
