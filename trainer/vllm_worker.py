@@ -4,7 +4,7 @@ vLLM imports this module inside its worker processes; keep it free of heavy impo
 Weights go through `model_runner.reload_weights`, not `model.load_weights`: on the CPU backend the loaded
 weights are repacked into kernel layouts, and only the reload path re-runs that processing. Within one
 reload call a fused layer (q/k/v, gate/up) is processed once all its parts arrived, so a call must carry
-every part of each fused layer it touches (`trainer.rollout` groups tensors by decoder layer).
+every part of each fused layer it touches (`trainer.weight_push` groups tensors by decoder layer).
 """
 
 from __future__ import annotations
