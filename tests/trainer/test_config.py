@@ -80,7 +80,8 @@ def test_gpu_only_rollout_settings_are_refused_on_cpu():
         TrialConfig.model_validate({"rollout": {"sleep_between_phases": True}})
     with pytest.raises(ValidationError, match="weight_sync"):
         TrialConfig.model_validate({"device": "cuda", "rollout": {"weight_sync": "nccl"}})
-    gpu = TrialConfig.model_validate({"device": "cuda", "rollout": {"weight_sync": "cuda_ipc", "sleep_between_phases": True}})
+    gpu = TrialConfig.model_validate({"device": "cuda",
+                                      "rollout": {"weight_sync": "cuda_ipc", "sleep_between_phases": True}})
     assert (gpu.rollout.weight_sync, gpu.rollout.sleep_between_phases) == ("cuda_ipc", True)
     # the defaults are the path the CPU tests run, on either device
     assert (TrialConfig().rollout.weight_sync, TrialConfig().rollout.sleep_between_phases) == ("shared_file", False)

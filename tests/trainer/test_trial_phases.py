@@ -34,8 +34,9 @@ class RecordingEngine:
         self._gen = torch.Generator().manual_seed(0)
 
     def _whose(self, pushed: dict[str, torch.Tensor]) -> str:
-        for who, weights in (("teacher", self.teacher.named_weights()), ("student", self.student.named_full_parameters())):
-            weights = dict(weights)
+        for who, weights in (("teacher", self.teacher.named_weights),
+                             ("student", self.student.named_full_parameters)):
+            weights = dict(weights())
             if list(weights) == list(pushed) and all(torch.equal(weights[n], pushed[n]) for n in pushed):
                 return who
         return "neither"
@@ -78,7 +79,8 @@ def runtime(tiny_model_dir, *, sleep_between_phases: bool) -> TrialRuntime:
         "optim": {"lr": 1e-3, "mini_batch_size": 4, "micro_batch_size": 2},
         "teacher": {"ema_rate": 0.5}, "eval": {"n_samples": 1, "teacher_n_samples": 1}})
     # The setting as a GPU trial has it (the config refuses it on CPU); the student still trains on the CPU.
-    cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"sleep_between_phases": sleep_between_phases})})
+    rollout = cfg.rollout.model_copy(update={"sleep_between_phases": sleep_between_phases})
+    cfg = cfg.model_copy(update={"rollout": rollout})
     tokenizer = load_tokenizer(tiny_model_dir)
     problems = load_problems(cfg.data)
     split = make_split(problems, cfg.data)
