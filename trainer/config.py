@@ -27,6 +27,7 @@ from trainer.options import (
     SplitKind,
     Support,
     Truncation,
+    WeightSync,
     ZeroStage,
 )
 
@@ -135,6 +136,13 @@ class RolloutConfig(_Section):
     max_prompt_tokens: int = Field(4096, gt=0, description="Problems whose student prompt is longer are dropped.")
     gpu_memory_utilization: float = Field(0.45, gt=0, lt=1, description="vLLM's share of a GPU when colocated.")
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    weight_sync: WeightSync = Field(
+        "shared_file", description="How new weights reach vLLM: 'shared_file' (safetensors in /dev/shm, a bucket at a "
+        "time; every device, the path the CPU tests run) or 'cuda_ipc' (handles of the trainer's GPU tensors, no host "
+        "copy; GPU only, engine and trainer on one node).")
+    sleep_between_phases: bool = Field(
+        False, description="Free vLLM's GPU memory (weights offloaded to the host, KV cache dropped) while the "
+        "trainer runs; the weight push wakes it. GPU only.")
     code_block: CodeBlock = Field("longest", description="Which fenced block of a response is the program.")
 
 
@@ -262,6 +270,10 @@ class TrialConfig(_Section):
             raise ValueError("optim.micro_batch_size must not exceed optim.mini_batch_size")
         if self.deepspeed.bf16 and self.device == "cpu" and self.model.dtype != "bfloat16":
             raise ValueError("deepspeed.bf16 on CPU needs model.dtype 'bfloat16'")
+        if self.device == "cpu" and self.rollout.weight_sync == "cuda_ipc":
+            raise ValueError("rollout.weight_sync 'cuda_ipc' needs device 'cuda'; on CPU use 'shared_file'")
+        if self.device == "cpu" and self.rollout.sleep_between_phases:
+            raise ValueError("rollout.sleep_between_phases needs device 'cuda' (vLLM has no sleep mode on CPU)")
         return self
 
 

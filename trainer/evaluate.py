@@ -121,8 +121,11 @@ def validation_is_train_time_decoding(cfg: TrialConfig) -> bool:
 
 
 def evaluate(trial: TrialRuntime) -> dict[str, Any]:
-    """Student and self-teacher accuracy on the validation problems (rank 0); the engine holds the student's
-    weights before and after the call."""
+    """Student and self-teacher accuracy on the validation problems (rank 0).
+
+    The engine holds the student's weights when called; the self-teacher's turn comes last and leaves its
+    weights there, for the caller to push the student's back (every rank: under ZeRO-3 that read is
+    collective, and no rank keeps a copy of the student during the evaluation)."""
     cfg = trial.cfg
     problems = list(trial.split.val)
     prompts = [trial.prompt_ids[p.id] for p in problems]
@@ -146,14 +149,6 @@ def evaluate(trial: TrialRuntime) -> dict[str, Any]:
                                       [r for group in groups for r in group])
         student_acc, student_frac = _scores(verdicts)
 
-    # The self-teacher answers once per context built from the student's graded attempt.
-    teacher_prompts, _ = teacher_prompts_for_attempts(trial.tokenizer, attempts, context=cfg.context,
-                                                      hints=trial.hints, thinking=cfg.model.thinking)
-    with trial.teacher_weights_in_engine():
-        teacher_rollouts = sample_teacher(trial.engine, cfg, teacher_prompts, seed=seed + 2)
-    teacher_verdicts = grade_on_all_tests(trial.grader, attempts.response_problems(), teacher_rollouts)
-    teacher_acc, teacher_frac = _scores(teacher_verdicts)
-
     ref_logp = {}
     if all((p.solution or "").strip() for p in problems):
         solutions = hints_from_reference_solutions(problems)
@@ -161,6 +156,14 @@ def evaluate(trial: TrialRuntime) -> dict[str, Any]:
             (trial.prompt_ids[p.id], trial.tokenizer(solutions[p.id], add_special_tokens=False)["input_ids"])
             for p in problems])
         ref_logp = {"student_ref_logp": mean_or_zero([mean_or_zero(logps) for logps in scored])}
+
+    # The self-teacher answers once per context built from the student's graded attempt.
+    teacher_prompts, _ = teacher_prompts_for_attempts(trial.tokenizer, attempts, context=cfg.context,
+                                                      hints=trial.hints, thinking=cfg.model.thinking)
+    trial.push_teacher_weights()
+    teacher_rollouts = sample_teacher(trial.engine, cfg, teacher_prompts, seed=seed + 2)
+    teacher_verdicts = grade_on_all_tests(trial.grader, attempts.response_problems(), teacher_rollouts)
+    teacher_acc, teacher_frac = _scores(teacher_verdicts)
 
     return {
         **ref_logp,

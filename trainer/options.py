@@ -10,6 +10,9 @@ from typing import Literal, get_args
 Device = Literal["cpu", "cuda"]
 Dtype = Literal["float32", "bfloat16"]
 ZeroStage = Literal[0, 1, 2, 3]
+# How the trainer's weights reach vLLM: a safetensors file in shared memory (every device; the tested path) or
+# CUDA IPC handles of the trainer's GPU tensors (GPU only, same node).
+WeightSync = Literal["shared_file", "cuda_ipc"]
 
 DataSource = Literal["humaneval", "livecodebench", "jsonl"]
 SplitKind = Literal["tests", "problems"]

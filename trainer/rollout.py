@@ -1,9 +1,10 @@
 """The rollout engine: vLLM sampling from the student, log-prob scoring, and weight pushes from the trainer.
 
-One class for CPU and GPU. What differs is small and named: on CPU the KV cache size comes from
-`VLLM_CPU_KVCACHE_SPACE`, weights travel through a safetensors file in shared memory, and sleep/wake are
-no-ops; on GPU weights travel as CUDA IPC handles (`_push_weights_cuda_ipc`) and sleep/wake free and
-restore the engine's GPU memory between the rollout and training phases.
+One class for CPU and GPU, and by default one code path: weights travel as safetensors files in shared memory
+(trainer/weight_push.py), which the CPU tests exercise. What differs on a GPU is small and named: the KV cache
+is a share of the GPU (`gpu_memory_utilization`) instead of `VLLM_CPU_KVCACHE_SPACE`, and two opt-in settings
+exist only there: `weight_sync="cuda_ipc"` (CUDA tensors travel as IPC handles) and `sleep_mode` (`sleep`
+frees the engine's GPU memory for the training phase; the next `push_weights` wakes it).
 
 vLLM starts engine processes with the "spawn" method: a script that creates a `RolloutEngine` at import
 time needs an `if __name__ == "__main__":` guard. Tests create engines inside fixtures, which is fine.
@@ -25,8 +26,6 @@ import gc
 import json
 import math
 import os
-import re
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -37,7 +36,8 @@ import psutil
 import torch
 
 from trainer.errors import RolloutError
-from trainer.options import Device, Dtype
+from trainer.options import Device, Dtype, WeightSync
+from trainer.weight_push import push_buckets
 
 WORKER_EXTENSION = "trainer.vllm_worker.WeightSyncExtension"
 
@@ -52,53 +52,38 @@ class Rollout:
     finish_reason: Literal["stop", "length"]
 
 
-_LAYER_RE = re.compile(r"^(.*?\blayers\.\d+)\.")
-
-
-def group_for_reload(named_tensors: Iterable[tuple[str, torch.Tensor]], *,
-                     bucket_bytes: int) -> Iterable[list[tuple[str, torch.Tensor]]]:
-    """Split checkpoint-named tensors into reload calls of about `bucket_bytes`, never splitting a decoder layer.
-
-    vLLM processes a fused layer (q/k/v, gate/up) once all its parts arrived within one reload call, so every
-    tensor of `...layers.N.` stays in the same bucket. Input order is kept (trainer state dicts are layer-major).
-    """
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    current_group = None
-    for name, tensor in named_tensors:
-        match = _LAYER_RE.match(name)
-        group = match.group(1) if match else name
-        if bucket and group != current_group and size >= bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += tensor.numel() * tensor.element_size()
-        current_group = group
-    if bucket:
-        yield bucket
-
-
 class RolloutEngine:
     """vLLM `LLM` holding the student's weights, with batched sampling, scoring and weight pushes."""
 
     def __init__(self, model_path: str | Path, *, dtype: Dtype = "float32", seed: int = 0,
                  max_model_len: int = 4096, device: Device = "cpu", kv_cache_gib: float = 1.0,
                  gpu_memory_utilization: float = 0.45, enforce_eager: bool = True,
-                 push_bucket_gib: float = 1.0) -> None:
+                 push_bucket_gib: float = 1.0, weight_sync: WeightSync = "shared_file",
+                 sleep_mode: bool = False) -> None:
         """Start the engine (tens of seconds on CPU).
 
         kv_cache_gib: KV cache on CPU; vLLM's CPU backend reads it as whole GiB (`VLLM_CPU_KVCACHE_SPACE`,
             set here for the engine processes), so it is rounded up. Ignored on GPU.
         gpu_memory_utilization: vLLM's share of the GPU when colocated with the trainer. Ignored on CPU.
         enforce_eager: skip CUDA graphs / torch.compile; start-up is much faster and rollout batches vary.
-        push_bucket_gib: weights per reload call in `push_weights` (decoder layers are never split).
+        push_bucket_gib: weights per reload call in `push_weights` (decoder layers are never split); the host
+            memory a 'shared_file' push costs.
+        weight_sync: 'shared_file' (any device) or 'cuda_ipc' (GPU only; host tensors still go by file).
+        sleep_mode: let `sleep` free the engine's GPU memory between phases (GPU only).
         max_model_len is capped at the model's own `max_position_embeddings` (vLLM refuses a longer one).
         """
         from vllm import LLM
 
         if device not in ("cpu", "cuda"):
             raise RolloutError(f"device must be 'cpu' or 'cuda', not {device!r}")
+        if weight_sync not in ("shared_file", "cuda_ipc"):
+            raise RolloutError(f"weight_sync must be 'shared_file' or 'cuda_ipc', not {weight_sync!r}")
+        if device == "cpu" and (weight_sync == "cuda_ipc" or sleep_mode):
+            raise RolloutError("weight_sync 'cuda_ipc' and sleep_mode need device 'cuda'")
         self.device = device
+        self.weight_sync = weight_sync
+        self.sleep_mode = sleep_mode
+        self._asleep = False
         self.dtype = dtype
         self.model_path = Path(model_path)
         model_limit = json.loads((self.model_path / "config.json").read_text()).get("max_position_embeddings")
@@ -112,7 +97,8 @@ class RolloutEngine:
             # prompt is prefilled in chunks; whole prefills avoid the code path and keep seeds exact.
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
         elif device == "cuda":
-            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+            # Sleep mode puts the engine's memory under vLLM's own allocator; only asked for when it is used.
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep_mode)
         children_before = {p.pid for p in psutil.Process().children(recursive=True)}
         started = time.perf_counter()
         self.llm = LLM(
@@ -140,7 +126,7 @@ class RolloutEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        self._check_open()
+        self._check_awake()
         if n < 1 or max_tokens < 1:
             raise RolloutError(f"generate needs n >= 1 and max_tokens >= 1 (got n={n}, max_tokens={max_tokens})")
         if not prompts:
@@ -171,7 +157,7 @@ class RolloutEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        self._check_open()
+        self._check_awake()
         for prompt, completion in sequences:
             if not prompt or not completion:
                 raise RolloutError("score needs a non-empty prompt and completion")
@@ -194,75 +180,25 @@ class RolloutEngine:
         """Replace the engine's weights with checkpoint-named tensors (e.g. the trainer's `named_parameters()`).
 
         Tensors may be a subset of the model (untouched layers keep their weights) but must hold every part of
-        each decoder layer they touch. Prefix-cached KV entries are dropped after the push. Returns metrics.
+        each decoder layer they touch; they may live on any device. Prefix-cached KV entries are dropped after
+        the push. A sleeping engine is woken: its weights first, so that the KV cache's memory is taken back
+        only once the push's transient copies are gone. Returns metrics.
         """
         self._check_open()
         started = time.perf_counter()
-        if self.device == "cuda":
-            n_tensors, n_bytes = self._push_weights_cuda_ipc(named_tensors)
-        elif self.device == "cpu":
-            n_tensors, n_bytes = self._push_weights_shm(named_tensors)
-        else:
-            raise RolloutError(f"unknown device {self.device!r}")
+        asleep = self._asleep
+        if asleep:
+            self.llm.wake_up(tags=["weights"])
+        metrics = push_buckets(self.llm.collective_rpc, named_tensors, weight_sync=self.weight_sync,
+                               dtype=self._engine_dtype(), bucket_bytes=self._push_bucket_bytes)
+        if asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
         self.llm.reset_prefix_cache()
-        return {"push/seconds": time.perf_counter() - started, "push/tensors": float(n_tensors),
-                "push/gib": n_bytes / 2**30}
+        return {"push/seconds": time.perf_counter() - started, **metrics}
 
     def _engine_dtype(self) -> torch.dtype:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
-
-    def _push_weights_shm(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[int, int]:
-        """CPU path: each bucket is written as a safetensors file in /dev/shm and loaded by the worker."""
-        from safetensors.torch import save_file
-
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        dtype = self._engine_dtype()
-        n_tensors = n_bytes = 0
-        for bucket in group_for_reload(named_tensors, bucket_bytes=self._push_bucket_bytes):
-            tensors, seen = {}, set()
-            for name, t in bucket:
-                t = t.detach().to("cpu", dtype).contiguous()
-                if t.data_ptr() in seen:  # tied weights (a state dict's lm_head.weight): safetensors wants copies
-                    t = t.clone()
-                seen.add(t.data_ptr())
-                tensors[name] = t
-            fd, path = tempfile.mkstemp(prefix="opsd-weights-", suffix=".safetensors", dir=shm)
-            os.close(fd)
-            try:
-                save_file(tensors, path)
-                loaded = self.llm.collective_rpc("opsd_reload_weights_from_file", args=(path,))
-            finally:
-                os.unlink(path)
-            if any(count != len(tensors) for count in loaded):
-                raise RolloutError(f"weight push: workers loaded {loaded} of {len(tensors)} tensors")
-            n_tensors += len(tensors)
-            n_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
-        return n_tensors, n_bytes
-
-    def _push_weights_cuda_ipc(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[int, int]:
-        """GPU path, not exercised by the CI of this project (no GPU there): CUDA IPC handles per bucket.
-
-        The trainer's tensors stay on its GPU; each vLLM worker on the same node opens them through the handle
-        and copies them in `reload_weights`. Tensors are cast to the engine dtype first (a transient copy).
-        Engines on other nodes need an NCCL broadcast instead, which this project does not implement.
-        """
-        import pickle
-
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        dtype = self._engine_dtype()
-        n_tensors = n_bytes = 0
-        for bucket in group_for_reload(named_tensors, bucket_bytes=self._push_bucket_bytes):
-            tensors = [(name, t.detach().to(dtype).contiguous()) for name, t in bucket]
-            payload = pickle.dumps([(name, reduce_tensor(t)) for name, t in tensors])
-            loaded = self.llm.collective_rpc("opsd_reload_weights_from_ipc", args=(payload,))
-            torch.cuda.synchronize()
-            if any(count != len(tensors) for count in loaded):
-                raise RolloutError(f"weight push: workers loaded {loaded} of {len(tensors)} tensors")
-            n_tensors += len(tensors)
-            n_bytes += sum(t.numel() * t.element_size() for _, t in tensors)
-            del tensors, payload
-        return n_tensors, n_bytes
 
     def process_ids(self) -> list[int]:
         """Process ids of every process the engine started (engine core and workers)."""
@@ -275,19 +211,27 @@ class RolloutEngine:
 
     # -- memory phases ----------------------------------------------------------------------------------
     def sleep(self) -> None:
-        """Free the engine's GPU memory (weights offloaded, KV cache dropped) while the trainer runs.
+        """Free the engine's GPU memory for the training phase (weights offloaded to the host, KV cache dropped).
 
-        On CPU a no-op: vLLM's CPU backend has no sleep mode, and the engine's memory is ordinary host memory.
+        Only with `sleep_mode` (GPU); otherwise a no-op. Level 1 keeps a host copy of the weights, so waking
+        restores a working engine even when a push covers only some layers. Until the next `push_weights` or
+        `wake_up`, sampling and scoring raise RolloutError.
         """
         self._check_open()
-        if self.device == "cuda":
+        if self.sleep_mode and not self._asleep:
             self.llm.sleep(level=1)
+            self._asleep = True
 
     def wake_up(self) -> None:
-        """Restore the engine after `sleep` (GPU); a no-op on CPU."""
+        """Restore a sleeping engine (weights and KV cache); a no-op when it is awake."""
         self._check_open()
-        if self.device == "cuda":
+        if self._asleep:
             self.llm.wake_up()
+            self._asleep = False
+
+    @property
+    def asleep(self) -> bool:
+        return self._asleep
 
     def close(self, timeout: float = 30.0) -> None:
         """Shut down the engine's processes and wait until they have ended (killed after `timeout` s).
@@ -312,6 +256,11 @@ class RolloutEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise RolloutError("the rollout engine was closed")
+
+    def _check_awake(self) -> None:
+        self._check_open()
+        if self._asleep:
+            raise RolloutError("the rollout engine is asleep: push weights or call wake_up() before using it")
 
     def __enter__(self) -> RolloutEngine:
         return self

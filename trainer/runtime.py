@@ -54,8 +54,6 @@ class TrialRuntime:
     hints: dict[str, str]
     pad_id: int
     model_path: Path
-    # Set by every rank before an evaluation, for rank 0 to restore the engine after the teacher's turn.
-    student_weights: dict[str, torch.Tensor] | None = None
 
     @property
     def is_main(self) -> bool:
@@ -71,7 +69,8 @@ class TrialRuntime:
         return int.from_bytes(digest[:4], "little") // 2  # leaves room for vLLM's per-sample offsets
 
     def push_student_weights(self) -> dict[str, float]:
-        """Every rank calls (reading a ZeRO-3 student is collective); rank 0 loads the weights into vLLM."""
+        """Every rank calls (reading a ZeRO-3 student is collective, a bucket of parameters at a time); rank 0
+        loads the weights into vLLM, waking the engine if it sleeps."""
         named = self.student.named_full_parameters()
         if not self.is_main:
             for _ in named:
@@ -79,17 +78,16 @@ class TrialRuntime:
             return {"push/seconds": 0.0}
         return self.engine.push_weights(named)
 
-    @contextlib.contextmanager
-    def teacher_weights_in_engine(self) -> Iterator[None]:
-        """The EMA teacher's weights in the rollout engine for the body; the student's again afterwards.
+    def push_teacher_weights(self) -> dict[str, float]:
+        """Rank 0: the EMA teacher's weights into the rollout engine, which holds them until the next
+        `push_student_weights` (no rank keeps a copy of the student meanwhile)."""
+        return self.engine.push_weights(self.teacher.named_weights())
 
-        Rank 0 only: the student's weights come back from `student_weights`, a copy taken by every rank
-        before the evaluation, since reading a ZeRO-3 student needs all ranks."""
-        self.engine.push_weights(self.teacher.state_dict().items())
-        try:
-            yield
-        finally:
-            self.engine.push_weights(self.student_weights.items())
+    def sleep_engine(self) -> None:
+        """With `rollout.sleep_between_phases` (GPU), rank 0's engine frees its GPU memory for the training
+        phase; `push_student_weights` wakes it. Otherwise nothing happens."""
+        if self.is_main and self.cfg.rollout.sleep_between_phases:
+            self.engine.sleep()
 
 
 @contextlib.contextmanager
@@ -133,5 +131,6 @@ def _start_sandbox_and_rollout_engine(cfg: TrialConfig, model_path: Path,
         + cfg.rollout.max_response_tokens
     engine = stack.enter_context(RolloutEngine(
         model_path, dtype=cfg.model.dtype, seed=cfg.seed, max_model_len=max_model_len, device=cfg.device,
-        kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization))
+        kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        weight_sync=cfg.rollout.weight_sync, sleep_mode=cfg.rollout.sleep_between_phases))
     return grader, engine

@@ -114,6 +114,13 @@ class EmaTeacher:
             raise TeacherError(f"student parameters missing for the teacher: {sorted(missing)[:5]}")
         return {"teacher_ema_rate": r, "teacher_student_l2": math.sqrt(sq_dist)}
 
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, live weight) in the compute dtype, no copy: what the rollout engine needs for an evaluation
+        (on the GPU, or on the host when offloaded; the weight push moves a bucket at a time). The fp32 master,
+        where there is one, rounds to exactly these weights."""
+        for name, param in self._params.items():
+            yield name, param.detach()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """EMA weights by HF parameter name, as CPU copies (the fp32 master copy when there is one)."""
         source = self._master if self._master is not None else {n: p.detach() for n, p in self._params.items()}

@@ -82,6 +82,7 @@ def opsd_step(trial: TrialRuntime, step: int, timer: PhaseTimer | None = None) -
         with timer("teacher_context"):
             samples, context_rows, records = _with_teacher_prompts(trial, batch, groups, verdicts)
     samples = broadcast_from_main(samples)
+    trial.sleep_engine()  # with rollout.sleep_between_phases, vLLM's GPU memory is the trainer's until step 8
 
     # 4-7. Mini-batches of the samples (one AdamW step each), micro-batches of each for this rank; the
     # importance ratio against the policy that sampled them corrects later mini-batches for earlier steps.
@@ -315,13 +316,11 @@ def _run_steps(cfg: TrialConfig, out_dir: Path, progress: Progress) -> dict[str,
 
 
 def _evaluate_on_main(trial: TrialRuntime) -> dict[str, Any]:
-    """Rank 0 evaluates; every rank first copies the student's full weights (collective under ZeRO-3), which
-    rank 0 pushes back into the engine after the self-teacher's turn, and every rank gets the metrics."""
-    trial.student_weights = dict(trial.student.named_full_parameters())
-    try:
-        return broadcast_from_main(evaluate(trial) if trial.is_main else None)
-    finally:
-        trial.student_weights = None
+    """Rank 0 evaluates, which leaves the self-teacher's weights in the engine; then every rank pushes the
+    student's back (collective under ZeRO-3, a bucket at a time) and gets the metrics."""
+    metrics = evaluate(trial) if trial.is_main else None
+    trial.push_student_weights()
+    return broadcast_from_main(metrics)
 
 
 def _save(trial: TrialRuntime, root: Path, step: int, initial: dict, latest_eval: dict) -> None:

@@ -4,7 +4,7 @@ vLLM imports this module inside its worker processes; keep it free of heavy impo
 Weights go through `model_runner.reload_weights`, not `model.load_weights`: on the CPU backend the loaded
 weights are repacked into kernel layouts, and only the reload path re-runs that processing. Within one
 reload call a fused layer (q/k/v, gate/up) is processed once all its parts arrived, so a call must carry
-every part of each fused layer it touches (`trainer.rollout` groups tensors by decoder layer).
+every part of each fused layer it touches (`trainer.weight_push` groups tensors by decoder layer).
 """
 
 from __future__ import annotations
@@ -46,24 +46,32 @@ class WeightSyncExtension:
                 quant_method.process_weights_after_loading(module)
 
     def opsd_reload_weights_from_ipc(self, payload: bytes) -> int:
-        """Rebuild tensors from pickled CUDA IPC handles (`reduce_tensor`) and load them. GPU only.
+        """Open the trainer's CUDA tensors from IPC handles and load them. GPU only (`rollout.weight_sync:
+        cuda_ipc`); see `trainer.weight_push._send_ipc`.
 
-        vLLM's RPC channel carries no Python objects, so the trainer pickles the handle list; both ends are
-        processes of the same trial. See `RolloutEngine._push_weights_cuda_ipc`.
+        vLLM's RPC channel carries bytes, so the trainer pickles (its GPU's UUID, [(name, rebuild args of
+        `reduce_tensor`)]); both ends are processes of the same trial.
         """
         import pickle
 
         import torch
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-        handles: list[tuple[str, tuple]] = pickle.loads(payload)  # sent by our own trainer
-        device_index = torch.cuda.current_device()
+        sender_uuid, handles = pickle.loads(payload)  # sent by our own trainer
+        device = getattr(self, "device", None)
+        device_index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+        own_uuid = str(torch.cuda.get_device_properties(device_index).uuid)
+        if own_uuid != sender_uuid:
+            raise RuntimeError(f"cuda_ipc weight push: this vLLM worker runs on GPU {own_uuid}, the trainer's tensors "
+                               f"are on GPU {sender_uuid}; IPC handles open only on the same device (use "
+                               "rollout.weight_sync 'shared_file')")
         named = []
-        for name, (rebuild, args) in handles:
+        for name, args in handles:
             args = list(args)
-            args[6] = device_index  # the handle names the sender's device; open it on this worker's
-            named.append((name, rebuild(*args)))
+            args[6] = device_index  # the handle names the sender's device index; this process may number it otherwise
+            named.append((name, rebuild_cuda_tensor(*args)))
         self._opsd_reload(named)
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device_index)  # copied before the trainer may free or overwrite its tensors
         return len(named)
 
     def opsd_worker_pid(self) -> int:

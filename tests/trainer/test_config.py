@@ -71,3 +71,17 @@ def test_a_trial_folder_written_under_old_setting_names_resumes(tmp_path):
     other = TrialConfig.model_validate({"loss": {"importance_ratio_clip": 2.5}})
     with pytest.raises(TrialConfigError, match="differing sections: loss"):
         claim_out_dir(other, tmp_path)
+
+
+def test_gpu_only_rollout_settings_are_refused_on_cpu():
+    with pytest.raises(ValidationError, match="rollout.weight_sync 'cuda_ipc' needs device 'cuda'"):
+        TrialConfig.model_validate({"rollout": {"weight_sync": "cuda_ipc"}})
+    with pytest.raises(ValidationError, match="rollout.sleep_between_phases needs device 'cuda'"):
+        TrialConfig.model_validate({"rollout": {"sleep_between_phases": True}})
+    with pytest.raises(ValidationError, match="weight_sync"):
+        TrialConfig.model_validate({"device": "cuda", "rollout": {"weight_sync": "nccl"}})
+    gpu = TrialConfig.model_validate({"device": "cuda",
+                                      "rollout": {"weight_sync": "cuda_ipc", "sleep_between_phases": True}})
+    assert (gpu.rollout.weight_sync, gpu.rollout.sleep_between_phases) == ("cuda_ipc", True)
+    # the defaults are the path the CPU tests run, on either device
+    assert (TrialConfig().rollout.weight_sync, TrialConfig().rollout.sleep_between_phases) == ("shared_file", False)

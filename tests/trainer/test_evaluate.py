@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
 from types import SimpleNamespace
 
@@ -61,7 +60,7 @@ def _trial(tiny_model_dir, **eval_settings):
     trial = SimpleNamespace(cfg=cfg, split=SimpleNamespace(val=problems), prompt_ids={p.id: [1, 2] for p in problems},
                             sampling_seed=lambda step, purpose: 7, engine=ScriptedEngine(problems),
                             grader=ExactGrader(), tokenizer=load_tokenizer(tiny_model_dir), hints={},
-                            teacher_weights_in_engine=contextlib.nullcontext)
+                            push_teacher_weights=dict)
     return trial
 
 

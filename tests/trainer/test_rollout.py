@@ -11,7 +11,7 @@ import psutil
 import pytest
 import torch
 
-from trainer.rollout import Rollout, RolloutEngine, RolloutError, group_for_reload
+from trainer.rollout import Rollout, RolloutEngine, RolloutError
 
 TOL = 1e-4
 
@@ -174,23 +174,6 @@ def test_score_batch_equals_single(engine, prompts):
         assert scores == pytest.approx(engine.logprobs_of(p, c), abs=TOL)
     with pytest.raises(RolloutError):
         engine.score([(prompts[0], [])])
-
-
-def test_group_for_reload_never_splits_a_layer():
-    names = ["model.embed_tokens.weight"] + [
-        f"model.layers.{i}.{part}" for i in range(3)
-        for part in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                     "mlp.gate_proj.weight", "mlp.up_proj.weight")] + ["model.norm.weight"]
-    tensors = [(n, torch.zeros(4)) for n in names]  # 16 bytes each
-    buckets = list(group_for_reload(tensors, bucket_bytes=20))
-    assert [n for b in buckets for n, _ in b] == names  # order kept, nothing lost
-    for bucket in buckets:
-        layers = {n.split(".")[2] for n, _ in bucket if ".layers." in n}
-        assert len(layers) <= 1  # small buckets: one decoder layer each, whole
-    for i in range(3):
-        holding = [k for k, b in enumerate(buckets) if any(f".layers.{i}." in n for n, _ in b)]
-        assert len(holding) == 1
-    assert len(list(group_for_reload(tensors, bucket_bytes=1 << 30))) == 1
 
 
 def test_close_ends_engine_processes(engine, _engines):

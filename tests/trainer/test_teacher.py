@@ -96,6 +96,10 @@ def test_bf16_teacher_keeps_an_fp32_average():
     for name, param in teacher.model.named_parameters():
         assert state[name].dtype == torch.float32 and torch.equal(state[name], expected[name])
         assert param.dtype == torch.bfloat16 and torch.equal(param, expected[name].to(torch.bfloat16))
+    # what the rollout engine is given: the live bf16 weights, which are the fp32 average rounded, no copy
+    weights = dict(teacher.named_weights())
+    for name, param in teacher.model.named_parameters():
+        assert weights[name].data_ptr() == param.data_ptr() and torch.equal(weights[name], state[name].to(torch.bfloat16))
     # in bf16 alone 1% steps mostly round away; the fp32 average moved every weight that differs
     moved = sum(int((state[n] != p.float()).sum()) for n, p in params_of(initial).items())
     assert moved > 0.9 * sum(p.numel() for p in initial.parameters())

@@ -24,6 +24,7 @@ def run(tmp_path, capsys, settings: dict, *extra: str) -> tuple[int, str]:
     ({"loss": {"top_k": 0}}, "loss.top_k"),
     ({"rollout": {"n_sample": 4}}, "rollout.n_sample"),
     ({"data": {"source": "jsonl"}}, "data.path is required"),
+    ({"rollout": {"weight_sync": "cuda_ipc"}}, "rollout.weight_sync 'cuda_ipc' needs device 'cuda'"),
 ])
 def test_bad_trial_settings_are_one_line_errors(tmp_path, capsys, settings, expected):
     code, err = run(tmp_path, capsys, settings)
