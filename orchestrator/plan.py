@@ -1,8 +1,28 @@
 """`opsd sweep plan`: the grid, the resources, the compute and the checkpoint storage of a sweep, before it runs.
 
-Compute comes from measured phase times when a finished trial of the same model exists (its steps.parquet:
-median seconds per training step and per evaluation, scaled by the tokens each phase handles), else from a
-stated per-token model:
+Compute comes, phase by phase, from a finished trial when one exists under the sweep's storage (or the
+`--measured` folders): its steps.parquet train rows hold each phase's seconds (`time/<phase>_s`), the tokens
+it ran over (`tokens/<name>`, trainer.records.TOKEN_COLUMNS: real tokens, padding excluded) and the whole
+step's wall time (`step_seconds`). From them, per reference trial (`MeasuredRates`):
+
+- rollout, old log-probs, teacher forward, student forward + backward: seconds per token (the rollout per
+  generated token, each forward per token of its rows), and each forward's prompt tokens per rollout;
+- the rest of a step: sandbox and teacher contexts per rollout, everything else (optimizer, weight push, EMA,
+  the time between phases) per step;
+- outside the steps (start-up, evaluations, checkpoints): trial.json's wall time minus the steps', per
+  evaluation token.
+
+A trial of the sweep then costs, in wall seconds, with R = steps x prompts per step x samples its rollouts
+and r its mean response (its maximum times the reference's measured fill):
+
+    rollout           s/token x R x r
+    each forward      s/token x R x (prompt tokens per rollout + r)
+    rest of step      s/rollout x R + s/step x steps
+    outside steps     s/eval token x evaluation tokens
+
+times its devices (GPUs, else CPUs), in hours; the reference must be of the same model (its rates are also
+printed per token x billion parameters, the unit of the constants below). Without one, a stated per-token
+model gives the whole trial (no phase split):
 
     device-seconds per trial = tokens x size_b x SECONDS_PER_TOKEN_BILLION[device]
 
@@ -15,9 +35,10 @@ with SmolLM2-135M on the 2-core machine of the README. Either is a rough guide, 
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.table import Table
@@ -33,6 +54,16 @@ BYTES_PER_PARAM = {"float32": 4 + 8 + 4, "bfloat16": 2 + 12 + 2}
 FINAL_BYTES_PER_PARAM = {"float32": 4 + 4, "bfloat16": 2 + 2}
 _SIZE_IN_NAME = re.compile(r"(\d+(?:\.\d+)?)\s*([bm])(?![a-z])", re.IGNORECASE)
 EMBEDDED_SIZE_B = 0.135
+# The phases of a train row whose time grows with tokens, and the token column each one's seconds divide by.
+TOKEN_PHASES = {"rollout": "rollout_generated", "old_logps": "old_logps", "teacher_forward": "teacher_forward",
+                "student_forward_backward": "student_forward_backward"}
+# Phases whose time grows with the rollouts and not with the model.
+ROLLOUT_PHASES = ("sandbox", "teacher_context")
+# The parts of a measured estimate, in the plan's columns.
+PARTS = (*TOKEN_PHASES, "rest_of_step", "outside_steps")
+PART_TITLES = {"rollout": "rollout", "old_logps": "old logps", "teacher_forward": "teacher fwd",
+               "student_forward_backward": "student fwd+bwd", "rest_of_step": "rest of step",
+               "outside_steps": "eval+start"}
 
 
 @dataclass
@@ -42,6 +73,22 @@ class TrialEstimate:
     tokens: float
     device_hours: float | None
     source: str  # "measured: <trial folder>" or "per-token model"
+    phase_hours: dict[str, float] = field(default_factory=dict)  # PARTS -> device-hours (measured only)
+
+
+@dataclass
+class MeasuredRates:
+    """A finished trial's wall seconds per unit of work, on its resources (module docstring)."""
+
+    folder: Path
+    model: str
+    size_b: float | None
+    seconds_per_token: dict[str, float]  # token phase -> seconds per token it ran over
+    prompt_tokens_per_rollout: dict[str, float]  # token phase -> its tokens per rollout besides the response
+    response_fill: float  # mean response tokens / max_response_tokens
+    seconds_per_rollout: float  # sandbox and teacher contexts
+    seconds_per_step: float  # the rest of a step
+    seconds_per_eval_token: float  # start-up, evaluations and checkpoints
 
 
 def model_size_b(point: GridPoint) -> float | None:
@@ -57,73 +104,134 @@ def model_size_b(point: GridPoint) -> float | None:
     return value if match.group(2).lower() == "b" else value / 1000
 
 
-def trial_tokens(point: GridPoint) -> float:
+def trial_rollouts(point: GridPoint) -> int:
     cfg = point.config
-    mean_response = cfg.rollout.max_response_tokens / 2
-    train = cfg.steps * cfg.rollout.prompts_per_step * cfg.rollout.n_samples * mean_response
+    return cfg.steps * cfg.rollout.prompts_per_step * cfg.rollout.n_samples
+
+
+def eval_tokens(point: GridPoint) -> float:
+    """Tokens the trial's evaluations sample (before step 1, every `eval.every_steps`, after the last step),
+    each response taken as half its maximum."""
+    cfg = point.config
     evals = cfg.steps // cfg.eval.every_steps + 1 + (cfg.steps % cfg.eval.every_steps != 0)
     val_problems = cfg.data.max_val_problems or 100
     eval_response = (cfg.eval.max_response_tokens or cfg.rollout.max_response_tokens) / 2
-    per_eval = val_problems * (cfg.eval.n_samples + 1 + cfg.eval.teacher_n_samples) * eval_response
-    return train + evals * per_eval
+    return evals * val_problems * (cfg.eval.n_samples + 1 + cfg.eval.teacher_n_samples) * eval_response
 
 
-def measured_reference(point: GridPoint, search_roots: list[Path]) -> tuple[Path, float] | None:
-    """A finished trial of the same model under `search_roots`, and its seconds per token."""
-    import json
+def trial_tokens(point: GridPoint) -> float:
+    """Rollout tokens (half the maximum response each) plus evaluation tokens: the per-token model's tokens."""
+    return trial_rollouts(point) * point.config.rollout.max_response_tokens / 2 + eval_tokens(point)
 
+
+def measured_rates(folder: Path) -> MeasuredRates | None:
+    """The rates of the completed trial in `folder` (trial.json, config.json, steps.parquet), or None when it
+    has no train rows with token counts (a trial written before steps.parquet had them)."""
+    from trainer.config import TrialConfig
+
+    try:
+        summary = json.loads((folder / "trial.json").read_text())
+        ref = TrialConfig.model_validate(json.loads((folder / "config.json").read_text()))
+    except (OSError, ValueError):
+        return None
+    if summary.get("status", "completed") != "completed":
+        return None
+    train = [r for r in read_step_rows(folder / "steps.parquet")
+             if r.get("phase") == "train" and r.get("tokens/rollout_generated") is not None]
+    if not train:
+        return None
+
+    def total(key: str, rows: list[dict]) -> float:
+        return float(sum(r.get(key) or 0 for r in rows))
+
+    rollouts, generated = total("rollouts", train), total("tokens/rollout_generated", train)
+    per_token, prompt_per_rollout = {}, {}
+    for phase, column in TOKEN_PHASES.items():
+        rows = [r for r in train if r.get(f"time/{phase}_s") is not None and r.get(f"tokens/{column}")]
+        if not rows:
+            continue
+        per_token[phase] = total(f"time/{phase}_s", rows) / total(f"tokens/{column}", rows)
+        if phase != "rollout":
+            prompt_per_rollout[phase] = (total(f"tokens/{column}", rows) - total("tokens/rollout_generated", rows)) \
+                / total("rollouts", rows)
+    per_rollout = sum(total(f"time/{p}_s", train) for p in ROLLOUT_PHASES) / rollouts
+    phase_seconds = sum(total(f"time/{p}_s", train) for p in (*TOKEN_PHASES, *ROLLOUT_PHASES))
+    step_seconds = sum(r.get("step_seconds") or sum(v or 0 for k, v in r.items() if k.startswith("time/"))
+                       for r in train)
+    ref_point = GridPoint("ref", "ref", ref.context.name, ref.seed, ref)
+    # Steps not in the table (a trial cut short) are counted at the median step's time.
+    missing = max(ref.steps - len(train), 0) * statistics.median(
+        r.get("step_seconds") or sum(v or 0 for k, v in r.items() if k.startswith("time/")) for r in train)
+    outside = max(float(summary.get("wall_seconds") or 0) - step_seconds - missing, 0.0)
+    return MeasuredRates(
+        folder=folder, model=ref.model.path, size_b=model_size_b(ref_point),
+        seconds_per_token=per_token, prompt_tokens_per_rollout=prompt_per_rollout,
+        response_fill=generated / rollouts / ref.rollout.max_response_tokens, seconds_per_rollout=per_rollout,
+        seconds_per_step=(step_seconds - phase_seconds) / len(train),
+        seconds_per_eval_token=outside / max(eval_tokens(ref_point), 1.0))
+
+
+def find_references(search_roots: list[Path]) -> list[MeasuredRates]:
+    """Every completed trial with token counts under `search_roots` (folders holding a trial.json)."""
+    found = []
     for root in search_roots:
         for summary_path in sorted(root.glob("**/trial.json")):
-            try:
-                summary = json.loads(summary_path.read_text())
-            except (OSError, ValueError):
-                continue
-            if summary.get("model") != point.config.model.path or summary.get("status", "completed") != "completed":
-                continue
-            config_path = summary_path.parent / "config.json"
-            if not config_path.is_file():
-                continue
-            from trainer.config import TrialConfig
-
-            try:
-                ref = TrialConfig.model_validate(json.loads(config_path.read_text()))
-            except Exception:
-                continue
-            rows = read_step_rows(summary_path.parent / "steps.parquet")
-            train = [sum(v for k, v in r.items() if k.startswith("time/") and v) for r in rows if r["phase"] == "train"]
-            if not train:
-                continue
-            ref_point = GridPoint("ref", "ref", ref.context.name, ref.seed, ref)
-            wall = float(summary.get("wall_seconds") or 0)
-            step_s = statistics.median(train)
-            # Everything outside the training steps (start-up, evaluations) per evaluated token.
-            other_s = max(wall - step_s * len(train), 0.0)
-            ref_train_tokens = ref.steps * ref.rollout.prompts_per_step * ref.rollout.n_samples \
-                * ref.rollout.max_response_tokens / 2
-            per_token = (step_s * ref.steps + other_s) / max(trial_tokens(ref_point), 1.0) if ref_train_tokens else None
-            if per_token:
-                return summary_path.parent, per_token
-    return None
+            rates = measured_rates(summary_path.parent)
+            if rates is not None:
+                found.append(rates)
+    return found
 
 
-def estimate(sweep: SweepFile, points: list[GridPoint], search_roots: list[Path]) -> list[TrialEstimate]:
+def measured_seconds(point: GridPoint, rates: MeasuredRates) -> dict[str, float]:
+    """Wall seconds of each part (PARTS) of the trial at `point`, from `rates` (module docstring)."""
+    cfg = point.config
+    rollouts = trial_rollouts(point)
+    response = cfg.rollout.max_response_tokens * rates.response_fill
+    seconds = {}
+    for phase, per_token in rates.seconds_per_token.items():
+        tokens = rollouts * (rates.prompt_tokens_per_rollout.get(phase, 0.0) + response)
+        seconds[phase] = per_token * tokens
+    seconds["rest_of_step"] = rates.seconds_per_rollout * rollouts + rates.seconds_per_step * cfg.steps
+    seconds["outside_steps"] = rates.seconds_per_eval_token * eval_tokens(point)
+    return seconds
+
+
+def estimate(sweep: SweepFile, points: list[GridPoint], search_roots: list[Path], *,
+             references: list[MeasuredRates] | None = None) -> list[TrialEstimate]:
+    """Each trial's device-hours: from a finished trial of its model (`references`, else those found under
+    `search_roots`), else from the per-token model."""
     out = []
     res = sweep.trial_resources
     devices = res.gpus or res.cpus  # GPU-hours on GPUs, core-hours on CPUs
+    if references is None:
+        references = find_references(search_roots)
     for point in points:
         size = model_size_b(point)
         tokens = trial_tokens(point)
-        ref = measured_reference(point, search_roots)
+        ref = next((r for r in references if r.model == point.config.model.path), None)
         if ref is not None:
-            folder, per_token = ref
-            hours = tokens * per_token * devices / 3600
-            out.append(TrialEstimate(point, size, tokens, hours, f"measured: {folder}"))
+            hours = {part: s * devices / 3600 for part, s in measured_seconds(point, ref).items()}
+            out.append(TrialEstimate(point, size, tokens, sum(hours.values()), f"measured: {ref.folder}", hours))
         elif size is not None:
             per_token = SECONDS_PER_TOKEN_BILLION[point.config.device] * size
             out.append(TrialEstimate(point, size, tokens, tokens * per_token / 3600, "per-token model"))
         else:
             out.append(TrialEstimate(point, None, tokens, None, "unknown size: give models[].size_b"))
     return out
+
+
+def rates_lines(references: list[MeasuredRates]) -> list[str]:
+    """One line per reference trial: its seconds per token of each token phase, also per token x B."""
+    lines = []
+    for r in references:
+        size = f", {r.size_b:g}B" if r.size_b else ""
+        rates = ", ".join(
+            f"{PART_TITLES[p]} {s:.3g} s/token" + (f" ({s / r.size_b:.3g} per token x B)" if r.size_b else "")
+            for p, s in r.seconds_per_token.items())
+        lines.append(f"measured on {r.folder} ({r.model}{size}): {rates}; rest of step "
+                     f"{r.seconds_per_rollout:.3g} s/rollout + {r.seconds_per_step:.3g} s/step; outside the steps "
+                     f"{r.seconds_per_eval_token:.3g} s per evaluation token")
+    return lines
 
 
 def checkpoint_bytes(sweep: SweepFile, estimates: list[TrialEstimate]) -> tuple[float, float]:
@@ -144,18 +252,26 @@ def checkpoint_bytes(sweep: SweepFile, estimates: list[TrialEstimate]) -> tuple[
 
 
 def plan_table(sweep: SweepFile, estimates: list[TrialEstimate]) -> Table:
+    """One row per trial; with a measured estimate, its hours per part (PARTS) too."""
     res = sweep.trial_resources
     unit = "GPU-h" if res.gpus else "CPU-h"
+    parts = [p for p in PARTS if any(p in e.phase_hours for e in estimates)]
     table = Table(title=f"sweep {sweep.name}: {len(estimates)} trials "
                   f"({len(sweep.models)} models x {len(sweep.contexts)} contexts x {len(sweep.seeds)} seeds), "
                   f"each {res.gpus} GPUs, {res.cpus} CPUs, {res.sandbox_workers} sandbox workers",
                   title_justify="left")
-    for column in ("trial", "size (B)", "steps", "tokens", unit, "estimate from"):
+    for column in ("trial", "size (B)", "steps", "tokens", unit, *(PART_TITLES[p] for p in parts), "estimate from"):
         table.add_column(column, justify="left" if column in ("trial", "estimate from") else "right")
     for e in estimates:
         table.add_row(e.point.trial_id, "-" if e.size_b is None else f"{e.size_b:g}", str(e.point.config.steps),
-                      f"{e.tokens / 1e6:.1f}M" if e.tokens >= 1e5 else f"{e.tokens / 1e3:.0f}k", "-" if e.device_hours is None else f"{e.device_hours:.1f}", e.source)
+                      f"{e.tokens / 1e6:.1f}M" if e.tokens >= 1e5 else f"{e.tokens / 1e3:.0f}k",
+                      "-" if e.device_hours is None else _hours(e.device_hours),
+                      *(_hours(e.phase_hours[p]) if p in e.phase_hours else "-" for p in parts), e.source)
     return table
+
+
+def _hours(h: float) -> str:
+    return f"{h:.1f}" if h >= 1 else f"{h:.2g}"
 
 
 def human_bytes(n: float) -> str:

@@ -162,14 +162,18 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from orchestrator.plan import checkpoint_bytes, estimate, human_bytes, plan_table
+    from orchestrator.plan import checkpoint_bytes, estimate, find_references, human_bytes, plan_table, rates_lines
     from orchestrator.sweep_file import load_sweep
 
     sweep, points = load_sweep(args.sweep_file)
     roots = [Path(p) for p in args.measured] or ([] if "://" in sweep.storage else [Path(sweep.storage).expanduser()])
-    estimates = estimate(sweep, points, [r for r in roots if r.is_dir()])
+    references = find_references([r for r in roots if r.is_dir()])
+    estimates = estimate(sweep, points, [], references=references)
     console = _console()
     console.print(plan_table(sweep, estimates))
+    used = {e.source.removeprefix("measured: ") for e in estimates}
+    for line in rates_lines([r for r in references if str(r.folder) in used]):
+        console.print(line)
     known = [e.device_hours for e in estimates if e.device_hours is not None]
     unit = "GPU-hours" if sweep.trial_resources.gpus else "CPU-core-hours"
     total = f"{sum(known):.1f} {unit}" + ("" if len(known) == len(estimates) else

@@ -128,13 +128,16 @@ def _column_order(name: str) -> tuple[int, str]:
 
 
 class PhaseTimer:
-    """Wall-clock seconds per named phase of one step: `with timer("rollout"): ...`.
+    """Wall-clock seconds per named phase of one step, `with timer("rollout"): ...`, and the tokens the
+    phases processed, `timer.add_tokens(teacher_forward=n)` (summed over a step's calls).
 
     `on_start(phase)`, if given, is called as each phase starts (`Progress.phase` keeps progress.json current).
+    A step row holds `time/<phase>_s` and `tokens/<count>` (TOKEN_COLUMNS); with several ranks, rank 0's.
     """
 
     def __init__(self, on_start: Callable[[str], None] | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.tokens: dict[str, int] = {}
         self.on_start = on_start
 
     @contextmanager
@@ -147,8 +150,29 @@ class PhaseTimer:
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
+    def add_tokens(self, **counts: int) -> None:
+        for name, n in counts.items():
+            self.tokens[name] = self.tokens.get(name, 0) + int(n)
+
     def metrics(self) -> dict[str, float]:
-        return {f"time/{phase}_s": round(sec, 4) for phase, sec in self.seconds.items()}
+        return {**{f"time/{phase}_s": round(sec, 4) for phase, sec in self.seconds.items()},
+                **{f"tokens/{name}": n for name, n in self.tokens.items()}}
+
+
+# The token counts of a train row (`tokens/<name>`), what each counts. A forward's count is the real tokens
+# of its packed rows (prompt + response per rollout, padding excluded); `_padded` adds the positions it
+# computed, padding included (rows x padded length, summed over micro-batches). Teacher rows hold the
+# teacher's prompt, student rows the student's: the same response after different prompts.
+TOKEN_COLUMNS = {
+    "rollout_prompt": "prompt tokens of every rollout request (a prompt sampled n times counts n times)",
+    "rollout_generated": "tokens the engine generated (each response's tokens, its end token included)",
+    "old_logps": "real tokens of the student's no-gradient forward for the importance ratio",
+    "old_logps_padded": "positions of that forward, padding included",
+    "teacher_forward": "real tokens of the self-teacher's forwards",
+    "teacher_forward_padded": "positions of those forwards, padding included",
+    "student_forward_backward": "real tokens of the student's forwards (each also back-propagated)",
+    "student_forward_backward_padded": "positions of those forwards and backwards, padding included",
+}
 
 
 class Progress:

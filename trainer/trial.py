@@ -73,6 +73,8 @@ def opsd_step(trial: TrialRuntime, step: int, timer: PhaseTimer | None = None) -
                 [trial.prompt_ids[tp.id] for tp in batch], n=cfg.rollout.n_samples,
                 temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                 max_tokens=cfg.rollout.max_response_tokens, seed=trial.sampling_seed(step, "rollout"))
+        timer.add_tokens(rollout_prompt=sum(len(trial.prompt_ids[tp.id]) for tp in batch) * cfg.rollout.n_samples,
+                         rollout_generated=sum(len(r.token_ids) for group in groups for r in group))
         # 2. Grade every rollout on its problem's train tests: reward 1 when all pass, world feedback otherwise.
         with timer("sandbox"):
             verdicts = trial.grader.grade_many([
@@ -91,7 +93,7 @@ def opsd_step(trial: TrialRuntime, step: int, timer: PhaseTimer | None = None) -
     # The rollout correction uses them too (the SDPO reference's old_log_probs), not the student after earlier ones.
     if len(minibatches) > 1 and (cfg.loss.importance_ratio_clip is not None or cfg.loss.rollout_ratio_clip is not None):
         with timer("old_logps"), torch.no_grad():
-            old_logps = _student_token_logps(trial, samples, [m for _, mine in minibatches for m in mine])
+            old_logps = _student_token_logps(trial, samples, [m for _, mine in minibatches for m in mine], timer)
     micro_rows, mini_losses, grad_norms, optim_metrics = [], [], [], {}
     for items, mine in minibatches:
         normalizers = micro_batch_normalizers(_kept_lengths(samples, items), [_kept_lengths(samples, m) for m in mine],
@@ -99,7 +101,7 @@ def opsd_step(trial: TrialRuntime, step: int, timer: PhaseTimer | None = None) -
                                               sdpo_compat=cfg.loss.sdpo_compat)
         mini_loss = 0.0
         for micro, normalizer in zip(mine, normalizers):
-            student_batch, teacher_batch = _pack_both(trial, [samples[i] for i in micro])
+            student_batch, teacher_batch = _pack_both(trial, [samples[i] for i in micro], timer)
             # 4. The self-teacher (EMA weights, no gradient) scores the response after its privileged prompt.
             with timer("teacher_forward"):
                 teacher_logits = forward_response_logits(trial.teacher.forward_logits, teacher_batch)
@@ -158,7 +160,9 @@ def _with_teacher_prompts(trial: TrialRuntime, batch: Sequence[TrainProblem], gr
         for r, t_ids, keep, v in zip(group, teacher_ids, has_context, flat_verdicts):
             samples.append(Sample(trial.prompt_ids[tp.id], t_ids, r.token_ids, r.logps, keep))
             records.append({"problem_id": tp.id, "response": r.text, "verdict": v.verdict, "feedback": v.feedback,
-                            "has_context": keep, "teacher_prompt": trial.tokenizer.decode(t_ids)})
+                            "has_context": keep, "teacher_prompt": trial.tokenizer.decode(t_ids),
+                            "prompt_tokens": len(trial.prompt_ids[tp.id]), "response_tokens": len(r.token_ids),
+                            "teacher_prompt_tokens": len(t_ids)})
     return samples, context_rows, records
 
 
@@ -178,20 +182,29 @@ def _minibatches(trial: TrialRuntime, n_samples: int, step: int) -> list[tuple[l
             for index, mine in enumerate(everyone[trial.rank])]
 
 
-def _pack_both(trial: TrialRuntime, samples: list[Sample]) -> tuple[PackedBatch, PackedBatch]:
-    """The samples' responses after the student's prompts and after the teacher's."""
+def _pack_both(trial: TrialRuntime, samples: list[Sample], timer: PhaseTimer) -> tuple[PackedBatch, PackedBatch]:
+    """The samples' responses after the student's prompts and after the teacher's (their tokens counted)."""
     responses = [s.response_ids for s in samples]
-    return (pack([s.prompt_ids for s in samples], responses, pad_id=trial.pad_id),
-            pack([s.teacher_prompt_ids for s in samples], responses, pad_id=trial.pad_id))
+    student_batch = pack([s.prompt_ids for s in samples], responses, pad_id=trial.pad_id)
+    teacher_batch = pack([s.teacher_prompt_ids for s in samples], responses, pad_id=trial.pad_id)
+    _count_tokens(timer, "student_forward_backward", student_batch)
+    _count_tokens(timer, "teacher_forward", teacher_batch)
+    return student_batch, teacher_batch
 
 
-def _student_token_logps(trial: TrialRuntime, samples: list[Sample],
-                         micro_batches: list[list[int]]) -> dict[int, torch.Tensor]:
+def _count_tokens(timer: PhaseTimer, phase: str, batch: PackedBatch) -> None:
+    """The real tokens a forward over `batch` runs on, and its positions with padding (records.TOKEN_COLUMNS)."""
+    timer.add_tokens(**{phase: int(batch.attention_mask.sum()), f"{phase}_padded": batch.attention_mask.numel()})
+
+
+def _student_token_logps(trial: TrialRuntime, samples: list[Sample], micro_batches: list[list[int]],
+                         timer: PhaseTimer) -> dict[int, torch.Tensor]:
     """Sample index -> the student's log-probs of its response tokens [len], micro-batch by micro-batch."""
     out = {}
     for micro in micro_batches:
         student_batch = pack([samples[i].prompt_ids for i in micro], [samples[i].response_ids for i in micro],
                              pad_id=trial.pad_id)
+        _count_tokens(timer, "old_logps", student_batch)
         logits = forward_response_logits(trial.student.forward_logits, student_batch)
         logps = token_logps(logits, student_batch.response_ids, temperature=trial.cfg.rollout.temperature)
         for row, i in enumerate(micro):
@@ -290,9 +303,11 @@ def _run_steps(cfg: TrialConfig, out_dir: Path, progress: Progress) -> dict[str,
 
         for step in range(first_step, cfg.steps + 1):
             progress.step(step)
+            started_step = time.perf_counter()
             metrics, records = opsd_step(trial, step, progress.timer())
             if main:
-                log.append(step, "train", metrics)
+                # The whole step's wall time: its phases' time/ columns plus what runs between them.
+                log.append(step, "train", {**metrics, "step_seconds": round(time.perf_counter() - started_step, 4)})
                 write_rollouts(out_dir / "rollouts" / f"step-{step:06d}.jsonl", records)
                 print(f"step {step}/{cfg.steps}  loss {metrics['loss']:.4f}  kl {metrics['kl']:.4f}  "
                       f"reward {metrics['reward']:.3f}  "

@@ -171,34 +171,68 @@ def test_yaml_of_every_sweep_file_parses():
 
 
 def test_plan_uses_a_finished_trial_of_the_same_model(tmp_path):
-    """Measured phase times win over the per-token model, scaled by the tokens each trial handles."""
+    """Measured phase times and tokens win over the per-token model, part by part; checked against a hand
+    computation from a hand-made steps table."""
     import json
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from orchestrator.plan import estimate, trial_tokens
+    from orchestrator.plan import eval_tokens, estimate
+    from orchestrator.sweep_file import GridPoint
 
     sweep_file = write(tmp_path, base(tmp_path).replace("resources: b200-1", "resources: cpu"))
     sweep, points = load_sweep(sweep_file)
     ref_point = points[0]
+    cfg = ref_point.config
+    # The trial that ran: 3 steps of 32 prompts x 2 samples, responses of at most 8192 tokens.
+    assert (cfg.steps, cfg.rollout.prompts_per_step, cfg.rollout.n_samples, cfg.rollout.max_response_tokens) \
+        == (3, 32, 2, 8192)
     done = tmp_path / "store" / "earlier" / "trials" / "t0"
     done.mkdir(parents=True)
-    (done / "config.json").write_text(ref_point.config.model_dump_json())
-    (done / "trial.json").write_text(json.dumps({"model": ref_point.config.model.path, "status": "completed",
-                                                 "wall_seconds": 100.0}))
-    # Three training steps of 20 s each (median 20): 60 s of steps, 40 s of start-up and evaluations.
-    pq.write_table(pa.Table.from_pylist([
-        {"step": s, "phase": "train", "time/rollout_s": 15.0, "time/optimizer_s": 5.0} for s in (1, 2, 3)]),
-        done / "steps.parquet")
-    estimates = estimate(sweep, points, [tmp_path / "store"])
+    (done / "config.json").write_text(cfg.model_dump_json())
+    # Each step: 64 rollouts of 1024 tokens (an eighth of the maximum), student prompts of 200 tokens,
+    # teacher prompts of 500; 5e-4 s per generated token, 1e-4 per teacher token, 3e-4 per student token;
+    # sandbox and teacher contexts 0.1 s per rollout; optimizer, push, EMA and 1 s between phases: 3 s.
+    step = {"phase": "train", "rollouts": 64, "tokens/rollout_prompt": 64 * 200,
+            "tokens/rollout_generated": 64 * 1024, "time/rollout_s": 64 * 1024 * 5e-4,
+            "tokens/teacher_forward": 64 * 1524, "time/teacher_forward_s": 64 * 1524 * 1e-4,
+            "tokens/student_forward_backward": 64 * 1224, "time/student_forward_backward_s": 64 * 1224 * 3e-4,
+            "time/sandbox_s": 3.2, "time/teacher_context_s": 3.2, "time/optimizer_s": 1.0,
+            "time/weight_push_s": 0.5, "time/ema_update_s": 0.5}
+    step["step_seconds"] = sum(v for k, v in step.items() if k.startswith("time/")) + 1.0
+    pq.write_table(pa.Table.from_pylist([{"step": s, **step} for s in (1, 2, 3)] +
+                                        [{"step": 3, "phase": "eval", "student_acc": 0.5}]), done / "steps.parquet")
+    # 100 s outside the steps: start-up, evaluations, checkpoints.
+    wall = 3 * step["step_seconds"] + 100.0
+    (done / "trial.json").write_text(json.dumps({"model": cfg.model.path, "status": "completed",
+                                                 "wall_seconds": wall}))
+    cpus = sweep.trial_resources.cpus
+
+    # A longer trial of the same model: 6 steps, responses of at most 4096 tokens (512 at the same fill).
+    longer = cfg.model_copy(update={"steps": 6, "rollout": cfg.rollout.model_copy(update={"max_response_tokens": 4096})})
+    longer_point = GridPoint("longer", ref_point.model, ref_point.context, 0, longer)
+    estimates = estimate(sweep, [*points, longer_point], [tmp_path / "store"])
     first = estimates[0]
     assert first.source == f"measured: {done}"
-    seconds_per_token = (20.0 * ref_point.config.steps + 40.0) / trial_tokens(ref_point)
-    cpus = sweep.trial_resources.cpus
-    assert first.device_hours == pytest.approx(trial_tokens(ref_point) * seconds_per_token * cpus / 3600)
-    # Another model has no finished trial: the per-token model, said so.
-    assert estimates[-1].source == "per-token model"
+    # The trial's own settings give back its wall time, part by part.
+    want = {"rollout": 192 * 1024 * 5e-4, "teacher_forward": 192 * 1524 * 1e-4,
+            "student_forward_backward": 192 * 1224 * 3e-4, "rest_of_step": 192 * 0.1 + 3 * 3.0,
+            "outside_steps": 100.0}
+    assert first.phase_hours == pytest.approx({k: v * cpus / 3600 for k, v in want.items()})
+    assert first.device_hours == pytest.approx(wall * cpus / 3600)
+    # 384 rollouts of 512 tokens; evaluations scale by their tokens.
+    want = {"rollout": 384 * 512 * 5e-4, "teacher_forward": 384 * (500 + 512) * 1e-4,
+            "student_forward_backward": 384 * (200 + 512) * 3e-4, "rest_of_step": 384 * 0.1 + 6 * 3.0,
+            "outside_steps": 100.0 * eval_tokens(longer_point) / eval_tokens(ref_point)}
+    assert estimates[-1].phase_hours == pytest.approx({k: v * cpus / 3600 for k, v in want.items()})
+    assert estimates[-1].device_hours == pytest.approx(sum(want.values()) * cpus / 3600)
+    # Another model has no finished trial: the per-token model, said so, without a phase split.
+    assert estimates[-2].source == "per-token model" and estimates[-2].phase_hours == {}
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "plan", str(sweep_file)],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "250"})
+    assert result.returncode == 0, result.stderr
+    assert "student fwd+bwd" in result.stdout and "0.0003 s/token" in result.stdout, result.stdout
 
 
 def test_a_failure_of_tune_itself_is_one_line_with_the_way_to_continue(tmp_path, monkeypatch):

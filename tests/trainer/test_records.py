@@ -38,6 +38,16 @@ def test_progress_follows_the_phase_timer(tmp_path, monkeypatch):
     assert read(path)["status"] == "completed" and read(path)["updated"] == 103.0
 
 
+def test_phase_timer_sums_each_token_count_over_a_step():
+    timer = records.PhaseTimer()
+    timer.add_tokens(teacher_forward=10, teacher_forward_padded=12)
+    timer.add_tokens(teacher_forward=5, teacher_forward_padded=8)
+    timer.add_tokens(rollout_generated=7)
+    assert timer.metrics() == {"tokens/teacher_forward": 15, "tokens/teacher_forward_padded": 20,
+                               "tokens/rollout_generated": 7}
+    assert {name.removeprefix("tokens/") for name in timer.metrics()} <= set(records.TOKEN_COLUMNS)
+
+
 def test_a_failure_is_one_line_and_the_first_cause_is_kept(tmp_path):
     path = tmp_path / "progress.json"
     progress = Progress(path, steps=1)

@@ -109,6 +109,43 @@ def test_trial_writes_results_and_kl_to_the_teacher_falls(hint_run):
     assert len((hint_run / "rollouts" / "step-000001.jsonl").read_text().splitlines()) == 8
 
 
+def test_step_rows_count_the_tokens_each_phase_ran_over(copy_setup, hint_run):
+    """tokens/* equal counts made here from the stored rollouts: prompts tokenised again, responses as stored,
+    teacher prompts re-encoded from their text; the padded counts from the step's micro-batches, drawn as
+    the trial draws them (seeded by trial seed and step)."""
+    import numpy as np
+
+    from sandbox.problems import Problem
+    from trainer.models import load_tokenizer
+    from trainer.prompts import student_prompt_ids
+    from trainer.student import iter_minibatches
+
+    tokenizer = load_tokenizer(copy_setup["model"])
+    problems = {p.id: p for p in map(Problem.model_validate_json, copy_setup["data"].read_text().splitlines())}
+    for row in rows(hint_run, "train"):
+        records = [json.loads(line) for line in
+                   (hint_run / "rollouts" / f"step-{row['step']:06d}.jsonl").read_text().splitlines()]
+        prompt = [len(student_prompt_ids(tokenizer, problems[r["problem_id"]])) for r in records]
+        response = [r["response_tokens"] for r in records]
+        teacher = [len(tokenizer(r["teacher_prompt"], add_special_tokens=False)["input_ids"]) for r in records]
+        assert [r["prompt_tokens"] for r in records] == prompt
+        assert [r["teacher_prompt_tokens"] for r in records] == teacher
+        assert sum(response) == pytest.approx(row["response_tokens_mean"] * row["rollouts"])
+        student_rows = [p + r for p, r in zip(prompt, response)]
+        teacher_rows = [t + r for t, r in zip(teacher, response)]
+        assert row["tokens/rollout_prompt"] == sum(prompt)
+        assert row["tokens/rollout_generated"] == sum(response)
+        assert row["tokens/student_forward_backward"] == row["tokens/old_logps"] == sum(student_rows)
+        assert row["tokens/teacher_forward"] == sum(teacher_rows)
+        micro = [m for mini in iter_minibatches(len(records), 4, 4, rng=np.random.default_rng([0, row["step"]]))
+                 for m in mini]
+        assert row["tokens/student_forward_backward_padded"] == row["tokens/old_logps_padded"] == \
+            sum(len(m) * max(student_rows[i] for i in m) for m in micro)
+        assert row["tokens/teacher_forward_padded"] == sum(len(m) * max(teacher_rows[i] for i in m) for m in micro)
+        assert row["tokens/teacher_forward_padded"] >= row["tokens/teacher_forward"]
+        assert row["step_seconds"] > sum(v for k, v in row.items() if k.startswith("time/"))
+
+
 def test_student_learns_what_the_better_self_teacher_writes(hint_run, control_run):
     """The teacher that sees the solution beats the student; OPSD moves the student towards it, and the
     control context, whose teacher is the student itself, does not."""
