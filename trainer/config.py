@@ -159,6 +159,11 @@ class LossConfig(_Section):
     rollout_ratio_clip: float | None = Field(
         None, gt=0, description="Upper clip of the trainer-vs-rollout-engine ratio exp(logp_trainer - logp_vllm); "
         "None (default) applies no such correction.")
+    chunk_size: int | None = Field(
+        1024, gt=0, description="Positions whose logits exist at once: the student's and the teacher's forwards stop "
+        "at the last hidden states and the loss applies both LM heads this many positions at a time "
+        "(trainer/head_loss.py; each chunk holds a few [chunk_size, V] float32 tensors per side). None computes "
+        "every position's logits first, as the unfused reference does (ZeRO-3 needs None).")
 
     @model_validator(mode="before")
     @classmethod
@@ -237,6 +242,9 @@ class TrialConfig(_Section):
             raise ValueError("optim.micro_batch_size must not exceed optim.mini_batch_size")
         if self.deepspeed.bf16 and self.device == "cpu" and self.model.dtype != "bfloat16":
             raise ValueError("deepspeed.bf16 on CPU needs model.dtype 'bfloat16'")
+        if self.deepspeed.zero_stage == 3 and self.loss.chunk_size is not None:
+            raise ValueError("loss.chunk_size: the fused LM-head loss reads the head's weight whole, which ZeRO-3 "
+                             "partitions; set loss.chunk_size to null with deepspeed.zero_stage 3")
         return self
 
 
