@@ -46,8 +46,12 @@ class _PrecomputedGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        scaled = tuple(None if grad is None else (grad * grad_loss.to(grad.dtype)).to(dtype)
-                       for grad, dtype in zip(ctx.grads, ctx.dtypes))
+        if ctx.grads is None:
+            raise RuntimeError("the fused loss's gradients were handed out already (backward runs once)")
+        # Scaled in place and released: the weight's gradient is as large as the head, so no second copy.
+        grads, ctx.grads = ctx.grads, None
+        scaled = tuple(None if grad is None else grad.mul_(grad_loss.to(grad.dtype)).to(dtype)
+                       for grad, dtype in zip(grads, ctx.dtypes))
         return (None, *scaled, None, None, None)
 
 

@@ -52,3 +52,14 @@ def test_a_trial_folder_written_under_old_setting_names_resumes(tmp_path):
     other = TrialConfig.model_validate({"loss": {"importance_ratio_clip": 2.5}})
     with pytest.raises(TrialConfigError, match="differing sections: loss"):
         claim_out_dir(other, tmp_path)
+
+
+def test_the_fused_loss_is_the_default_and_zero3_needs_the_unfused_one():
+    assert LossConfig().chunk_size == 1024
+    assert LossConfig(chunk_size=None).chunk_size is None
+    with pytest.raises(ValidationError):
+        LossConfig(chunk_size=0)
+    with pytest.raises(ValidationError, match="zero_stage 3"):
+        TrialConfig.model_validate({"deepspeed": {"zero_stage": 3}})
+    cfg = TrialConfig.model_validate({"deepspeed": {"zero_stage": 3}, "loss": {"chunk_size": None}})
+    assert cfg.loss.chunk_size is None

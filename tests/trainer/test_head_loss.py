@@ -245,3 +245,106 @@ def test_bad_chunk_sizes_raise():
                               teacher_head=teacher_head, chunk_size=0, **options())
     with pytest.raises(ValueError):
         token_logps_from_hidden(student_hidden, student_head, ids, temperature=1.0, chunk_size=0)
+
+
+# ---------------------------------------------------------------- the forwards stopped at the hidden states
+@pytest.mark.parametrize("tied", [False, True])
+def test_hidden_states_through_the_head_are_the_models_response_logits(tied):
+    """The teacher's forward stopped before the head, then its head: the logits its own forward gives."""
+    from trainer.batch import forward_response_hidden, forward_response_logits, pack
+    from trainer.teacher import EmaTeacher
+
+    teacher = EmaTeacher(tiny_llama(tied=tied), ema_rate=0.0)
+    batch = pack([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]], [[11, 12], [13, 14, 15, 16], [17]], pad_id=0)
+    hidden = forward_response_hidden(teacher.forward_hidden, batch)
+    head = teacher.lm_head()
+    assert hidden.shape == (3, 4, 64) and not hidden.requires_grad
+    assert (head.weight is teacher.model.model.embed_tokens.weight) == tied
+    logits = forward_response_logits(teacher.forward_logits, batch)
+    torch.testing.assert_close(F.linear(hidden, head.weight, head.bias), logits, rtol=1e-6, atol=1e-6)
+    assert teacher.forward_hidden(batch.input_ids, batch.attention_mask, hidden_to_keep=2).shape == (3, 2, 64)
+
+
+def test_heads_that_transform_their_logits_are_refused():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                           final_logit_softcapping=30.0))
+    with pytest.raises(ValueError, match="soft-capping"):
+        lm_head(model)
+    model.config.final_logit_softcapping = None
+    assert lm_head(model).weight is model.lm_head.weight
+
+
+def test_final_hidden_states_refuses_a_forward_that_skips_the_decoder():
+    model = tiny_llama(tied=False)
+    with pytest.raises(RuntimeError, match="ran 0 times"):
+        final_hidden_states(model, lambda **kwargs: None)
+
+
+# ---------------------------------------------------------------- a student step on a tiny Llama, as opsd_step takes it
+def tiny_llama(*, tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=64,
+                         tie_word_embeddings=tied, initializer_range=0.1)
+    return LlamaForCausalLM(config).float()
+
+
+@pytest.mark.parametrize("zero_stage,tied", [(0, False), (0, True), (2, True)])
+def test_a_student_step_through_the_fused_loss_matches_the_logits_path(zero_stage, tied):
+    """opsd_step's micro batch: the DeepSpeed student's and the EMA teacher's forwards stopped at the hidden
+    states, the fused loss, the engine's backward; against both models' logits and opsd_loss. Same loss, same
+    gradient on every parameter (ZeRO-2 reduces a tied embedding's gradient once: both shares arrive summed)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from trainer.batch import forward_response_hidden, forward_response_logits, pack
+    from trainer.config import DeepSpeedConfig, LossConfig, OptimConfig
+    from trainer.student import Student
+    from trainer.teacher import EmaTeacher
+
+    model = tiny_llama(tied=tied)
+    teacher = EmaTeacher.from_model(model, ema_rate=0.5)
+    with torch.no_grad():  # a teacher some steps away from the student, so the divergence has a gradient
+        for param in teacher.model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    responses = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
+    student_batch = pack([[1, 2, 3], [4], [2, 2, 3, 1]], responses, pad_id=0)
+    teacher_batch = pack([[1, 2, 3, 20, 21, 22], [4, 23], [2, 24, 25, 26, 27, 3, 1]], responses, pad_id=0)
+    sample_mask = torch.tensor([True, True, False])
+    loss_options = LossConfig(top_k=5).model_dump(exclude={"chunk_size"})
+    extra = dict(temperature=0.9, normalizer=7.0)
+
+    def student_step(fused: bool):
+        student = Student(copy.deepcopy(model), optim=OptimConfig(micro_batch_size=3, mini_batch_size=3),
+                          deepspeed_config=DeepSpeedConfig(zero_stage=zero_stage))
+        if fused:
+            teacher_hidden = forward_response_hidden(teacher.forward_hidden, teacher_batch)
+            student_hidden = forward_response_hidden(student.forward_hidden, student_batch)
+            loss, metrics = opsd_loss_from_hidden(
+                student_hidden, teacher_hidden, student_batch.response_ids, student_batch.response_mask, sample_mask,
+                student_head=student.lm_head(), teacher_head=teacher.lm_head(), chunk_size=2, **loss_options, **extra)
+        else:
+            teacher_logits = forward_response_logits(teacher.forward_logits, teacher_batch)
+            student_logits = forward_response_logits(student.forward_logits, student_batch)
+            loss, metrics = opsd_loss(student_logits, teacher_logits, student_batch.response_ids,
+                                      student_batch.response_mask, sample_mask, **loss_options, **extra)
+        student.backward(loss)
+        # ZeRO-2 keeps gradients in its own partitioned buffers; this reads them whole at any stage.
+        grads = {name: safe_get_full_grad(param).clone() for name, param in student.module.named_parameters()}
+        return loss.detach(), metrics, grads, student.step()["grad_norm"]
+
+    loss, metrics, grads, grad_norm = student_step(fused=True)
+    want_loss, want_metrics, want_grads, want_norm = student_step(fused=False)
+    assert want_loss.item() > 1e-3 and metrics["valid_tokens"].item() == 7
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
+    for key in want_metrics:
+        torch.testing.assert_close(metrics[key], want_metrics[key], rtol=1e-6, atol=1e-7, msg=key)
+    assert grads.keys() == want_grads.keys() and len(grads) == 20 + (not tied)  # 2 layers of 9, norm, embeddings
+    for name, want_grad in want_grads.items():
+        assert bool((want_grad != 0).any()), name
+        torch.testing.assert_close(grads[name], want_grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert grad_norm == pytest.approx(want_norm, rel=1e-6)
