@@ -4,6 +4,8 @@ trial's default) against the unfused path it replaces (every position's logits, 
 Same inputs for both: one response of `--tokens` positions, the student's and the teacher's last hidden states
 [1, T, H] and their own (untied) LM heads [V, H], Qwen3's vocabulary by default, the default loss settings
 (reverse KL, top-20 + tail, token mean). The student's hidden states and head get gradients, the teacher's none.
+The unfused variant drops its own names for the logits before the backward (opsd_step kept them until the next
+micro batch), so its memory is if anything understated.
 
 Each measurement is a fresh process: it builds the inputs (seeded), warms both variants up on 64 positions,
 then runs its variant once, timed, and reports its peak resident memory (ru_maxrss). A baseline process

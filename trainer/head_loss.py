@@ -55,10 +55,6 @@ class _PrecomputedGrads(torch.autograd.Function):
         return (None, *scaled, None, None, None)
 
 
-def _needs_grad(tensor: torch.Tensor | None) -> bool:
-    return tensor is not None and tensor.requires_grad
-
-
 def opsd_loss_from_hidden(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -103,62 +99,85 @@ def opsd_loss_from_hidden(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     mask = combine_masks(response_mask, sample_mask)
-    n_rows, width = mask.shape
-    term_options = dict(divergence=divergence, support=support, top_k=top_k, alpha=jsd_alpha, temperature=temperature)
-    student_weight, student_bias = student_head.weight, student_head.bias
-    wants = [torch.is_grad_enabled() and _needs_grad(t) for t in (student_hidden, student_weight, student_bias)]
+    student_leaves = (student_hidden, student_head.weight, student_head.bias)
+    wants = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in student_leaves)
+    terms, grads = _chunked_terms(
+        student_hidden, teacher_hidden, response_ids, mask, student_head=student_head, teacher_head=teacher_head,
+        chunk_size=chunk_size, wants=wants, weight_options=weight_options,
+        term_options=dict(divergence=divergence, support=support, top_k=top_k, alpha=jsd_alpha,
+                          temperature=temperature))
+    loss, metrics = loss_from_terms(*terms, mask, **weight_options)
+    if any(wants):
+        loss = _PrecomputedGrads.apply(loss, *student_leaves, *grads)
+    return loss, metrics
 
-    # The terms of every position, filled chunk by chunk; masked positions keep 0 (the aggregate ignores them).
+
+def _position_weights(student_tok: torch.Tensor, teacher_tok: torch.Tensor, mask: torch.Tensor,
+                      weight_options: dict) -> torch.Tensor:
+    """d loss / d per_token of `loss_from_terms`: [B, T], position n's entry exact once n's terms are filled in.
+
+    The loss is linear in per_token with detached weights that depend on each position's own terms, so the
+    derivative is taken at per_token = 0 and the not-yet-computed positions' placeholders touch no other entry.
+    """
+    leaf = torch.zeros(mask.shape, dtype=student_tok.dtype, device=mask.device, requires_grad=True)
+    with torch.enable_grad():
+        loss, _ = loss_from_terms(leaf, student_tok, teacher_tok, mask, **weight_options)
+        return torch.autograd.grad(loss, leaf)[0]
+
+
+def _chunked_terms(student_hidden, teacher_hidden, response_ids, mask, *, student_head: LMHead,
+                   teacher_head: LMHead, chunk_size: int, wants: tuple[bool, bool, bool], weight_options: dict,
+                   term_options: dict) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
+    """The chunk loop of `opsd_loss_from_hidden`.
+
+    Returns the terms (per_token, student and teacher token logps: three detached [B, T], 0 where masked) and
+    the gradients of the loss (unit incoming gradient) to the student's hidden states [B, T, H], head weight
+    and bias (None where `wants` is False).
+    """
+    n_positions = mask.numel()
+    # Terms in the dtype `_position_terms` computes in; masked positions keep 0 (the aggregate ignores them).
     dtype = torch.promote_types(torch.promote_types(student_hidden.dtype, teacher_hidden.dtype), torch.float32)
-    per_token, student_tok, teacher_tok = (torch.zeros(n_rows * width, dtype=dtype, device=mask.device)
+    per_token, student_tok, teacher_tok = (torch.zeros(n_positions, dtype=dtype, device=mask.device)
                                            for _ in range(3))
-    hidden = student_hidden.detach().reshape(n_rows * width, -1)
-    teacher = teacher_hidden.detach().reshape(n_rows * width, -1)
-    token_ids = response_ids.reshape(n_rows * width)
-    weight, bias = student_weight.detach(), None if student_bias is None else student_bias.detach()
-    # Low-precision heads sum their weight gradient over chunks in float32: one rounding, as in one matmul.
+    hidden = student_hidden.detach().reshape(n_positions, -1)
+    teacher = teacher_hidden.detach().reshape(n_positions, -1)
+    token_ids = response_ids.reshape(n_positions)
+    weight, bias = (None if t is None else t.detach() for t in (student_head.weight, student_head.bias))
+    teacher_weight, teacher_bias = (None if t is None else t.detach() for t in (teacher_head.weight, teacher_head.bias))
+    # A low-precision head's weight gradient is summed over chunks in float32: one rounding, as in one matmul.
+    accumulate = torch.promote_types(weight.dtype, torch.float32)
     grad_hidden = torch.zeros_like(hidden) if wants[0] else None
-    grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if wants[1] else None
-    grad_bias = torch.zeros_like(bias, dtype=grad_weight.dtype if wants[1] else torch.float32) if wants[2] else None
+    grad_weight = torch.zeros_like(weight, dtype=accumulate) if wants[1] else None
+    grad_bias = torch.zeros_like(bias, dtype=accumulate) if wants[2] else None
 
     positions = mask.reshape(-1).nonzero().squeeze(-1)
     for start in range(0, len(positions), chunk_size):
         rows = positions[start:start + chunk_size]
         with torch.no_grad():
             logits = F.linear(hidden[rows], weight, bias)
-            teacher_logits = F.linear(teacher[rows], teacher_head.weight.detach(),
-                                      None if teacher_head.bias is None else teacher_head.bias.detach())
+            teacher_logits = F.linear(teacher[rows], teacher_weight, teacher_bias)
         with torch.set_grad_enabled(any(wants)):
-            logits.requires_grad_(any(wants))
-            chunk_terms, chunk_student_tok, chunk_teacher_tok = _position_terms(
-                logits, teacher_logits, token_ids[rows], **term_options)
-        per_token[rows], student_tok[rows], teacher_tok[rows] = chunk_terms.detach(), chunk_student_tok, chunk_teacher_tok
+            chunk_terms, student_tok[rows], teacher_tok[rows] = _position_terms(
+                logits.requires_grad_(any(wants)), teacher_logits, token_ids[rows], **term_options)
+        per_token[rows] = chunk_terms.detach()
+        del teacher_logits  # the chunk's backward needs only the student's side
         if not any(wants):
             continue
-        # Each kept position's weight in the loss: d loss / d per_token, given its own (now known) terms.
+        position_weights = _position_weights(student_tok.view(mask.shape), teacher_tok.view(mask.shape), mask,
+                                             weight_options).reshape(-1)[rows]
         with torch.enable_grad():
-            leaf = torch.zeros((n_rows, width), dtype=dtype, device=mask.device, requires_grad=True)
-            weighted, _ = loss_from_terms(leaf, student_tok.view(n_rows, width), teacher_tok.view(n_rows, width),
-                                          mask, **weight_options)
-            (position_weights,) = torch.autograd.grad(weighted, leaf)
-            (grad_logits,) = torch.autograd.grad(chunk_terms, logits,
-                                                 grad_outputs=position_weights.reshape(-1)[rows].to(chunk_terms.dtype))
+            (grad_logits,) = torch.autograd.grad(chunk_terms, logits, grad_outputs=position_weights.to(dtype))
         with torch.no_grad():
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight += (grad_logits.T @ hidden[rows]).to(grad_weight.dtype)
+            if grad_weight is not None:  # in place: no [V, H] temporary per chunk
+                grad_weight.addmm_(grad_logits.T.to(accumulate), hidden[rows].to(accumulate))
             if grad_bias is not None:
-                grad_bias += grad_logits.sum(0).to(grad_bias.dtype)
-        del logits, teacher_logits, chunk_terms, grad_logits  # before the next chunk's logits exist
+                grad_bias += grad_logits.sum(0).to(accumulate)
+        del logits, chunk_terms, grad_logits  # before the next chunk's logits exist
 
-    loss, metrics = loss_from_terms(per_token.view(n_rows, width), student_tok.view(n_rows, width),
-                                    teacher_tok.view(n_rows, width), mask, **weight_options)
-    if any(wants):
-        loss = _PrecomputedGrads.apply(
-            loss, student_hidden, student_weight, student_bias,
-            None if grad_hidden is None else grad_hidden.view(student_hidden.shape), grad_weight, grad_bias)
-    return loss, metrics
+    terms = tuple(t.view(mask.shape) for t in (per_token, student_tok, teacher_tok))
+    return terms, (None if grad_hidden is None else grad_hidden.view(student_hidden.shape), grad_weight, grad_bias)
 
 
 def token_logps_from_hidden(hidden: torch.Tensor, head: LMHead, token_ids: torch.Tensor, *, temperature: float,
