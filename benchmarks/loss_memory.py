@@ -8,9 +8,10 @@ The unfused variant drops its own names for the logits before the backward (opsd
 micro batch), so its memory is if anything understated.
 
 Each measurement is a fresh process: it builds the inputs (seeded), warms both variants up on 64 positions,
-then runs its variant once, timed, and reports its peak resident memory (ru_maxrss). A baseline process
-does the same without the timed run; a variant's memory is its peak minus the baseline's, i.e. what the loss
-needs beyond its inputs. `--repeats` processes per variant, interleaved; medians are printed with the fused
+then runs its variant once, timed (wall clock and the process's CPU time, which other load on a shared
+machine disturbs less), and reports its peak resident memory (ru_maxrss). A baseline process does the same
+without the timed run; a variant's memory is its peak minus the baseline's, i.e. what the loss needs beyond
+its inputs (the weight gradient included: both variants produce one). `--repeats` processes per variant, interleaved; medians are printed with the fused
 to unfused ratios, and the largest differences of the loss and the gradients between the two variants (from
 each variant's first run, its results saved to a temporary folder).
 
@@ -60,7 +61,7 @@ def make_inputs(args: argparse.Namespace) -> dict:
     }
 
 
-def run_variant(variant: str, inputs: dict, args: argparse.Namespace, positions: int | None = None):
+def run_variant(variant: str, inputs: dict, args: argparse.Namespace):
     """Forward and backward of one variant; returns (loss, grad of the hidden states, grad of the head weight)."""
     import torch
     import torch.nn.functional as F
@@ -70,12 +71,11 @@ def run_variant(variant: str, inputs: dict, args: argparse.Namespace, positions:
     from trainer.lm_head import LMHead
     from trainer.losses import opsd_loss
 
-    window = slice(None) if positions is None else slice(0, positions)
-    hidden = inputs["student_hidden"][:, window].clone().requires_grad_(True)
+    hidden = inputs["student_hidden"].clone().requires_grad_(True)
     weight = inputs["student_head"].weight.requires_grad_(True)
     weight.grad = None
-    teacher_hidden, teacher_head = inputs["teacher_hidden"][:, window], inputs["teacher_head"]
-    ids, mask = inputs["ids"][:, window], inputs["mask"][:, window]
+    teacher_hidden, teacher_head = inputs["teacher_hidden"], inputs["teacher_head"]
+    ids, mask = inputs["ids"], inputs["mask"]
     options = LossConfig().model_dump(exclude={"chunk_size"})
     if variant == "unfused":  # what opsd_step did before: all logits, then the loss on them
         student_logits = F.linear(hidden, weight)
@@ -97,15 +97,18 @@ def child(args: argparse.Namespace) -> None:
     """One measurement process: prints one JSON line."""
     import torch
 
+    # Every process, the baseline too, first runs both variants at a small size (its own small tensors, freed
+    # before the measurement), so that libraries and kernels are loaded alike.
+    small = argparse.Namespace(**{**vars(args), "tokens": 64, "vocab": 4096})
+    for variant in ("unfused", "fused"):
+        run_variant(variant, make_inputs(small), small)
     inputs = make_inputs(args)
-    for variant in ("unfused", "fused"):  # every process loads the same kernels, the baseline too
-        run_variant(variant, inputs, args, positions=64)
-    inputs["student_head"].weight.grad = None
-    result = {"variant": args.child, "seconds": 0.0}
+    result = {"variant": args.child, "seconds": 0.0, "cpu_seconds": 0.0}
     if args.child != "baseline":
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         loss, grad_hidden, grad_weight = run_variant(args.child, inputs, args)
         result["seconds"] = time.perf_counter() - started
+        result["cpu_seconds"] = time.process_time() - cpu_started
     # Linux reports ru_maxrss in KiB.
     result["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.child != "baseline" and args.save:
@@ -166,17 +169,24 @@ def main() -> None:
                 run = measure(variant, args, saved.get(variant) if repeat == 0 else None)
                 runs[variant].append(run)
                 print(f"  {variant:8s} run {repeat + 1}: peak {run['peak_bytes'] / GIB:6.2f} GiB  "
-                      f"{run['seconds']:7.2f} s", flush=True)
+                      f"{run['seconds']:7.2f} s wall  {run['cpu_seconds']:7.2f} s CPU", flush=True)
         diffs = differences(saved["unfused"], saved["fused"])
 
     baseline = statistics.median(r["peak_bytes"] for r in runs["baseline"])
     extra = {v: statistics.median(r["peak_bytes"] for r in runs[v]) - baseline for v in ("unfused", "fused")}
-    seconds = {v: statistics.median(r["seconds"] for r in runs[v]) for v in ("unfused", "fused")}
-    print(f"\nbaseline process (inputs, warm-up): {baseline / GIB:.2f} GiB")
-    print(f"{'':10s}{'memory beyond inputs':>22s}{'forward+backward':>20s}")
+    wall = {v: statistics.median(r["seconds"] for r in runs[v]) for v in ("unfused", "fused")}
+    cpu = {v: statistics.median(r["cpu_seconds"] for r in runs[v]) for v in ("unfused", "fused")}
+    print(f"\nbaseline process (inputs, warm-up): {baseline / GIB:.2f} GiB; medians of {args.repeats} process(es)")
+    print(f"{'':14s}{'memory beyond inputs':>22s}{'fwd+bwd wall':>16s}{'fwd+bwd CPU':>16s}")
     for variant in ("unfused", "fused"):
-        print(f"{variant:10s}{extra[variant] / GIB:18.2f} GiB{seconds[variant]:18.2f} s")
-    print(f"{'fused/unfused':14s}{extra['fused'] / extra['unfused']:14.3f}{seconds['fused'] / seconds['unfused']:20.3f}")
+        print(f"{variant:14s}{extra[variant] / GIB:18.2f} GiB{wall[variant]:14.2f} s{cpu[variant]:14.2f} s")
+    print(f"{'fused/unfused':14s}{extra['fused'] / extra['unfused']:22.3f}{wall['fused'] / wall['unfused']:16.3f}"
+          f"{cpu['fused'] / cpu['unfused']:16.3f}")
+    # Both variants must return the head's weight gradient [V, H]; what each needs besides it is the loss's own.
+    gradient = args.vocab * args.hidden * (2 if args.dtype == "bfloat16" else 4)
+    print(f"without the weight gradient both return ({gradient / GIB:.2f} GiB): unfused "
+          f"{(extra['unfused'] - gradient) / GIB:.2f} GiB, fused {(extra['fused'] - gradient) / GIB:.2f} GiB, "
+          f"ratio {(extra['fused'] - gradient) / (extra['unfused'] - gradient):.3f}")
     print("\nfused vs unfused (max abs difference, and relative to the largest unfused entry):")
     for name, (diff, rel) in diffs.items():
         print(f"  {name:12s} {diff:.3e}  {rel:.3e}")

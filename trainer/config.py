@@ -160,7 +160,7 @@ class LossConfig(_Section):
         None, gt=0, description="Upper clip of the trainer-vs-rollout-engine ratio exp(logp_trainer - logp_vllm); "
         "None (default) applies no such correction.")
     chunk_size: int | None = Field(
-        1024, gt=0, description="Positions whose logits exist at once: the student's and the teacher's forwards stop "
+        256, gt=0, description="Positions whose logits exist at once: the student's and the teacher's forwards stop "
         "at the last hidden states and the loss applies both LM heads this many positions at a time "
         "(trainer/head_loss.py; each chunk holds a few [chunk_size, V] float32 tensors per side). None computes "
         "every position's logits first, as the unfused reference does (ZeRO-3 needs None).")

@@ -55,7 +55,7 @@ def test_a_trial_folder_written_under_old_setting_names_resumes(tmp_path):
 
 
 def test_the_fused_loss_is_the_default_and_zero3_needs_the_unfused_one():
-    assert LossConfig().chunk_size == 1024
+    assert LossConfig().chunk_size == 256
     assert LossConfig(chunk_size=None).chunk_size is None
     with pytest.raises(ValidationError):
         LossConfig(chunk_size=0)
