@@ -116,7 +116,26 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(result), flush=True)
 
 
+def available_bytes() -> int:
+    """MemAvailable of /proc/meminfo: what can be allocated without pushing other processes out."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def unfused_estimate(args: argparse.Namespace) -> int:
+    """A generous estimate of the unfused process's peak: the inputs, the weight gradient and six float32
+    [T, V] tensors (logits, scaled copies, the tail's masked copies, their gradients)."""
+    size = 2 if args.dtype == "bfloat16" else 4
+    return 3 * args.vocab * args.hidden * size + 6 * args.tokens * args.vocab * 4
+
+
 def measure(variant: str, args: argparse.Namespace, save: Path | None) -> dict:
+    # On a shared machine a process that does not fit is killed, or worse pushes another one out: refuse first.
+    if variant == "unfused" and not args.force and available_bytes() < unfused_estimate(args):
+        sys.exit(f"the unfused variant may need {unfused_estimate(args) / GIB:.1f} GiB; only "
+                 f"{available_bytes() / GIB:.1f} GiB are available (--force runs it anyway)")
     cmd = [sys.executable, __file__, "--child", variant, "--vocab", str(args.vocab), "--tokens", str(args.tokens),
            "--hidden", str(args.hidden), "--dtype", args.dtype, "--chunk-size", str(args.chunk_size)]
     if save is not None:
@@ -148,6 +167,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="positions per chunk of the fused loss (default: loss.chunk_size's default)")
     parser.add_argument("--repeats", type=int, default=3, help="processes per variant")
+    parser.add_argument("--force", action="store_true", help="run the unfused variant without the memory check")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
