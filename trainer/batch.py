@@ -1,8 +1,9 @@
-"""Packing (prompt, response) pairs into padded tensors, and reading the response positions' logits back.
+"""Packing (prompt, response) pairs into padded tensors, and reading the response positions' outputs back.
 
 Student and teacher see the same response tokens after different prompts. Each row is `prompt + response`,
-right-padded; the logits that predict response token t of row i sit at position len(prompt_i) - 1 + t.
-`response_logits` gathers them into [B, R, V] aligned across rows, so the two sides line up token by token.
+right-padded; the logits (and the last hidden state) that predict response token t of row i sit at position
+len(prompt_i) - 1 + t. `response_logits` gathers them into [B, R, V] (or [B, R, H]) aligned across rows, so
+the two sides line up token by token.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *
 
 
 def response_logits(logits: torch.Tensor, batch: PackedBatch, *, first_position: int = 0) -> torch.Tensor:
-    """Logits of packed rows → [B, R, V], row i's entry t predicting response token t.
+    """Logits (or hidden states) of packed rows → [B, R, V] (or [B, R, H]), row i's entry t predicting response
+    token t.
 
     logits: [B, L - first_position, V], the logits of positions first_position..L-1 (all of them by default).
     Positions past a row's response (padding) point at its last position; the response mask hides them.
@@ -62,11 +64,23 @@ def response_logits(logits: torch.Tensor, batch: PackedBatch, *, first_position:
     return logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
 
 
+def _forward_response_positions(forward: Callable[[int], torch.Tensor], batch: PackedBatch) -> torch.Tensor:
+    """`forward(k)` computes the outputs of the last k positions; keep the response positions' [B, R, D].
+    Only the positions from the shortest prompt's last token on are asked for."""
+    first = int(batch.prompt_lengths.min()) - 1
+    return response_logits(forward(batch.input_ids.shape[1] - first), batch, first_position=first)
+
+
 def forward_response_logits(forward: Callable[..., torch.Tensor], batch: PackedBatch) -> torch.Tensor:
     """Run `forward(input_ids, attention_mask, logits_to_keep=k)` (student or teacher) and keep the response
     positions. Only the positions from the shortest prompt's last token on go through the LM head, which
     on a large vocabulary is a good part of the forward's cost and most of its memory."""
-    first = int(batch.prompt_lengths.min()) - 1
-    keep = batch.input_ids.shape[1] - first
-    return response_logits(forward(batch.input_ids, batch.attention_mask, logits_to_keep=keep), batch,
-                           first_position=first)
+    return _forward_response_positions(
+        lambda keep: forward(batch.input_ids, batch.attention_mask, logits_to_keep=keep), batch)
+
+
+def forward_response_hidden(forward: Callable[..., torch.Tensor], batch: PackedBatch) -> torch.Tensor:
+    """Run `forward(input_ids, attention_mask, hidden_to_keep=k)` (student or teacher `forward_hidden`) and keep
+    the response positions' last hidden states [B, R, H], for a loss that applies the LM head itself."""
+    return _forward_response_positions(
+        lambda keep: forward(batch.input_ids, batch.attention_mask, hidden_to_keep=keep), batch)

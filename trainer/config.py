@@ -174,6 +174,11 @@ class LossConfig(_Section):
     rollout_ratio_clip: float | None = Field(
         None, gt=0, description="Upper clip of the trainer-vs-rollout-engine ratio exp(logp_trainer - logp_vllm); "
         "None (default) applies no such correction.")
+    chunk_size: int | None = Field(
+        256, gt=0, description="Positions whose logits exist at once: the student's and the teacher's forwards stop "
+        "at the last hidden states and the loss applies both LM heads this many positions at a time "
+        "(trainer/head_loss.py; each chunk holds a few [chunk_size, V] float32 tensors per side). None computes "
+        "every position's logits first, as the unfused reference does (ZeRO-3 needs None).")
 
     @model_validator(mode="before")
     @classmethod
@@ -274,7 +279,21 @@ class TrialConfig(_Section):
             raise ValueError("rollout.weight_sync 'cuda_ipc' needs device 'cuda'; on CPU use 'shared_file'")
         if self.device == "cpu" and self.rollout.sleep_between_phases:
             raise ValueError("rollout.sleep_between_phases needs device 'cuda' (vLLM has no sleep mode on CPU)")
+        if self.deepspeed.zero_stage == 3 and self.loss.chunk_size is not None:
+            raise ValueError("loss.chunk_size: the fused LM-head loss reads the head's weight whole, which ZeRO-3 "
+                             "partitions; set loss.chunk_size to null with deepspeed.zero_stage 3")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unfused_loss_under_zero3(cls, data):
+        # ZeRO-3 partitions the LM head, which the fused loss reads whole: a ZeRO-3 trial that leaves
+        # loss.chunk_size out gets the unfused loss; one that sets a chunk size is refused above.
+        if isinstance(data, dict) and isinstance(data.get("deepspeed"), dict) and data["deepspeed"].get("zero_stage") == 3:
+            loss = data.get("loss") or {}
+            if isinstance(loss, dict) and "chunk_size" not in loss:
+                data = {**data, "loss": {**loss, "chunk_size": None}}
+        return data
 
 
 def format_validation_error(err: ValidationError) -> str:

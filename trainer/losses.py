@@ -384,6 +384,32 @@ def opsd_loss(
         divergence=divergence, support=support, top_k=top_k, alpha=jsd_alpha, temperature=temperature,
         tail="floored" if sdpo_compat else "exact",
     )
+    return loss_from_terms(per_token, student_tok, teacher_tok, mask, divergence=divergence, aggregation=aggregation,
+                           importance_ratio_clip=importance_ratio_clip, rollout_ratio_clip=rollout_ratio_clip,
+                           old_logps=old_logps, rollout_logps=rollout_logps, normalizer=normalizer)
+
+
+def loss_from_terms(
+    per_token: torch.Tensor,
+    student_tok: torch.Tensor,
+    teacher_tok: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    divergence: Divergence,
+    aggregation: Aggregation,
+    importance_ratio_clip: float | None,
+    rollout_ratio_clip: float | None,
+    old_logps: torch.Tensor | None,
+    rollout_logps: torch.Tensor | None,
+    normalizer: float | torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The rest of `opsd_loss` once each position's terms are known: weights, masked aggregate, metrics.
+
+    per_token: [B, T], the divergence (or sampled_token surrogate) per position, the only input with a
+    gradient; student_tok, teacher_tok: [B, T] detached token log-probs; mask: [B, T] bool from
+    `combine_masks`. Options and returns as in `opsd_loss`. A position's weight depends on that position's
+    terms alone (trainer/head_loss.py relies on it to weight one chunk of positions at a time).
+    """
     divergence_values = (student_tok - teacher_tok) if divergence == "sampled_token" else per_token
 
     ones = torch.ones_like(per_token, dtype=per_token.dtype)

@@ -29,6 +29,7 @@ from torch import nn
 from trainer.config import DeepSpeedConfig, OptimConfig
 from trainer.distributed import init_distributed
 from trainer.errors import StudentError
+from trainer.lm_head import LMHead, final_hidden_states, lm_head
 from trainer.options import Device
 
 ADAM_EPS = 1e-8
@@ -217,6 +218,26 @@ class Student:
         out = self.engine(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False, logits_to_keep=logits_to_keep)
         return out.logits
+
+    def forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: torch.Tensor | None = None, *, hidden_to_keep: int = 0) -> torch.Tensor:
+        """The last hidden states [B, T, H] that `forward_logits` would put through the LM head ([B, k, H] of the
+        last k positions with `hidden_to_keep` = k > 0), for a loss that applies `lm_head()` itself.
+
+        The same forward through the engine, stopped before the head (trainer/lm_head.py).
+        """
+        def forward(**kwargs: Any) -> Any:
+            return self.engine(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False, **kwargs)
+
+        return final_hidden_states(self.engine.module, forward, keep=hidden_to_keep)
+
+    def lm_head(self) -> LMHead:
+        """The LM head's live parameters; the loss's gradient reaches them like any other parameter's."""
+        if self.zero_stage == 3:
+            raise StudentError("ZeRO-3 partitions the LM head's weight, which the fused loss reads whole: "
+                               "set loss.chunk_size to null with deepspeed.zero_stage 3")
+        return lm_head(self.engine.module)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradient of one micro batch's share of the mini batch loss (no rescaling)."""

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from trainer.errors import TeacherError
+from trainer.lm_head import LMHead, final_hidden_states, lm_head
 from trainer.options import Device
 
 
@@ -78,6 +79,23 @@ class EmaTeacher:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False, logits_to_keep=logits_to_keep)
         return out.logits
+
+    def forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: torch.Tensor | None = None, *, hidden_to_keep: int = 0) -> torch.Tensor:
+        """The last hidden states [B, T, H] ([B, k, H] with `hidden_to_keep` = k > 0) that `forward_logits` would
+        put through the LM head, without gradient (as `Student.forward_hidden`)."""
+        def forward(**kwargs):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False, **kwargs)
+
+        with torch.no_grad(), self.loaded():
+            return final_hidden_states(self.model, forward, keep=hidden_to_keep)
+
+    def lm_head(self) -> LMHead:
+        """The LM head's weights (frozen), on the compute device: with offload, a copy (the model's weights
+        return to the CPU after each forward)."""
+        head = lm_head(self.model)
+        return LMHead(head.weight.to(self.device), None if head.bias is None else head.bias.to(self.device))
 
     @torch.no_grad()
     def update(self, student_parameters: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:

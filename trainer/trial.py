@@ -21,13 +21,14 @@ import torch
 
 from sandbox.grader import GradeRequest
 from trainer.aggregation import micro_batch_normalizers
-from trainer.batch import PackedBatch, forward_response_logits, pack
+from trainer.batch import PackedBatch, forward_response_hidden, forward_response_logits, pack
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrialConfig
 from trainer.contexts import GradedRollout, teacher_prompts_for_group
 from trainer.data import TrainProblem
 from trainer.distributed import broadcast_from_main, get_rank, run_local_ranks
 from trainer.evaluate import evaluate
+from trainer.head_loss import opsd_loss_from_hidden, token_logps_from_hidden
 from trainer.losses import opsd_loss, token_logps
 from trainer.records import (
     PhaseTimer,
@@ -102,19 +103,32 @@ def opsd_step(trial: TrialRuntime, step: int, timer: PhaseTimer | None = None) -
         mini_loss = 0.0
         for micro, normalizer in zip(mine, normalizers):
             student_batch, teacher_batch = _pack_both(trial, [samples[i] for i in micro], timer)
-            # 4. The self-teacher (EMA weights, no gradient) scores the response after its privileged prompt.
-            with timer("teacher_forward"):
-                teacher_logits = forward_response_logits(trial.teacher.forward_logits, teacher_batch)
-            # 5-6. The student's logits on the same tokens, the divergence per token, the masked aggregate.
-            with timer("student_forward_backward"):
-                student_logits = forward_response_logits(trial.student.forward_logits, student_batch)
-                loss, loss_metrics = opsd_loss(
-                    student_logits, teacher_logits, student_batch.response_ids, student_batch.response_mask,
-                    torch.tensor([samples[i].has_context for i in micro]), **cfg.loss.model_dump(),
-                    temperature=cfg.rollout.temperature, normalizer=normalizer,
-                    old_logps=None if old_logps is None else _padded([old_logps[i] for i in micro], student_batch),
-                    rollout_logps=_padded([samples[i].rollout_logps for i in micro], student_batch))
-                trial.student.backward(loss)
+            targets = (student_batch.response_ids, student_batch.response_mask,
+                       torch.tensor([samples[i].has_context for i in micro]))
+            loss_options = dict(
+                **cfg.loss.model_dump(), temperature=cfg.rollout.temperature, normalizer=normalizer,
+                old_logps=None if old_logps is None else _padded([old_logps[i] for i in micro], student_batch),
+                rollout_logps=_padded([samples[i].rollout_logps for i in micro], student_batch))
+            if cfg.loss.chunk_size is not None:
+                # 4. The self-teacher (EMA weights, no gradient) reads the response after its privileged prompt,
+                # up to its last hidden states.
+                with timer("teacher_forward"):
+                    teacher_hidden = forward_response_hidden(trial.teacher.forward_hidden, teacher_batch)
+                # 5-6. The student's hidden states on the same tokens; both LM heads, the divergence per token and
+                # the masked aggregate, loss.chunk_size positions' logits at a time.
+                with timer("student_forward_backward"):
+                    student_hidden = forward_response_hidden(trial.student.forward_hidden, student_batch)
+                    loss, loss_metrics = opsd_loss_from_hidden(
+                        student_hidden, teacher_hidden, *targets, student_head=trial.student.lm_head(),
+                        teacher_head=trial.teacher.lm_head(), **loss_options)
+                    trial.student.backward(loss)
+            else:  # 4-6 unfused (ZeRO-3 partitions the heads): every response position's logits, then the loss
+                with timer("teacher_forward"):
+                    teacher_logits = forward_response_logits(trial.teacher.forward_logits, teacher_batch)
+                with timer("student_forward_backward"):
+                    student_logits = forward_response_logits(trial.student.forward_logits, student_batch)
+                    loss, loss_metrics = opsd_loss(student_logits, teacher_logits, *targets, **loss_options)
+                    trial.student.backward(loss)
             mini_loss += float(loss.detach())
             micro_rows.append({key: float(value) for key, value in loss_metrics.items()})
         # 7. One AdamW step over the mini-batch's accumulated gradients.
@@ -205,8 +219,14 @@ def _student_token_logps(trial: TrialRuntime, samples: list[Sample], micro_batch
         student_batch = pack([samples[i].prompt_ids for i in micro], [samples[i].response_ids for i in micro],
                              pad_id=trial.pad_id)
         _count_tokens(timer, "old_logps", student_batch)
-        logits = forward_response_logits(trial.student.forward_logits, student_batch)
-        logps = token_logps(logits, student_batch.response_ids, temperature=trial.cfg.rollout.temperature)
+        temperature, chunk_size = trial.cfg.rollout.temperature, trial.cfg.loss.chunk_size
+        if chunk_size is not None:
+            hidden = forward_response_hidden(trial.student.forward_hidden, student_batch)
+            logps = token_logps_from_hidden(hidden, trial.student.lm_head(), student_batch.response_ids,
+                                            temperature=temperature, chunk_size=chunk_size)
+        else:
+            logits = forward_response_logits(trial.student.forward_logits, student_batch)
+            logps = token_logps(logits, student_batch.response_ids, temperature=temperature)
         for row, i in enumerate(micro):
             out[i] = logps[row, : len(samples[i].response_ids)].detach()
     return out

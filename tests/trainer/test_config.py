@@ -85,3 +85,15 @@ def test_gpu_only_rollout_settings_are_refused_on_cpu():
     assert (gpu.rollout.weight_sync, gpu.rollout.sleep_between_phases) == ("cuda_ipc", True)
     # the defaults are the path the CPU tests run, on either device
     assert (TrialConfig().rollout.weight_sync, TrialConfig().rollout.sleep_between_phases) == ("shared_file", False)
+
+
+def test_the_fused_loss_is_the_default_and_zero3_needs_the_unfused_one():
+    assert LossConfig().chunk_size == 256
+    assert LossConfig(chunk_size=None).chunk_size is None
+    with pytest.raises(ValidationError):
+        LossConfig(chunk_size=0)
+    assert TrialConfig.model_validate({"deepspeed": {"zero_stage": 3}}).loss.chunk_size is None  # left out: unfused
+    with pytest.raises(ValidationError, match="zero_stage 3"):
+        TrialConfig.model_validate({"deepspeed": {"zero_stage": 3}, "loss": {"chunk_size": 256}})
+    cfg = TrialConfig.model_validate({"deepspeed": {"zero_stage": 3}, "loss": {"chunk_size": None}})
+    assert cfg.loss.chunk_size is None
