@@ -27,8 +27,8 @@ import yaml
 
 from orchestrator.errors import TrialFailed
 from orchestrator.remote import RemoteSweep, mirror_dir
-from orchestrator.sweep_file import CheckpointRetention, WandbSettings
-from orchestrator.sweep_state import SweepState, TrialFiles, latest_metrics, read_progress, read_step_rows
+from orchestrator.sweep_file import CheckpointRetention
+from orchestrator.sweep_state import SweepState, latest_metrics, read_progress, read_step_rows
 from orchestrator.trial_process import TrialProcess, trial_command
 from orchestrator.wandb_log import TrialRun, strip_secrets
 
