@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.distributed import barrier, get_rank
+from trainer.distributed import get_rank, wait_for_main
 from trainer.errors import CheckpointError
 from trainer.student import Student
 from trainer.teacher import EmaTeacher
@@ -119,7 +119,9 @@ def save_checkpoint(root: str | Path, *, step: int, student: Student, teacher: E
     """Write checkpoint `step` atomically and keep the newest `keep_last`; every rank calls. Returns its path.
 
     `sampler_state` and `metadata` must be JSON values (e.g. `numpy.random.Generator.bit_generator.state`).
-    Saving a step that already exists replaces it.
+    Saving a step that already exists replaces it. Rank 0 writes the teacher and fsyncs the whole folder alone
+    (minutes for a large model on shared storage): the other ranks wait in `wait_for_main`, whose timeout is
+    the long one, not the training collectives'.
     """
     if step < 0 or keep_last < 1:
         raise CheckpointError(f"bad checkpoint request: step={step} keep_last={keep_last}")
@@ -137,13 +139,13 @@ def save_checkpoint(root: str | Path, *, step: int, student: Student, teacher: E
         for stale in root.glob(".tmp-step-*"):  # left by a process that died mid-write
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    barrier()
+    wait_for_main()
     student.save_checkpoint(tmp / "student")
     torch.save(capture_rng_state(), tmp / f"rng-rank{rank:03d}.pt")
     if rank == 0:
         torch.save(teacher.state_dict(), tmp / "teacher.pt")
         (tmp / _STATE_FILE).write_text(state_json)
-    barrier()
+    wait_for_main()
     if rank == 0:
         _fsync_tree(tmp)
         replaced = None
@@ -157,7 +159,7 @@ def save_checkpoint(root: str | Path, *, step: int, student: Student, teacher: E
             shutil.rmtree(replaced, ignore_errors=True)
         for _, old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    barrier()
+    wait_for_main()
     return final
 
 

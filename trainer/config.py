@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from trainer.distributed import DEFAULT_COLLECTIVE_TIMEOUT_S, DEFAULT_MAIN_WAIT_TIMEOUT_S
 from trainer.errors import ContextError, TrialConfigError
 from trainer.options import (
     CONTEXT_NAMES,
@@ -143,6 +144,9 @@ class RolloutConfig(_Section):
     sleep_between_phases: bool = Field(
         False, description="Free vLLM's GPU memory (weights offloaded to the host, KV cache dropped) while the "
         "trainer runs; the weight push wakes it. GPU only.")
+    enforce_eager: bool | None = Field(
+        None, description="vLLM without CUDA graphs. Default: eager on CPU, CUDA graphs on GPU (faster decoding, "
+        "a longer start-up).")
     code_block: CodeBlock = Field("longest", description="Which fenced block of a response is the program.")
 
 
@@ -230,6 +234,12 @@ class DeepSpeedConfig(_Section):
     zero_stage: ZeroStage = Field(0, description="DeepSpeed ZeRO stage of the student (3 partitions its weights).")
     world_size: int = Field(1, ge=1, description="Trainer processes (gloo on CPU, NCCL on GPU).")
     bf16: bool = Field(False, description="bf16 mixed precision (GPU); CPU tests run float32.")
+    collective_timeout_s: float = Field(
+        DEFAULT_COLLECTIVE_TIMEOUT_S, gt=0, description="Timeout of one training collective (gradient all-reduce, "
+        "ZeRO gather) before the NCCL watchdog ends the trial; rank 0's lone phases do not count against it.")
+    main_wait_timeout_s: float = Field(
+        DEFAULT_MAIN_WAIT_TIMEOUT_S, gt=0, description="How long the other ranks wait for rank 0's lone phases "
+        "(vLLM start-up, rollouts and grading, evaluation, checkpoint writes); a dead rank 0 ends the wait at once.")
 
 
 class EvalConfig(_Section):

@@ -4,6 +4,15 @@ DeepSpeed reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; when 
 looking for MPI, so `init_distributed` sets them (world size 1, a free local port) before anything calls
 `deepspeed.initialize`. CPU uses gloo, GPU uses NCCL. `run_local_ranks` starts N processes on this machine
 (torch.multiprocessing, spawn), each with the environment of one rank, and returns what each rank returned.
+
+Two process groups, two timeouts. The default group (NCCL on GPU) carries the training collectives
+(gradient all-reduce, ZeRO gathers, DeepSpeed's barriers): each takes seconds, and its `collective_timeout_s`
+lets the NCCL watchdog end a rank whose peer hangs. But rank 0 also works alone for long stretches (starting
+vLLM, sampling and grading a step's rollouts, an evaluation: tens of minutes at 32k tokens; writing and
+fsyncing a checkpoint) while the other ranks wait for it. Those waits go through a second group, gloo over
+TCP with `main_wait_timeout_s` (default a day): `broadcast_from_main` and `wait_for_main` use it, so a long
+rank-0 phase never sits inside an NCCL collective, and the next training collective starts only when every
+rank has arrived. A rank that dies still ends the others' wait at once (gloo sees its sockets close).
 """
 
 from __future__ import annotations
@@ -13,10 +22,18 @@ import os
 import socket
 import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable
 
 from trainer.errors import DistributedError
 from trainer.options import Device
+
+# The defaults of DeepSpeedConfig.collective_timeout_s and .main_wait_timeout_s (trainer/config.py).
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
+DEFAULT_MAIN_WAIT_TIMEOUT_S = 24 * 3600.0
+
+# The gloo group ranks wait for rank 0 in (see the module docstring); None in a single process.
+_main_wait_group: Any = None
 
 
 @dataclass(frozen=True)
@@ -53,64 +70,77 @@ def set_single_process_env() -> None:
         os.environ["MASTER_PORT"] = str(free_port())
 
 
-def init_distributed(device: Device = "cpu") -> DistInfo:
-    """Initialise the default process group once (idempotent) through DeepSpeed's comm layer.
+def init_distributed(device: Device = "cpu", *, collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+                     main_wait_timeout_s: float = DEFAULT_MAIN_WAIT_TIMEOUT_S) -> DistInfo:
+    """Initialise the default process group and the group that waits for rank 0, once (idempotent), through
+    DeepSpeed's comm layer.
 
     Works without any launcher (world size 1) and under `run_local_ranks`, torchrun or Ray (which set the
-    variables). On CUDA it also selects the GPU of LOCAL_RANK.
+    variables). On CUDA it first selects the GPU of LOCAL_RANK, so that "cuda" means this rank's GPU.
+    Without a timeout DeepSpeed would give its default group 10 minutes (`DEEPSPEED_TIMEOUT`), which one
+    evaluation on rank 0 outlasts.
     """
     import deepspeed
     import torch
     import torch.distributed as torch_dist
 
+    global _main_wait_group
     set_single_process_env()
     backend = backend_for(device)
     local_rank = int(os.environ["LOCAL_RANK"])
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     if not torch_dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=timedelta(seconds=collective_timeout_s))
+        if torch_dist.get_world_size() > 1:
+            # Collective: every rank creates it, right after the default group.
+            _main_wait_group = torch_dist.new_group(backend="gloo", timeout=timedelta(seconds=main_wait_timeout_s))
     return DistInfo(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(), local_rank=local_rank,
                     backend=torch_dist.get_backend())
 
 
-def teardown_distributed() -> None:
-    """Destroy the default process group if there is one (safe to call twice)."""
-    import torch.distributed as torch_dist
-
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
-
-
-def barrier() -> None:
-    import torch.distributed as torch_dist
-
-    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        torch_dist.barrier()
-
-
-def all_reduce_sum(value: float) -> float:
-    """Sum of `value` over all ranks (itself without a process group), e.g. a mini batch's global token
-    count, which each rank's loss shares need because DeepSpeed averages gradients over ranks."""
+def rank_device(device: Device) -> "torch.device":
+    """The torch device this rank computes on: the CPU, or its own GPU (`cuda:LOCAL_RANK`, never the bare
+    "cuda", which means whichever GPU is current)."""
     import torch
+
+    if device == "cpu":
+        return torch.device("cpu")
+    elif device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        raise DistributedError(f"unknown device {device!r}")
+
+
+def teardown_distributed() -> None:
+    """Destroy the process groups if there are any (safe to call twice)."""
     import torch.distributed as torch_dist
 
-    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
-        return float(value)
-    device = "cuda" if torch_dist.get_backend() == "nccl" else "cpu"
-    total = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    torch_dist.all_reduce(total)
-    return float(total.item())
+    global _main_wait_group
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()  # every group, the wait group included
+    _main_wait_group = None
+
+
+def wait_for_main() -> None:
+    """Every rank waits here until all arrive, with the long timeout of the wait group: called after a phase
+    rank 0 runs alone, before the next collective of the default group (a no-op in a single process)."""
+    import torch.distributed as torch_dist
+
+    if _main_wait_group is not None:
+        torch_dist.barrier(group=_main_wait_group)
 
 
 def broadcast_from_main(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank (a no-op in a single process)."""
+    """Rank 0's `obj` on every rank, through the wait group: the other ranks may wait here for as long as rank
+    0 works alone (a no-op in a single process)."""
     import torch.distributed as torch_dist
 
-    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+    if _main_wait_group is None:
         return obj
     box = [obj]
-    torch_dist.broadcast_object_list(box, src=0)
+    torch_dist.broadcast_object_list(box, src=0, group=_main_wait_group)
     return box[0]
 
 

@@ -57,7 +57,7 @@ class RolloutEngine:
 
     def __init__(self, model_path: str | Path, *, dtype: Dtype = "float32", seed: int = 0,
                  max_model_len: int = 4096, device: Device = "cpu", kv_cache_gib: float = 1.0,
-                 gpu_memory_utilization: float = 0.45, enforce_eager: bool = True,
+                 gpu_memory_utilization: float = 0.45, enforce_eager: bool | None = None,
                  push_bucket_gib: float = 1.0, weight_sync: WeightSync = "shared_file",
                  sleep_mode: bool = False) -> None:
         """Start the engine (tens of seconds on CPU).
@@ -65,7 +65,9 @@ class RolloutEngine:
         kv_cache_gib: KV cache on CPU; vLLM's CPU backend reads it as whole GiB (`VLLM_CPU_KVCACHE_SPACE`,
             set here for the engine processes), so it is rounded up. Ignored on GPU.
         gpu_memory_utilization: vLLM's share of the GPU when colocated with the trainer. Ignored on CPU.
-        enforce_eager: skip CUDA graphs / torch.compile; start-up is much faster and rollout batches vary.
+        enforce_eager: skip CUDA graphs / torch.compile. None: eager on CPU (vLLM's CPU backend gains nothing
+            from them, and start-up stays short), CUDA graphs on GPU (decoding is several times faster; the
+            capture costs start-up time once).
         push_bucket_gib: weights per reload call in `push_weights` (decoder layers are never split); the host
             memory a 'shared_file' push costs.
         weight_sync: 'shared_file' (any device) or 'cuda_ipc' (GPU only; host tensors still go by file).
@@ -91,6 +93,12 @@ class RolloutEngine:
         self.max_model_len = max_model_len
         self._push_bucket_bytes = int(push_bucket_gib * 2**30)
         kwargs = {}
+        if enforce_eager is None:
+            enforce_eager = device == "cpu"
+        # On CUDA vLLM forks its engine and worker processes unless told otherwise; this process already runs
+        # threads (the sandbox's, Ray's, torch's), and a fork copies their locks in whatever state they are.
+        # The CPU platform always spawns, so spawn is also the start method the CPU tests run.
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
         if device == "cpu":
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(kv_cache_gib)))
             # vLLM 0.32's CPU runner crashes ('CPU Generator does not use offset') when a seeded request's
@@ -188,10 +196,12 @@ class RolloutEngine:
         started = time.perf_counter()
         asleep = self._asleep
         if asleep:
+            _return_cached_gpu_memory()
             self.llm.wake_up(tags=["weights"])
         metrics = push_buckets(self.llm.collective_rpc, named_tensors, weight_sync=self.weight_sync,
                                dtype=self._engine_dtype(), bucket_bytes=self._push_bucket_bytes)
         if asleep:
+            _return_cached_gpu_memory()  # the push's transient bucket copies
             self.llm.wake_up(tags=["kv_cache"])
             self._asleep = False
         self.llm.reset_prefix_cache()
@@ -226,6 +236,7 @@ class RolloutEngine:
         """Restore a sleeping engine (weights and KV cache); a no-op when it is awake."""
         self._check_open()
         if self._asleep:
+            _return_cached_gpu_memory()
             self.llm.wake_up()
             self._asleep = False
 
@@ -274,3 +285,12 @@ def _is_resource_tracker(process: psutil.Process) -> bool:
         return any("resource_tracker" in part for part in process.cmdline())
     except psutil.Error:
         return False
+
+
+def _return_cached_gpu_memory() -> None:
+    """Hand the memory PyTorch's caching allocator keeps (the training phase's activations and gradients)
+    back to the driver before vLLM wakes: vLLM's CuMem allocator asks the driver, not PyTorch's cache, and
+    without this `wake_up` runs out of memory on a GPU the trainer just used (verl#575, verl#6912)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

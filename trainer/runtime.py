@@ -23,7 +23,7 @@ from sandbox.grader import Grader
 from trainer.config import TrialConfig
 from trainer.contexts import needs_hints
 from trainer.data import PromptSampler, Split, load_problems, make_split
-from trainer.distributed import get_rank
+from trainer.distributed import init_distributed, rank_device, wait_for_main
 from trainer.errors import TrialConfigError
 from trainer.hints import load_hints
 from trainer.models import load_causal_lm, load_tokenizer, resolve_model
@@ -54,6 +54,9 @@ class TrialRuntime:
     hints: dict[str, str]
     pad_id: int
     model_path: Path
+    # Where this rank's student and teacher compute (`cuda:LOCAL_RANK` on GPU): every tensor the step hands to a
+    # forward or to the loss is made here, since DeepSpeed's engine passes its inputs through unchanged.
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -106,20 +109,23 @@ def start_runtime(cfg: TrialConfig) -> Iterator[TrialRuntime]:
     prompt_ids = {p.id: student_prompt_ids(tokenizer, p, thinking=cfg.model.thinking) for p in problems}
     hints = load_hints(problems, cfg.context.hints_path) if needs_hints(cfg.context) else {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rank = get_rank()
+    # First of all, so that "cuda" is this rank's GPU before anything is loaded onto it.
+    rank = init_distributed(cfg.device, collective_timeout_s=cfg.deepspeed.collective_timeout_s,
+                            main_wait_timeout_s=cfg.deepspeed.main_wait_timeout_s).rank
 
     with contextlib.ExitStack() as stack:
         grader = engine = None
         if rank == 0:
             grader, engine = _start_sandbox_and_rollout_engine(cfg, model_path, stack)
+        wait_for_main()  # vLLM's start-up (minutes for a large model) is rank 0's alone; DeepSpeed's is collective
         torch.manual_seed(cfg.seed)
-        model = load_causal_lm(model_path, dtype=cfg.model.dtype, device=cfg.device)
+        model = load_causal_lm(model_path, dtype=cfg.model.dtype, device=rank_device(cfg.device))
         teacher = EmaTeacher.from_model(model, ema_rate=cfg.teacher.ema_rate, offload=cfg.teacher.offload,
                                         device=cfg.device)
         student = Student(model, optim=cfg.optim, deepspeed_config=cfg.deepspeed, device=cfg.device)
         yield TrialRuntime(cfg=cfg, rank=rank, tokenizer=tokenizer, engine=engine, grader=grader, student=student,
                            teacher=teacher, split=split, sampler=sampler, prompt_ids=prompt_ids, hints=hints,
-                           pad_id=pad_id, model_path=model_path)
+                           pad_id=pad_id, model_path=model_path, device=rank_device(cfg.device))
 
 
 def _start_sandbox_and_rollout_engine(cfg: TrialConfig, model_path: Path,
@@ -132,5 +138,6 @@ def _start_sandbox_and_rollout_engine(cfg: TrialConfig, model_path: Path,
     engine = stack.enter_context(RolloutEngine(
         model_path, dtype=cfg.model.dtype, seed=cfg.seed, max_model_len=max_model_len, device=cfg.device,
         kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        enforce_eager=cfg.rollout.enforce_eager,
         weight_sync=cfg.rollout.weight_sync, sleep_mode=cfg.rollout.sleep_between_phases))
     return grader, engine

@@ -7,13 +7,15 @@ trial step is often smaller). `backward` does not rescale the loss: the caller p
 share of the mini batch's loss (e.g. for a token mean: the micro batch's token-sum over the mini batch's
 token count). With several ranks DeepSpeed averages gradients over ranks, so each rank's shares must add up
 to the mini batch's loss as that rank would compute it alone (its token-sum times world_size over the global
-token count, for a token mean; `trainer.distributed.all_reduce_sum` gives the global count). With several
+token count, for a token mean: every rank knows the whole mini batch, trainer/aggregation.py). With several
 ranks, `iter_minibatches(..., rank=, world_size=)` deals each rank its items.
 
 Optimizer: AdamW with the hyperparameters of `OptimConfig`, one group holding every parameter (norm weights
 and embeddings are decayed too; METHOD.md names no exempt group), constant learning rate, gradient clipping
-by the global norm before the step. On CPU DeepSpeed uses `torch.optim.AdamW` (`"torch_adam": true`) so no
-C++ op has to compile; on CUDA its fused Adam. Adam's eps is 1e-8 (torch's default).
+by the global norm before the step. DeepSpeed builds `torch.optim.AdamW` (`"torch_adam": true`) on every
+device: its own FusedAdam is compiled with nvcc at first use and refuses to build when nvcc's CUDA differs
+from torch's; on CUDA torch's fused kernel (`"fused": true`) needs no compilation. Adam's eps is 1e-8
+(torch's default).
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ def build_deepspeed_config(optim: OptimConfig, ds: DeepSpeedConfig, *, device: D
     per_rank_mini = math.ceil(optim.mini_batch_size / world_size)
     grad_accum = max(1, math.ceil(per_rank_mini / optim.micro_batch_size))
     if device == "cpu":
-        torch_adam = True  # the C++ Adam ops would compile for minutes on first use
+        fused = False  # the path the CPU tests check bit for bit against a hand-written AdamW
     elif device == "cuda":
-        torch_adam = False
+        fused = True
     else:
         raise StudentError(f"unknown device {device!r}")
     return {
@@ -61,7 +63,8 @@ def build_deepspeed_config(optim: OptimConfig, ds: DeepSpeedConfig, *, device: D
                 "betas": list(optim.betas),
                 "eps": ADAM_EPS,
                 "weight_decay": optim.weight_decay,
-                "torch_adam": torch_adam,
+                "torch_adam": True,
+                "fused": fused,  # passed on to torch.optim.AdamW
             },
         },
         "gradient_clipping": optim.grad_clip,
@@ -265,10 +268,6 @@ class Student:
         """(HF name, full tensor) per parameter, gathered under ZeRO-3 (collective: every rank iterates): what
         the weight push into vLLM, the EMA teacher's update and a full copy of the weights read."""
         return iter_full_parameters(self.engine.module, zero_stage=self.zero_stage)
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of every full parameter by HF name (collective on ZeRO-3)."""
-        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.named_full_parameters()}
 
     def save_checkpoint(self, save_dir: str | Path) -> None:
         """DeepSpeed checkpoint (weights, optimizer incl. ZeRO partitions, step counters); every rank calls."""

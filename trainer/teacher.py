@@ -4,7 +4,12 @@ A frozen copy of the student's network (no gradient, eval mode) whose weights fo
 θ̄ ← (1 − r)·θ̄ + r·θ once per trial step, after the optimizer steps. r = 0 keeps the initial model bit for
 bit (the update is skipped); r = 1 copies the student. The arithmetic is (1 − r)·θ̄ then + r·θ in float32:
 when the teacher computes in a lower precision (bf16 on GPU) an fp32 master copy of θ̄ is kept, because
-r·(θ − θ̄) with r = 0.01 is mostly below bf16's resolution and the teacher would never move.
+r·(θ − θ̄) with r = 0.01 is mostly below bf16's resolution and the teacher would never move. On a GPU that
+master lives in host memory: on the GPU it would cost 4 bytes per parameter on every rank (32 GB for an 8B
+model, beside the student's ZeRO state, activations and vLLM's share), and it is read once per step, so the
+update moves each parameter to the host and back (a few seconds for 8B, against minutes of training).
+The update does not synchronise with the device per parameter: the distance it reports is summed on the
+device and read once.
 
 The student's weights arrive as (name, full tensor) pairs — `Student.named_full_parameters()`, which
 gathers ZeRO-3 partitions — so the teacher works with every ZeRO stage; under several ranks every rank
@@ -24,6 +29,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from trainer.distributed import rank_device
 from trainer.errors import TeacherError
 from trainer.lm_head import LMHead, final_hidden_states, lm_head
 from trainer.options import Device
@@ -32,29 +38,32 @@ from trainer.options import Device
 class EmaTeacher:
     """Frozen EMA copy of the student. Build it from the initial model *before* the Student wraps it."""
 
-    def __init__(self, model: nn.Module, *, ema_rate: float, offload: bool = False, device: Device = "cpu") -> None:
+    def __init__(self, model: nn.Module, *, ema_rate: float, offload: bool = False,
+                 device: Device | torch.device = "cpu") -> None:
         if not 0.0 <= ema_rate <= 1.0:
             raise TeacherError(f"ema_rate must be in [0, 1], got {ema_rate}")
         if any(hasattr(param, "ds_id") for param in model.parameters()):
             raise TeacherError("the teacher needs an unpartitioned model: copy it before the ZeRO-3 Student wraps it")
         self.ema_rate = float(ema_rate)
-        self.device = device
-        self.offload = offload and device != "cpu"
+        # This rank's GPU under several ranks ("cuda" alone would be whichever GPU is current).
+        self.device = device if isinstance(device, torch.device) else rank_device(device)
+        self.offload = offload and self.device.type != "cpu"
         self.model = model
         self.model.requires_grad_(False)
         self.model.eval()
         if getattr(self.model, "config", None) is not None:
             self.model.config.use_cache = False
-        self.model.to("cpu" if self.offload else device)
+        self.model.to("cpu" if self.offload else self.device)
         self._params = dict(self.model.named_parameters())
         self._master: dict[str, torch.Tensor] | None = None
         if any(param.dtype != torch.float32 for param in self._params.values()):
-            self._master = {name: param.detach().to(torch.float32, copy=True) for name, param in self._params.items()}
+            self._master = {name: param.detach().to("cpu", torch.float32, copy=True)
+                            for name, param in self._params.items()}
         self._loaded_depth = 0
 
     @classmethod
     def from_model(cls, model: nn.Module, *, ema_rate: float, offload: bool = False,
-                   device: Device = "cpu") -> "EmaTeacher":
+                   device: Device | torch.device = "cpu") -> "EmaTeacher":
         """A teacher holding a deep copy of `model` (which stays usable for the Student)."""
         return cls(copy.deepcopy(model), ema_rate=ema_rate, offload=offload, device=device)
 
@@ -107,7 +116,7 @@ class EmaTeacher:
         """
         r = self.ema_rate
         seen: set[str] = set()
-        sq_dist = 0.0
+        sq_dist: torch.Tensor | float = 0.0  # a tensor on the first parameter's device, read once at the end
         for name, student_param in student_parameters:
             if name not in self._params:
                 raise TeacherError(f"student parameter {name!r} has no counterpart in the teacher")
@@ -125,12 +134,12 @@ class EmaTeacher:
                 target.add_(new * r)
             if self._master is not None and r != 0.0:
                 param.data.copy_(target)
-            sq_dist += float((target - new).double().pow(2).sum())
+            sq_dist = sq_dist + (target - new).double().pow(2).sum()
             seen.add(name)
         missing = set(self._params) - seen
         if missing:
             raise TeacherError(f"student parameters missing for the teacher: {sorted(missing)[:5]}")
-        return {"teacher_ema_rate": r, "teacher_student_l2": math.sqrt(sq_dist)}
+        return {"teacher_ema_rate": r, "teacher_student_l2": math.sqrt(float(sq_dist))}
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, live weight) in the compute dtype, no copy: what the rollout engine needs for an evaluation

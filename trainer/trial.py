@@ -104,7 +104,7 @@ def opsd_step(trial: TrialRuntime, step: int, timer: PhaseTimer | None = None) -
         for micro, normalizer in zip(mine, normalizers):
             student_batch, teacher_batch = _pack_both(trial, [samples[i] for i in micro], timer)
             targets = (student_batch.response_ids, student_batch.response_mask,
-                       torch.tensor([samples[i].has_context for i in micro]))
+                       torch.tensor([samples[i].has_context for i in micro], device=trial.device))
             loss_options = dict(
                 **cfg.loss.model_dump(), temperature=cfg.rollout.temperature, normalizer=normalizer,
                 old_logps=None if old_logps is None else _padded([old_logps[i] for i in micro], student_batch),
@@ -199,8 +199,9 @@ def _minibatches(trial: TrialRuntime, n_samples: int, step: int) -> list[tuple[l
 def _pack_both(trial: TrialRuntime, samples: list[Sample], timer: PhaseTimer) -> tuple[PackedBatch, PackedBatch]:
     """The samples' responses after the student's prompts and after the teacher's (their tokens counted)."""
     responses = [s.response_ids for s in samples]
-    student_batch = pack([s.prompt_ids for s in samples], responses, pad_id=trial.pad_id)
-    teacher_batch = pack([s.teacher_prompt_ids for s in samples], responses, pad_id=trial.pad_id)
+    student_batch = pack([s.prompt_ids for s in samples], responses, pad_id=trial.pad_id, device=trial.device)
+    teacher_batch = pack([s.teacher_prompt_ids for s in samples], responses, pad_id=trial.pad_id,
+                         device=trial.device)
     _count_tokens(timer, "student_forward_backward", student_batch)
     _count_tokens(timer, "teacher_forward", teacher_batch)
     return student_batch, teacher_batch
@@ -217,7 +218,7 @@ def _student_token_logps(trial: TrialRuntime, samples: list[Sample], micro_batch
     out = {}
     for micro in micro_batches:
         student_batch = pack([samples[i].prompt_ids for i in micro], [samples[i].response_ids for i in micro],
-                             pad_id=trial.pad_id)
+                             pad_id=trial.pad_id, device=trial.device)
         _count_tokens(timer, "old_logps", student_batch)
         temperature, chunk_size = trial.cfg.rollout.temperature, trial.cfg.loss.chunk_size
         if chunk_size is not None:
@@ -238,10 +239,12 @@ def _kept_lengths(samples: list[Sample], indices: list[int]) -> list[int]:
 
 
 def _padded(rows: list, batch: PackedBatch) -> torch.Tensor:
-    """Per-token values of each row, zero-padded to the batch's response width: [B, R] float32."""
-    out = torch.zeros((len(rows), batch.response_ids.shape[1]), dtype=torch.float32)
+    """Per-token values of each row (lists of floats, or tensors), zero-padded to the batch's response width:
+    [B, R] float32 on the batch's device."""
+    device = batch.response_ids.device
+    out = torch.zeros((len(rows), batch.response_ids.shape[1]), dtype=torch.float32, device=device)
     for i, row in enumerate(rows):
-        values = torch.as_tensor(row, dtype=torch.float32)
+        values = torch.as_tensor(row, dtype=torch.float32, device=device)
         out[i, : len(values)] = values
     return out
 

@@ -16,6 +16,7 @@ from trainer.config import DeepSpeedConfig, OptimConfig
 from trainer.distributed import run_local_ranks
 from trainer.student import Student, iter_minibatches
 from trainer.teacher import EmaTeacher
+from tests.trainer.test_student import full_state_dict
 
 VOCAB = 64
 
@@ -76,7 +77,7 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, zero_stag
     student, teacher = build(0, zero_stage)
     sampler = np.random.default_rng(11)
     straight_losses = train_steps(student, teacher, sampler, range(4))
-    straight_student, straight_teacher = student.full_state_dict(), teacher.state_dict()
+    straight_student, straight_teacher = full_state_dict(student), teacher.state_dict()
 
     seed_everything(7)
     student, teacher = build(0, zero_stage)
@@ -97,7 +98,7 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, zero_stag
     resumed_losses = train_steps(student, teacher, sampler, range(2))
 
     assert first_losses + resumed_losses == straight_losses
-    resumed_student, resumed_teacher = student.full_state_dict(), teacher.state_dict()
+    resumed_student, resumed_teacher = full_state_dict(student), teacher.state_dict()
     assert all(torch.equal(resumed_student[n], straight_student[n]) for n in straight_student)
     assert all(torch.equal(resumed_teacher[n], straight_teacher[n]) for n in straight_teacher)
     assert not torch.equal(resumed_teacher["lm_head.weight"], resumed_student["lm_head.weight"])
@@ -154,7 +155,7 @@ def _two_rank_resume(rank: int, root: str) -> dict:
     student, teacher = build(0, 2, world_size=2)
     sampler = np.random.default_rng(11)
     straight = train_steps(student, teacher, sampler, range(2), rank=rank, world_size=2)
-    straight_student = student.full_state_dict()
+    straight_student = full_state_dict(student)
 
     seed_everything(7)
     student, teacher = build(0, 2, world_size=2)
@@ -168,7 +169,7 @@ def _two_rank_resume(rank: int, root: str) -> dict:
     sampler = np.random.default_rng()
     sampler.bit_generator.state = state.sampler_state
     resumed = train_steps(student, teacher, sampler, range(1), rank=rank, world_size=2)
-    resumed_student = student.full_state_dict()
+    resumed_student = full_state_dict(student)
     return {"straight": straight, "resumed": first + resumed,
             "same_params": all(torch.equal(resumed_student[n], straight_student[n]) for n in straight_student),
             "files": sorted(p.name for p in (latest_checkpoint(root) / "student" / "engine").iterdir())}

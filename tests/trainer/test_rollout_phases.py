@@ -8,6 +8,8 @@ are refused on CPU. The push itself goes through the real worker extension over 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -76,3 +78,36 @@ def test_cpu_engine_takes_no_gpu_options(fake_vllm, tiny_model_dir):
         RolloutEngine(tiny_model_dir, device="cpu", sleep_mode=True)
     with pytest.raises(RolloutError, match="weight_sync must be"):
         RolloutEngine(tiny_model_dir, device="cuda", weight_sync="nccl")
+
+
+def test_the_trainers_cached_gpu_memory_is_returned_before_vllm_wakes(fake_vllm, tiny_model_dir, monkeypatch):
+    """vLLM's wake-up allocates through the driver; what PyTorch's caching allocator still holds from the
+    training phase must be handed back first, or a GPU shared with the trainer runs out of memory."""
+    engine = RolloutEngine(tiny_model_dir, device="cuda", sleep_mode=True)
+    llm = engine.llm
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: llm.calls.append(("empty_cache",)))
+    engine.sleep()
+    engine.push_weights(tiny_model(1).named_parameters())
+    wakes = [c for c in llm.calls if c[0] in ("wake_up", "empty_cache")]
+    assert wakes == [("empty_cache",), ("wake_up", ["weights"]), ("empty_cache",), ("wake_up", ["kv_cache"])]
+    llm.calls.clear()
+    engine.sleep()
+    engine.wake_up()
+    assert llm.calls == [("sleep", 1), ("empty_cache",), ("wake_up", None)]
+    engine.close()
+
+
+def test_gpu_engine_spawns_its_processes_and_captures_cuda_graphs(fake_vllm, tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    engine = RolloutEngine(tiny_model_dir, device="cuda")
+    # vLLM forks on CUDA by default, from a process that already runs the sandbox's and torch's threads.
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    assert engine.llm.kwargs["enforce_eager"] is False
+    engine.close()
+    engine = RolloutEngine(tiny_model_dir, device="cuda", enforce_eager=True)
+    assert engine.llm.kwargs["enforce_eager"] is True
+    engine.close()
+    engine = RolloutEngine(tiny_model_dir, device="cpu")
+    assert engine.llm.kwargs["enforce_eager"] is True
+    engine.close()
