@@ -155,7 +155,7 @@ def get_rank() -> int:
 
 
 def _rank_entry(local_rank: int, fn: Callable, args: tuple, world_size: int, port: int, device: Device,
-                results: Any, torch_threads: int | None) -> None:
+                results: Any, torch_threads: int | None, timeouts: dict[str, float]) -> None:
     os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
@@ -163,7 +163,7 @@ def _rank_entry(local_rank: int, fn: Callable, args: tuple, world_size: int, por
     try:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
-        init_distributed(device)
+        init_distributed(device, **timeouts)
         try:
             value = fn(local_rank, *args)
         finally:
@@ -179,12 +179,15 @@ def _rank_entry(local_rank: int, fn: Callable, args: tuple, world_size: int, por
 
 
 def run_local_ranks(fn: Callable[..., Any], world_size: int, *args: Any, device: Device = "cpu",
-                    torch_threads: int | None = None, timeout_s: float = 600.0) -> list[Any]:
+                    torch_threads: int | None = None, timeout_s: float = 600.0,
+                    collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+                    main_wait_timeout_s: float = DEFAULT_MAIN_WAIT_TIMEOUT_S) -> list[Any]:
     """Run `fn(rank, *args)` on `world_size` spawned local processes; return their results in rank order.
 
     `fn` must be importable by name (a module-level function) and its result picklable. Each rank gets the
-    environment variables, an initialised process group (gloo on CPU) and a clean teardown. A failing rank
-    raises DistributedError carrying that rank's traceback.
+    environment variables, initialised process groups (gloo on CPU; the timeouts of `init_distributed`) and
+    a clean teardown; `torch_threads` sets each rank's torch threads. A failing rank raises DistributedError
+    carrying that rank's traceback. `timeout_s` bounds the whole run.
     """
     import queue
     import time
@@ -197,7 +200,9 @@ def run_local_ranks(fn: Callable[..., Any], world_size: int, *args: Any, device:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    workers = [ctx.Process(target=_rank_entry, args=(rank, fn, args, world_size, port, device, results, torch_threads))
+    timeouts = {"collective_timeout_s": collective_timeout_s, "main_wait_timeout_s": main_wait_timeout_s}
+    workers = [ctx.Process(target=_rank_entry,
+                           args=(rank, fn, args, world_size, port, device, results, torch_threads, timeouts))
                for rank in range(world_size)]
     for worker in workers:
         worker.start()

@@ -140,4 +140,5 @@ def _start_sandbox_and_rollout_engine(cfg: TrialConfig, model_path: Path,
         kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         enforce_eager=cfg.rollout.enforce_eager,
         weight_sync=cfg.rollout.weight_sync, sleep_mode=cfg.rollout.sleep_between_phases))
+    print(f"rollout engine ready in {engine.startup_seconds:.1f} s", flush=True)
     return grader, engine

@@ -26,7 +26,7 @@ from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from trainer.config import TrialConfig
 from trainer.contexts import GradedRollout, teacher_prompts_for_group
 from trainer.data import TrainProblem
-from trainer.distributed import broadcast_from_main, get_rank, run_local_ranks
+from trainer.distributed import broadcast_from_main, get_rank, run_local_ranks, wait_for_main
 from trainer.evaluate import evaluate
 from trainer.head_loss import opsd_loss_from_hidden, token_logps_from_hidden
 from trainer.losses import opsd_loss, token_logps
@@ -273,8 +273,12 @@ def run_trial(cfg: TrialConfig, out_dir: Path) -> dict[str, Any]:
     claim_out_dir(cfg, out_dir)
     try:
         if cfg.deepspeed.world_size > 1 and "RANK" not in os.environ:
+            # Each rank gets its share of this process's CPUs, not all of them each (oversubscribed threads).
+            threads = max(1, len(os.sched_getaffinity(0)) // cfg.deepspeed.world_size)
             results = run_local_ranks(_run_rank, cfg.deepspeed.world_size, cfg.model_dump(mode="json"),
-                                      str(out_dir), device=cfg.device, timeout_s=7 * 24 * 3600)
+                                      str(out_dir), device=cfg.device, torch_threads=threads,
+                                      timeout_s=7 * 24 * 3600, collective_timeout_s=cfg.deepspeed.collective_timeout_s,
+                                      main_wait_timeout_s=cfg.deepspeed.main_wait_timeout_s)
             return results[0]
         return _run_rank(0, cfg.model_dump(mode="json"), str(out_dir))
     except BaseException as err:
@@ -355,8 +359,10 @@ def _run_steps(cfg: TrialConfig, out_dir: Path, progress: Progress) -> dict[str,
 
 def _evaluate_on_main(trial: TrialRuntime) -> dict[str, Any]:
     """Rank 0 evaluates, which leaves the self-teacher's weights in the engine; then every rank pushes the
-    student's back (collective under ZeRO-3, a bucket at a time) and gets the metrics."""
+    student's back (collective under ZeRO-3, a bucket at a time) and gets the metrics. The other ranks wait
+    for the evaluation (tens of minutes at the paper's lengths) in `wait_for_main`, not in the push's gathers."""
     metrics = evaluate(trial) if trial.is_main else None
+    wait_for_main()
     trial.push_student_weights()
     return broadcast_from_main(metrics)
 

@@ -204,3 +204,25 @@ def test_two_trainer_ranks_learn_like_one(copy_setup, hint_run):
     assert two[-1]["student_ref_logp"] - two[0]["student_ref_logp"] > 0.25
     # Step 1 starts from the same weights and rollouts: rank 0's share of the KL is close to the whole's.
     assert rows(out, "train")[0]["kl"] == pytest.approx(rows(hint_run, "train")[0]["kl"], rel=0.5)
+
+
+def test_ranks_wait_for_rank_0s_long_phases_beyond_the_collective_timeout(copy_setup):
+    """deepspeed.world_size 2 with a training-collective timeout of 5 s: rank 0 starts vLLM, samples, grades and
+    evaluates alone for far longer, while rank 1 waits; the wait must not be a collective under that timeout
+    (on a GPU, the NCCL watchdog would end the trial: 10 minutes by DeepSpeed's default, less than one
+    evaluation at the paper's lengths)."""
+    timeout_s = 5.0
+    settings = yaml.safe_load(trial_file(copy_setup, "llm_peer_hints").read_text())
+    settings.update(steps=1, deepspeed={"world_size": 2, "collective_timeout_s": timeout_s})
+    settings["eval"]["every_steps"] = 1
+    path = copy_setup["root"] / "long-rank0.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    out, log = copy_setup["root"] / "run-long-rank0", copy_setup["root"] / "long-rank0.log"
+    result = run_opsd("trial", str(path), "--out", str(out), log=log)
+    text = log.read_text()
+    assert result.returncode == 0, text[-3000:]
+    # vLLM's start-up alone outlasted the timeout several times over while rank 1 waited for it.
+    engine_start = float(text.split("rollout engine ready in ")[1].split(" s")[0])
+    assert engine_start > 2 * timeout_s
+    assert [r["step"] for r in rows(out, "train")] == [1] and [r["step"] for r in rows(out, "eval")] == [0, 1]
+    assert json.loads((out / "trial.json").read_text())["status"] == "completed"
