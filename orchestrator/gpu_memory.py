@@ -58,7 +58,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from orchestrator.model_shape import ModelShape
+from orchestrator.model_shape import ModelShape, read_model_shape
 from trainer.config import TrialConfig
 
 GiB = 2**30
@@ -293,6 +293,13 @@ def estimate_trial_memory(shape: ModelShape, cfg: TrialConfig, *, gpu_bytes: int
               "student_forward_backward": training_engine, "push_and_ema": parts.vllm_awake}
     return dataclasses.replace(parts, rank0={phase: trainer[phase] + engine[phase] for phase in PHASES},
                                other_ranks=trainer if parts.world_size > 1 else {})
+
+
+def trial_memory(cfg: TrialConfig, *, gpu_bytes: int) -> TrialMemory:
+    """`estimate_trial_memory` of the trial's own model (`cfg.model.path`: a folder, or a hub id whose
+    config.json is cached or known), on GPUs of `gpu_bytes` each: what a run on a GPU compares its measured
+    peaks with (`torch.cuda.mem_get_info()[1]` gives the GPU's bytes)."""
+    return estimate_trial_memory(read_model_shape(cfg.model.path), cfg, gpu_bytes=gpu_bytes)
 
 
 # ------------------------------------------------------------------------------------------ the verdict

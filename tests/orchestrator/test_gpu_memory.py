@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import SweepError
-from orchestrator.gpu_memory import GiB, estimate_trial_memory, fit_problem, model_states
+from orchestrator.gpu_memory import GiB, estimate_trial_memory, fit_problem, model_states, trial_memory
 from orchestrator.model_shape import KNOWN_CONFIGS, ModelConfigError, ModelShape, read_model_shape
 from orchestrator.plan import memory_estimates
 from orchestrator.sweep_file import RESOURCE_PRESETS, load_sweep
@@ -200,6 +200,8 @@ def test_model_config_from_a_folder_the_hub_cache_or_the_table(tmp_path, monkeyp
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({**QWEN3_06B, "num_hidden_layers": 2}))
     assert read_model_shape(str(folder)).num_layers == 2
+    local = trial_memory(trial(model={"path": str(folder), "dtype": "bfloat16"}), gpu_bytes=H100)
+    assert local.shape.num_layers == 2 and local.gpu_bytes == H100
     # A hub id's config.json in the Hugging Face cache wins over the table.
     cache = tmp_path / "hub"
     snapshot = cache / "models--Qwen--Qwen3-8B" / "snapshots" / "abc123"
