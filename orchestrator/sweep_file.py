@@ -294,6 +294,8 @@ def load_sweep(path: str | Path) -> tuple[SweepFile, list[GridPoint]]:
         model_index = next(i for i, m in enumerate(sweep.models) if model_label(m) == bad.label)
         in_overrides = _get(bad.overrides, loc) is not _MISSING
         full = ("models", model_index, "overrides", *loc) if in_overrides else ("trial", *loc)
+        if not loc:  # a check across sections names its fields itself; the grid point is the model's
+            full = ("models", model_index)
         raise SweepError(f"{where(full)}{_dotted(full)}: {item['msg'].removeprefix('Value error, ')} "
                          f"(trial {bad.label} x {bad.context})") from None
     return sweep, points

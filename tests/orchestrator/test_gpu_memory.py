@@ -275,5 +275,5 @@ def test_paper_sweeps_fit_b200s_and_h100s_or_float32_are_refused_in_one_line(tmp
     float32 = _paper_variant(tmp_path, "    dtype: bfloat16  ", "    dtype: float32  ")
     result = subprocess.run([*OPSD, "sweep", "plan", str(float32)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert "model.dtype float32 on device 'cuda': vLLM's FlashAttention and FlashInfer backends take only " \
-           "float16/bfloat16" in result.stderr
+    assert result.stderr.startswith(f"opsd sweep: error: {float32}:9: models[0]: model.dtype float32 on device "
+                                    "'cuda': vLLM's FlashAttention and FlashInfer backends take only float16/bfloat16")
