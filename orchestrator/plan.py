@@ -31,6 +31,9 @@ forward and backward) plus the evaluations' sampled tokens, and the mean respons
 The GPU constant is set so that the papers' setting (Qwen3-8B, 50 steps of 32 x 8 rollouts up to 16k tokens,
 evaluations every 5 steps) gives their ~20 B200-hours per run (METHOD.md section 5); the CPU one was measured
 with SmolLM2-135M on the 2-core machine of the README. Either is a rough guide, and says so.
+
+On GPUs the plan ends with each model's memory per GPU by phase (orchestrator/gpu_memory.py), and refuses a
+sweep a trial of which cannot fit (`check_memory`, which `opsd sweep run` calls too).
 """
 
 from __future__ import annotations
@@ -43,7 +46,18 @@ from pathlib import Path
 
 from rich.table import Table
 
-from orchestrator.sweep_file import GridPoint, SweepFile
+from orchestrator.errors import SweepError
+from orchestrator.gpu_memory import (
+    PHASE_TITLES,
+    PHASES,
+    PROCESS_OVERHEAD_BYTES,
+    GiB,
+    TrialMemory,
+    estimate_trial_memory,
+    fit_problem,
+)
+from orchestrator.model_shape import read_model_shape
+from orchestrator.sweep_file import GridPoint, SweepFile, model_label
 from orchestrator.sweep_state import read_step_rows
 
 # Device-seconds per (token x billion parameters), calibrated as the module docstring says.
@@ -280,3 +294,107 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+# ------------------------------------------------------------------------------------------ GPU memory
+
+
+@dataclass
+class ModelMemory:
+    """One model of a GPU sweep on the sweep's GPUs: its fullest grid point's memory, and why it does not fit."""
+
+    index: int  # in the sweep's models
+    label: str
+    path: str
+    memory: TrialMemory
+    problem: str | None  # one line naming the settings, or None when it fits
+
+
+def gpu_name(sweep: SweepFile) -> str:
+    return sweep.trial_resources.gpu or "GPU"
+
+
+def memory_estimates(sweep: SweepFile, points: list[GridPoint]) -> list[ModelMemory]:
+    """Per model of a sweep whose trials run on GPUs of known memory (resources.gpu or gpu_memory_gib), the
+    grid point with the highest rank-0 peak (orchestrator/gpu_memory.py); [] otherwise. Raises SweepError
+    when a model's config.json cannot be found (the message says how to provide it)."""
+    gpu_bytes = sweep.trial_resources.memory_per_gpu_bytes
+    if gpu_bytes is None:
+        return []
+    out = []
+    for index, model in enumerate(sweep.models):
+        label = model_label(model)
+        cuda_points = [p for p in points if p.model == label and p.config.device == "cuda"]
+        if not cuda_points:
+            continue
+        shape = read_model_shape(model.path)
+        memories = [estimate_trial_memory(shape, p.config, gpu_bytes=gpu_bytes) for p in cuda_points]
+        worst = max(memories, key=lambda m: max(m.rank0.values()))
+        out.append(ModelMemory(index, label, model.path, worst, fit_problem(worst, gpu_name(sweep))))
+    return out
+
+
+def check_memory(sweep_path: Path, sweep: SweepFile, memories: list[ModelMemory]) -> None:
+    """Refuse, in one line naming the settings, a sweep a trial of which cannot fit its GPUs."""
+    res = sweep.trial_resources
+    for m in memories:
+        if m.problem is not None:
+            raise SweepError(f"{sweep_path}: models[{m.index}] ({m.path}) does not fit {res.gpus} x "
+                             f"{gpu_name(sweep)}: {m.problem}")
+
+
+def memory_table(sweep: SweepFile, m: ModelMemory) -> Table:
+    """One model's memory per GPU (GiB): its parts with the settings that change them, then each phase's total."""
+    mem = m.memory
+    acts, vllm, states = mem.activations, mem.vllm, mem.states
+    others = mem.world_size > 1
+    table = Table(title=f"GPU memory of {m.label} ({m.path}: {mem.parameters / 1e9:.2f}B parameters) per "
+                  f"{gpu_name(sweep)} of {mem.gpu_bytes / GiB:.1f} GiB, in GiB", title_justify="left")
+    table.add_column("part")
+    table.add_column("rank 0", justify="right")
+    if others:
+        table.add_column(f"ranks 1-{mem.world_size - 1}", justify="right")
+    table.add_column("set by")
+
+    def row(title: str, rank0: float | None, other: float | None, setting: str, style: str | None = None) -> None:
+        cells = [title, _gib_cell(rank0)] + ([_gib_cell(other)] if others else []) + [setting]
+        table.add_row(*cells, style=style)
+
+    zero = f"ZeRO-{mem.zero_stage} over {mem.world_size} rank{'s' * (mem.world_size > 1)}"
+    row(f"student weights ({zero})", states.weights, states.weights, "model.dtype, deepspeed.zero_stage")
+    row("student gradients", states.gradients, states.gradients, "deepspeed.zero_stage, deepspeed.bf16")
+    row("optimizer states", states.optimizer, states.optimizer, "deepspeed.zero_stage")
+    row("self-teacher" + (" (on the host)" if mem.teacher_loaded else ""), mem.teacher, mem.teacher,
+        "teacher.offload")
+    row("process overhead (CUDA, NCCL)", PROCESS_OVERHEAD_BYTES * 2, PROCESS_OVERHEAD_BYTES, "")
+    row("vLLM share: weights", vllm.weights, None, "model.dtype")
+    row("vLLM share: working memory", vllm.working, None, "")
+    row(f"vLLM share: KV cache, {vllm.sequences:.1f} x {vllm.max_model_len:,} tokens", vllm.kv_cache, None,
+        "rollout.gpu_memory_utilization")
+    row(f"forward without gradient ({acts.tokens_teacher:,} tokens)", acts.no_grad_forward + mem.teacher_loaded,
+        acts.no_grad_forward + mem.teacher_loaded, "optim.micro_batch_size, context.max_teacher_prompt_tokens")
+    row(f"student forward+backward ({acts.tokens_student:,} tokens)", acts.student_forward_backward,
+        acts.student_forward_backward, "optim.gradient_checkpointing, rollout.max_response_tokens")
+    row("loss", acts.loss, acts.loss, "loss.chunk_size")
+    row("EMA update", mem.ema_update, mem.ema_update, "teacher.offload")
+    rank0_peak, other_peak = mem.peak(True)[0], (mem.peak(False)[0] if others else None)
+    for phase in PHASES:
+        vllm_state = "" if phase in ("rollout", "push_and_ema") else (
+            ", vLLM asleep" if mem.sleep else ", vLLM awake")
+        row(f"phase: {PHASE_TITLES[phase]}{vllm_state}", mem.rank0[phase], mem.other_ranks.get(phase),
+            "rollout.sleep_between_phases" if vllm_state else "",
+            style="bold" if phase in (rank0_peak, other_peak) else None)
+    return table
+
+
+def memory_line(m: ModelMemory) -> str:
+    phase, peak = m.memory.peak()
+    if m.problem is not None:
+        return f"{m.label} does not fit: {m.problem}"
+    return (f"{m.label} fits: rank 0 peaks at {peak / GiB:.1f} of {m.memory.gpu_bytes / GiB:.1f} GiB "
+            f"({PHASE_TITLES[phase]}); the vLLM KV cache holds {m.memory.vllm.sequences:.1f} sequences of "
+            f"{m.memory.vllm.max_model_len:,} tokens")
+
+
+def _gib_cell(n: float | None) -> str:
+    return "-" if n is None else f"{n / GiB:.1f}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 EPILOG = """\
 examples:
-  opsd sweep plan sweeps/paper_fig1.yaml              the grid, resources, GPU-hours and storage, before running
+  opsd sweep plan sweeps/paper_fig1.yaml              the grid, resources, GPU-hours, storage and GPU memory
   opsd sweep run sweeps/demo.yaml                      run it (a local Ray, or RAY_ADDRESS / --address auto)
   opsd sweep status runs/sweeps/demo                   each trial's state, step, metrics and failures
   opsd sweep resume runs/sweeps/demo                   continue after the driver died (or rerun `sweep run`)
@@ -64,9 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     collect.set_defaults(func=_collect)
 
     plan = commands.add_parser(
-        "plan", help="the grid, resources, GPU-hours and checkpoint storage of a sweep file",
+        "plan", help="the grid, resources, GPU-hours, checkpoint storage and GPU memory of a sweep file",
         description="Validate a sweep file and estimate its cost: from a finished trial of the same model when "
-        "one is found under the storage folder (or --measured DIR), else from a stated per-token model.",
+        "one is found under the storage folder (or --measured DIR), else from a stated per-token model. On GPUs, "
+        "each model's memory per GPU by phase, from its config.json; a sweep that cannot fit is refused.",
         epilog="example:\n  opsd sweep plan sweeps/paper_fig1.yaml\n  opsd sweep plan sweeps/demo.yaml --measured runs/",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     plan.add_argument("sweep_file", metavar="SWEEP.yaml")
@@ -93,10 +94,12 @@ def _console(stderr: bool = False):
 
 
 def _run(args: argparse.Namespace) -> int:
+    from orchestrator.plan import check_memory, memory_estimates
     from orchestrator.sweep_file import load_sweep
     from orchestrator.sweep_state import prepare_sweep_dir, sweep_location
 
     sweep, points = load_sweep(args.sweep_file)
+    check_memory(Path(args.sweep_file), sweep, memory_estimates(sweep, points))  # before any GPU-hour is spent
     local, remote = sweep_location(sweep, args.storage)
     state = prepare_sweep_dir(sweep, points, local, Path(args.sweep_file), remote=remote)
     return _drive(state, args)
@@ -184,4 +187,23 @@ def _plan(args: argparse.Namespace) -> int:
                   f"running at once, {human_bytes(kept)} kept after (checkpoints.when_done: "
                   f"{sweep.checkpoints.when_done})")
     console.print(f"results in {sweep.storage.rstrip('/')}/{sweep.name}")
+    _plan_memory(sweep, points, Path(args.sweep_file), console)
     return 0
+
+
+def _plan_memory(sweep, points, sweep_path: Path, console) -> None:
+    """Each model's memory per GPU by phase; a sweep that cannot fit its GPUs is refused after its tables."""
+    from orchestrator.plan import check_memory, memory_estimates, memory_line, memory_table
+
+    res = sweep.trial_resources
+    if not res.gpus:
+        return
+    if res.memory_per_gpu_bytes is None:
+        console.print("GPU memory not checked: name the GPU in resources (gpu: B200 or H100, or gpu_memory_gib)")
+        return
+    memories = memory_estimates(sweep, points)
+    for m in memories:
+        console.print()
+        console.print(memory_table(sweep, m))
+        console.print(memory_line(m))
+    check_memory(sweep_path, sweep, memories)

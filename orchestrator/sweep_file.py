@@ -15,9 +15,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from orchestrator.errors import SweepError
+from orchestrator.gpu_memory import GPU_MEMORY_GIB, GiB
 from trainer.config import ContextConfig, DataConfig, ModelConfig, TrialConfig, format_validation_error
 
 SWEEP_FORMAT = 1
@@ -33,15 +42,33 @@ class Resources(_Section):
     gpus: int = Field(0, ge=0, description="GPUs of the trial: its DeepSpeed ranks share them with its vLLM engine.")
     cpus: int = Field(2, ge=1, description="CPUs of the trial (trainer, vLLM's CPU work, sandbox workers).")
     sandbox_workers: int = Field(2, ge=1, description="Isolated sandbox workers grading the trial's rollouts.")
+    gpu_memory_gib: float | None = Field(None, gt=0, description="Memory of one GPU in GiB, for a GPU model not "
+                                         "listed under `gpu` (default: that model's).")
+    gpu: str | None = Field(None, description=f"The GPU model ({', '.join(GPU_MEMORY_GIB)}): `opsd sweep plan` and "
+                            "`sweep run` check that each trial fits its memory.")
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, gpu: str | None, info: ValidationInfo) -> str | None:
+        if gpu is not None and gpu not in GPU_MEMORY_GIB and info.data.get("gpu_memory_gib") is None:
+            raise ValueError(f"unknown GPU {gpu!r} (known: {', '.join(GPU_MEMORY_GIB)}); give its memory as "
+                             "gpu_memory_gib")
+        return gpu
+
+    @property
+    def memory_per_gpu_bytes(self) -> int | None:
+        """What one GPU holds (bytes), or None when the sweep does not say which GPU it runs on."""
+        gib = self.gpu_memory_gib or GPU_MEMORY_GIB.get(self.gpu or "")
+        return None if gib is None or not self.gpus else int(gib * GiB)
 
 
-# Named resource sets. A B200 node (p6-b200.48xlarge and most SLURM B200 nodes) has 8 GPUs and ~192 vCPUs:
-# 16 CPUs per GPU leaves room for the Ray and system processes; the sandbox takes 3/4 of a trial's CPUs.
+# Named resource sets. A B200 node (p6-b200.48xlarge and most SLURM B200 nodes) and an H100 node (p5.48xlarge)
+# have 8 GPUs and ~192 vCPUs: 16 CPUs per GPU leaves room for the Ray and system processes; the sandbox takes
+# 3/4 of a trial's CPUs.
 RESOURCE_PRESETS: dict[str, Resources] = {
     "cpu": Resources(gpus=0, cpus=2, sandbox_workers=2),
-    "b200-1": Resources(gpus=1, cpus=16, sandbox_workers=12),
-    "b200-4": Resources(gpus=4, cpus=64, sandbox_workers=48),
-    "b200-8": Resources(gpus=8, cpus=128, sandbox_workers=96),
+    **{f"{gpu.lower()}-{n}": Resources(gpus=n, cpus=16 * n, sandbox_workers=12 * n, gpu=gpu)
+       for gpu in ("B200", "H100") for n in (1, 4, 8)},
 }
 
 
@@ -98,8 +125,8 @@ class SweepFile(_Section):
     seeds: list[int] = Field(min_length=1, description="Seeds of the grid (each grid point runs once per seed).")
     data: DataConfig = Field(DataConfig(), description="Problems, as in a trial file.")
     trial: dict[str, Any] = Field(default_factory=dict, description="Trial settings shared by every grid point.")
-    resources: Resources | str = Field("cpu", validate_default=True, description="Per trial: a preset (cpu, b200-1, b200-4, b200-8) or "
-                                       "{gpus, cpus, sandbox_workers}.")
+    resources: Resources | str = Field("cpu", validate_default=True, description="Per trial: a preset (cpu, b200-1, b200-4, b200-8, "
+                                       "h100-1, h100-4, h100-8) or {gpus, cpus, sandbox_workers, gpu}.")
     max_concurrent_trials: int | None = Field(None, ge=1, description="At most this many trials at once.")
     max_failures: int = Field(2, ge=0, description="Retries of a failed trial; each resumes from its checkpoint.")
     storage: str = Field("runs/sweeps", description="Results and checkpoints: a local or shared (NFS) folder, "
@@ -267,6 +294,8 @@ def load_sweep(path: str | Path) -> tuple[SweepFile, list[GridPoint]]:
         model_index = next(i for i, m in enumerate(sweep.models) if model_label(m) == bad.label)
         in_overrides = _get(bad.overrides, loc) is not _MISSING
         full = ("models", model_index, "overrides", *loc) if in_overrides else ("trial", *loc)
+        if not loc:  # a check across sections names its fields itself; the grid point is the model's
+            full = ("models", model_index)
         raise SweepError(f"{where(full)}{_dotted(full)}: {item['msg'].removeprefix('Value error, ')} "
                          f"(trial {bad.label} x {bad.context})") from None
     return sweep, points

@@ -148,6 +148,9 @@ class RolloutConfig(_Section):
         None, description="vLLM without CUDA graphs. Default: eager on CPU, CUDA graphs on GPU (faster decoding, "
         "a longer start-up).")
     code_block: CodeBlock = Field("longest", description="Which fenced block of a response is the program.")
+    allow_float32_on_cuda: bool = Field(
+        False, description="Run vLLM in float32 on CUDA anyway: its FlashAttention and FlashInfer backends take "
+        "only float16/bfloat16, so model.dtype float32 on device 'cuda' is refused unless this is set.")
 
 
 # Settings renamed in this version; their old names are still read (a trial file, or the config.json of a
@@ -289,6 +292,11 @@ class TrialConfig(_Section):
             raise ValueError("rollout.weight_sync 'cuda_ipc' needs device 'cuda'; on CPU use 'shared_file'")
         if self.device == "cpu" and self.rollout.sleep_between_phases:
             raise ValueError("rollout.sleep_between_phases needs device 'cuda' (vLLM has no sleep mode on CPU)")
+        if self.device == "cuda" and self.model.dtype == "float32" and not self.rollout.allow_float32_on_cuda:
+            raise ValueError("model.dtype float32 on device 'cuda': vLLM's FlashAttention and FlashInfer backends "
+                             "take only float16/bfloat16, so its engine would fall back to a slower attention "
+                             "backend with float32 weights twice the size; set model.dtype: bfloat16 (or "
+                             "rollout.allow_float32_on_cuda: true to run float32 anyway)")
         if self.deepspeed.zero_stage == 3 and self.loss.chunk_size is not None:
             raise ValueError("loss.chunk_size: the fused LM-head loss reads the head's weight whole, which ZeRO-3 "
                              "partitions; set loss.chunk_size to null with deepspeed.zero_stage 3")

@@ -23,8 +23,10 @@ models:
   - path: embedded:smollm2-135m-instruct
     overrides:
       rollout: {{n_samples: 2}}
+    dtype: bfloat16
   - path: Qwen/Qwen3-8B
     seeds: [5]
+    dtype: bfloat16
 contexts: [none, feedback, {{name: mine, template: "{{prompt}} {{hint}}"}}]
 seeds: [0, 1]
 trial:
@@ -71,16 +73,16 @@ def test_cpu_preset_is_the_default(tmp_path):
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (("feedback,", "feedbak,"), "sweep.yaml:9: contexts[1]: context.name: unknown construction 'feedbak'"),
-    (("seeds: [0, 1]", "seeds: [0, -1]"), "sweep.yaml:10: seeds: seeds must be non-negative, got [-1]"),
-    (("seeds: [0, 1]", "seeds: []"), "sweep.yaml:10: seeds: List should have at least 1 item"),
-    (("seeds: [5]", "seeds: [5, 5]"), "sweep.yaml:8: models[1].seeds: a seed is listed twice"),
-    (("top_k: 5", "top_kk: 5"), "sweep.yaml:14: trial.loss.top_kk: Extra inputs are not permitted"),
+    (("feedback,", "feedbak,"), "sweep.yaml:11: contexts[1]: context.name: unknown construction 'feedbak'"),
+    (("seeds: [0, 1]", "seeds: [0, -1]"), "sweep.yaml:12: seeds: seeds must be non-negative, got [-1]"),
+    (("seeds: [0, 1]", "seeds: []"), "sweep.yaml:12: seeds: List should have at least 1 item"),
+    (("seeds: [5]", "seeds: [5, 5]"), "sweep.yaml:9: models[1].seeds: a seed is listed twice"),
+    (("top_k: 5", "top_kk: 5"), "sweep.yaml:16: trial.loss.top_kk: Extra inputs are not permitted"),
     (("n_samples: 2", "n_samples: 0"), "sweep.yaml:6: models[0].overrides.rollout.n_samples: Input should be greater than 0"),
-    (("Qwen/Qwen3-8B", "/no/such/model"), "sweep.yaml:7: models[1].path: /no/such/model does not exist"),
-    (("resources: b200-1", "resources: b300"), "sweep.yaml:15: resources: unknown preset 'b300'"),
-    (("resources: b200-1", "resources: {gpus: -1}"), "sweep.yaml:15: resources.gpus: Input should be greater than or equal to 0"),
-    (("  steps: 3", "  seed: 3"), "sweep.yaml:11: trial: 'seed' is set by the grid"),
+    (("Qwen/Qwen3-8B", "/no/such/model"), "sweep.yaml:8: models[1].path: /no/such/model does not exist"),
+    (("resources: b200-1", "resources: b300"), "sweep.yaml:17: resources: unknown preset 'b300'"),
+    (("resources: b200-1", "resources: {gpus: -1}"), "sweep.yaml:17: resources.gpus: Input should be greater than or equal to 0"),
+    (("  steps: 3", "  seed: 3"), "sweep.yaml:13: trial: 'seed' is set by the grid"),
     (("name: grid", "name: my grid"), "sweep.yaml:1: name: use letters"),
     (("name: grid", "nmae: grid"), "sweep.yaml:1: nmae: Extra inputs are not permitted"),
 ])

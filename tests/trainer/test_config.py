@@ -80,11 +80,21 @@ def test_gpu_only_rollout_settings_are_refused_on_cpu():
         TrialConfig.model_validate({"rollout": {"sleep_between_phases": True}})
     with pytest.raises(ValidationError, match="weight_sync"):
         TrialConfig.model_validate({"device": "cuda", "rollout": {"weight_sync": "nccl"}})
-    gpu = TrialConfig.model_validate({"device": "cuda",
+    gpu = TrialConfig.model_validate({"device": "cuda", "model": {"dtype": "bfloat16"},
                                       "rollout": {"weight_sync": "cuda_ipc", "sleep_between_phases": True}})
     assert (gpu.rollout.weight_sync, gpu.rollout.sleep_between_phases) == ("cuda_ipc", True)
     # the defaults are the path the CPU tests run, on either device
     assert (TrialConfig().rollout.weight_sync, TrialConfig().rollout.sleep_between_phases) == ("shared_file", False)
+
+
+def test_float32_on_cuda_is_refused_with_the_reason_unless_allowed():
+    with pytest.raises(ValidationError, match="model.dtype float32 on device 'cuda': vLLM's FlashAttention and "
+                                              "FlashInfer backends take only float16/bfloat16"):
+        TrialConfig.model_validate({"device": "cuda"})  # float32 is the default dtype
+    allowed = TrialConfig.model_validate({"device": "cuda", "rollout": {"allow_float32_on_cuda": True}})
+    assert allowed.model.dtype == "float32"
+    assert TrialConfig.model_validate({"device": "cuda", "model": {"dtype": "bfloat16"}}).model.dtype == "bfloat16"
+    assert TrialConfig().model.dtype == "float32" and TrialConfig().device == "cpu"  # CPU runs float32
 
 
 def test_the_fused_loss_is_the_default_and_zero3_needs_the_unfused_one():
