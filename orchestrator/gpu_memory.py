@@ -15,10 +15,10 @@ What each part is, and where its formula comes from:
   DeepSpeed has none for stages 0 and 1; the same byte accounting gives `2 P + 18 P` (nothing partitioned)
   and `2 P + 2 P + 16 P / N` (16-bit gradients whole). Without bf16 mixed precision (`deepspeed.bf16: false`)
   the weights, gradients and both Adam moments are in model.dtype, with no master copy.
-- **Self-teacher** (trainer/teacher.py): a copy of the initial model in model.dtype on every rank, plus an
-  fp32 master when that dtype is not float32 (bf16: 2 + 4 bytes per parameter). With `teacher.offload` both
-  live on the host; the weights come to the GPU for each teacher forward, and a copy of the LM head for the
-  fused loss.
+- **Self-teacher** (trainer/teacher.py): a copy of the initial model in model.dtype on every rank. Its fp32
+  master (when that dtype is not float32) lives in host memory on a GPU trial, not on the GPU. With
+  `teacher.offload` the weights live on the host too; they come to the GPU for each teacher forward, and a
+  copy of the LM head for the fused loss.
 - **vLLM** (rank 0): its share is `gpu_memory_utilization x` the GPU's memory (vllm/v1/worker/utils.py,
   `request_memory`). Inside it: the weights in model.dtype, its profiling run's working memory (the larger of
   a forward of `max_num_batched_tokens` tokens and a sampler pass over `max_num_seqs` rows of V logits: vLLM's
@@ -42,8 +42,9 @@ What each part is, and where its formula comes from:
   student's [B, R, H], the head weight's gradient [V, H] in float32, and `LOSS_VOCAB_TENSORS` float32
   [chunk_size, V] tensors per chunk; unfused (`loss.chunk_size: null`) both sides' [B, R, V] logits in
   model.dtype and the same float32 tensors over every position at once (trainer/losses.py).
-- **EMA update** (trainer/teacher.py, `update`): per parameter a float32 copy of the student's tensor, its
-  difference to the master, and that difference in float64 and squared: 24 bytes x the largest parameter.
+- **EMA update** (trainer/teacher.py, `update`): with a float32 teacher on the GPU, per parameter a float32
+  copy of the student's tensor, its difference to the teacher, and that difference in float64 and squared:
+  24 bytes x the largest parameter. A bf16 teacher's update runs on its host master: nothing on the GPU.
 - **Process overhead**: `PROCESS_OVERHEAD_BYTES` per process on the GPU (the trainer on every rank, vLLM's
   worker on rank 0): CUDA context, cuBLAS workspace, NCCL buffers.
 
@@ -270,11 +271,12 @@ def estimate_trial_memory(shape: ModelShape, cfg: TrialConfig, *, gpu_bytes: int
     mixed = cfg.deepspeed.bf16
     states = model_states(shape.parameters, shape.largest_layer, zero_stage=cfg.deepspeed.zero_stage,
                           world_size=cfg.deepspeed.world_size, mixed=mixed, dtype_bytes=2 if mixed else p)
-    # The teacher is copied from the model as loaded (model.dtype), before DeepSpeed casts the student.
-    teacher_bytes = shape.parameters * (p + (4 if p != 4 else 0))
+    # The teacher is copied from the model as loaded (model.dtype), before DeepSpeed casts the student; its fp32
+    # master, if any, is on the host.
+    teacher_bytes = shape.parameters * p
     teacher, teacher_loaded = (0, shape.parameters * p) if cfg.teacher.offload else (teacher_bytes, 0)
     acts = activations(shape, cfg)
-    ema = 0 if cfg.teacher.offload else EMA_UPDATE_BYTES_PER_PARAM * shape.largest_parameter
+    ema = 0 if cfg.teacher.offload or p != 4 else EMA_UPDATE_BYTES_PER_PARAM * shape.largest_parameter
     if cfg.deepspeed.zero_stage == 3:
         ema += max(shape.largest_parameter, 1 << 27) * 2  # a gathered bucket (trainer/student.py)
     vllm = vllm_memory(shape, cfg, gpu_bytes=gpu_bytes)
