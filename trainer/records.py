@@ -133,22 +133,34 @@ class PhaseTimer:
 
     `on_start(phase)`, if given, is called as each phase starts (`Progress.phase` keeps progress.json current).
     A step row holds `time/<phase>_s` and `tokens/<count>` (TOKEN_COLUMNS); with several ranks, rank 0's.
+    In a process that uses a CUDA GPU it also holds each phase's GPU memory (GiB, the largest over the phase's
+    calls): `memory/<phase>_peak_gib`, the most this process's tensors held during the phase (PyTorch's peak
+    allocation), and `memory/<phase>_used_gib`, what the whole GPU had in use at its end (vLLM's process
+    included), the figures `opsd sweep plan` estimates.
     """
 
     def __init__(self, on_start: Callable[[str], None] | None = None) -> None:
         self.seconds: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
+        self.memory: dict[str, float] = {}
         self.on_start = on_start
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
         if self.on_start is not None:
             self.on_start(phase)
+        cuda = _cuda_in_use()
+        if cuda is not None:
+            cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+            if cuda is not None:
+                free, total = cuda.mem_get_info()
+                for name, value in ((f"{phase}_peak_gib", cuda.max_memory_allocated()), (f"{phase}_used_gib", total - free)):
+                    self.memory[name] = max(self.memory.get(name, 0.0), round(value / 2**30, 3))
 
     def add_tokens(self, **counts: int) -> None:
         for name, n in counts.items():
@@ -156,7 +168,18 @@ class PhaseTimer:
 
     def metrics(self) -> dict[str, float]:
         return {**{f"time/{phase}_s": round(sec, 4) for phase, sec in self.seconds.items()},
-                **{f"tokens/{name}": n for name, n in self.tokens.items()}}
+                **{f"tokens/{name}": n for name, n in self.tokens.items()},
+                **{f"memory/{name}": gib for name, gib in self.memory.items()}}
+
+
+def _cuda_in_use():
+    """torch.cuda when this process has initialised CUDA (a GPU trial), else None; never initialises it."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda
 
 
 # The token counts of a train row (`tokens/<name>`), what each counts. A forward's count is the real tokens

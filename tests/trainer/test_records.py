@@ -95,3 +95,33 @@ def test_a_trial_that_fails_says_so_in_progress_json(tmp_path):
     state = read(tmp_path / "out" / "progress.json")
     assert state["status"] == "failed" and state["phase"] == "setup" and "no-such-model" in state["error"]
     assert "\n" not in state["error"] and not (tmp_path / "out" / "trial.json").exists()
+
+
+def test_phase_timer_records_each_phases_gpu_memory_in_a_cuda_process(monkeypatch):
+    """On a GPU the step rows carry each phase's peak and in-use GPU memory (what `opsd sweep plan` estimates);
+    a CPU process writes no such column and never initialises CUDA."""
+    import torch
+
+    from trainer.records import PhaseTimer
+
+    timer = PhaseTimer()
+    with timer("rollout"):
+        pass
+    assert not any(key.startswith("memory/") for key in timer.metrics())
+
+    allocated = iter([3 * 2**30, 5 * 2**30, 4 * 2**30])
+    resets = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: resets.append(1))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: next(allocated))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (70 * 2**30, 80 * 2**30))
+    timer = PhaseTimer()
+    for phase in ("teacher_forward", "student_forward_backward", "teacher_forward"):
+        with timer(phase):
+            pass
+    metrics = timer.metrics()
+    assert len(resets) == 3  # each phase's own peak, not the process's
+    assert metrics["memory/teacher_forward_peak_gib"] == 4.0  # the larger of its two calls
+    assert metrics["memory/student_forward_backward_peak_gib"] == 5.0
+    assert metrics["memory/teacher_forward_used_gib"] == 10.0
