@@ -32,17 +32,17 @@ def engine_for(model_dir, **options) -> RolloutEngine:
 
 
 @pytest.fixture(scope="module")
-def opt_in_engine(tiny_model_dir):
+def opt_in_engine(tiny_qwen3_dir):
     """The GPU-only settings together: CUDA IPC pushes and sleep mode."""
-    with engine_for(tiny_model_dir, weight_sync="cuda_ipc", sleep_mode=True) as engine:
+    with engine_for(tiny_qwen3_dir, weight_sync="cuda_ipc", sleep_mode=True) as engine:
         yield engine
 
 
 @pytest.fixture
-def trainer_model(tiny_model_dir):
+def trainer_model(tiny_qwen3_dir):
     from trainer.models import load_causal_lm
 
-    return load_causal_lm(tiny_model_dir, dtype="float32", device="cuda")
+    return load_causal_lm(tiny_qwen3_dir, dtype="float32", device="cuda")
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:
@@ -76,8 +76,8 @@ def check_push(engine: RolloutEngine, model: torch.nn.Module, named, *, seed: in
     return metrics
 
 
-def test_default_shared_file_push_from_gpu_tensors(tiny_model_dir, trainer_model):
-    with engine_for(tiny_model_dir) as engine:
+def test_default_shared_file_push_from_gpu_tensors(tiny_qwen3_dir, trainer_model):
+    with engine_for(tiny_qwen3_dir) as engine:
         metrics = check_push(engine, trainer_model, trainer_model.named_parameters, seed=1)
         assert metrics["push/file_buckets"] >= 1 and metrics["push/ipc_buckets"] == 0
         engine.sleep()  # without sleep mode: nothing happens, the engine keeps working
@@ -136,10 +136,10 @@ def _zero3_push(rank: int, model_dir: str) -> dict[str, float]:
     return {**metrics, "max_diff": float((got - expected).abs().max())}
 
 
-def test_zero3_student_pushed_a_bucket_at_a_time_through_cuda_ipc(tiny_model_dir):
+def test_zero3_student_pushed_a_bucket_at_a_time_through_cuda_ipc(tiny_qwen3_dir):
     from trainer.distributed import run_local_ranks
 
     # A child process: the NCCL process group and the partitioned model stay out of this one.
-    (result,) = run_local_ranks(_zero3_push, 1, str(tiny_model_dir), device="cuda", timeout_s=600)
+    (result,) = run_local_ranks(_zero3_push, 1, str(tiny_qwen3_dir), device="cuda", timeout_s=600)
     assert result["max_diff"] < TOL
     assert result["push/ipc_buckets"] >= 2 and result["push/file_buckets"] == 0
