@@ -19,6 +19,10 @@ import pytest
 # vLLM's CPU backend refuses to start without a KV cache size (GiB); the engine sets it too.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+# The second device of the placement tests must exist before the process's first backward: autograd sizes its
+# per-device queues then, and a device registered later has none (an internal assert in the backward).
+import tests.trainer.second_device  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:

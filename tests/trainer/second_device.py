@@ -36,9 +36,15 @@ class DeviceMixError(RuntimeError):
 
 def _setup_backend() -> torch.device:
     if torch._C._get_privateuse1_backend_name() != DEVICE_TYPE:
-        from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
+        from torch.utils.backend_registration import _DummyBackendModule, _setup_privateuseone_for_python_backend
 
-        _setup_privateuseone_for_python_backend(DEVICE_TYPE)
+        class Module(_DummyBackendModule):
+            def get_amp_supported_dtype(self) -> list[torch.dtype]:
+                # Asked by every autocast-state query once the backend exists (activation checkpointing makes
+                # one for each device type): this device offers no autocast.
+                return []
+
+        _setup_privateuseone_for_python_backend(DEVICE_TYPE, backend_module=Module())
     return torch.device(DEVICE_TYPE, 0)
 
 

@@ -339,9 +339,11 @@ def test_a_student_step_through_the_fused_loss_matches_the_logits_path(zero_stag
     loss, metrics, grads, grad_norm = student_step(fused=True)
     want_loss, want_metrics, want_grads, want_norm = student_step(fused=False)
     assert want_loss.item() > 1e-3 and metrics["valid_tokens"].item() == 7
-    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
+    # float32, the same terms summed in another order (chunk by chunk, and through DeepSpeed's engine): up to
+    # 1.1e-6 apart on some CPUs (AMD EPYC), within 1e-6 on others.
+    torch.testing.assert_close(loss, want_loss, rtol=4e-6, atol=0)
     for key in want_metrics:
-        torch.testing.assert_close(metrics[key], want_metrics[key], rtol=1e-6, atol=1e-7, msg=key)
+        torch.testing.assert_close(metrics[key], want_metrics[key], rtol=4e-6, atol=1e-7, msg=key)
     assert grads.keys() == want_grads.keys() and len(grads) == (0 if zero_stage else 20 + (not tied))
     for name, want_grad in want_grads.items():
         assert bool((want_grad != 0).any()), name
