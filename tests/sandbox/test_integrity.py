@@ -22,6 +22,7 @@ import uuid
 import psutil
 import pytest
 
+from sandbox.codec import MAX_DECODE_SECONDS
 from sandbox.executor import Executor, Limits
 from sandbox.grader import Grader, stdout_matches
 from sandbox.problems import Problem, ProblemTest
@@ -120,6 +121,25 @@ def test_a_stdin_run_sees_no_later_input_and_has_no_parent_to_forge(ex):
         assert set(json.loads(seen)) <= {n} if test.input.startswith("HARD") else json.loads(seen) == [], test.stderr
 
 
+def test_cpu_time_cannot_be_pooled_across_calls_by_a_thread_left_running(ex):
+    limit = _calibrated(ex, HARD)
+    easy = [1000, 2000, 3000, 4000, 5000]
+    problem = Problem(id="pool", prompt="", func_name="solve", tests=[
+        ProblemTest(kind="functional", input=str(n), output=str(f(n))) for n in easy + [HARD]])
+    grader = Grader(ex, time_limit_s=limit)
+    honest = grader.grade_program(problem, A.HONEST_F.replace("def f(", "def solve("))
+    assert honest.verdict == "time_limit" and honest.tests_passed == 5, honest.feedback
+    # The thread outlives the first call: from then on every call counts what the program spent since that
+    # call began, so the second easy call is over its limit.
+    attack = grader.grade_program(problem, A.POOLING.format(hard=HARD, stall=0.85 * limit))
+    assert attack.verdict == "time_limit" and attack.tests_passed < honest.tests_passed, attack.feedback
+    # Honest: main on a thread it joins, each call using a third of its limit, a table made at top level.
+    n = int(0.6 * HARD / 3)
+    threaded = Problem(id="threaded", prompt="", func_name="solve", tests=[
+        ProblemTest(kind="functional", input=str(n + k), output=str(f(n + k))) for k in range(6)])
+    assert grader.grade_program(threaded, A.THREAD_MAIN).verdict == "accepted"
+
+
 @pytest.mark.parametrize("left", ["thread", "process"])
 def test_a_test_is_limited_by_its_cpu_time_not_by_when_its_answer_arrives(ex, left):
     # A call that answers at once but leaves a thread (or a child process) computing: its CPU time, between the
@@ -151,13 +171,14 @@ def test_a_test_is_limited_by_its_cpu_time_not_by_when_its_answer_arrives(ex, le
 
 
 # --------------------------------------------------------------------------------------- the trusted process
-@pytest.mark.parametrize("kind", ["set", "dict", "tuples"])
+@pytest.mark.parametrize("kind", ["set", "dict", "tuples", "nested"])
 def test_a_value_with_colliding_hashes_is_refused_at_once(ex, kind):
     with ex.session(A.COLLIDING.format(n=40_000)) as s:
         started = time.monotonic()
         out = s.call("attack", [kind], timeout_s=10)
         took = time.monotonic() - started
     assert out.status == "runtime_error" and "could not be decoded" in out.error and took < 1.0, (out.error, took)
+    assert took < MAX_DECODE_SECONDS
 
 
 def test_a_check_test_on_a_colliding_set_is_graded_in_well_under_a_second(ex):
