@@ -284,3 +284,26 @@ def solve(n):
     worker.join()
     return box[0]
 '''
+
+# Churns through threads while a child process computes: a thread that ends between the listing of the
+# program's tasks and the reading of its children disturbs a walk of the program's processes, which must then
+# not read as "no CPU time used".
+CHURN = r'''
+import os, threading
+
+if os.fork() == 0:
+    while True:
+        pass
+
+
+def nothing():
+    pass
+
+
+while True:
+    threads = [threading.Thread(target=nothing) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+'''

@@ -16,6 +16,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -168,6 +171,34 @@ def test_a_test_is_limited_by_its_cpu_time_not_by_when_its_answer_arrives(ex, le
     # a time limit.
     with ex.session("import time\ndef nap(s):\n    time.sleep(s)\n    return 1\n") as s:
         assert s.call("nap", [0.6], timeout_s=0.5).status == "ok"
+
+
+@pytest.fixture
+def churning():
+    """A process running CHURN (trusted test code: it only starts threads and one busy child)."""
+    proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", A.CHURN], start_new_session=True)
+    time.sleep(0.2)
+    yield proc
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_cpu_reading_disturbed_by_ending_threads_fails_closed(churning, monkeypatch):
+    from sandbox import runner
+
+    program = runner.Program(churning.pid, None, None, None, None, None)
+    try:
+        readings, deadline = 0, time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            own = time.clock_gettime(program.clock)  # the process's own threads: less than any true reading
+            reading = program.cpu()
+            assert reading >= own, (readings, reading, own)
+            readings += 1
+        # A walk that is always disturbed reads as infinite CPU time: over any limit.
+        monkeypatch.setattr(runner, "_children", lambda pid, threads: os.listdir("/proc/%d/task/0" % pid))
+        assert program.cpu() == float("inf")
+    finally:
+        os.close(program.pidfd)
 
 
 # --------------------------------------------------------------------------------------- the trusted process
