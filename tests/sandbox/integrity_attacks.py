@@ -307,3 +307,34 @@ while True:
     for t in threads:
         t.join()
 '''
+
+# Holds memory that the address-space limit does not count: pages written into a memfd and never mapped, or
+# data queued in socket buffers. Returns [MiB held, errno of the first refusal (0: none)].
+HOLD = r'''
+import os, socket
+
+
+def hold(kind, megabytes):
+    held, keep, chunk = 0, [], b"x" * (1 << 20)
+    try:
+        if kind == "memfd":  # one MiB each (RLIMIT_FSIZE caps one file)
+            for _ in range(megabytes):
+                fd = os.memfd_create("hold")
+                keep.append(fd)
+                held += os.write(fd, chunk)
+        elif kind == "socket":
+            keep.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        else:
+            while held < megabytes << 20 and len(keep) < 240:
+                a, b = socket.socketpair()
+                keep += [a, b]
+                a.setblocking(False)
+                try:
+                    while True:
+                        held += a.send(chunk)
+                except BlockingIOError:
+                    pass
+    except OSError as e:
+        return [held >> 20, e.errno]
+    return [held >> 20, 0]
+'''

@@ -13,6 +13,7 @@ whose verdict is the same as ever.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -252,6 +253,17 @@ def test_a_flood_on_the_response_channel_is_capped_without_the_cgroup_layer():
         assert run.status == "output_limit" and (_peak_rss_kb(server.pid) - before) / 1024 < 64, run
         with ex1.session("def ok():\n    return 1\n") as s:
             assert s.call("ok", [], timeout_s=5).value == 1
+
+
+@pytest.mark.parametrize("kind", ["memfd", "socketpair", "socket"])
+def test_no_memory_outside_the_address_space_limit_without_the_cgroup_layer(kind):
+    # Without a cgroup (a cgroup-v2 host without a delegated subtree) only RLIMIT_AS bounds a program's memory:
+    # memfds and sockets, whose pages it does not count, are refused by the seccomp filter.
+    limits = Limits(wall_s=10, cpu_s=10, memory_mb=128)
+    with Executor(1, limits=limits, disable={"cgroup"}) as ex1:
+        with ex1.session(A.HOLD) as s:
+            out = s.call("hold", [kind, 200], timeout_s=10)
+    assert out.status == "ok" and out.value == [0, errno.EPERM], out
 
 
 FILL = (
