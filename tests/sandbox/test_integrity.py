@@ -137,11 +137,13 @@ def test_cpu_time_cannot_be_pooled_across_calls_by_a_thread_left_running(ex):
     # call began, so the second easy call is over its limit.
     attack = grader.grade_program(problem, A.POOLING.format(hard=HARD, stall=0.85 * limit))
     assert attack.verdict == "time_limit" and attack.tests_passed < honest.tests_passed, attack.feedback
-    # Honest: main on a thread it joins, each call using a third of its limit, a table made at top level.
-    n = int(0.6 * HARD / 3)
+    # Honest: main on a thread it joins, a table made at top level; ten calls of 0.15 s each, 1.5 s in all,
+    # within a limit of 1 s per call (the wall-clock backstop, 2 s, leaves room for a loaded machine).
+    n = int(HARD * 0.15 / (limit / 0.6))
     threaded = Problem(id="threaded", prompt="", func_name="solve", tests=[
-        ProblemTest(kind="functional", input=str(n + k), output=str(f(n + k))) for k in range(6)])
-    assert grader.grade_program(threaded, A.THREAD_MAIN).verdict == "accepted"
+        ProblemTest(kind="functional", input=str(n + k), output=str(f(n + k))) for k in range(10)])
+    verdict = Grader(ex, time_limit_s=1.0).grade_program(threaded, A.THREAD_MAIN)
+    assert verdict.verdict == "accepted", [t.status for t in verdict.tests]
 
 
 @pytest.mark.parametrize("left", ["thread", "process"])
