@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox import isolation as _isolation
 from sandbox.codec import PlainDataError, decode_value, encode_value
+from sandbox.feedback import as_text
 from sandbox.pool import Pool, Worker, WorkerDied
 from sandbox.wire import STATUSES, WALL_FACTOR, capped
 
@@ -121,7 +122,9 @@ def _oom_kills(cgroup: Any) -> int | None:
 
 
 def _text(x: Any, limit: int = 8000) -> str | None:
-    return x[:limit] if type(x) is str else None
+    """A text from the worker (an error message the program may have written): cut, and text that can be
+    written (``as_text``)."""
+    return as_text(x[:limit]) if type(x) is str else None
 
 
 def _wall(reply: dict, fallback: float) -> float:
