@@ -322,6 +322,41 @@ def test_a_dead_template_takes_its_worker_down_and_the_pool_replaces_it():
         assert _template_of(ex1._pool._all[0]).pid != template.pid
 
 
+# ---------------------------------------------------------------------------------------------- feedback text
+ADD = Problem(id="add", prompt="Read a and b, print a + b.", tests=[ProblemTest(kind="stdin", input="1 2\n", output="3")])
+
+
+def test_feedback_is_text_even_when_the_programs_error_is_not(ex, tmp_path):
+    bad = A.FEEDBACK_WRITER.format(markup="", message="\ud800 and more")
+    verdict = Grader(ex, time_limit_s=5.0).grade_program(ADD, bad)
+    assert verdict.verdict == "runtime_error" and "ValueError: \ufffd and more" in verdict.feedback, verdict.feedback
+    verdict.feedback.encode("utf-8")  # (a lone surrogate would raise here)
+    # The command line prints it (it exited 1 with UnicodeEncodeError).
+    from tests.sandbox.test_cli import opsd, write
+
+    problem = write(tmp_path / "p.json", ADD.model_dump_json())
+    res = opsd("check", problem, write(tmp_path / "bad.py", bad))
+    assert res.returncode == 0 and "ValueError: \ufffd and more" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("message", ["plain", "\ud800"])
+def test_feedback_a_program_writes_never_becomes_the_teachers_control_tokens(ex, message):
+    from tests.trainer.chat_tokenizers import build, control_ids
+    from trainer.config import ContextConfig
+    from trainer.contexts import GradedRollout, teacher_prompts_for_group
+
+    verdict = Grader(ex, time_limit_s=5.0).grade_program(ADD, A.FEEDBACK_WRITER.format(markup=A.MARKUP, message=message))
+    assert verdict.verdict == "runtime_error" and A.MARKUP.strip() in verdict.feedback, verdict.feedback
+    tok = build("qwen3")
+    group = [GradedRollout("```python\nprint(1)\n```", False, verdict.feedback)]
+    (ids,), _, _ = teacher_prompts_for_group(tok, group, problem=ADD, context=ContextConfig(name="feedback"))
+    template = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True, add_generation_prompt=True,
+                                       enable_thinking=False)["input_ids"]
+    controls = control_ids(tok)
+    # The prompt's control tokens are the template's own: one user turn, then the assistant's.
+    assert [i for i in ids if i in controls] == [i for i in template if i in controls]
+
+
 # -------------------------------------------------------------------------------------------------- placement
 def test_a_program_cannot_move_to_another_cpu():
     if len(os.sched_getaffinity(0)) < 2:
