@@ -357,6 +357,26 @@ def test_feedback_a_program_writes_never_becomes_the_teachers_control_tokens(ex,
     assert [i for i in ids if i in controls] == [i for i in template if i in controls]
 
 
+# -------------------------------------------------------------------------------------------- code extraction
+def test_a_fence_inside_a_string_is_part_of_the_program(ex):
+    response = ("Solution:\n```python\nUSAGE = \'\'\'\nrun it as:\n```\npython main.py < input.txt\n```\n\'\'\'\n"
+                "a, b = map(int, input().split())\nprint(a + b)\n```\n")
+    verdict = Grader(ex, time_limit_s=5.0).grade(ADD, response)
+    assert verdict.verdict == "accepted", verdict.feedback  # (it ran `USAGE = \'\'\'` alone before)
+
+
+@pytest.mark.parametrize("code_block", ["longest", "last"])
+def test_the_block_a_grader_runs_is_the_one_that_defines_the_entry_point(ex, code_block):
+    add = Problem(id="add", prompt="", func_name="add", tests=[
+        ProblemTest(kind="functional", input="%d\n%d" % (a, b), output=str(a + b)) for a, b in ((1, 2), (5, 7))])
+    solution = "```python\ndef add(a, b):\n    return a + b\n```\n"
+    prose = "```\nThis adds a and b and returns their sum; it runs in constant time and constant memory.\n```\n"
+    decoy = "```python\ndef add_by_counting(a, b):\n    for _ in range(b):\n        a += 1\n    return a\n```\n"
+    grader = Grader(ex, code_block=code_block, time_limit_s=5.0)
+    for response in (solution + prose, prose + solution, solution + decoy, decoy + solution):
+        assert grader.grade(add, response).verdict == "accepted", (code_block, response)
+
+
 # -------------------------------------------------------------------------------------------------- placement
 def test_a_program_cannot_move_to_another_cpu():
     if len(os.sched_getaffinity(0)) < 2:
