@@ -188,7 +188,7 @@ class Program:
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
-_WALK_TRIES = 64  # disturbed walks in a row before a reading counts as infinite (``Program.cpu``)
+_WALK_TRIES = 16  # disturbed walks in a row before a reading counts as infinite (``Program.cpu``)
 # How long the end of a call waits for the program's other threads and processes to end (``Program.settle``).
 SETTLE_S = 0.1
 _LAST_PID_FD = None  # /proc/sys/kernel/ns_last_pid, opened by the fork server (``ForkServer.__init__``)
