@@ -10,8 +10,9 @@ program runs in its own PID namespace as an unprivileged uid with no capabilitie
 filter (layers and their checks: ``sandbox/isolation.py``, tests/sandbox/test_hostile.py), in a process cloned
 from a template that never held another program's data (tests/sandbox/test_integrity.py).
 
-``timeout_s`` of a run or a call is a limit on the CPU time the program spends on it (all its threads; in a
-session, counted from the end of the previous call); its wall clock is cut at ``WALL_FACTOR`` times that.
+``timeout_s`` of a run or a call is a limit on the CPU time the program spends on it (all its threads and
+processes; in a session, counted from the end of the last call after which the program was alone, so no CPU
+time is pooled across calls: ``sandbox/runner.py``); its wall clock is cut at ``WALL_FACTOR`` times that.
 
 Call sessions: the program's top-level code runs on the first ``call``; later calls reuse the module. An
 exception raised by the called function is that call's ``runtime_error`` and the program keeps serving. A

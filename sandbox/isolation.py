@@ -184,8 +184,10 @@ _V1_CONTROLLERS = ("memory", "pids")
 def _own_cgroup_dir(controller: str) -> str | None:
     """This process's directory in a cgroup v1 hierarchy (e.g. /sys/fs/cgroup/memory/some/path)."""
     try:
-        for line in open(os.path.join(PROC_SELF, "cgroup")):
-            _, controllers, path = line.rstrip("\n").split(":", 2)
+        with open(os.path.join(PROC_SELF, "cgroup")) as f:
+            lines = f.read().splitlines()
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
             if controller in controllers.split(","):
                 d = os.path.join(CGROUP_ROOT, controller, path.lstrip("/"))
                 return d if os.path.isdir(d) else None
@@ -198,8 +200,10 @@ def _v2_own_dir() -> str | None:
     """This process's directory in the cgroup v2 (unified) hierarchy, from /proc/self/cgroup ("0::/path") and
     the cgroup2 mount in /proc/self/mountinfo."""
     try:
-        path = next((line.rstrip("\n")[3:] for line in open(os.path.join(PROC_SELF, "cgroup")) if line.startswith("0::")), None)
-        mounts = [line.split() for line in open(os.path.join(PROC_SELF, "mountinfo"))]
+        with open(os.path.join(PROC_SELF, "cgroup")) as f:
+            path = next((line.rstrip("\n")[3:] for line in f if line.startswith("0::")), None)
+        with open(os.path.join(PROC_SELF, "mountinfo")) as f:
+            mounts = [line.split() for line in f]
     except OSError:
         return None
     for fields in mounts:
@@ -274,7 +278,8 @@ def _v2_base() -> tuple[str | None, frozenset[str] | str]:
             with open(os.path.join(own, "cgroup.subtree_control"), "w") as f:
                 f.write(" ".join("+" + c for c in sorted(want)))
         except OSError as e:
-            return None, "cgroup v2: could not enable %s below %s (%s)" % (", ".join(sorted(want)), own, e.strerror or e)
+            return None, "cgroup v2: could not enable %s below %s (%s)" % (
+                ", ".join(sorted(want)), own, e.strerror or e)
     _v2_base_cache[os.getpid()] = own, want
     return own, want
 
@@ -305,7 +310,8 @@ def _descendants(pid: int) -> list[int]:
         out.append(p)
         for task in glob.glob("/proc/%d/task/*/children" % p):
             try:
-                todo.extend(int(c) for c in open(task).read().split())
+                with open(task) as f:
+                    todo.extend(int(c) for c in f.read().split())
             except (FileNotFoundError, ProcessLookupError):  # ended meanwhile
                 pass
     return out

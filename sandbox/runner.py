@@ -26,7 +26,7 @@ Threads a call starts and joins (``main`` on a thread with a larger stack) end w
 precomputation counts against the first call. Every reading of the program's CPU time fails closed
 (``Program.cpu``).
 
-Why one module of ~540 lines: the request loop, the bookkeeping of B's processes and pipes and the CPU-time
+Why one module of ~590 lines: the request loop, the bookkeeping of B's processes and pipes and the CPU-time
 accounting share the server's state at every step of a call; the parts that stand alone (frames, confinement,
 the program's side, the template) are their own modules already.
 """
