@@ -9,12 +9,17 @@ trusted side rebuilds it with ``json.loads`` and these rules only (no eval, no p
   ``{"b": "<base64>"}`` bytes; ``{"i": "<hex>"}`` an int beyond 64 bits (hex: no digit-count limit).
 
 Encoding accepts EXACT builtin types only (``type(x) is int``): a subclass or an object with its own
-``__eq__`` cannot pass for an answer. Depth and node count are bounded on both sides. Decoding, in the
-trusted process, also bounds its time: a set, frozenset or dict whose elements share hash values (integers
-that differ by multiples of 2**61 - 1 all hash alike, and so do tuples of them) would make its hash table
-quadratic to build, so one whose collisions would cost more than ``MAX_COLLISION_WORK`` probes beyond the
-usual is refused before it is built (a real set or dict of distinct values is nowhere near), and the whole
-decoding stops after ``MAX_DECODE_SECONDS``.
+``__eq__`` cannot pass for an answer. Depth and node count are bounded on both sides.
+
+Decoding, in the trusted process, is bounded by construction, whatever the value's shape. Its only work
+beyond linear is in building hash tables (sets, frozensets, dict keys): an element is compared with ``==``
+only to earlier elements of the same hash value, and such collisions are cheap to make (integers that differ
+by multiples of 2**61 - 1 all hash alike, and so do tuples and frozensets of them), each comparison costing up
+to the elements' own size and, inside nested frozensets, their own collisions. Before a table is built its
+elements are grouped by hash value (the hash values themselves, distinct integers below 2**61, never
+collide) and the comparisons it may cost are bounded from above (``_collision_cost``); a value whose tables
+may cost more than ``MAX_COLLISION_WORK`` element comparisons in all is refused before that table is built
+(a real set or dict of distinct values costs none). ``MAX_DECODE_SECONDS`` is a backstop between nodes.
 
 This file runs inside the sandbox too (``sandbox/pool.py:worker_source``): keep it stdlib-only.
 """
@@ -27,7 +32,7 @@ import time
 MAX_DEPTH = 100
 MAX_NODES = 1_000_000
 MAX_ENCODED_BYTES = 16 << 20
-MAX_COLLISION_WORK = 1 << 16
+MAX_COLLISION_WORK = 1 << 22  # element comparisons (~13 ns each here: ~55 ms)
 MAX_DECODE_SECONDS = 2.0
 _SMALL_INT = 1 << 63
 
@@ -97,6 +102,17 @@ def decode_value(text):
         raise PlainDataError("malformed encoded value: %s" % e) from None
     budget = [MAX_NODES]
     deadline = time.monotonic() + MAX_DECODE_SECONDS
+    shapes = {}  # id of a decoded frozenset -> its shape (``_shape``)
+    work = [MAX_COLLISION_WORK]
+
+    def table(items, what):
+        """Charge the comparisons that building a hash table of ``items`` may cost, before it is built."""
+        cost, widest = _collision_cost(items, shapes, what)
+        work[0] -= cost
+        if work[0] < 0:
+            raise PlainDataError("too many %ss share a hash value (building the value would take %.3g comparisons)"
+                                 % (what, MAX_COLLISION_WORK - work[0]))
+        return widest
 
     def dec(x, depth):
         budget[0] -= 1
@@ -120,13 +136,19 @@ def decode_value(text):
             return tuple(dec(v, depth + 1) for v in body)
         if tag in ("s", "fs") and type(body) is list:
             items = [dec(v, depth + 1) for v in body]
-            _spread_hashes(items, "set element")
-            return set(items) if tag == "s" else frozenset(items)
+            widest = table(items, "set element")
+            if tag == "s":
+                return set(items)
+            value = frozenset(items)
+            size, depth_, wide = _shape(tuple(items), shapes)
+            # (holding the value: no id is reused meanwhile)
+            shapes[id(value)] = (size, depth_ + 1, max(wide, widest), value)
+            return value
         if tag == "d" and type(body) is list:
             if not all(type(pair) is list and len(pair) == 2 for pair in body):
                 raise PlainDataError("malformed dict item")
             keys = [dec(pair[0], depth + 1) for pair in body]
-            _spread_hashes(keys, "dict key")
+            table(keys, "dict key")
             return dict(zip(keys, [dec(pair[1], depth + 1) for pair in body]))
         if tag == "f" and body in ("nan", "inf", "-inf"):
             return float(body)
@@ -145,20 +167,60 @@ def decode_value(text):
     return dec(raw, 0)
 
 
-def _spread_hashes(items, what):
-    """Refuse elements of a set or keys of a dict whose shared hash values would make the hash table slow to
-    build (each element probes past every earlier one of its hash: sum of squared group sizes)."""
-    counts = {}  # keyed by hash values: distinct ints hash apart (as themselves), so this table stays fast
+def _shape(x, shapes):
+    """What bounds the cost of comparing a hashable decoded value with another of the same hash value:
+    (size: its nodes, long strings and ints weighing more; depth: frozensets nested in it, itself included;
+    widest: the most elements of one hash value in any frozenset in it). A frozenset's is noted in ``shapes``
+    when it is built; a tuple's is read through when needed (only for an element that shares its hash value:
+    each node is read for the nearest table above it only)."""
+    t = type(x)
+    if t is frozenset:
+        return shapes[id(x)][:3]
+    if t is tuple:
+        size, depth, widest = 1, 0, 1
+        for v in x:
+            s, d, w = _shape(v, shapes)
+            size, depth, widest = size + s, max(depth, d), max(widest, w)
+        return size, depth, widest
+    if t is str or t is bytes:
+        return 1 + len(x) // 64, 0, 1
+    if t is int:
+        return 1 + x.bit_length() // 4096, 0, 1
+    return 1, 0, 1
+
+
+def _collision_cost(items, shapes, what):
+    """(an upper bound on the element comparisons that building a hash table of ``items`` costs, the largest
+    number of them sharing one hash value). Hashing is linear (a tuple's hash is not cached, but each node is
+    hashed for the nearest table above it only: a frozenset's hash is cached).
+
+    Inserting an element compares it with the earlier ones of its hash value: a group of g costs at most
+    (g - 1) times the sum of its members' comparison costs. Comparing two values of one hash value x and y
+    costs at most F(x) + F(y), with F = G ** depth * size and G the largest group in either (by induction:
+    tuples compare item by item; a frozenset looks each element up among the other's elements of its hash
+    value, at most G of them, after comparing lengths and cached hashes)."""
     try:
-        for item in items:
-            h = hash(item)
-            counts[h] = counts.get(h, 0) + 1
+        hashes = [hash(item) for item in items]
     except TypeError as e:  # an unhashable element
         raise PlainDataError("bad %s: %s" % (what, e)) from None
-    work = sum(n * n for n in counts.values()) - len(items)
-    if work > MAX_COLLISION_WORK:
-        raise PlainDataError("too many %ss share a hash value (%d elements, %d distinct hashes)"
-                             % (what, len(items), len(counts)))
+    if len(set(hashes)) == len(hashes):  # (hash values are distinct integers below 2**61: they hash apart)
+        return 0.0, 1
+    groups = {}  # hash value -> members
+    for h, item in zip(hashes, items):
+        group = groups.get(h)
+        if group is None:
+            groups[h] = [item]
+        else:
+            group.append(item)
+    cost, widest = 0.0, 1
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        widest = max(widest, len(group))
+        parts = [_shape(v, shapes) for v in group]
+        g = float(max(w for _, _, w in parts))
+        cost += (len(group) - 1) * sum(g ** depth * size for size, depth, _ in parts)
+    return cost, widest
 
 
 def _reject_constant(name):

@@ -10,8 +10,9 @@ program runs in its own PID namespace as an unprivileged uid with no capabilitie
 filter (layers and their checks: ``sandbox/isolation.py``, tests/sandbox/test_hostile.py), in a process cloned
 from a template that never held another program's data (tests/sandbox/test_integrity.py).
 
-``timeout_s`` of a run or a call is a limit on the CPU time the program spends on it (all its threads; in a
-session, counted from the end of the previous call); its wall clock is cut at ``WALL_FACTOR`` times that.
+``timeout_s`` of a run or a call is a limit on the CPU time the program spends on it (all its threads and
+processes; in a session, counted from the end of the last call after which the program was alone, so no CPU
+time is pooled across calls: ``sandbox/runner.py``); its wall clock is cut at ``WALL_FACTOR`` times that.
 
 Call sessions: the program's top-level code runs on the first ``call``; later calls reuse the module. An
 exception raised by the called function is that call's ``runtime_error`` and the program keeps serving. A
@@ -35,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sandbox import isolation as _isolation
 from sandbox.codec import PlainDataError, decode_value, encode_value
+from sandbox.feedback import as_text
 from sandbox.pool import Pool, Worker, WorkerDied
 from sandbox.wire import STATUSES, WALL_FACTOR, capped
 
@@ -112,13 +114,25 @@ def _as_dict(limits: Limits) -> dict:
     return limits.model_dump()
 
 
+def _oom_kills(cgroup: Any) -> int | None:
+    """The worker cgroup's OOM-kill count; None when it cannot be read."""
+    try:
+        return cgroup.oom_kills()
+    except (OSError, ValueError):
+        return None
+
+
 def _text(x: Any, limit: int = 8000) -> str | None:
-    return x[:limit] if type(x) is str else None
+    """A text from the worker (an error message the program may have written): cut, and text that can be
+    written (``as_text``)."""
+    return as_text(x[:limit]) if type(x) is str else None
 
 
-def _wall(reply: dict) -> float:
+def _wall(reply: dict, fallback: float) -> float:
+    """The wall-clock time a worker reports for a run or call; ``fallback`` (the most it may have taken) when the
+    report is malformed, so a bad report never spares the session's budget."""
     w = reply.get("wall_s")
-    return float(w) if type(w) in (int, float) and 0 <= w < 1e6 else 0.0
+    return float(w) if type(w) in (int, float) and 0 <= w < 1e6 else fallback
 
 
 class Session:
@@ -130,7 +144,7 @@ class Session:
         self._call_wall_s = 0.0
         self._started = False
         self._failure: CallOutcome | None = None
-        self._ooms: int | None = None  # the worker cgroup's OOM-kill count when last read
+        self._ooms: int | None = None  # the worker cgroup's OOM-kill count when last read (None: unread)
         self._ended = False  # the worker ended the program with the session's last calls
         self.worker_died = False
 
@@ -139,7 +153,7 @@ class Session:
         killer killed a process of the program meanwhile, i.e. together they outgrew the worker's cgroup)."""
         cgroup = self._worker.cgroup
         if cgroup is not None and self._ooms is None:
-            self._ooms = cgroup.oom_kills()
+            self._ooms = _oom_kills(cgroup)
         ooms = self._ooms  # the count after this session's previous request: one read of the cgroup per request
         try:
             reply, out_blobs = self._worker.request(header, blobs, timeout_s=timeout_s + _WORKER_GRACE_S)
@@ -150,9 +164,11 @@ class Session:
         if "fatal" in reply:
             raise ExecutorError("sandbox failure: %s" % _text(reply["fatal"]))
         self._last_blobs = out_blobs
-        if cgroup is not None:
-            self._ooms = cgroup.oom_kills()
-        return reply, cgroup is not None and self._ooms > ooms
+        if cgroup is None:
+            return reply, False
+        self._ooms = _oom_kills(cgroup)
+        # Fails closed: a count that could not be read (None) counts as a kill.
+        return reply, ooms is None or self._ooms is None or self._ooms > ooms
 
     def _results(self, reply: dict, n: int, what: str) -> list[dict]:
         """The per-run or per-call results of a batch reply (1 to n of them, two blobs each), checked."""
@@ -202,7 +218,7 @@ class Session:
             if oom_killed:  # a process of this run outgrew the worker's cgroup, the run counts as such
                 status, error = "memory_limit", _OOM_ERROR
             out, err = capped(*self._last_blobs[2 * i: 2 * i + 2], self._limits.output_bytes)
-            outcomes.append(RunOutcome(status, code, out, err, _wall(result), error))
+            outcomes.append(RunOutcome(status, code, out, err, _wall(result, header["wall"]), error))
         return outcomes
 
     def call(self, target: str, args: list, *, timeout_s: float) -> CallOutcome:
@@ -257,7 +273,8 @@ class Session:
 
     def _outcome(self, result: dict, blobs: list[bytes]) -> CallOutcome:
         """The outcome of one call from the worker's result; a program now gone fails the session."""
-        self._call_wall_s += _wall(result)
+        wall = _wall(result, self._limits.wall_s)
+        self._call_wall_s += wall
         status = result.get("status") if result.get("status") in STATUSES else "runtime_error"
         out, err = capped(*blobs, self._limits.output_bytes)
         error, value = _text(result.get("error")), None
@@ -266,7 +283,7 @@ class Session:
                 value = decode_value(result.get("value") if type(result.get("value")) is str else "")
             except PlainDataError as e:
                 status, error = "runtime_error", "the returned value could not be decoded: %s" % e
-        outcome = CallOutcome(status, value, out, err, _wall(result), error)
+        outcome = CallOutcome(status, value, out, err, wall, error)
         if status in ("time_limit", "memory_limit", "output_limit") or result.get("ended") is True:
             self._fail(outcome)  # the program is gone: later calls answer at once with this failure
         return outcome
@@ -321,7 +338,7 @@ class Executor:
             "pid_namespace": plan.pidns and worker_layers.get("pid_namespace", False),
             "uid_drop": plan.drop is not None and worker_layers.get("uid_drop", False),
             "rlimits": True,
-            "cgroup": plan.cgroup and worker_layers.get("cgroup", False),
+            "cgroup": bool(plan.cgroup) and worker_layers.get("cgroup", False),
         }
         for layer, ok in report.items():
             if not ok and layer not in plan.missing:
@@ -340,6 +357,11 @@ class Executor:
                         ", ".join("%s=%s" % (k, "on" if v else "OFF") for k, v in report.items()))
             for layer, why in plan.missing.items():
                 logger.warning("sandbox isolation layer MISSING: %s (%s)", layer, why)
+        # The start-up line on which limits hold (a warning when the cgroup layer is missing).
+        self.limits_line = None if isolation == "none" else _isolation.limits_line(
+            report, plan.cgroup if report["cgroup"] else None, plan.missing.get("cgroup"), pinned=bool(cpus))
+        if self.limits_line is not None:
+            logger.log(logging.INFO if report["cgroup"] else logging.WARNING, "%s", self.limits_line)
 
     def isolation_report(self) -> dict[str, bool]:
         """Which layers are active: bwrap, seccomp, pid_namespace, uid_drop, rlimits, and cgroup (optional:

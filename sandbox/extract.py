@@ -1,9 +1,16 @@
 """From a model response to the program the sandbox runs.
 
 Code is the content of a closed fenced block tagged ``python``, ``py``, ``python3`` or untagged (blocks tagged
-with another language are not Python and are skipped). With several blocks, ``longest`` (the reference code's
-choice) or ``last`` (LiveCodeBench's) picks one; blocks holding only whitespace do not count. No block → None,
-which the grader reports as a format error.
+with another language are not Python and are skipped). A fence line inside one of the block's multi-line
+string literals does not close it (``x = \'\'\'`` then a fence inside the string): the block ends at the first
+closing fence that is not inside a string, else at its first closing fence. Blocks holding only whitespace do
+not count. No block → None, which the grader reports as a format error.
+
+With several blocks, the block a grader would run: among the blocks that define the problem's entry point
+(a top-level function, or a method of a top-level class, of that name) when there are any, else among the
+complete ones (the program they make parses), else among all; ``last`` (LiveCodeBench's choice) takes the
+last of them, ``longest`` (the reference code's) the longest. So a prose block, a decoy that does not define
+the entry point, or a fragment cut short is not taken over the solution.
 
 HumanEval programs are assembled from the prompt and the extracted code (`assemble_program`):
 - the code defines the entry point at top level (a full function): the prompt without the entry point's stub
@@ -17,8 +24,10 @@ from __future__ import annotations
 
 import ast
 import functools
+import io
 import re
 import textwrap
+import tokenize
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,35 +39,82 @@ CodeBlockMode = Literal["longest", "last"]
 _PYTHON_TAGS = {"", "python", "py", "python3"}
 # A fence opens on its own line (possibly indented, as in a list item) with an optional language tag, and closes
 # on its own line with at least as many backticks.
-_FENCE = re.compile(
-    r"^(?P<indent>[ \t]*)(?P<ticks>`{3,})[ \t]*(?P<tag>[^\s`]*)[^\n`]*\n(?P<body>.*?)^[ \t]*(?P=ticks)`*[ \t]*$",
-    re.MULTILINE | re.DOTALL,
-)
+_OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>`{3,})[ \t]*(?P<tag>[^\s`]*)[^\n`]*\n", re.MULTILINE)
+_CLOSE = r"^[ \t]*%s`*[ \t]*$"
+
+
+def _inside_string(code: str) -> bool:
+    """Whether ``code`` ends inside a multi-line string literal (so a fence line after it belongs to the string)."""
+    try:
+        for _ in tokenize.generate_tokens(io.StringIO(code).readline):
+            pass
+    except (tokenize.TokenError, SyntaxError) as e:  # ("EOF in multi-line string"; 3.12: "unterminated
+        return "string" in str(e.args[0] if e.args else e)  # triple-quoted string literal")
+    return False
 
 
 def code_blocks(response: str) -> list[str]:
     """The Python fenced blocks of a response, in order (bodies dedented, trailing blank lines dropped)."""
-    blocks = []
-    for match in _FENCE.finditer(response):
-        if match.group("tag").lower() not in _PYTHON_TAGS:
-            continue
-        body = textwrap.dedent(match.group("body")).rstrip() + "\n"
-        if body.strip():
+    blocks, pos = [], 0
+    while True:
+        opening = _OPEN.search(response, pos)
+        if opening is None:
+            return blocks
+        start = opening.end()
+        closings = list(re.finditer(_CLOSE % opening.group("ticks"), response[start:], re.MULTILINE))
+        if not closings:  # an unclosed block (a response cut by the length limit): nothing after it is code
+            return blocks
+        python = opening.group("tag").lower() in _PYTHON_TAGS
+        body_of = lambda closing: textwrap.dedent(response[start:start + closing.start()])  # noqa: E731
+        # The first closing fence outside the block's strings (only Python has strings to look into).
+        closing = next((c for c in closings if not _inside_string(body_of(c))), closings[0]) if python else closings[0]
+        pos = start + closing.end()
+        body = body_of(closing).rstrip() + "\n"
+        if python and body.strip():
             blocks.append(body)
-    return blocks
 
 
-def extract_code(response: str, *, mode: CodeBlockMode = "longest") -> str | None:
-    """The program inside a response's fenced block, or None if it has none (a format error)."""
+def _defines_entry(code: str, name: str) -> bool:
+    """Whether ``code`` parses and defines ``name`` (its last dotted part) as a top-level function or as a
+    method of a top-level class."""
+    name = name.rsplit(".", 1)[-1]
+    if not re.search(r"\bdef[\s\\]+%s\b" % re.escape(name), code):
+        return False  # (no parse needed)
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return False
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+    return any((isinstance(n, functions) and n.name == name) or
+               (isinstance(n, ast.ClassDef) and any(isinstance(m, functions) and m.name == name for m in n.body))
+               for n in tree.body)
+
+
+def _parses(code: str) -> bool:
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError):  # (ValueError: a NUL byte)
+        return False
+    return True
+
+
+def extract_code(response: str, *, mode: CodeBlockMode = "longest", problem: Problem | None = None) -> str | None:
+    """The program inside a response's fenced block, or None if it has none (a format error). ``problem``: the
+    block is chosen as the module docstring says (without it: among the blocks that parse)."""
+    if mode not in ("longest", "last"):
+        raise ValueError(f"unknown code block mode {mode!r} (longest | last)")
     blocks = code_blocks(response)
     if not blocks:
         return None
+    candidates = []
+    if problem is not None and problem.func_name:
+        candidates = [b for b in blocks if _defines_entry(b, problem.func_name)]
+    if not candidates:
+        candidates = [b for b in blocks if _parses(assemble_program(problem, b) if problem is not None else b)]
+    candidates = candidates or blocks
     if mode == "longest":
-        return max(blocks, key=len)  # max keeps the first of equally long blocks
-    elif mode == "last":
-        return blocks[-1]
-    else:
-        raise ValueError(f"unknown code block mode {mode!r} (longest | last)")
+        return max(candidates, key=len)  # max keeps the first of equally long blocks
+    return candidates[-1]
 
 
 def defines_function(code: str, name: str) -> bool:
@@ -114,7 +170,7 @@ def extract_program(
 ) -> Extraction:
     """Extract and assemble the program of `response`; without a code block, the format error's feedback text
     (the truncation message when the response hit the length limit)."""
-    code = extract_code(response, mode=mode)
+    code = extract_code(response, mode=mode, problem=problem)
     if code is None:
         return Extraction(None, TRUNCATED_TEXT if truncated else FORMAT_ERROR_TEXT)
     return Extraction(assemble_program(problem, code))

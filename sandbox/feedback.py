@@ -9,10 +9,11 @@ most 8 lines, every value at most 250 characters, debug output at most 10 lines;
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 TestStatus = Literal["passed", "wrong_answer", "runtime_error", "time_limit", "memory_limit", "output_limit", "not_run"]
 
@@ -27,6 +28,16 @@ MAX_INPUT_LINES = 8
 MAX_DEBUG_LINES = 10
 MAX_DEBUG_LINE_CHARS = 300
 MAX_WRONG_ANSWERS = 2
+
+# A surrogate code point is no character: text holding one (a program's error message can, through JSON's
+# "\ud800") cannot be written as UTF-8, printed or tokenized.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def as_text(text: str) -> str:
+    """``text`` with every surrogate code point replaced by U+FFFD, as bytes decoded with errors="replace" are."""
+    return _SURROGATE.sub("\ufffd", text)
+
 
 _LIMIT_HEADERS = {
     "time_limit": "Time Limit Exceeded",
@@ -50,6 +61,11 @@ class TestResult(BaseModel):
     error: str | None = Field(None, description="Exception and solution frames (runtime error), or why a WA.")
     stderr: str = Field("", description="The program's standard error (shown as Debug Output).")
     wall_s: float = 0.0
+
+    @field_validator("input", "output", "expected", "error", "stderr")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        return None if value is None else as_text(value)
 
 
 def _clip(text: str, limit: int = MAX_VALUE_CHARS) -> str:
@@ -115,4 +131,4 @@ def render_feedback(results: Sequence[TestResult], *, format_error: bool = False
                 parts += ["", "Expected", _clip(r.expected)]
             parts += _debug_block(r.stderr)
             parts.append("")
-    return "\n".join(parts).rstrip()[:MAX_CHARS]
+    return as_text("\n".join(parts).rstrip()[:MAX_CHARS])

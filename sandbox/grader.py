@@ -27,12 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sandbox.checks import _call_text, _expected_of_assert, _same_plain_data, planned_call_args, trusted_code
 from sandbox.compare import safe_repr, show_value, stdout_matches, values_equal
 from sandbox.extract import CodeBlockMode, assemble_program, extract_program
-from sandbox.feedback import TestResult, render_feedback
+from sandbox.feedback import TestResult, as_text, render_feedback
 from sandbox.problems import Problem, ProblemError, ProblemTest
 
 VerdictName = Literal[
@@ -66,6 +66,11 @@ class Verdict(BaseModel):
     tests_total: int
     feedback: str = Field(description="World feedback text (METHOD.md section 3); empty when accepted.")
     tests: list[TestResult] = Field(default_factory=list, description="Per-test results, in test order.")
+
+    @field_validator("feedback")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        return as_text(value)  # (text a program wrote: never a surrogate code point)
 
     @property
     def fraction_passed(self) -> float:

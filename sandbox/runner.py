@@ -15,11 +15,18 @@ The fork server serves one request at a time from the trusted process on fds 0/1
 a program's stdin runs (each a fresh B: no run sees another's input or outlives it) or a call session's
 calls (one B per session, each call's arguments sent when the call is made). It reads B's pipes itself and
 enforces the output cap, the cap on B's response frames, and each run's or call's limit on the CPU time the
-program spends in it (counted from the end of the previous call: a thread left running between calls is
-billed to the next), with the wall clock as a backstop (``WALL_FACTOR``). Nothing it sends back is trusted
+program spends in it, with the wall clock as a backstop (``WALL_FACTOR``). Nothing it sends back is trusted
 by the executor.
 
-Why one module of ~540 lines: the request loop, the bookkeeping of B's processes and pipes and the CPU-time
+A call's CPU time is its own: it is counted from the end of the last call after which the program was alone
+(B's one thread, no live process below it). A thread or process that outlives a call (a computation left
+running to answer a later call) makes the later calls count everything the program spent since then, so CPU
+time cannot be pooled across calls: the only way to pass a hard test is to solve it within its limit.
+Threads a call starts and joins (``main`` on a thread with a larger stack) end with it; module-level
+precomputation counts against the first call. Every reading of the program's CPU time fails closed
+(``Program.cpu``).
+
+Why one module of ~590 lines: the request loop, the bookkeeping of B's processes and pipes and the CPU-time
 accounting share the server's state at every step of a call; the parts that stand alone (frames, confinement,
 the program's side, the template) are their own modules already.
 """
@@ -89,7 +96,7 @@ class Program:
         # B's /proc files, opened when first read and kept open (re-read from offset 0): a session's CPU time
         # is read at every call's end; a short run's never.
         self.stat_fd = self.children_fd = None
-        self.quiet_since, self.waited_ticks = None, 0  # (``cpu``)
+        self.quiet_since, self.waited_ticks, self.alone = None, 0, True  # (``cpu``)
         self.clock = ((~pid) << 3) | _CPUCLOCK_SCHED  # B's CPU time, all its threads
         self.cpu_mark = 0.0  # B's CPU time when its last call ended (0: B's whole life)
         self.out_fd, self.err_fd, self.req_fd, self.resp_fd = out_fd, err_fd, req_fd, resp_fd
@@ -102,35 +109,56 @@ class Program:
     def cpu(self):
         """The CPU time the program has spent so far: B's threads, every process below B (the program's
         children, grandchildren, orphans: all stay below B, PID 1 of their namespace) and the children each
-        of them has waited for. A child left computing between calls is billed like a thread. The walk of
-        /proc is skipped while it would find what it found last time: no process below B then, and no task
-        made in the worker since (its last pid unchanged)."""
-        try:
-            own = time.clock_gettime(self.clock)
-            last_pid = os.pread(_LAST_PID_FD, 32, 0) if _LAST_PID_FD is not None else None
-            if last_pid is not None and last_pid == self.quiet_since:
-                return own + self.waited_ticks / _TICKS
-            if self.stat_fd is None:
-                self.stat_fd = os.open("/proc/%d/stat" % self.pid, os.O_RDONLY)
-                self.children_fd = os.open("/proc/%d/task/%d/children" % (self.pid, self.pid), os.O_RDONLY)
-            _, waited, threads = _stat_cpu(os.pread(self.stat_fd, 4096, 0))
-            todo = (_children(self.pid, threads) if threads > 1 else
-                    [int(c) for c in os.pread(self.children_fd, 1 << 16, 0).split()])
-        except (OSError, ValueError, IndexError):  # B has ended: its rusage says it all
-            if self.reap(block=False) is not None:
-                return self.rusage.ru_utime + self.rusage.ru_stime
-            return self.cpu_mark
-        self.quiet_since, self.waited_ticks = (None if todo else last_pid), waited
-        ticks = waited
+        of them has waited for. Also notes whether B was alone (``self.alone``: one thread, no live process
+        below it). The walk of /proc is skipped while it would find what it found last time: B alone, and no
+        task made in the worker since (its last pid unchanged).
+
+        Fails closed: a walk during which a task it listed ended (a thread's children move to another
+        thread, a process's CPU time to its reaper: either may be missed) is made again, and when
+        ``_WALK_TRIES`` walks in a row are disturbed, or B's files cannot be read while B lives, the reading
+        is infinite (the caller's limit is exceeded)."""
+        for _ in range(_WALK_TRIES):
+            try:
+                return self._walk()
+            except (_Vanished, OSError, ValueError, IndexError):
+                if self.reap(block=False) is not None:  # B has ended: its rusage says it all
+                    self.alone = True
+                    return self.rusage.ru_utime + self.rusage.ru_stime
+        self.alone, self.quiet_since = False, None
+        return float("inf")
+
+    def _walk(self):
+        own = time.clock_gettime(self.clock)
+        last_pid = os.pread(_LAST_PID_FD, 32, 0) if _LAST_PID_FD is not None else None
+        if last_pid is not None and last_pid == self.quiet_since:
+            return own + self.waited_ticks / _TICKS
+        if self.stat_fd is None:
+            self.stat_fd = os.open("/proc/%d/stat" % self.pid, os.O_RDONLY)
+            self.children_fd = os.open("/proc/%d/task/%d/children" % (self.pid, self.pid), os.O_RDONLY)
+        _, waited, threads, _ = _stat_cpu(os.pread(self.stat_fd, 4096, 0))
+        todo = (_children(self.pid, threads) if threads > 1 else
+                [int(c) for c in os.pread(self.children_fd, 1 << 16, 0).split()])
+        ticks, alone = waited, threads == 1
         while todo:  # the processes below B (rare: most programs start none)
             pid = todo.pop()
-            try:
-                ran, waited, threads = _stat_cpu(_read_proc("/proc/%d/stat" % pid))
-                todo.extend(_children(pid, threads))
-            except (OSError, ValueError, IndexError):  # gone meanwhile
-                continue
+            ran, waited, threads, state = _stat_cpu(_read_proc("/proc/%d/stat" % pid))
+            todo.extend(_children(pid, threads))
             ticks += ran + waited
+            alone = alone and state == b"Z"  # an ended process not yet waited for computes nothing
+        self.alone = alone
+        self.quiet_since, self.waited_ticks = (last_pid if alone else None), ticks
         return own + ticks / _TICKS
+
+    def settle(self, grace):
+        """Read the CPU time as ``cpu`` does, then give the program's other threads and processes up to ``grace``
+        seconds to end (a thread the program has joined may take a moment to leave the kernel). Returns
+        (the reading, whether B was then alone); the CPU time spent during the grace counts from then on."""
+        used = self.cpu()
+        deadline = time.monotonic() + grace
+        while not self.alone and time.monotonic() < deadline:
+            time.sleep(0.0005)
+            self.cpu()
+        return used, self.alone
 
     def reap(self, block=True):
         if self.status is None:
@@ -160,26 +188,43 @@ class Program:
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+_WALK_TRIES = 16  # disturbed walks in a row before a reading counts as infinite (``Program.cpu``)
+# How long the end of a call waits for the program's other threads and processes to end (``Program.settle``).
+SETTLE_S = 0.1
 _LAST_PID_FD = None  # /proc/sys/kernel/ns_last_pid, opened by the fork server (``ForkServer.__init__``)
 
 
 def _read_proc(path):
-    fd = os.open(path, os.O_RDONLY)
+    """A /proc file's text; _Vanished when its task has ended."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (FileNotFoundError, ProcessLookupError):
+        raise _Vanished(path) from None
     try:
         return os.read(fd, 1 << 16)
+    except ProcessLookupError:
+        raise _Vanished(path) from None
     finally:
         os.close(fd)
 
 
 def _stat_cpu(stat):
-    """(utime + stime, cutime + cstime, threads) in clock ticks from a /proc/<pid>/stat text."""
-    fields = stat.rsplit(b")", 1)[1].split()  # fields 14-17 and 20 of stat: 11-14 and 17 after the name
-    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]), int(fields[17])
+    """(utime + stime, cutime + cstime in clock ticks, threads, state) from a /proc/<pid>/stat text."""
+    fields = stat.rsplit(b")", 1)[1].split()  # fields 3, 14-17 and 20 of stat: 0, 11-14 and 17 after the name
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]), int(fields[17]), fields[0]
+
+
+class _Vanished(Exception):
+    """A task listed during a walk of the program's processes ended before it was read."""
 
 
 def _children(pid, threads):
-    tasks = [str(pid)] if threads == 1 else os.listdir("/proc/%d/task" % pid)
-    return [int(c) for task in tasks for c in _read_proc("/proc/%d/task/%s/children" % (pid, task)).split()]
+    """The children of every thread of process ``pid``; _Vanished when a task ended meanwhile."""
+    try:
+        tasks = [str(pid)] if threads == 1 else os.listdir("/proc/%d/task" % pid)
+        return [int(c) for task in tasks for c in _read_proc("/proc/%d/task/%s/children" % (pid, task)).split()]
+    except (FileNotFoundError, ProcessLookupError):
+        raise _Vanished(pid) from None
 
 
 def _sealed_memfd(data):
@@ -430,10 +475,11 @@ class ForkServer:
             error, value = frame.get("error"), frame.get("value")
             if "setup_error" in frame:
                 status, error = "runtime_error", "sandbox setup failed: %s" % (frame["setup_error"],)
-            cpu = prog.cpu()
+            cpu, alone = prog.settle(SETTLE_S)
             if cpu - prog.cpu_mark > timeout:  # answered, but spent more than its time on it
                 status, error, value = "time_limit", None, None
-            prog.cpu_mark = cpu
+            if alone:  # else a thread or process outlives the call: what it spends counts against the next ones
+                prog.cpu_mark = cpu
             if frame.get("fatal") or status in ("memory_limit", "time_limit") or "setup_error" in frame:
                 self.end_session(failure={"status": status, "error": error, "exit_code": None})
         else:

@@ -10,6 +10,10 @@ The control `none` and `expert_preamble` always have context: they are a fixed c
 teacher's prompt, so its loss (the EMA teacher's lag behind the student, plus weight decay and numerical
 noise) and its improvement measure what the pipeline does without any privileged information.
 
+Every piece is text (`sandbox.feedback.as_text`), and the whole message is tokenized as plain text
+(trainer/prompts.py `chat_prompt_ids`): feedback a program wrote, solutions, hints and a template's fields
+can never become the chat template's control tokens.
+
 Truncation (trainer/prompts.py `teacher_prompt_ids`) may shorten only the `cuttable` spans: the inserted
 solution, feedback or hint, never the problem or the fixed wording. `teacher_prompts_for_group` is step 3 of
 METHOD.md section 1 for one prompt group: the texts built here, chat-templated and truncated.
@@ -24,6 +28,7 @@ import string
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from sandbox.feedback import as_text
 from sandbox.problems import Problem
 from trainer.config import ContextConfig, template_fields
 from trainer.errors import ContextError
@@ -156,6 +161,7 @@ class _Text:
         self.length = 0
 
     def add(self, piece: str, *, cuttable: bool = False) -> None:
+        piece = as_text(piece)  # (one character for one: the spans stay where they are)
         if cuttable and piece:
             self.spans.append((self.length, self.length + len(piece)))
         self.pieces.append(piece)

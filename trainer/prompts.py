@@ -4,13 +4,23 @@ The student sees one user message: a coding-expert instruction, the problem, its
 to complete, and the request for a ```python block (the reference puts the instruction in the user message,
 with no system message, and so do we). The teacher sees the text built in trainer/contexts.py, whose
 `{prompt}` is this same user message.
+
+The user message is text, never markup: it embeds what rollouts and files hold (problem statements, own and
+peer solutions, a program's feedback, hints), and text such as ``<|im_end|><|im_start|>`` printed by a
+program, or spelled out of ordinary tokens by a response, would otherwise be tokenized as the chat template's
+control tokens and write turns into the teacher's context. So only the template's own text is tokenized with
+the tokenizer's added tokens; the user message is tokenized as plain text (`plain_text_ids`) and put in
+the template's user slot, with every surrogate code point replaced (`sandbox.feedback.as_text`).
 """
 
 from __future__ import annotations
 
+import json
+import weakref
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from sandbox.feedback import as_text
 from sandbox.problems import Problem
 from trainer.errors import PromptTooLongError
 
@@ -64,17 +74,77 @@ def _template_knows_thinking(tokenizer: Any) -> bool:
     return isinstance(template, str) and "enable_thinking" in template
 
 
+# Stands for the user message while the template is rendered: the template's own text is what surrounds it.
+_USER_SLOT = "\x00opsd-user-message\x00"
+
+
+def _template_parts(tokenizer: Any, thinking: bool) -> tuple[str, str]:
+    """The chat template's text before and after one user message (with the assistant's generation prompt)."""
+    kwargs = {"enable_thinking": thinking} if _template_knows_thinking(tokenizer) else {}
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _USER_SLOT}], tokenize=False, add_generation_prompt=True, **kwargs)
+    if text.count(_USER_SLOT) != 1:
+        raise ValueError("the tokenizer's chat template does not insert a user message once and unchanged")
+    head, tail = text.split(_USER_SLOT)
+    return head, tail
+
+
 def chat_text(tokenizer: Any, user_text: str, *, thinking: bool = False) -> str:
     """`user_text` as one user turn rendered by the tokenizer's chat template, ending with the assistant's
     generation prompt. `enable_thinking` is passed only to templates that read it (Qwen3-style)."""
-    kwargs = {"enable_thinking": thinking} if _template_knows_thinking(tokenizer) else {}
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True, **kwargs)
+    head, tail = _template_parts(tokenizer, thinking)
+    return head + as_text(user_text) + tail
 
 
 def chat_prompt_ids(tokenizer: Any, user_text: str, *, thinking: bool = False) -> list[int]:
-    """Token ids of `chat_text` (the template already holds any BOS token, so none is added)."""
-    return list(tokenizer(chat_text(tokenizer, user_text, thinking=thinking), add_special_tokens=False)["input_ids"])
+    """Token ids of `chat_text`: the template's text as the tokenizer reads it (its control tokens; the
+    template already holds any BOS token, so none is added), the user message as plain text."""
+    head, tail = _template_parts(tokenizer, thinking)
+    return _template_ids(tokenizer, head) + plain_text_ids(tokenizer, user_text) + _template_ids(tokenizer, tail)
+
+
+def _template_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+# Per tokenizer, its tokenizer without control tokens (building one takes ~0.4 s for a 50k vocabulary).
+_PLAIN: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
+def _is_control(token: Any) -> bool:
+    """An added token is a control token unless it is whitespace (as GPT-NeoX-style tokenizers add)."""
+    content = getattr(token, "content", None) if not isinstance(token, dict) else token.get("content")
+    return bool(str(content).strip())
+
+
+def plain_text_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` read as plain text: by the tokenizer's vocabulary alone, never as one of its added
+    tokens (special or not: ``<|im_end|>``, ``<think>``, ``<tool_call>``...), whatever the text spells.
+
+    A fast tokenizer's pipeline (normalizer, pre-tokenizer, model) is run without its added tokens; a slow one
+    is asked to split special tokens; an id of a control token in the result is an error, never a prompt."""
+    text = as_text(text)
+    if not text:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    if backend is not None:
+        plain = _PLAIN.get(tokenizer)
+        if plain is None:
+            from tokenizers import Tokenizer
+
+            spec = json.loads(backend.to_str())
+            spec["added_tokens"] = [t for t in spec.get("added_tokens") or [] if not _is_control(t)]
+            plain = _PLAIN[tokenizer] = Tokenizer.from_str(json.dumps(spec))
+        ids = plain.encode(text, add_special_tokens=False).ids
+    elif added:
+        ids = list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    else:  # a tokenizer without added tokens: its own reading is plain
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    control = {i for i, t in added.items() if _is_control(t)}
+    if control.intersection(ids):
+        raise ValueError("the tokenizer cannot read this text as plain text: it made control tokens of it")
+    return list(ids)
 
 
 def student_prompt_ids(tokenizer: Any, problem: Problem, *, max_tokens: int | None = None,
@@ -150,7 +220,7 @@ def teacher_prompt_ids(
             "and no privileged part to cut")
     if truncation not in ("left", "right"):
         raise ValueError(f"truncation must be 'left' or 'right', not {truncation!r}")
-    span_ids = [list(tokenizer(text[a:b], add_special_tokens=False)["input_ids"]) for a, b in spans]
+    span_ids = [plain_text_ids(tokenizer, text[a:b]) for a, b in spans]
     total = sum(len(s) for s in span_ids)
     budget = total - (len(ids) - max_tokens)
     # Re-tokenising the shortened text can merge or split tokens at the cut, so check and shrink again.

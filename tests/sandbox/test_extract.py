@@ -128,3 +128,90 @@ def test_extract_program_gives_the_program_or_the_format_error_text():
     assert cut.program is None and cut.format_error.startswith("Truncated Attempt: Your previous response was too long")
     # A closed block in a truncated response still runs.
     assert extract_program(HE, "```python\nreturn 1\n```\nmore tex", truncated=True).program is not None
+
+
+# ------------------------------------------------------------------------ the block a grader would run
+FENCE_IN_STRING = '''Here it is:
+
+```python
+HELP = """
+Usage:
+```
+solve < input.txt
+```
+"""
+x = \'\'\'
+```
+\'\'\'
+print(len(HELP), len(x))
+```
+'''
+
+
+def test_a_fence_inside_a_string_does_not_close_the_block():
+    (code,) = code_blocks(FENCE_IN_STRING)
+    namespace: dict = {}
+    exec(compile(code, "<block>", "exec"), namespace)  # the whole program, strings included
+    assert code.endswith("print(len(HELP), len(x))\n") and namespace["x"] == "\n```\n"
+
+
+def test_a_string_that_never_closes_ends_at_the_first_fence():
+    # Not Python either way: the block is what it was (the program's syntax error is the model's to see).
+    response = "```python\nx = '''\n```\nprose after\n"
+    assert code_blocks(response) == ["x = '''\n"]
+    assert code_blocks("```text\ns = '''\n```\n```python\nprint(1)\n```\n") == ["print(1)\n"]
+
+
+PROSE_AND_CODE = """The answer:
+
+```python
+def add(a, b):
+    return a + b
+```
+
+```
+Explanation: we add the two numbers a and b together and return the sum, which is exactly what the
+problem statement asks for, in constant time and constant memory.
+```
+"""
+DECOY = """```python
+def add(a, b):
+    return a + b
+```
+
+For reference, a longer version I decided against:
+
+```python
+def add_slowly(a, b):
+    total = a
+    for _ in range(b):
+        total += 1
+    return total
+```
+"""
+ADD = Problem(id="add", prompt="Add.", func_name="add", tests=[ProblemTest(kind="functional", input="1\n2", output="3")])
+SOLUTION = "def add(a, b):\n    return a + b\n"
+
+
+@pytest.mark.parametrize("mode", ["longest", "last"])
+def test_prose_and_decoy_blocks_lose_to_the_block_that_defines_the_entry_point(mode):
+    assert extract_code(PROSE_AND_CODE, mode=mode, problem=ADD) == SOLUTION
+    assert extract_code(DECOY, mode=mode, problem=ADD) == SOLUTION
+    # Without an entry point: the blocks that parse (the prose block does not).
+    stdin = Problem(id="s", prompt="", tests=[ProblemTest(kind="stdin", input="", output="")])
+    assert extract_code(PROSE_AND_CODE, mode=mode, problem=stdin) == SOLUTION
+    assert extract_code(PROSE_AND_CODE, mode=mode) == SOLUTION
+
+
+def test_a_method_of_class_solution_is_the_entry_point():
+    leet = Problem(id="l", prompt="", func_name="twoSum", tests=[ProblemTest(kind="functional", input="[1]\n1", output="[]")])
+    response = ("```python\nclass Solution:\n    def twoSum(self, nums, target):\n        return []\n```\n"
+                "Test it:\n```python\nprint(Solution().twoSum([1, 2, 3, 4, 5, 6, 7], 9))  # a longer block\n```\n")
+    assert extract_code(response, mode="longest", problem=leet).startswith("class Solution:")
+    assert extract_code(response, mode="last", problem=leet).startswith("class Solution:")
+
+
+def test_a_humaneval_body_counts_as_complete_once_assembled():
+    # The body parses only under the prompt's signature; a note that is no Python does not.
+    response = "```python\n    return helper(x)\n```\n```\nthis returns helper of x, see above for the details\n```\n"
+    assert extract_program(HE, response).program == PROMPT + "    return helper(x)\n"

@@ -13,15 +13,20 @@ whose verdict is the same as ever.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 import uuid
 
 import psutil
 import pytest
 
+from sandbox.codec import MAX_DECODE_SECONDS
 from sandbox.executor import Executor, Limits
 from sandbox.grader import Grader, stdout_matches
 from sandbox.problems import Problem, ProblemTest
@@ -120,6 +125,27 @@ def test_a_stdin_run_sees_no_later_input_and_has_no_parent_to_forge(ex):
         assert set(json.loads(seen)) <= {n} if test.input.startswith("HARD") else json.loads(seen) == [], test.stderr
 
 
+def test_cpu_time_cannot_be_pooled_across_calls_by_a_thread_left_running(ex):
+    limit = _calibrated(ex, HARD)
+    easy = [1000, 2000, 3000, 4000, 5000]
+    problem = Problem(id="pool", prompt="", func_name="solve", tests=[
+        ProblemTest(kind="functional", input=str(n), output=str(f(n))) for n in easy + [HARD]])
+    grader = Grader(ex, time_limit_s=limit)
+    honest = grader.grade_program(problem, A.HONEST_F.replace("def f(", "def solve("))
+    assert honest.verdict == "time_limit" and honest.tests_passed == 5, honest.feedback
+    # The thread outlives the first call: from then on every call counts what the program spent since that
+    # call began, so the second easy call is over its limit.
+    attack = grader.grade_program(problem, A.POOLING.format(hard=HARD, stall=0.85 * limit))
+    assert attack.verdict == "time_limit" and attack.tests_passed < honest.tests_passed, attack.feedback
+    # Honest: main on a thread it joins, a table made at top level; ten calls of 0.15 s each, 1.5 s in all,
+    # within a limit of 1 s per call (the wall-clock backstop, 2 s, leaves room for a loaded machine).
+    n = int(HARD * 0.15 / (limit / 0.6))
+    threaded = Problem(id="threaded", prompt="", func_name="solve", tests=[
+        ProblemTest(kind="functional", input=str(n + k), output=str(f(n + k))) for k in range(10)])
+    verdict = Grader(ex, time_limit_s=1.0).grade_program(threaded, A.THREAD_MAIN)
+    assert verdict.verdict == "accepted", [t.status for t in verdict.tests]
+
+
 @pytest.mark.parametrize("left", ["thread", "process"])
 def test_a_test_is_limited_by_its_cpu_time_not_by_when_its_answer_arrives(ex, left):
     # A call that answers at once but leaves a thread (or a child process) computing: its CPU time, between the
@@ -150,14 +176,43 @@ def test_a_test_is_limited_by_its_cpu_time_not_by_when_its_answer_arrives(ex, le
         assert s.call("nap", [0.6], timeout_s=0.5).status == "ok"
 
 
+@pytest.fixture
+def churning():
+    """A process running CHURN (trusted test code: it only starts threads and one busy child)."""
+    proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", A.CHURN], start_new_session=True)
+    time.sleep(0.2)
+    yield proc
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_cpu_reading_disturbed_by_ending_threads_fails_closed(churning, monkeypatch):
+    from sandbox import runner
+
+    program = runner.Program(churning.pid, None, None, None, None, None)
+    try:
+        readings, deadline = 0, time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            own = time.clock_gettime(program.clock)  # the process's own threads: less than any true reading
+            reading = program.cpu()
+            assert reading >= own, (readings, reading, own)
+            readings += 1
+        # A walk that is always disturbed reads as infinite CPU time: over any limit.
+        monkeypatch.setattr(runner, "_children", lambda pid, threads: os.listdir("/proc/%d/task/0" % pid))
+        assert program.cpu() == float("inf")
+    finally:
+        os.close(program.pidfd)
+
+
 # --------------------------------------------------------------------------------------- the trusted process
-@pytest.mark.parametrize("kind", ["set", "dict", "tuples"])
+@pytest.mark.parametrize("kind", ["set", "dict", "tuples", "nested"])
 def test_a_value_with_colliding_hashes_is_refused_at_once(ex, kind):
     with ex.session(A.COLLIDING.format(n=40_000)) as s:
         started = time.monotonic()
         out = s.call("attack", [kind], timeout_s=10)
         took = time.monotonic() - started
     assert out.status == "runtime_error" and "could not be decoded" in out.error and took < 1.0, (out.error, took)
+    assert took < MAX_DECODE_SECONDS
 
 
 def test_a_check_test_on_a_colliding_set_is_graded_in_well_under_a_second(ex):
@@ -200,6 +255,17 @@ def test_a_flood_on_the_response_channel_is_capped_without_the_cgroup_layer():
         assert run.status == "output_limit" and (_peak_rss_kb(server.pid) - before) / 1024 < 64, run
         with ex1.session("def ok():\n    return 1\n") as s:
             assert s.call("ok", [], timeout_s=5).value == 1
+
+
+@pytest.mark.parametrize("kind", ["memfd", "socketpair", "socket"])
+def test_no_memory_outside_the_address_space_limit_without_the_cgroup_layer(kind):
+    # Without a cgroup (a cgroup-v2 host without a delegated subtree) only RLIMIT_AS bounds a program's memory:
+    # memfds and sockets, whose pages it does not count, are refused by the seccomp filter.
+    limits = Limits(wall_s=10, cpu_s=10, memory_mb=128)
+    with Executor(1, limits=limits, disable={"cgroup"}) as ex1:
+        with ex1.session(A.HOLD) as s:
+            out = s.call("hold", [kind, 200], timeout_s=10)
+    assert out.status == "ok" and out.value == [0, errno.EPERM], out
 
 
 FILL = (
@@ -254,6 +320,61 @@ def test_a_dead_template_takes_its_worker_down_and_the_pool_replaces_it():
         assert lost.status == "runtime_error" and "worker died" in lost.error, lost
         assert (again.status, again.stdout) == ("ok", b"2\n")
         assert _template_of(ex1._pool._all[0]).pid != template.pid
+
+
+# ---------------------------------------------------------------------------------------------- feedback text
+ADD = Problem(id="add", prompt="Read a and b, print a + b.", tests=[ProblemTest(kind="stdin", input="1 2\n", output="3")])
+
+
+def test_feedback_is_text_even_when_the_programs_error_is_not(ex, tmp_path):
+    bad = A.FEEDBACK_WRITER.format(markup="", message="\ud800 and more")
+    verdict = Grader(ex, time_limit_s=5.0).grade_program(ADD, bad)
+    assert verdict.verdict == "runtime_error" and "ValueError: \ufffd and more" in verdict.feedback, verdict.feedback
+    verdict.feedback.encode("utf-8")  # (a lone surrogate would raise here)
+    # The command line prints it (it exited 1 with UnicodeEncodeError).
+    from tests.sandbox.test_cli import opsd, write
+
+    problem = write(tmp_path / "p.json", ADD.model_dump_json())
+    res = opsd("check", problem, write(tmp_path / "bad.py", bad))
+    assert res.returncode == 0 and "ValueError: \ufffd and more" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("message", ["plain", "\ud800"])
+def test_feedback_a_program_writes_never_becomes_the_teachers_control_tokens(ex, message):
+    from tests.trainer.chat_tokenizers import build, control_ids
+    from trainer.config import ContextConfig
+    from trainer.contexts import GradedRollout, teacher_prompts_for_group
+
+    verdict = Grader(ex, time_limit_s=5.0).grade_program(ADD, A.FEEDBACK_WRITER.format(markup=A.MARKUP, message=message))
+    assert verdict.verdict == "runtime_error" and A.MARKUP.strip() in verdict.feedback, verdict.feedback
+    tok = build("qwen3")
+    group = [GradedRollout("```python\nprint(1)\n```", False, verdict.feedback)]
+    (ids,), _, _ = teacher_prompts_for_group(tok, group, problem=ADD, context=ContextConfig(name="feedback"))
+    template = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True, add_generation_prompt=True,
+                                       enable_thinking=False)["input_ids"]
+    controls = control_ids(tok)
+    # The prompt's control tokens are the template's own: one user turn, then the assistant's.
+    assert [i for i in ids if i in controls] == [i for i in template if i in controls]
+
+
+# -------------------------------------------------------------------------------------------- code extraction
+def test_a_fence_inside_a_string_is_part_of_the_program(ex):
+    response = ("Solution:\n```python\nUSAGE = \'\'\'\nrun it as:\n```\npython main.py < input.txt\n```\n\'\'\'\n"
+                "a, b = map(int, input().split())\nprint(a + b)\n```\n")
+    verdict = Grader(ex, time_limit_s=5.0).grade(ADD, response)
+    assert verdict.verdict == "accepted", verdict.feedback  # (it ran `USAGE = \'\'\'` alone before)
+
+
+@pytest.mark.parametrize("code_block", ["longest", "last"])
+def test_the_block_a_grader_runs_is_the_one_that_defines_the_entry_point(ex, code_block):
+    add = Problem(id="add", prompt="", func_name="add", tests=[
+        ProblemTest(kind="functional", input="%d\n%d" % (a, b), output=str(a + b)) for a, b in ((1, 2), (5, 7))])
+    solution = "```python\ndef add(a, b):\n    return a + b\n```\n"
+    prose = "```\nThis adds a and b and returns their sum; it runs in constant time and constant memory.\n```\n"
+    decoy = "```python\ndef add_by_counting(a, b):\n    for _ in range(b):\n        a += 1\n    return a\n```\n"
+    grader = Grader(ex, code_block=code_block, time_limit_s=5.0)
+    for response in (solution + prose, prose + solution, solution + decoy, decoy + solution):
+        assert grader.grade(add, response).verdict == "accepted", (code_block, response)
 
 
 # -------------------------------------------------------------------------------------------------- placement
