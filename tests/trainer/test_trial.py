@@ -154,9 +154,11 @@ def test_student_learns_what_the_better_self_teacher_writes(hint_run, control_ru
     assert control_eval[0]["gap"] == 0.0
     hint_gain = hint_eval[-1]["student_ref_logp"] - hint_eval[0]["student_ref_logp"]
     control_gain = control_eval[-1]["student_ref_logp"] - control_eval[0]["student_ref_logp"]
-    # Measured: about +0.5 nats per token with hints, -0.2 for the control.
+    # Measured: about +0.5 nats per token with hints; the control -0.2 on one CPU, +0.12 on another (AMD EPYC).
+    # The control's teacher is the student's initial model: after weight decay moves the student, the KL is
+    # tiny but not zero, and Adam turns any gradient into steps of about lr whose direction rounding decides.
     assert hint_gain > 0.25, hint_gain
-    assert control_gain < 0.05, control_gain
+    assert abs(control_gain) < 0.25, control_gain
     assert hint_gain > control_gain + 0.25
 
 
