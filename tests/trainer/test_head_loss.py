@@ -347,7 +347,8 @@ def test_a_student_step_through_the_fused_loss_matches_the_logits_path(zero_stag
     assert grads.keys() == want_grads.keys() and len(grads) == (0 if zero_stage else 20 + (not tied))
     for name, want_grad in want_grads.items():
         assert bool((want_grad != 0).any()), name
-        torch.testing.assert_close(grads[name], want_grad, rtol=1e-5, atol=1e-7, msg=name)
+        # atol: a near-zero entry of the tied embedding's gradient (two paths summed) was 1.08e-7 apart on AMD EPYC
+        torch.testing.assert_close(grads[name], want_grad, rtol=1e-5, atol=2e-7, msg=lambda m, name=name: f"{name}: {m}")
     assert grad_norm == pytest.approx(want_norm, rel=1e-6)
 
 
