@@ -208,6 +208,7 @@ def test_two_trainer_ranks_learn_like_one(copy_setup, hint_run):
     assert rows(out, "train")[0]["kl"] == pytest.approx(rows(hint_run, "train")[0]["kl"], rel=0.5)
 
 
+@pytest.mark.slow
 def test_ranks_wait_for_rank_0s_long_phases_beyond_the_collective_timeout(copy_setup):
     """deepspeed.world_size 2 with a training-collective timeout of 5 s: rank 0 starts vLLM, samples, grades and
     evaluates alone for far longer, while rank 1 waits; the wait must not be a collective under that timeout
