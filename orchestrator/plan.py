@@ -43,8 +43,9 @@ from pathlib import Path
 
 from rich.table import Table
 
-from orchestrator.sweep_file import GridPoint, SweepFile
+from orchestrator.sweep_file import GridPoint, SweepFile, model_label
 from orchestrator.sweep_state import read_step_rows
+from trainer.layout import SUMMARY, TrialFolder
 
 # Device-seconds per (token x billion parameters), calibrated as the module docstring says.
 SECONDS_PER_TOKEN_BILLION = {"cuda": 4.8e-5, "cpu": 0.40}
@@ -129,15 +130,16 @@ def measured_rates(folder: Path) -> MeasuredRates | None:
     has no train rows with token counts (a trial written before steps.parquet had them)."""
     from trainer.config import TrialConfig
 
+    files = TrialFolder(folder)
     try:
-        summary = json.loads((folder / "trial.json").read_text())
-        ref = TrialConfig.model_validate(json.loads((folder / "config.json").read_text()))
-    except (OSError, ValueError):
+        summary = json.loads(files.summary_path.read_text())
+        ref = TrialConfig.model_validate(json.loads(files.config.read_text()))
+        rows = read_step_rows(files.steps)
+    except (OSError, ValueError):  # StepsUnreadable among them: a damaged trial measures nothing
         return None
     if summary.get("status", "completed") != "completed":
         return None
-    train = [r for r in read_step_rows(folder / "steps.parquet")
-             if r.get("phase") == "train" and r.get("tokens/rollout_generated") is not None]
+    train = [r for r in rows if r.get("phase") == "train" and r.get("tokens/rollout_generated") is not None]
     if not train:
         return None
 
@@ -175,7 +177,7 @@ def find_references(search_roots: list[Path]) -> list[MeasuredRates]:
     """Every completed trial with token counts under `search_roots` (folders holding a trial.json)."""
     found = []
     for root in search_roots:
-        for summary_path in sorted(root.glob("**/trial.json")):
+        for summary_path in sorted(root.glob(f"**/{SUMMARY}")):
             rates = measured_rates(summary_path.parent)
             if rates is not None:
                 found.append(rates)
@@ -196,15 +198,12 @@ def measured_seconds(point: GridPoint, rates: MeasuredRates) -> dict[str, float]
     return seconds
 
 
-def estimate(sweep: SweepFile, points: list[GridPoint], search_roots: list[Path], *,
-             references: list[MeasuredRates] | None = None) -> list[TrialEstimate]:
-    """Each trial's device-hours: from a finished trial of its model (`references`, else those found under
-    `search_roots`), else from the per-token model."""
+def estimate(sweep: SweepFile, points: list[GridPoint], references: list[MeasuredRates]) -> list[TrialEstimate]:
+    """Each trial's device-hours: from a finished trial of its model among `references` (`find_references`),
+    else from the per-token model."""
     out = []
     res = sweep.trial_resources
     devices = res.gpus or res.cpus  # GPU-hours on GPUs, core-hours on CPUs
-    if references is None:
-        references = find_references(search_roots)
     for point in points:
         size = model_size_b(point)
         tokens = trial_tokens(point)
@@ -235,8 +234,9 @@ def rates_lines(references: list[MeasuredRates]) -> list[str]:
 
 
 def checkpoint_bytes(sweep: SweepFile, estimates: list[TrialEstimate]) -> tuple[float, float]:
-    """(peak while running, kept after the sweep) bytes of checkpoints; the peak assumes `max_concurrent_trials`
-    trials (or all of them) run at once."""
+    """(peak while running, kept after the sweep) bytes of checkpoints; the peak is that of the largest
+    `max_concurrent_trials` trials (all of them when it is unset) holding their checkpoints at once, plus what
+    the finished ones keep: an upper bound the cluster's size may never reach."""
     keep = sweep.checkpoints.keep_last
     running = sweep.max_concurrent_trials or len(estimates)
     per_trial_running, per_trial_final = [], []
@@ -256,8 +256,7 @@ def plan_table(sweep: SweepFile, estimates: list[TrialEstimate]) -> Table:
     res = sweep.trial_resources
     unit = "GPU-h" if res.gpus else "CPU-h"
     parts = [p for p in PARTS if any(p in e.phase_hours for e in estimates)]
-    table = Table(title=f"sweep {sweep.name}: {len(estimates)} trials "
-                  f"({len(sweep.models)} models x {len(sweep.contexts)} contexts x {len(sweep.seeds)} seeds), "
+    table = Table(title=f"sweep {sweep.name}: {len(estimates)} trials ({grid_words(sweep)}), "
                   f"each {res.gpus} GPUs, {res.cpus} CPUs, {res.sandbox_workers} sandbox workers",
                   title_justify="left")
     for column in ("trial", "size (B)", "steps", "tokens", unit, *(PART_TITLES[p] for p in parts), "estimate from"):
@@ -268,6 +267,17 @@ def plan_table(sweep: SweepFile, estimates: list[TrialEstimate]) -> Table:
                       "-" if e.device_hours is None else _hours(e.device_hours),
                       *(_hours(e.phase_hours[p]) if p in e.phase_hours else "-" for p in parts), e.source)
     return table
+
+
+def grid_words(sweep: SweepFile) -> str:
+    """The grid in words, each model with its own seed count: '2 models x 6 contexts x 3 seeds', or
+    'qwen3-8b: 6 contexts x 3 seeds, olmo-3-7b-instruct: 6 x 2' when the models' seeds differ."""
+    seeds = [len(m.seeds or sweep.seeds) for m in sweep.models]
+    contexts = len(sweep.contexts)
+    if len(set(seeds)) == 1:
+        return f"{len(sweep.models)} models x {contexts} contexts x {seeds[0]} seeds"
+    first, *rest = [f"{model_label(m)}: {contexts} contexts x {n} seeds" for m, n in zip(sweep.models, seeds)]
+    return ", ".join([first, *(r.replace(" contexts x ", " x ").replace(" seeds", "") for r in rest)])
 
 
 def _hours(h: float) -> str:

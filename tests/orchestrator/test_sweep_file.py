@@ -12,7 +12,7 @@ import yaml
 
 from orchestrator.errors import SweepError
 from orchestrator.sweep_file import RESOURCE_PRESETS, load_sweep
-from orchestrator.sweep_state import prepare_sweep_dir, sweep_dir_of
+from orchestrator.sweep_state import prepare_sweep_dir, sweep_location
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 
@@ -43,6 +43,10 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def base(tmp_path: Path) -> str:
     return BASE.format(storage=tmp_path / "store")
+
+
+def sweep_dir_of(sweep) -> Path:
+    return sweep_location(sweep)[0]
 
 
 def test_grid_merges_shared_settings_overrides_and_coordinates(tmp_path):
@@ -114,11 +118,14 @@ def test_a_sweep_folder_refuses_another_grid(tmp_path):
     prepare_sweep_dir(sweep, points, sweep_dir_of(sweep), sweep_file)
     other = write(tmp_path, base(tmp_path).replace("seeds: [0, 1]", "seeds: [0, 2]"))
     sweep2, points2 = load_sweep(other)
-    with pytest.raises(SweepError, match="holds another sweep's grid"):
+    state.trial_files(points[1].trial_id).append_attempt({"attempt": 1, "event": "start", "time": 0.0})
+    with pytest.raises(SweepError, match="holds another sweep's grid, whose trials have run"):
         prepare_sweep_dir(sweep2, points2, sweep_dir_of(sweep2), other)
+    # Other settings for a trial that has started are refused too.
+    state.trial_files(points[0].trial_id).append_attempt({"attempt": 1, "event": "start", "time": 0.0})
     changed = write(tmp_path, base(tmp_path).replace("top_k: 5", "top_k: 7"))
     sweep3, points3 = load_sweep(changed)
-    with pytest.raises(SweepError, match="was started with other settings"):
+    with pytest.raises(SweepError, match=f"trial {points[0].trial_id} .* was started with other settings"):
         prepare_sweep_dir(sweep3, points3, sweep_dir_of(sweep3), changed)
 
 
@@ -158,7 +165,7 @@ def test_plan_per_token_model_matches_the_papers_cost():
     from orchestrator.plan import estimate
 
     sweep, points = load_sweep(SWEEPS / "paper_fig3.yaml")
-    estimates = {e.point.trial_id: e for e in estimate(sweep, points, [])}
+    estimates = {e.point.trial_id: e for e in estimate(sweep, points, [])}  # no finished trial to measure
     qwen8 = estimates["qwen3-8b-peer_solution_feedback-s0"]
     assert 15 < qwen8.device_hours < 25 and qwen8.source == "per-token model"
     # Linear in size: the 4B model costs half the 8B one.
@@ -178,7 +185,7 @@ def test_plan_uses_a_finished_trial_of_the_same_model(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from orchestrator.plan import eval_tokens, estimate
+    from orchestrator.plan import estimate, eval_tokens, find_references
     from orchestrator.sweep_file import GridPoint
 
     sweep_file = write(tmp_path, base(tmp_path).replace("resources: b200-1", "resources: cpu"))
@@ -212,7 +219,7 @@ def test_plan_uses_a_finished_trial_of_the_same_model(tmp_path):
     # A longer trial of the same model: 6 steps, responses of at most 4096 tokens (512 at the same fill).
     longer = cfg.model_copy(update={"steps": 6, "rollout": cfg.rollout.model_copy(update={"max_response_tokens": 4096})})
     longer_point = GridPoint("longer", ref_point.model, ref_point.context, 0, longer)
-    estimates = estimate(sweep, [*points, longer_point], [tmp_path / "store"])
+    estimates = estimate(sweep, [*points, longer_point], find_references([tmp_path / "store"]))
     first = estimates[0]
     assert first.source == f"measured: {done}"
     # The trial's own settings give back its wall time, part by part.
@@ -241,6 +248,7 @@ def test_a_failure_of_tune_itself_is_one_line_with_the_way_to_continue(tmp_path,
     import logging
 
     import orchestrator.tune_run as tune_run
+    from orchestrator.driver import DriverRecord
     from orchestrator.errors import SweepStopped
 
     class StoppedTuner:
@@ -251,13 +259,16 @@ def test_a_failure_of_tune_itself_is_one_line_with_the_way_to_continue(tmp_path,
     sweep_file = write(tmp_path, base(tmp_path))
     sweep, points = load_sweep(sweep_file)
     state = prepare_sweep_dir(sweep, points, sweep_dir_of(sweep), sweep_file)
-    monkeypatch.setattr(tune_run, "init_ray", lambda state, *a, **k: tune_run._send_ray_logs_to(state.dir / "driver.log"))
+    handler = logging.FileHandler(state.dir / "driver.log")  # where init_ray sends Ray's and Tune's loggers
+    logging.getLogger("ray.tune").addHandler(handler)
     monkeypatch.setattr(tune_run, "build_tuner", lambda state: (StoppedTuner(), False))
-    monkeypatch.setattr(tune_run, "_concurrency", lambda state: 1)
-    with pytest.raises(SweepStopped) as err:
-        tune_run.run_sweep(state, allow_pending=True)
-    for handler in logging.getLogger("ray.tune").handlers:
-        handler.flush()
+    monkeypatch.setattr(tune_run, "_concurrency", lambda state: (1, "2 CPUs"))
+    try:
+        with pytest.raises(SweepStopped) as err:
+            tune_run.run_sweep(state, driver=DriverRecord.start(state.dir))
+    finally:
+        logging.getLogger("ray.tune").removeHandler(handler)
+        handler.close()
     message = str(err.value)
     assert "\n" not in message and "killed due to the node running low on memory" in message
     assert f"opsd sweep resume {state.dir}" in message

@@ -39,7 +39,7 @@ def test_run_ids_are_deterministic_per_trial_and_attempt():
 def test_offline_run_holds_every_step_once(tmp_path):
     messages = []
     run = TrialRun(WandbSettings(mode="offline", project="p"), sweep="s", model="m", context="none", seed=0,
-                   attempt=1, config={"steps": 2}, wandb_dir=tmp_path, warn=messages.append)
+                   attempt=1, config={"steps": 2}, runs_dir=tmp_path / "wandb", warn=messages.append)
     rows = [{"step": 0, "phase": "eval", "student_acc": 0.25, "teacher_acc": 0.5, "gap": 0.25},
             {"step": 1, "phase": "train", "loss": 0.5, "kl": 0.4},
             {"step": 2, "phase": "train", "loss": 0.3, "kl": 0.2},
@@ -48,7 +48,7 @@ def test_offline_run_holds_every_step_once(tmp_path):
     run.log_rows(rows)  # rows already logged are not logged again
     run.finish({"improvement": 0.25}, exit_code=0)
     assert messages == []
-    (run_dir,) = offline_runs(tmp_path)
+    (run_dir,) = offline_runs(tmp_path / "wandb")
     logged = history(run_dir)
     assert [r["trial_step"] for r in logged] == [0, 1, 2]
     assert logged[2]["train/loss"] == 0.3 and logged[2]["eval/student_acc"] == 0.5 and logged[0]["eval/gap"] == 0.25
@@ -60,7 +60,7 @@ def test_unreachable_wandb_never_fails_the_trial(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     messages = []
     run = TrialRun(WandbSettings(mode="online", project="p"), sweep="s", model="m", context="none", seed=0,
-                   attempt=1, config={}, wandb_dir=tmp_path, warn=messages.append)
+                   attempt=1, config={}, runs_dir=tmp_path / "wandb", warn=messages.append)
     run.log_rows([{"step": 1, "phase": "train", "loss": 0.5}])
     run.finish(None, exit_code=0)
     assert len(messages) == 1 and messages[0].startswith("W&B start failed, the trial goes on without it")
@@ -68,7 +68,7 @@ def test_unreachable_wandb_never_fails_the_trial(tmp_path, monkeypatch):
 
 def test_disabled_wandb_writes_nothing(tmp_path):
     run = TrialRun(WandbSettings(mode="disabled"), sweep="s", model="m", context="none", seed=0, attempt=1,
-                   config={}, wandb_dir=tmp_path, warn=pytest.fail)
+                   config={}, runs_dir=tmp_path / "wandb", warn=pytest.fail)
     run.log_rows([{"step": 1, "phase": "train", "loss": 0.5}])
     run.finish(None, exit_code=0)
     assert list(tmp_path.iterdir()) == []
