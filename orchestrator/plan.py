@@ -25,12 +25,15 @@ printed per token x billion parameters, the unit of the constants below). Withou
 model gives the whole trial (no phase split):
 
     device-seconds per trial = tokens x size_b x SECONDS_PER_TOKEN_BILLION[device]
+                               + STARTUP_SECONDS[device] x devices
 
-with tokens = steps x rollouts per step x mean response tokens (training: rollout, teacher forward, student
-forward and backward) plus the evaluations' sampled tokens, and the mean response taken as half its maximum.
-The GPU constant is set so that the papers' setting (Qwen3-8B, 50 steps of 32 x 8 rollouts up to 16k tokens,
-evaluations every 5 steps) gives their ~20 B200-hours per run (METHOD.md section 5); the CPU one was measured
-with SmolLM2-135M on the 2-core machine of the README. Either is a rough guide, and says so.
+with tokens = steps x rollouts per step x (mean response + the student's and the self-teacher's prompts:
+the rollout generates the response, the forwards read the prompts too) plus the evaluations' sampled tokens,
+each response and prompt taken as half its maximum; the start-up (engine, models, DeepSpeed, sandbox) is a
+trial's fixed cost, which dominates small trials. The GPU constants are set so that the papers' setting
+(Qwen3-8B, 50 steps of 32 x 8 rollouts up to 16k tokens, evaluations every 5 steps) gives their ~20
+B200-hours per run (METHOD.md section 5); the CPU ones were measured with SmolLM2-135M on the 2-core machine
+of the README (sweeps/first.yaml and the demo's trials). Either is a rough guide, and says so.
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ from orchestrator.sweep_state import read_step_rows
 from trainer.layout import SUMMARY, TrialFolder
 
 # Device-seconds per (token x billion parameters), calibrated as the module docstring says.
-SECONDS_PER_TOKEN_BILLION = {"cuda": 4.8e-5, "cpu": 0.40}
+SECONDS_PER_TOKEN_BILLION = {"cuda": 3.1e-5, "cpu": 0.25}
+# Wall seconds of a trial's start-up, before its first evaluation.
+STARTUP_SECONDS = {"cuda": 300.0, "cpu": 60.0}
 # Checkpoint bytes per parameter: module weights, fp32 Adam moments (and fp32 master weights with bf16),
 # and the EMA teacher.
 BYTES_PER_PARAM = {"float32": 4 + 8 + 4, "bfloat16": 2 + 12 + 2}
@@ -121,8 +126,12 @@ def eval_tokens(point: GridPoint) -> float:
 
 
 def trial_tokens(point: GridPoint) -> float:
-    """Rollout tokens (half the maximum response each) plus evaluation tokens: the per-token model's tokens."""
-    return trial_rollouts(point) * point.config.rollout.max_response_tokens / 2 + eval_tokens(point)
+    """The per-token model's tokens: per rollout its response and the student's and the self-teacher's
+    prompts (half their maxima each), plus evaluation tokens."""
+    cfg = point.config
+    per_rollout = (cfg.rollout.max_response_tokens + cfg.rollout.max_prompt_tokens
+                   + cfg.context.max_teacher_prompt_tokens) / 2
+    return trial_rollouts(point) * per_rollout + eval_tokens(point)
 
 
 def measured_rates(folder: Path) -> MeasuredRates | None:
@@ -212,8 +221,9 @@ def estimate(sweep: SweepFile, points: list[GridPoint], references: list[Measure
             hours = {part: s * devices / 3600 for part, s in measured_seconds(point, ref).items()}
             out.append(TrialEstimate(point, size, tokens, sum(hours.values()), f"measured: {ref.folder}", hours))
         elif size is not None:
-            per_token = SECONDS_PER_TOKEN_BILLION[point.config.device] * size
-            out.append(TrialEstimate(point, size, tokens, tokens * per_token / 3600, "per-token model"))
+            seconds = tokens * SECONDS_PER_TOKEN_BILLION[point.config.device] * size \
+                + STARTUP_SECONDS[point.config.device] * devices
+            out.append(TrialEstimate(point, size, tokens, seconds / 3600, "per-token model"))
         else:
             out.append(TrialEstimate(point, None, tokens, None, "unknown size: give models[].size_b"))
     return out
@@ -272,12 +282,16 @@ def plan_table(sweep: SweepFile, estimates: list[TrialEstimate]) -> Table:
 def grid_words(sweep: SweepFile) -> str:
     """The grid in words, each model with its own seed count: '2 models x 6 contexts x 3 seeds', or
     'qwen3-8b: 6 contexts x 3 seeds, olmo-3-7b-instruct: 6 x 2' when the models' seeds differ."""
+    def n(count: int, noun: str) -> str:
+        return f"{count} {noun}" + ("s" if count != 1 else "")
+
     seeds = [len(m.seeds or sweep.seeds) for m in sweep.models]
-    contexts = len(sweep.contexts)
+    contexts = n(len(sweep.contexts), "context")
     if len(set(seeds)) == 1:
-        return f"{len(sweep.models)} models x {contexts} contexts x {seeds[0]} seeds"
-    first, *rest = [f"{model_label(m)}: {contexts} contexts x {n} seeds" for m, n in zip(sweep.models, seeds)]
-    return ", ".join([first, *(r.replace(" contexts x ", " x ").replace(" seeds", "") for r in rest)])
+        return f"{n(len(sweep.models), 'model')} x {contexts} x {n(seeds[0], 'seed')}"
+    first, *rest = [(model_label(m), k) for m, k in zip(sweep.models, seeds)]
+    return ", ".join([f"{first[0]}: {contexts} x {n(first[1], 'seed')}",
+                      *(f"{label}: {len(sweep.contexts)} x {k}" for label, k in rest)])
 
 
 def _hours(h: float) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from orchestrator.errors import SweepError
-from orchestrator.sweep_file import RESOURCE_PRESETS, load_sweep
+from orchestrator.sweep_file import RESOURCE_PRESETS, check_input_files, load_sweep
 from orchestrator.sweep_state import prepare_sweep_dir, sweep_location
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
@@ -162,14 +163,31 @@ def test_paper_sweeps_plan(name, trials):
 
 def test_plan_per_token_model_matches_the_papers_cost():
     """The stated model is calibrated on the papers' ~20 B200-hours per Qwen3-8B run."""
-    from orchestrator.plan import estimate
+    from orchestrator.plan import STARTUP_SECONDS, estimate
 
     sweep, points = load_sweep(SWEEPS / "paper_fig3.yaml")
     estimates = {e.point.trial_id: e for e in estimate(sweep, points, [])}  # no finished trial to measure
     qwen8 = estimates["qwen3-8b-peer_solution_feedback-s0"]
     assert 15 < qwen8.device_hours < 25 and qwen8.source == "per-token model"
-    # Linear in size: the 4B model costs half the 8B one.
-    assert estimates["qwen3-4b-peer_solution_feedback-s0"].device_hours == pytest.approx(qwen8.device_hours / 2)
+    # Linear in size besides the start-up: the 4B model's tokens cost half the 8B one's.
+    startup = STARTUP_SECONDS["cuda"] * sweep.trial_resources.gpus / 3600
+    assert estimates["qwen3-4b-peer_solution_feedback-s0"].device_hours - startup == \
+        pytest.approx((qwen8.device_hours - startup) / 2)
+
+
+def test_plan_per_token_model_on_small_cpu_trials_counts_prompts_and_start_up():
+    """A trial of 2 steps of 4 rollouts of 128 tokens, small evaluations: its forwards read the prompts (up to
+    768 and 2048 tokens), and start-up is most of it; sweeps/first.yaml's trials took 6.5 and 7.8 min on this
+    2-core machine under load (load average 3-8), the demo's 3 min idle."""
+    from orchestrator.plan import SECONDS_PER_TOKEN_BILLION, STARTUP_SECONDS, estimate, eval_tokens
+
+    sweep, points = load_sweep(SWEEPS / "first.yaml")
+    (e, _) = estimate(sweep, points, [])
+    tokens = 2 * 2 * 2 * (128 + 768 + 2048) / 2 + eval_tokens(points[0])
+    assert e.tokens == tokens
+    wall_minutes = (tokens * 0.135 * SECONDS_PER_TOKEN_BILLION["cpu"] / 2 + STARTUP_SECONDS["cpu"]) / 60
+    assert e.device_hours * 60 / sweep.trial_resources.cpus == pytest.approx(wall_minutes)
+    assert 3 < wall_minutes < 8
 
 
 def test_yaml_of_every_sweep_file_parses():
@@ -273,3 +291,90 @@ def test_a_failure_of_tune_itself_is_one_line_with_the_way_to_continue(tmp_path,
     assert "\n" not in message and "killed due to the node running low on memory" in message
     assert f"opsd sweep resume {state.dir}" in message
     assert "OOM kill reason" in (state.dir / "driver.log").read_text()
+
+
+def test_quoted_seeds_are_refused_not_read_as_numbers(tmp_path):
+    with pytest.raises(SweepError, match=r"sweep.yaml:10: seeds\[0\]: Input should be a valid integer"):
+        load_sweep(write(tmp_path, base(tmp_path).replace("seeds: [0, 1]", 'seeds: ["0", "1"]')))
+
+
+def relative_sweep(folder: Path, model_path: str, **extra: str) -> Path:
+    text = (f"name: rel\nstorage: {folder / 'store'}\nmodels: [{{path: {model_path}, label: local}}]\n"
+            "contexts: [llm_peer_hints]\nseeds: [0]\n")
+    for key, value in extra.items():
+        text += f"{key}: {value}\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_relative_paths_are_read_from_the_sweep_files_folder(tmp_path, monkeypatch):
+    """`models/smollm2-local` next to the sweep file is that folder, from whatever directory opsd runs in,
+    and the trials get it absolute (they run in their own folders, on any node); so do data and hints."""
+    project = tmp_path / "project"
+    (project / "sweeps" / "models" / "smollm2-local").mkdir(parents=True)
+    (project / "sweeps" / "data").mkdir()
+    (project / "sweeps" / "data" / "problems.jsonl").write_text("")
+    (project / "sweeps" / "data" / "hints.jsonl").write_text("")
+    path = relative_sweep(project / "sweeps", "models/smollm2-local",
+                          data="{source: jsonl, path: data/problems.jsonl}",
+                          trial="{context: {hints_path: data/hints.jsonl}}")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the paths still resolve beside the sweep file
+    _, (point,) = load_sweep(path)
+    assert point.config.model.path == str(project / "sweeps" / "models" / "smollm2-local")
+    assert point.config.data.path == str(project / "sweeps" / "data" / "problems.jsonl")
+    assert point.config.context.hints_path == str(project / "sweeps" / "data" / "hints.jsonl")
+    check_input_files([point])
+
+
+def test_a_relative_path_found_only_from_the_current_directory_is_refused_with_the_fix(tmp_path, monkeypatch):
+    (tmp_path / "models" / "smollm2-local").mkdir(parents=True)
+    path = relative_sweep(tmp_path / "sweeps", "models/smollm2-local")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SweepError) as err:
+        load_sweep(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:3: models[0].path: models/smollm2-local is not in the sweep file's folder")
+    assert "write ../models/smollm2-local or " + str(tmp_path / "models" / "smollm2-local") in message
+    # An `org/name` found nowhere here is a Hugging Face id; a path that cannot be one is refused.
+    assert load_sweep(relative_sweep(tmp_path / "hub", "Qwen/Qwen3-8B"))[1][0].config.model.path == "Qwen/Qwen3-8B"
+    with pytest.raises(SweepError, match=r"models\[0\].path: \./models/none does not exist in the sweep file's"):
+        load_sweep(relative_sweep(tmp_path / "dot", "./models/none"))
+
+
+def test_missing_input_files_are_refused_before_ray_starts(tmp_path):
+    path = relative_sweep(tmp_path, "embedded:smollm2-135m-instruct",
+                          trial="{context: {hints_path: /no/such/hints.jsonl}}")
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "run", str(path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert ("opsd sweep: error: context.hints_path: /no/such/hints.jsonl does not exist "
+            "(trial local-llm_peer_hints-s0)") in result.stderr
+    assert not (tmp_path / "store").exists()  # nothing written, no Ray started (it would write driver.log)
+
+
+def test_the_plan_says_each_models_seeds_wall_time_and_what_the_checkpoint_peak_assumes():
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "plan", str(SWEEPS / "paper_fig1.yaml")],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    out = " ".join(result.stdout.split())
+    assert "30 trials (qwen3-8b: 6 contexts x 3 seeds, olmo-3-7b-instruct: 6 x 2)" in out
+    # 30 trials of ~2.4 h on 8 GPUs each: all at once (max_concurrent_trials unset) needs 240 GPUs.
+    assert re.search(r"wall time: about 2\.\d h to 2\.\d h per trial \(8 GPUs each\); 30 trials at once "
+                     r"\(max_concurrent_trials unset: all, if the cluster has 240 GPUs\) take about 2\.\d h", out), out
+    assert re.search(r"checkpoints: up to [\d.]+ TB with 30 trials at once", out)
+
+
+def test_the_readmes_sweep_example_is_a_file_that_runs_here_as_written():
+    """The README's first sweep is sweeps/first.yaml, complete (the embedded model, its data, small
+    evaluations), valid with every input present on this machine, and the README says how long it took."""
+    readme = (SWEEPS.parent / "README.md").read_text()
+    section = readme[readme.index("## A sweep\n"):]
+    first_block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    assert yaml.safe_load(first_block) == yaml.safe_load((SWEEPS / "first.yaml").read_text())
+    sweep, points = load_sweep(SWEEPS / "first.yaml")
+    check_input_files(points)
+    assert {p.config.model.path for p in points} == {"embedded:smollm2-135m-instruct"}
+    assert all(p.config.data.max_val_problems and p.config.eval.n_samples == 1 for p in points)
+    assert sweep.trial_resources == RESOURCE_PRESETS["cpu"]
+    assert re.search(r"`opsd sweep run sweeps/first\.yaml`, from the repository root, took \d+ min", section)
