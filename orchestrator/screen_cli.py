@@ -230,8 +230,11 @@ def _phases(console: Any, heading: str) -> Iterator[Any]:
     """A live list of phases, each a spinner while it runs and a tick with its time once done."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    # No redirect of sys.stdout/sys.stderr through the display (rich's default on a terminal): vLLM, imported
+    # during a phase, binds its log handler to whatever sys.stdout is then, and would print on the terminal
+    # for the rest of the process, its shutdown warnings included, instead of into the log.
     with Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console) as progress:
+                  console=console, redirect_stdout=False, redirect_stderr=False) as progress:
 
         @contextlib.contextmanager
         def phase(name: str) -> Iterator[None]:

@@ -261,7 +261,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _span(lo: float, hi: float) -> str:
-    """Hours in words: '20 h', '0.5-2 h', '12 min'."""
+    """Hours in words: '12 min', '2.5 h', '20 h', or a range '2.2 h to 2.5 h'."""
     def one(h: float) -> str:
         return f"{h * 60:.0f} min" if h < 1 else f"{h:.0f} h" if h >= 10 else f"{h:.1f} h"
     return one(lo) if one(lo) == one(hi) else f"{one(lo)} to {one(hi)}"

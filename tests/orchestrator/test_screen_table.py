@@ -3,6 +3,8 @@ table per measure (and one of predictions), every cell whole, instead of every c
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 
 from orchestrator.screen_cli import screen_tables
@@ -55,3 +57,30 @@ def test_a_wide_terminal_gets_one_table_with_every_column():
     assert len(cells) == len(CONTEXTS)
     assert cells[5] == ["peer_solution_feedback", "0.100", "0.150", "+0.050 [+0.000, +0.100]", "0.300", "0.400",
                         "+0.100 [-0.125, +0.250]", "+0.025* [-0.200, +0.400]"]
+
+
+def test_what_third_parties_print_during_a_phase_stays_off_the_terminal(capsys):
+    """On a terminal, a library imported during a phase (vLLM) binds its log handler to sys.stdout as it is
+    then: that must be the process's own stdout (the screen's log), not the progress display's proxy, or its
+    warnings reach the terminal until the process ends (the engine's shutdown warnings after the table)."""
+    import io
+    import logging
+
+    from orchestrator.screen_cli import _phases
+
+    terminal = io.StringIO()
+    console = Console(file=terminal, force_terminal=True, width=80)
+    logger = logging.getLogger("a-library-imported-during-a-phase")
+    logger.propagate = False
+    try:
+        with _phases(console, "") as phase:
+            with phase("engine start"):
+                logger.addHandler(logging.StreamHandler(sys.stdout))  # as vLLM's logging config does
+                print("printed during the phase")
+        logger.warning("[shutdown] force killing remaining processes count=1")
+    finally:
+        logger.handlers.clear()
+    shown = terminal.getvalue()
+    assert "engine start" in shown
+    assert "printed during the phase" not in shown and "force killing" not in shown
+    assert "force killing" in capsys.readouterr().out  # the process's stdout, which the screen sends to its log

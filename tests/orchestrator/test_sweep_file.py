@@ -110,24 +110,33 @@ def test_unwritable_storage_is_refused(tmp_path):
         prepare_sweep_dir(sweep, points, sweep_dir_of(sweep), sweep_file)
 
 
-def test_a_sweep_folder_refuses_another_grid(tmp_path):
+def test_a_sweep_folder_refuses_another_grid_once_a_trial_has_started(tmp_path):
     sweep_file = write(tmp_path, base(tmp_path))
     sweep, points = load_sweep(sweep_file)
     state = prepare_sweep_dir(sweep, points, sweep_dir_of(sweep), sweep_file)
     assert len(state.trials) == 9 and (state.dir / "trials" / points[0].trial_id / "trial.yaml").is_file()
     # The same file again continues the same folder.
     prepare_sweep_dir(sweep, points, sweep_dir_of(sweep), sweep_file)
+    # Before any trial started (a sweep stopped while all were pending), the folder takes a corrected grid,
+    # and forgets the old one: trial folders outside the new grid and Tune's state, which would restore it.
+    (state.dir / "tune").mkdir()
     other = write(tmp_path, base(tmp_path).replace("seeds: [0, 1]", "seeds: [0, 2]"))
     sweep2, points2 = load_sweep(other)
-    state.trial_files(points[1].trial_id).append_attempt({"attempt": 1, "event": "start", "time": 0.0})
+    state2 = prepare_sweep_dir(sweep2, points2, sweep_dir_of(sweep2), other)
+    assert sorted(state2.trials) == sorted(p.trial_id for p in points2)
+    assert sorted(d.name for d in (state.dir / "trials").iterdir()) == sorted(state2.trials)
+    assert not (state.dir / "tune").exists()
+    # Once a trial has started, another grid is refused ...
+    state2.trial_files(points2[1].trial_id).append_attempt({"attempt": 1, "event": "start", "time": 0.0})
     with pytest.raises(SweepError, match="holds another sweep's grid, whose trials have run"):
-        prepare_sweep_dir(sweep2, points2, sweep_dir_of(sweep2), other)
-    # Other settings for a trial that has started are refused too.
-    state.trial_files(points[0].trial_id).append_attempt({"attempt": 1, "event": "start", "time": 0.0})
-    changed = write(tmp_path, base(tmp_path).replace("top_k: 5", "top_k: 7"))
+        prepare_sweep_dir(sweep, points, sweep_dir_of(sweep), sweep_file)
+    # ... and so are other settings for a trial that has started; not for one that has not.
+    changed = write(tmp_path, base(tmp_path).replace("seeds: [0, 1]", "seeds: [0, 2]").replace("top_k: 5", "top_k: 7"))
     sweep3, points3 = load_sweep(changed)
-    with pytest.raises(SweepError, match=f"trial {points[0].trial_id} .* was started with other settings"):
+    with pytest.raises(SweepError, match=f"trial {points2[1].trial_id} .* was started with other settings"):
         prepare_sweep_dir(sweep3, points3, sweep_dir_of(sweep3), changed)
+    (state.dir / "trials" / points2[1].trial_id / "attempts.jsonl").unlink()
+    assert prepare_sweep_dir(sweep3, points3, sweep_dir_of(sweep3), changed).trials == state2.trials
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
