@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 EPILOG = """\
@@ -132,7 +133,7 @@ def _drive(state) -> int:
     from orchestrator.driver import DRIVER_FILE, DriverRecord
     from orchestrator.errors import CONFIG_ERROR_EXIT, SweepError
     from orchestrator.sweep_state import close_open_attempts
-    from orchestrator.sweep_status import counts, sweep_status, unfinished
+    from orchestrator.sweep_status import clock, counts, status_table, sweep_status, unfinished
     from orchestrator.tune_run import run_sweep
     from orchestrator.wandb_log import offline_runs, set_aside_incomplete, sync_command
 
@@ -162,6 +163,7 @@ def _drive(state) -> int:
     statuses = sweep_status(state)  # as `opsd sweep status` now shows it: the driver has ended
     n = counts(statuses)
     code = EXIT_INTERRUPTED if outcome == "interrupted" else EXIT_FAILED if n["failed"] else EXIT_DONE
+    console.print(status_table(state, statuses, width=console.width))
     if state.remote:
         console.print(f"storage: {state.remote} (this machine's mirror: {state.dir})")
     console.print()
@@ -171,7 +173,7 @@ def _drive(state) -> int:
     except SweepError as err:  # a trial's damaged steps.parquet: say which, keep the rest of the summary
         console.print(f"[red]collect: {err}[/]")
         code = code or CONFIG_ERROR_EXIT
-    console.print(f"trials: {', '.join(f'{v} {k}' for k, v in n.items() if v)}")
+    console.print(f"trials: {', '.join(f'{v} {k}' for k, v in n.items() if v)} in {clock(time.time() - driver.started)}")
     console.print(f"logs: {state.dir}/trials/*/logs/attempt-*.log; Ray and Tune: {state.dir / 'driver.log'}")
     runs = offline_runs(state.wandb_dir)
     if runs:

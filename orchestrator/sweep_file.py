@@ -112,7 +112,9 @@ class SweepFile(_Section):
     max_failures: int = Field(2, ge=0, description="Retries of a failed trial; each resumes from its checkpoint.")
     storage: str = Field("runs/sweeps", description="Results and checkpoints: a local or shared (NFS) folder, "
                          "or a URI (s3://bucket/prefix, gs://...; trials then work in node-local mirrors, see "
-                         "orchestrator/remote.py); the sweep writes <storage>/<name>/.")
+                         "orchestrator/remote.py); the sweep writes <storage>/<name>/. A relative folder is read "
+                         "from the directory opsd runs in (`--storage` overrides it), unlike the files the "
+                         "trials read, which are read from the sweep file's folder.")
     wandb: WandbSettings = WandbSettings()
     checkpoints: CheckpointRetention = CheckpointRetention()
 

@@ -92,7 +92,7 @@ def trial_status(state: SweepState, trial_id: str, *, now: float | None = None,
         if running is False:
             status.state = "interrupted"
             status.failure = (f"attempt {last['attempt']} was running when the driver stopped "
-                              f"(last seen {_clock(now - open_until)} ago on {driver.host})")
+                              f"(last seen {clock(now - open_until)} ago on {driver.host})")
         else:
             status.state = "running"
             status.phase = progress.get("phase", "starting")
@@ -177,20 +177,21 @@ def driver_line(state: SweepState, statuses: list[TrialStatus], *, now: float | 
         return None
     where = state.remote or state.dir
     if is_running(driver, now=now):
-        return (f"driver: running on {driver.host} (pid {driver.pid}) for {_clock(now - driver.started)}, "
-                f"heartbeat {_clock(now - driver.updated)} ago")
+        return (f"driver: running on {driver.host} (pid {driver.pid}) for {clock(now - driver.started)}, "
+                f"heartbeat {clock(now - driver.updated)} ago")
     left = unfinished(statuses)
     if driver.ended is not None:
-        how = f"ended ({driver.outcome}) {_clock(now - driver.ended)} ago"
+        how = f"ended ({driver.outcome}) {clock(now - driver.ended)} ago"
     else:
-        how = f"killed or lost: last seen {_clock(now - driver.updated)} ago on {driver.host}"
+        how = f"killed or lost: last seen {clock(now - driver.updated)} ago on {driver.host}"
     line = f"driver not running: {how}"
     if left:
         line += f"; {left} trial(s) unfinished: `opsd sweep resume {where}` continues the sweep"
     return line
 
 
-def _clock(seconds: float | None) -> str:
+def clock(seconds: float | None) -> str:
+    """Seconds as H:MM:SS ("-" for None)."""
     if seconds is None:
         return "-"
     seconds = int(max(seconds, 0))
@@ -218,8 +219,8 @@ def status_table(state: SweepState, statuses: list[TrialStatus], *, elapsed: flo
         f", {n[k]} {k}" for k in ("running", "pending", "retrying", "interrupted", "failed") if n[k])
     if elapsed is not None:
         remaining = estimated_remaining(statuses, concurrency)
-        title += f" | elapsed {_clock(elapsed)}, " + (
-            f"remaining ~{_clock(remaining)}" if remaining is not None else "remaining: known after a step")
+        title += f" | elapsed {clock(elapsed)}, " + (
+            f"remaining ~{clock(remaining)}" if remaining is not None else "remaining: known after a step")
     hosts: dict[str, set[str]] = {}
     for s in statuses:
         if s.host:
@@ -242,7 +243,7 @@ def status_table(state: SweepState, statuses: list[TrialStatus], *, elapsed: flo
             "state": Text(s.state + (f" #{s.attempts}" if s.attempts > 1 else ""), style=_STYLE[s.state]),
             "step": "-" if s.step is None else f"{s.step}/{s.steps}",
             "phase": _PHASES.get(s.phase, s.phase) if s.phase else "-",
-            "time": _clock(s.seconds), "left": _clock(s.remaining_s),
+            "time": clock(s.seconds), "left": clock(s.remaining_s),
             "loss": num(s.last.get("train/loss"), ".4f"), "kl": num(s.last.get("train/kl"), ".4f"),
             "student": num(s.last.get("eval/student_acc"), ".3f"), "teacher": num(s.last.get("eval/teacher_acc"), ".3f"),
             "gap": num(s.last.get("eval/gap"), "+.3f"), "node": node(s)}

@@ -38,6 +38,7 @@ from orchestrator.sweep_state import StepsUnreadable, SweepState, latest_metrics
 from orchestrator.trial_process import TrialProcess, trial_command
 from orchestrator.wandb_log import TrialRun, strip_secrets
 from trainer.layout import list_checkpoints
+from trainer.records import error_line
 
 POLL_S = 2.0
 
@@ -110,6 +111,7 @@ def train_grid_point(config: dict[str, Any]) -> None:
     last_reported: tuple | None = None
     code: int | None = None
     rows_of = _rows_reader(files.steps, warn)
+    stopped_by: BaseException | None = None
     try:
         with TrialProcess(trial_command(files.trial_file, files.dir), env=env, log_path=log_path,
                           record_path=files.processes, cwd=files.dir, marker=env["OPSD_TRIAL"], warn=warn) as proc:
@@ -130,14 +132,21 @@ def train_grid_point(config: dict[str, Any]) -> None:
                 sync.push()
                 time.sleep(POLL_S)
             code = proc.stop()
+    except BaseException as err:
+        stopped_by = err
+        raise
     finally:
         summary = files.summary() if code == 0 else None
         wandb_run.finish(summary, exit_code=0 if code == 0 else 1)
         end = {"attempt": attempt, "event": "end", "time": time.time(), "exit_code": code,
                "seconds": round(time.time() - started, 1)}
-        if code != 0:
+        if code is None and isinstance(stopped_by, (SystemExit, KeyboardInterrupt)):
+            # Tune stops the trial (Ctrl-C, SIGUSR1): its session ends the trainable with SystemExit; the
+            # trial's processes were stopped on the way out of TrialProcess. Not a failure of the trial.
+            end.update(interrupted=True, reason="stopped with the sweep")
+        elif code != 0:
             end["reason"] = attempt_reason(code, progress=read_progress(files.progress), log=log_path,
-                                           started=started)
+                                           started=started) or (error_line(stopped_by) if stopped_by else None)
         files.append_attempt(end)
         if code != 0:
             sync.push(force=True)

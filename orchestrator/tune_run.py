@@ -152,7 +152,8 @@ def run_sweep(state: SweepState, *, driver: DriverRecord, console: Console | Non
         return status_table(state, sweep_status(state), elapsed=time.time() - started, concurrency=concurrency,
                             width=console.width)
 
-    with Live(table(), console=console, refresh_per_second=1, transient=False) as live:
+    # Transient: the caller prints the final table once the stop is recorded (interrupted attempts included).
+    with Live(table(), console=console, refresh_per_second=1, transient=True) as live:
         def refresh() -> None:
             # A remote sweep's trials push to its URI: the view pulls their small files less often.
             while not stop.wait(10.0 if remote else 2.0):

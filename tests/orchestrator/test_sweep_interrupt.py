@@ -65,8 +65,8 @@ def wait_for_running_attempts(driver: subprocess.Popen, trials: Path, n: int, lo
     while True:
         assert driver.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, log.read_text()[-3000:]
-        started = [d for d in trials.iterdir() if any(e["event"] == "pid" and e["attempt"] > after
-                                                        for e in attempts(d))]
+        started = [d for d in (trials.iterdir() if trials.is_dir() else [])
+                   if any(e["event"] == "pid" and e["attempt"] > after for e in attempts(d))]
         if len(started) >= n and all((d / "progress.json").is_file() for d in started):
             return
         time.sleep(0.5)
@@ -79,34 +79,44 @@ def stopped_sweep(tmp_path_factory, tiny_model_dir) -> dict:
     sweep_dir = root / "storage" / "stops"
     out: dict = {"root": root, "dir": sweep_dir, "seen": {}}
 
-    # 1. Ctrl-C while both trials run.
-    with open(root / "run.log", "w") as log:
-        driver = subprocess.Popen([*OPSD, "sweep", "run", str(path), "--num-cpus", "2"], stdout=log,
-                                  stderr=subprocess.STDOUT, env=trial_env(), start_new_session=True)
-    wait_for_running_attempts(driver, sweep_dir / "trials", 2, root / "run.log")
-    out["seen"].update(marked_processes("stops"))
-    os.killpg(driver.pid, signal.SIGINT)
-    out["ctrl_c_code"] = driver.wait(timeout=600)
-    time.sleep(2)
-    out["after_ctrl_c"] = status(sweep_dir)
-    out["alive_after_ctrl_c"] = still_alive(out["seen"]) + list(marked_processes("stops"))
-    out["attempts_after_ctrl_c"] = {d.name: attempts(d) for d in (sweep_dir / "trials").iterdir()}
+    drivers: list[subprocess.Popen] = []
+    try:
+        # 1. Ctrl-C while both trials run.
+        with open(root / "run.log", "w") as log:
+            driver = subprocess.Popen([*OPSD, "sweep", "run", str(path), "--num-cpus", "2"], stdout=log,
+                                      stderr=subprocess.STDOUT, env=trial_env(), start_new_session=True)
+        drivers.append(driver)
+        wait_for_running_attempts(driver, sweep_dir / "trials", 2, root / "run.log")
+        out["seen"].update(marked_processes("stops"))
+        os.killpg(driver.pid, signal.SIGINT)
+        out["ctrl_c_code"] = driver.wait(timeout=600)
+        time.sleep(2)
+        out["after_ctrl_c"] = status(sweep_dir)
+        out["alive_after_ctrl_c"] = still_alive(out["seen"]) + list(marked_processes("stops"))
+        out["attempts_after_ctrl_c"] = {d.name: attempts(d) for d in (sweep_dir / "trials").iterdir()}
+        out["driver_after_ctrl_c"] = json.loads((sweep_dir / "driver.json").read_text())
 
-    # 2. Continued, then the driver and its Ray SIGKILLed while a trial runs.
-    with open(root / "rerun.log", "w") as log:
-        driver = subprocess.Popen([*OPSD, "sweep", "run", str(path), "--num-cpus", "2"], stdout=log,
-                                  stderr=subprocess.STDOUT, env=trial_env(), start_new_session=True)
-    wait_for_running_attempts(driver, sweep_dir / "trials", 1, root / "rerun.log", after=1)
-    out["seen"].update(marked_processes("stops"))
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    first = status(sweep_dir)
-    time.sleep(3)
-    out["after_kill"], out["after_kill_later"] = first, status(sweep_dir)
-    deadline = time.monotonic() + 60  # the trials' guards take their processes down with them
-    while (still_alive(out["seen"]) or marked_processes("stops")) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    out["alive_after_kill"] = still_alive(out["seen"]) + list(marked_processes("stops"))
+        # 2. Continued, then the driver and its Ray SIGKILLed while a trial runs.
+        with open(root / "rerun.log", "w") as log:
+            driver = subprocess.Popen([*OPSD, "sweep", "run", str(path), "--num-cpus", "2"], stdout=log,
+                                      stderr=subprocess.STDOUT, env=trial_env(), start_new_session=True)
+        drivers.append(driver)
+        wait_for_running_attempts(driver, sweep_dir / "trials", 1, root / "rerun.log", after=1)
+        out["seen"].update(marked_processes("stops"))
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        first = status(sweep_dir)
+        time.sleep(3)
+        out["after_kill"], out["after_kill_later"] = first, status(sweep_dir)
+        deadline = time.monotonic() + 60  # the trials' guards take their processes down with them
+        while (still_alive(out["seen"]) or marked_processes("stops")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        out["alive_after_kill"] = still_alive(out["seen"]) + list(marked_processes("stops"))
+    finally:
+        for driver in drivers:  # a failed wait leaves no sweep running behind the tests
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait()
     return out
 
 
@@ -123,11 +133,13 @@ def test_after_ctrl_c_no_attempt_is_open_and_no_trial_runs(stopped_sweep):
         ends = {e["attempt"] for e in events if e["event"] == "end"}
         assert starts == ends == {1}, (trial, events)
     rows, text = stopped_sweep["after_ctrl_c"]
-    assert sorted(r["state"] for r in rows) == ["interrupted", "interrupted"]
+    assert sorted(r["state"] for r in rows) == ["interrupted", "interrupted"], stopped_sweep["attempts_after_ctrl_c"]
     assert "driver not running: ended (interrupted)" in text
     assert stopped_sweep["alive_after_ctrl_c"] == []
-    driver = json.loads((stopped_sweep["dir"] / "driver.json").read_text())
-    assert driver["outcome"] is not None
+    assert stopped_sweep["driver_after_ctrl_c"]["outcome"] == "interrupted"
+    # The last table printed is the stopped sweep's, not the last frame of the live view.
+    log = " ".join((stopped_sweep["root"] / "run.log").read_text().split())
+    assert "sweep stops: 0/2 done, 2 interrupted" in log and "trials: 2 interrupted in" in log
 
 
 def test_a_killed_driver_leaves_a_truthful_status(stopped_sweep):
