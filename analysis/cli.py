@@ -70,7 +70,7 @@ class _DelayedProgress:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from analysis.report import _ci, _num, run_analysis
+    from analysis.report import fmt_ci, fmt_num, run_analysis
 
     progress = _DelayedProgress("bootstrap over seeds")
     try:
@@ -81,7 +81,7 @@ def _analyze(args: argparse.Namespace) -> int:
         progress.close()
     for name, line in output.law.families.items():
         if line.has_intervals:
-            stats = f"slope CI {_ci(line.slope_ci)}  R² {_num(line.r2)}  LOO R² {_num(line.loo_r2)}"
+            stats = f"slope CI {fmt_ci(line.slope_ci)}  R² {fmt_num(line.r2)}  LOO R² {fmt_num(line.loo_r2)}"
         else:
             stats = f"a line through {line.n_configs} points: no intervals, no LOO, no evidence about the law"
         print(f"{name}: improvement = {line.intercept:.4f} + {line.slope:.3f}·gap  {stats}  "

@@ -74,14 +74,16 @@ def run_analysis(results: str | Path, out_dir: str | Path, *, unit: Unit = "conf
                           figures=figures)
 
 
-def _num(value, digits: int = 3) -> str:
+def fmt_num(value, digits: int = 3) -> str:
+    """A number with `digits` decimals, "n/a" for a missing or non-finite one (the report's and the CLI's)."""
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "n/a"
     return f"{value:.{digits}f}"
 
 
-def _ci(pair, digits: int = 3) -> str:
-    return "n/a" if pair is None else f"[{_num(pair[0], digits)}, {_num(pair[1], digits)}]"
+def fmt_ci(pair, digits: int = 3) -> str:
+    """An interval as "[lo, hi]", "n/a" when there is none."""
+    return "n/a" if pair is None else f"[{fmt_num(pair[0], digits)}, {fmt_num(pair[1], digits)}]"
 
 
 def _p(value) -> str:
@@ -114,32 +116,32 @@ def verdict(name: str, line: LineLaw) -> str:
     n = line.n_configs
     if not line.has_intervals:
         return (f"**{name}: no evidence either way ({n} configurations).** A fit on {MIN_LINE_CONFIGS} "
-                f"configurations is a line through two points (slope {_num(line.slope)}, intercept "
-                f"{_num(line.intercept)}): any two points lie on a line, so it tells nothing about the law, and "
+                f"configurations is a line through two points (slope {fmt_num(line.slope)}, intercept "
+                f"{fmt_num(line.intercept)}): any two points lie on a line, so it tells nothing about the law, and "
                 f"it has no intervals, p-values or leave-one-out. {HOW_MANY}: add contexts to the sweep.")
     lo, hi = line.slope_ci
     boot = (line.bootstrap or {}).get("slope_ci")
     positive = lo > 0 and (boot is None or boot[0] > 0)
     loo = line.loo_r2
-    loo_text = f"held-out configurations are predicted with LOO R² {_num(loo, 2)}"
+    loo_text = f"held-out configurations are predicted with LOO R² {fmt_num(loo, 2)}"
     if n < FEW_CONFIGS:
-        evidence = (f"the slope {_num(line.slope, 2)} {_ci(line.slope_ci, 2)} "
+        evidence = (f"the slope {fmt_num(line.slope, 2)} {fmt_ci(line.slope_ci, 2)} "
                     + ("is positive" if positive else "does not reliably exclude zero") + f" and {loo_text}")
         return (f"**{name}: weak ({n} configurations).** With only {n} configurations the fit has few degrees of "
                 f"freedom ({_dof(n - 2)} between configurations): {evidence}, but each "
                 f"held-out configuration is predicted from {n - 1} others and the intervals are wide. {HOW_MANY}: "
                 f"add contexts before trusting it.")
     if not positive:
-        return (f"**{name}: not supported.** The slope's interval {_ci(line.slope_ci, 2)} does not exclude zero"
+        return (f"**{name}: not supported.** The slope's interval {fmt_ci(line.slope_ci, 2)} does not exclude zero"
                 f"{' (or its seed bootstrap does not)' if lo > 0 else ''}: the gap does not reliably predict "
                 f"improvement here; {loo_text}.")
     intercept = ("the intercept's interval includes zero (no gap, no improvement)"
                  if line.intercept_ci[0] <= 0 <= line.intercept_ci[1] else
-                 f"the intercept {_num(line.intercept)} differs from zero")
+                 f"the intercept {fmt_num(line.intercept)} differs from zero")
     if loo is not None and np.isfinite(loo) and loo >= LOO_R2_HOLDS:
-        return (f"**{name}: the law holds.** Each point of gap buys {_num(line.slope, 2)} points of improvement "
-                f"({_ci(line.slope_ci, 2)}), {loo_text}, and {intercept}.")
-    return (f"**{name}: weak.** The slope {_num(line.slope, 2)} {_ci(line.slope_ci, 2)} is positive, but "
+        return (f"**{name}: the law holds.** Each point of gap buys {fmt_num(line.slope, 2)} points of improvement "
+                f"({fmt_ci(line.slope_ci, 2)}), {loo_text}, and {intercept}.")
+    return (f"**{name}: weak.** The slope {fmt_num(line.slope, 2)} {fmt_ci(line.slope_ci, 2)} is positive, but "
             f"{loo_text} (below {LOO_R2_HOLDS}): the gap ranks configurations but predicts them poorly.")
 
 
@@ -199,11 +201,11 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
         if test:
             differ = test["p"] < ALPHA
             bullets.append(
-                f"Do families share one slope? F = {_num(test['f'], 2)} (df {test['df_num']:g}, "
+                f"Do families share one slope? F = {fmt_num(test['f'], 2)} (df {test['df_num']:g}, "
                 f"{test['df_den']:g}), p = {_p(test['p'])}: "
                 + ("**the slopes differ**; use each family's own law." if differ else
-                   f"no evidence that the slopes differ; the common slope is {_num(test['common_slope'], 2)} "
-                   f"{_ci(test['common_slope_ci'], 2)}."))
+                   f"no evidence that the slopes differ; the common slope is {fmt_num(test['common_slope'], 2)} "
+                   f"{fmt_ci(test['common_slope_ci'], 2)}."))
         elif "interaction_test" in law.pooled.not_computed:
             bullets.append(f"Do families share one slope? Not testable here: "
                            f"{law.pooled.not_computed['interaction_test']}.")
@@ -218,10 +220,10 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
         boot = line.bootstrap or {}
         loso = line.leave_one_size_out
         rows.append([
-            name, str(line.n_configs), str(line.n_trials), f"{_num(line.slope)} {_ci(line.slope_ci)}",
-            f"{_num(line.intercept)} {_ci(line.intercept_ci)}", _num(line.r2), _p(line.slope_p),
-            _num(line.loo_r2), _num(line.loo_rmse), _num(loso["r2"]) if loso else "n/a",
-            _ci(boot.get("slope_ci")), _ci(boot.get("loo_r2_ci")),
+            name, str(line.n_configs), str(line.n_trials), f"{fmt_num(line.slope)} {fmt_ci(line.slope_ci)}",
+            f"{fmt_num(line.intercept)} {fmt_ci(line.intercept_ci)}", fmt_num(line.r2), _p(line.slope_p),
+            fmt_num(line.loo_r2), fmt_num(line.loo_rmse), fmt_num(loso["r2"]) if loso else "n/a",
+            fmt_ci(boot.get("slope_ci")), fmt_ci(boot.get("loo_r2_ci")),
         ])
     parts.append(_table(["law", "configs", "trials", "slope [CI]", "intercept [CI]", "R²", "p (slope)",
                          "LOO R²", "LOO RMSE", "leave-size-out R²", "bootstrap slope", "bootstrap LOO R²"], rows))
@@ -231,7 +233,7 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
     lofo = law.pooled.leave_one_family_out if law.pooled else None
     if lofo:
         parts.append(f"Leave one family out (pooled line, predicting a whole family from the others): "
-                     f"R² {_num(lofo['r2'])}, RMSE {_num(lofo['rmse'])}.")
+                     f"R² {fmt_num(lofo['r2'])}, RMSE {fmt_num(lofo['rmse'])}.")
     missing = not_computed(law)
     if missing:
         parts.append("Not computed (impossible on these results; n/a in the table above, null in law.json):\n\n"
@@ -239,8 +241,8 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
 
     parts.append("## Configurations")
     rows = [[r.model_family, r.model, f"{r.model_size_b:g}", r.context, str(r.n_seeds),
-             f"{_num(r.gap_mean)} ± {_num(r.gap_sd)}", f"{_num(r.improvement_mean)} ± {_num(r.improvement_sd)}",
-             _num(r.initial_student_mean), _num(r.initial_teacher_mean), _num(r.final_student_mean)]
+             f"{fmt_num(r.gap_mean)} ± {fmt_num(r.gap_sd)}",
+             f"{fmt_num(r.improvement_mean)} ± {fmt_num(r.improvement_sd)}", fmt_num(r.initial_student_mean), fmt_num(r.initial_teacher_mean), fmt_num(r.final_student_mean)]
             for r in fit.configs.itertuples()]
     parts.append(_table(["family", "model", "size (B)", "context", "seeds", "gap (mean ± SD)",
                          "improvement (mean ± SD)", "student₀", "teacher₀", "student final"], rows))
@@ -254,7 +256,7 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
     notes = []
     for family in law.families:
         lam = gap_reliability(fit.configs[fit.configs["model_family"] == family])
-        notes.append(f"{family}: λ = {_num(lam, 3)}")
+        notes.append(f"{family}: λ = {fmt_num(lam, 3)}")
     parts.append("Seed noise in the measured gaps biases every slope towards zero by the reliability factor "
                  "λ = 1 − mean(SD²/n)/var(gap means) (errors in variables; λ near 1: negligible). "
                  + "; ".join(notes) + ".")
@@ -263,9 +265,9 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
         threshold = 4 / len(sub)
         for r in sub.itertuples():
             flag = " ⚠" if r.cooks_d > threshold else ""
-            rows.append([family, r.model, r.context, _num(r.gap), _num(r.improvement), _num(r.fitted),
-                         _num(r.residual), _num(r.student_resid, 2), _num(r.leverage, 2),
-                         _num(r.cooks_d, 2) + flag, _num(r.loo_prediction)])
+            rows.append([family, r.model, r.context, fmt_num(r.gap), fmt_num(r.improvement), fmt_num(r.fitted),
+                         fmt_num(r.residual), fmt_num(r.student_resid, 2), fmt_num(r.leverage, 2),
+                         fmt_num(r.cooks_d, 2) + flag, fmt_num(r.loo_prediction)])
     parts.append(_table(["family", "model", "context", "gap", "improvement", "fitted", "residual",
                          "stud. resid.", "leverage", "Cook's D", "LOO pred."], rows))
 

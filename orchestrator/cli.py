@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from orchestrator.errors import CONFIG_ERROR_EXIT
+
 # Packages whose `cli.register` adds sub-commands, in the order `opsd --help` lists them.
 _COMMAND_MODULES = ("sandbox.cli", "trainer.cli", "orchestrator.sweep_cli", "orchestrator.screen_cli", "analysis.cli")
 
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(err, "user_facing", False):
             raise
         print(f"opsd {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return CONFIG_ERROR_EXIT
     except KeyboardInterrupt:
         print(f"opsd {args.command}: interrupted", file=sys.stderr)
         return 130

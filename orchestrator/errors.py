@@ -1,6 +1,10 @@
-"""The error the sweep commands raise for bad input; the CLI prints it as one line and exits 2."""
+"""The errors the sweep commands raise; bad input is printed as one line and `opsd` exits CONFIG_ERROR_EXIT."""
 
 from __future__ import annotations
+
+# The exit code of `opsd` for bad input (a user-facing error: settings, files, models): a trial that exits with
+# it would fail the same way again, so the sweep does not retry it.
+CONFIG_ERROR_EXIT = 2
 
 
 class SweepError(ValueError):

@@ -25,12 +25,15 @@ printed per token x billion parameters, the unit of the constants below). Withou
 model gives the whole trial (no phase split):
 
     device-seconds per trial = tokens x size_b x SECONDS_PER_TOKEN_BILLION[device]
+                               + STARTUP_SECONDS[device] x devices
 
-with tokens = steps x rollouts per step x mean response tokens (training: rollout, teacher forward, student
-forward and backward) plus the evaluations' sampled tokens, and the mean response taken as half its maximum.
-The GPU constant is set so that the papers' setting (Qwen3-8B, 50 steps of 32 x 8 rollouts up to 16k tokens,
-evaluations every 5 steps) gives their ~20 B200-hours per run (METHOD.md section 5); the CPU one was measured
-with SmolLM2-135M on the 2-core machine of the README. Either is a rough guide, and says so.
+with tokens = steps x rollouts per step x (mean response + the student's and the self-teacher's prompts:
+the rollout generates the response, the forwards read the prompts too) plus the evaluations' sampled tokens,
+each response and prompt taken as half its maximum; the start-up (engine, models, DeepSpeed, sandbox) is a
+trial's fixed cost, which dominates small trials. The GPU constants are set so that the papers' setting
+(Qwen3-8B, 50 steps of 32 x 8 rollouts up to 16k tokens, evaluations every 5 steps) gives their ~20
+B200-hours per run (METHOD.md section 5); the CPU ones were measured with SmolLM2-135M on the 2-core machine
+of the README (sweeps/first.yaml and the demo's trials). Either is a rough guide, and says so.
 
 On GPUs the plan ends with each model's memory per GPU by phase (orchestrator/gpu_memory.py), and refuses a
 sweep a trial of which cannot fit (`check_memory`, which `opsd sweep run` calls too).
@@ -59,9 +62,12 @@ from orchestrator.gpu_memory import (
 from orchestrator.model_shape import read_model_shape
 from orchestrator.sweep_file import GridPoint, SweepFile, model_label
 from orchestrator.sweep_state import read_step_rows
+from trainer.layout import SUMMARY, TrialFolder
 
 # Device-seconds per (token x billion parameters), calibrated as the module docstring says.
-SECONDS_PER_TOKEN_BILLION = {"cuda": 4.8e-5, "cpu": 0.40}
+SECONDS_PER_TOKEN_BILLION = {"cuda": 3.1e-5, "cpu": 0.25}
+# Wall seconds of a trial's start-up, before its first evaluation.
+STARTUP_SECONDS = {"cuda": 300.0, "cpu": 60.0}
 # Checkpoint bytes per parameter: module weights, fp32 Adam moments (and fp32 master weights with bf16),
 # and the EMA teacher.
 BYTES_PER_PARAM = {"float32": 4 + 8 + 4, "bfloat16": 2 + 12 + 2}
@@ -134,8 +140,12 @@ def eval_tokens(point: GridPoint) -> float:
 
 
 def trial_tokens(point: GridPoint) -> float:
-    """Rollout tokens (half the maximum response each) plus evaluation tokens: the per-token model's tokens."""
-    return trial_rollouts(point) * point.config.rollout.max_response_tokens / 2 + eval_tokens(point)
+    """The per-token model's tokens: per rollout its response and the student's and the self-teacher's
+    prompts (half their maxima each), plus evaluation tokens."""
+    cfg = point.config
+    per_rollout = (cfg.rollout.max_response_tokens + cfg.rollout.max_prompt_tokens
+                   + cfg.context.max_teacher_prompt_tokens) / 2
+    return trial_rollouts(point) * per_rollout + eval_tokens(point)
 
 
 def measured_rates(folder: Path) -> MeasuredRates | None:
@@ -143,15 +153,16 @@ def measured_rates(folder: Path) -> MeasuredRates | None:
     has no train rows with token counts (a trial written before steps.parquet had them)."""
     from trainer.config import TrialConfig
 
+    files = TrialFolder(folder)
     try:
-        summary = json.loads((folder / "trial.json").read_text())
-        ref = TrialConfig.model_validate(json.loads((folder / "config.json").read_text()))
-    except (OSError, ValueError):
+        summary = json.loads(files.summary_path.read_text())
+        ref = TrialConfig.model_validate(json.loads(files.config.read_text()))
+        rows = read_step_rows(files.steps)
+    except (OSError, ValueError):  # StepsUnreadable among them: a damaged trial measures nothing
         return None
     if summary.get("status", "completed") != "completed":
         return None
-    train = [r for r in read_step_rows(folder / "steps.parquet")
-             if r.get("phase") == "train" and r.get("tokens/rollout_generated") is not None]
+    train = [r for r in rows if r.get("phase") == "train" and r.get("tokens/rollout_generated") is not None]
     if not train:
         return None
 
@@ -189,7 +200,7 @@ def find_references(search_roots: list[Path]) -> list[MeasuredRates]:
     """Every completed trial with token counts under `search_roots` (folders holding a trial.json)."""
     found = []
     for root in search_roots:
-        for summary_path in sorted(root.glob("**/trial.json")):
+        for summary_path in sorted(root.glob(f"**/{SUMMARY}")):
             rates = measured_rates(summary_path.parent)
             if rates is not None:
                 found.append(rates)
@@ -210,15 +221,12 @@ def measured_seconds(point: GridPoint, rates: MeasuredRates) -> dict[str, float]
     return seconds
 
 
-def estimate(sweep: SweepFile, points: list[GridPoint], search_roots: list[Path], *,
-             references: list[MeasuredRates] | None = None) -> list[TrialEstimate]:
-    """Each trial's device-hours: from a finished trial of its model (`references`, else those found under
-    `search_roots`), else from the per-token model."""
+def estimate(sweep: SweepFile, points: list[GridPoint], references: list[MeasuredRates]) -> list[TrialEstimate]:
+    """Each trial's device-hours: from a finished trial of its model among `references` (`find_references`),
+    else from the per-token model."""
     out = []
     res = sweep.trial_resources
     devices = res.gpus or res.cpus  # GPU-hours on GPUs, core-hours on CPUs
-    if references is None:
-        references = find_references(search_roots)
     for point in points:
         size = model_size_b(point)
         tokens = trial_tokens(point)
@@ -227,8 +235,9 @@ def estimate(sweep: SweepFile, points: list[GridPoint], search_roots: list[Path]
             hours = {part: s * devices / 3600 for part, s in measured_seconds(point, ref).items()}
             out.append(TrialEstimate(point, size, tokens, sum(hours.values()), f"measured: {ref.folder}", hours))
         elif size is not None:
-            per_token = SECONDS_PER_TOKEN_BILLION[point.config.device] * size
-            out.append(TrialEstimate(point, size, tokens, tokens * per_token / 3600, "per-token model"))
+            seconds = tokens * SECONDS_PER_TOKEN_BILLION[point.config.device] * size \
+                + STARTUP_SECONDS[point.config.device] * devices
+            out.append(TrialEstimate(point, size, tokens, seconds / 3600, "per-token model"))
         else:
             out.append(TrialEstimate(point, None, tokens, None, "unknown size: give models[].size_b"))
     return out
@@ -249,8 +258,9 @@ def rates_lines(references: list[MeasuredRates]) -> list[str]:
 
 
 def checkpoint_bytes(sweep: SweepFile, estimates: list[TrialEstimate]) -> tuple[float, float]:
-    """(peak while running, kept after the sweep) bytes of checkpoints; the peak assumes `max_concurrent_trials`
-    trials (or all of them) run at once."""
+    """(peak while running, kept after the sweep) bytes of checkpoints; the peak is that of the largest
+    `max_concurrent_trials` trials (all of them when it is unset) holding their checkpoints at once, plus what
+    the finished ones keep: an upper bound the cluster's size may never reach."""
     keep = sweep.checkpoints.keep_last
     running = sweep.max_concurrent_trials or len(estimates)
     per_trial_running, per_trial_final = [], []
@@ -270,8 +280,7 @@ def plan_table(sweep: SweepFile, estimates: list[TrialEstimate]) -> Table:
     res = sweep.trial_resources
     unit = "GPU-h" if res.gpus else "CPU-h"
     parts = [p for p in PARTS if any(p in e.phase_hours for e in estimates)]
-    table = Table(title=f"sweep {sweep.name}: {len(estimates)} trials "
-                  f"({len(sweep.models)} models x {len(sweep.contexts)} contexts x {len(sweep.seeds)} seeds), "
+    table = Table(title=f"sweep {sweep.name}: {len(estimates)} trials ({grid_words(sweep)}), "
                   f"each {res.gpus} GPUs, {res.cpus} CPUs, {res.sandbox_workers} sandbox workers",
                   title_justify="left")
     for column in ("trial", "size (B)", "steps", "tokens", unit, *(PART_TITLES[p] for p in parts), "estimate from"):
@@ -282,6 +291,21 @@ def plan_table(sweep: SweepFile, estimates: list[TrialEstimate]) -> Table:
                       "-" if e.device_hours is None else _hours(e.device_hours),
                       *(_hours(e.phase_hours[p]) if p in e.phase_hours else "-" for p in parts), e.source)
     return table
+
+
+def grid_words(sweep: SweepFile) -> str:
+    """The grid in words, each model with its own seed count: '2 models x 6 contexts x 3 seeds', or
+    'qwen3-8b: 6 contexts x 3 seeds, olmo-3-7b-instruct: 6 x 2' when the models' seeds differ."""
+    def n(count: int, noun: str) -> str:
+        return f"{count} {noun}" + ("s" if count != 1 else "")
+
+    seeds = [len(m.seeds or sweep.seeds) for m in sweep.models]
+    contexts = n(len(sweep.contexts), "context")
+    if len(set(seeds)) == 1:
+        return f"{n(len(sweep.models), 'model')} x {contexts} x {n(seeds[0], 'seed')}"
+    first, *rest = [(model_label(m), k) for m, k in zip(sweep.models, seeds)]
+    return ", ".join([f"{first[0]}: {contexts} x {n(first[1], 'seed')}",
+                      *(f"{label}: {len(sweep.contexts)} x {k}" for label, k in rest)])
 
 
 def _hours(h: float) -> str:

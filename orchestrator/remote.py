@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from pathlib import Path
 
 from orchestrator.errors import SweepError
-
-_CHECKPOINT = re.compile(r"^step-\d{8}$")
-COMPLETE_MARK = "trainer_state.json"  # written last into a checkpoint (trainer/checkpoint.py)
+from trainer.layout import CHECKPOINT_DIR, CHECKPOINT_STATE, CHECKPOINTS
 
 
 def is_uri(path: str) -> bool:
@@ -74,11 +71,11 @@ class RemoteSweep:
 
     def pull_trial(self, trial_dir: str) -> None:
         """A trial's folder without its checkpoints, then its newest complete checkpoint."""
-        self.pull(trial_dir, skip=("checkpoints",))
+        self.pull(trial_dir, skip=(CHECKPOINTS,))
         steps = sorted({step for step, rest in self._checkpoint_files(trial_dir)
-                        if rest == COMPLETE_MARK and _CHECKPOINT.match(step)})
+                        if rest == CHECKPOINT_STATE and CHECKPOINT_DIR.match(step)})
         if steps:
-            self.pull(f"{trial_dir}/checkpoints/{steps[-1]}")
+            self.pull(f"{trial_dir}/{CHECKPOINTS}/{steps[-1]}")
 
     # ------------------------------------------------------------------------------------------------ push
     def push(self, sub: str = "", *, skip: tuple[str, ...] = ()) -> int:
@@ -96,12 +93,12 @@ class RemoteSweep:
             parts = rel.split("/")
             if any(part in skip for part in parts) or any(part.startswith(".") for part in parts):
                 continue
-            if "checkpoints" in parts:
-                at = parts.index("checkpoints")
+            if CHECKPOINTS in parts:
+                at = parts.index(CHECKPOINTS)
                 step = self.local.joinpath(*parts[: at + 2]) if len(parts) > at + 2 else None
-                if step is None or not _CHECKPOINT.match(step.name) or not (step / COMPLETE_MARK).is_file():
+                if step is None or not CHECKPOINT_DIR.match(step.name) or not (step / CHECKPOINT_STATE).is_file():
                     continue
-                if path.name == COMPLETE_MARK:
+                if path.name == CHECKPOINT_STATE:
                     marks.append((rel, path))
                     continue
             count += self._upload(rel, path)
@@ -111,10 +108,10 @@ class RemoteSweep:
 
     def delete_checkpoints_pruned_locally(self, trial_dir: str) -> None:
         """Remove remote checkpoint files the mirror no longer has (pruned checkpoints, stripped optimizer state)."""
-        base = f"{self.root}/{trial_dir}/checkpoints"
+        base = f"{self.root}/{trial_dir}/{CHECKPOINTS}"
         gone: set[str] = set()
         for step, rest in self._checkpoint_files(trial_dir):
-            local_step = self.local / trial_dir / "checkpoints" / step
+            local_step = self.local / trial_dir / CHECKPOINTS / step
             if step in gone:
                 continue
             if not local_step.exists():
@@ -123,7 +120,15 @@ class RemoteSweep:
                 gone.add(step)
             elif not (local_step / rest).exists():
                 self.fs.delete_file(f"{base}/{step}/{rest}")
-                self._synced.pop(f"{trial_dir}/checkpoints/{step}/{rest}", None)
+                self._synced.pop(f"{trial_dir}/{CHECKPOINTS}/{step}/{rest}", None)
+
+    def delete(self, sub: str) -> None:
+        """Remove the remote folder `sub` and everything in it (nothing when it does not exist)."""
+        import pyarrow.fs as pafs
+
+        path = f"{self.root}/{sub}"
+        if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+            self.fs.delete_dir(path)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _upload(self, rel: str, path: Path) -> int:
@@ -144,7 +149,7 @@ class RemoteSweep:
 
     def _checkpoint_files(self, trial_dir: str) -> list[tuple[str, str]]:
         """(step folder, path inside it) of every remote file under the trial's checkpoints."""
-        prefix = f"{trial_dir}/checkpoints/"
+        prefix = f"{trial_dir}/{CHECKPOINTS}/"
         return [tuple(rel[len(prefix):].split("/", 1)) for rel, _ in self._remote_files(prefix.rstrip("/"))
                 if "/" in rel[len(prefix):]]
 

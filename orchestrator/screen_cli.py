@@ -43,7 +43,7 @@ _YAML = (".yaml", ".yml")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from trainer.cli import _parse_override
+    from trainer.cli import parse_override
 
     screen = subparsers.add_parser(
         "screen", help="measure every context's initial gap at once (trial/sweep file), or predict from gaps",
@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "predictions file (a table of gaps)")
     screen.add_argument("--contexts", metavar="A,B,C", help="contexts to screen, by name (default: the six "
                         "built-ins and the trial file's own template, or the sweep file's contexts)")
-    screen.add_argument("--set", dest="overrides", action="append", type=_parse_override, default=[],
+    screen.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
                         metavar="FIELD=VALUE", help="override a trial setting (trial file only)")
     screen.add_argument("--seed", type=int, help="which of a sweep file's seeds (default: each model's first)")
     screen.add_argument("--bootstrap", type=int, default=2000, metavar="N",
@@ -230,8 +230,11 @@ def _phases(console: Any, heading: str) -> Iterator[Any]:
     """A live list of phases, each a spinner while it runs and a tick with its time once done."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    # No redirect of sys.stdout/sys.stderr through the display (rich's default on a terminal): vLLM, imported
+    # during a phase, binds its log handler to whatever sys.stdout is then, and would print on the terminal
+    # for the rest of the process, its shutdown warnings included, instead of into the log.
     with Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console) as progress:
+                  console=console, redirect_stdout=False, redirect_stderr=False) as progress:
 
         @contextlib.contextmanager
         def phase(name: str) -> Iterator[None]:
@@ -249,9 +252,24 @@ def _phases(console: Any, heading: str) -> Iterator[Any]:
 
 
 def _print_table(rows: list[dict[str, Any]], *, predictions: bool) -> None:
+    import shutil
+
+    from rich.console import Console
+
+    # Piped output gets a width that fits the wide table instead of rich's default 80 columns.
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 200
+    console = Console(width=width)
+    for table in screen_tables(rows, predictions=predictions, width=width):
+        console.print(table)
+
+
+def screen_tables(rows: list[dict[str, Any]], *, predictions: bool, width: int) -> list[Any]:
+    """The screen's table, or, where it does not fit in `width` columns, one table per measure (all tests
+    passed, fraction of tests) and one of the predictions, each of them narrow enough, then the caption."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     first = rows[0]
     several_models = len({r["model"] for r in rows}) > 1
@@ -264,25 +282,42 @@ def _print_table(rows: list[dict[str, Any]], *, predictions: bool) -> None:
         f"resamples, seed {first['bootstrap_seed']}).")
     if predictions:
         caption += " Predicted improvement with its prediction interval from the law (* outside the fitted gaps)."
-    table = Table(title="Initial gap per privileged context", caption=escape(caption), caption_justify="left")
-    if several_models:
-        table.add_column("model")
-    for name in ("context", "student acc", "teacher acc", "gap acc [lo, hi]", "student tests", "teacher tests",
-                 "gap tests [lo, hi]"):
-        table.add_column(escape(name), justify="left" if name == "context" else "right")
+
+    def gap(row: dict[str, Any], key: str) -> str:
+        return f"{row[key]:+.3f} [{row[key + '_lo']:+.3f}, {row[key + '_hi']:+.3f}]"
+
+    def predicted(row: dict[str, Any]) -> str:
+        star = "*" if row["extrapolated"] else ""
+        return f"{row['predicted_improvement']:+.3f}{star} [{row['pi_lo']:+.3f}, {row['pi_hi']:+.3f}]"
+
+    acc = {"student acc": lambda r: f"{r['initial_student_acc_t1']:.3f}",
+           "teacher acc": lambda r: f"{r['initial_teacher_acc']:.3f}",
+           "gap acc [lo, hi]": lambda r: gap(r, "initial_gap")}
+    tests = {"student tests": lambda r: f"{r['initial_student_test_frac_t1']:.3f}",
+             "teacher tests": lambda r: f"{r['initial_teacher_test_frac']:.3f}",
+             "gap tests [lo, hi]": lambda r: gap(r, "initial_gap_test_frac")}
+    predict = {"predicted improvement [PI]": predicted} if predictions else {}
+
+    def table(title: str, columns: dict[str, Any], caption: str | None) -> Table:
+        out = Table(title=title, caption=escape(caption) if caption else None, caption_justify="left")
+        if several_models:
+            out.add_column("model", overflow="fold")
+        out.add_column("context", overflow="fold")
+        for name in columns:
+            out.add_column(escape(name), justify="right", no_wrap=True)
+        for row in rows:
+            out.add_row(*map(escape, [*([row["model"]] if several_models else []), row["context"],
+                                      *(cell(row) for cell in columns.values())]))
+        return out
+
+    wide = table("Initial gap per privileged context", {**acc, **tests, **predict}, caption)
+    measure = Console(width=10_000).measure(wide)
+    if measure.maximum <= width:
+        return [wide]
+    # The measure moves from the column names into the titles.
+    narrow = [table("Initial gap per privileged context: all tests passed",
+                    {k.replace(" acc", ""): v for k, v in acc.items()}, None),
+              table("... fraction of tests passed", {k.replace(" tests", ""): v for k, v in tests.items()}, None)]
     if predictions:
-        table.add_column(escape("predicted improvement [PI]"), justify="right")
-    for row in rows:
-        cells = [row["model"]] if several_models else []
-        cells += [
-            row["context"], f"{row['initial_student_acc_t1']:.3f}", f"{row['initial_teacher_acc']:.3f}",
-            f"{row['initial_gap']:+.3f} [{row['initial_gap_lo']:+.3f}, {row['initial_gap_hi']:+.3f}]",
-            f"{row['initial_student_test_frac_t1']:.3f}", f"{row['initial_teacher_test_frac']:.3f}",
-            f"{row['initial_gap_test_frac']:+.3f} [{row['initial_gap_test_frac_lo']:+.3f}, "
-            f"{row['initial_gap_test_frac_hi']:+.3f}]"]
-        if predictions:
-            star = "*" if row["extrapolated"] else ""
-            cells.append(f"{row['predicted_improvement']:+.3f}{star} [{row['pi_lo']:+.3f}, {row['pi_hi']:+.3f}]")
-        table.add_row(*map(escape, cells))
-    # Piped output gets a width that fits the table instead of rich's default 80 columns.
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+        narrow.append(table("... predicted improvement", predict, None))
+    return [*narrow, Text(caption)]  # the caption as a paragraph of the terminal's width, not the tables'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 EPILOG = """\
@@ -95,43 +96,104 @@ def _console(stderr: bool = False):
 
 def _run(args: argparse.Namespace) -> int:
     from orchestrator.plan import check_memory, memory_estimates
-    from orchestrator.sweep_file import load_sweep
-    from orchestrator.sweep_state import prepare_sweep_dir, sweep_location
+    from orchestrator.sweep_file import check_input_files, load_sweep
+    from orchestrator.sweep_state import check_storage, prepare_sweep_dir, sweep_location
+    from orchestrator.tune_run import check_cluster_fits, ray_session
 
     sweep, points = load_sweep(args.sweep_file)
+    check_input_files(points)
     check_memory(Path(args.sweep_file), sweep, memory_estimates(sweep, points))  # before any GPU-hour is spent
     local, remote = sweep_location(sweep, args.storage)
-    state = prepare_sweep_dir(sweep, points, local, Path(args.sweep_file), remote=remote)
-    return _drive(state, args)
+    check_storage(local, remote)
+    # The cluster is checked before the sweep folder holds anything: a refused sweep leaves no grid behind.
+    with ray_session(local, remote, args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus):
+        if not args.allow_pending:
+            check_cluster_fits(sweep.trial_resources)
+        state = prepare_sweep_dir(sweep, points, local, Path(args.sweep_file), remote=remote)
+        return _drive(state)
 
 
 def _resume(args: argparse.Namespace) -> int:
     from orchestrator.sweep_state import open_sweep
+    from orchestrator.tune_run import check_cluster_fits, ray_session
 
-    return _drive(open_sweep(args.sweep_dir, "driver"), args)
+    state = open_sweep(args.sweep_dir, "driver")
+    with ray_session(state.dir, state.remote, args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus):
+        if not args.allow_pending:
+            check_cluster_fits(state.resources)
+        return _drive(state)
 
 
-def _drive(state, args: argparse.Namespace) -> int:
+# `opsd sweep run|resume` exits with these: every trial completed; some failed for good; the sweep stopped
+# before every trial had finished (Ctrl-C, SIGUSR1, a second Ctrl-C), as a shell's 128 + SIGINT.
+EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+
+def _drive(state) -> int:
+    """Run the sweep on the connected Ray; whatever stops it, its attempts and driver record say so, and the
+    last lines say what happened and how to continue."""
     from orchestrator.collect import collect
+    from orchestrator.driver import DRIVER_FILE, DriverRecord
+    from orchestrator.errors import CONFIG_ERROR_EXIT, SweepError
+    from orchestrator.sweep_state import close_open_attempts
+    from orchestrator.sweep_status import clock, counts, status_table, sweep_status, unfinished
     from orchestrator.tune_run import run_sweep
-    from orchestrator.wandb_log import offline_runs, sync_command
+    from orchestrator.wandb_log import offline_runs, set_aside_incomplete, sync_command
 
     console = _console(stderr=True)
-    failed = run_sweep(state, address=args.address, allow_pending=args.allow_pending, console=console,
-                       num_cpus=args.num_cpus, num_gpus=args.num_gpus)
-    trials_path, steps_path, counts = collect(state)
+    remote = state.remote_sweep()
+    where = state.remote or state.dir
+    driver = DriverRecord.start(state.dir)
+    if remote is not None:
+        remote.push(DRIVER_FILE)
+    outcome = "stopped"  # Tune itself failed (SweepStopped), unless set below
+    try:
+        run_sweep(state, driver=driver, console=console)
+        outcome = "finished"
+    except KeyboardInterrupt:  # a second Ctrl-C: Tune stopped without saving its state one last time
+        outcome = "interrupted"
+    finally:
+        # The trials stop with the driver; an attempt the stop cut short has no end event of its own.
+        for trial_id in close_open_attempts(state, "the sweep's driver stopped"):
+            if remote is not None:
+                remote.push(f"trials/{trial_id}/attempts.jsonl")
+        if outcome == "finished" and unfinished(sweep_status(state)):
+            outcome = "interrupted"
+        driver.end(state.dir, outcome)
+        if remote is not None:
+            remote.push(DRIVER_FILE)
+        incomplete = set_aside_incomplete(state.wandb_dir)
+    statuses = sweep_status(state)  # as `opsd sweep status` now shows it: the driver has ended
+    n = counts(statuses)
+    code = EXIT_INTERRUPTED if outcome == "interrupted" else EXIT_FAILED if n["failed"] else EXIT_DONE
+    console.print(status_table(state, statuses, width=console.width))
     if state.remote:
         console.print(f"storage: {state.remote} (this machine's mirror: {state.dir})")
     console.print()
-    console.print(f"trials: {', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}")
-    console.print(f"results: {trials_path} and {steps_path} (`opsd analyze {state.dir} --out report/`)")
+    try:
+        trials_path, steps_path, _ = collect(state)
+        console.print(f"results: {trials_path} and {steps_path} (`opsd analyze {state.dir} --out report/`)")
+    except SweepError as err:  # a trial's damaged steps.parquet: say which, keep the rest of the summary
+        console.print(f"[red]collect: {err}[/]")
+        code = code or CONFIG_ERROR_EXIT
+    console.print(f"trials: {', '.join(f'{v} {k}' for k, v in n.items() if v)} in {clock(time.time() - driver.started)}")
     console.print(f"logs: {state.dir}/trials/*/logs/attempt-*.log; Ray and Tune: {state.dir / 'driver.log'}")
-    if offline_runs(state.wandb_dir):
-        console.print(f"W&B offline runs: {len(offline_runs(state.wandb_dir))}; upload with `{sync_command(state.wandb_dir)}`")
-    if failed:
-        console.print(f"[red]{failed} trial(s) failed[/]; see `opsd sweep status {state.dir}`, then "
-                      f"`opsd sweep resume {state.dir}` to retry them")
-    return 1 if failed else 0
+    runs = offline_runs(state.wandb_dir)
+    if runs:
+        console.print(f"W&B offline runs: {len(runs)}; upload with `{sync_command(state.wandb_dir)}`")
+    if incomplete:
+        console.print(f"W&B: {len(incomplete)} run(s) of attempts stopped before they finished their run are in "
+                      f"{incomplete[0].parent} (not uploaded by that command)")
+    for s in statuses:
+        if s.state == "failed" and s.failure:
+            console.print(f"[red]{s.trial_id}[/]: {s.failure}")
+    if outcome == "interrupted":
+        console.print(f"[yellow]interrupted[/]: {unfinished(statuses)} trial(s) unfinished; "
+                      f"`opsd sweep resume {where}` continues the sweep")
+    elif n["failed"]:
+        console.print(f"[red]{n['failed']} trial(s) failed[/]; see `opsd sweep status {where}`, then "
+                      f"`opsd sweep resume {where}` to retry them")
+    return code
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -139,7 +201,7 @@ def _status(args: argparse.Namespace) -> int:
     import json
 
     from orchestrator.sweep_state import open_sweep
-    from orchestrator.sweep_status import status_table, sweep_status
+    from orchestrator.sweep_status import driver_line, status_table, sweep_status
 
     state = open_sweep(args.sweep_dir)
     statuses = sweep_status(state)
@@ -148,10 +210,13 @@ def _status(args: argparse.Namespace) -> int:
             print(json.dumps(dataclasses.asdict(s)))
         return 0
     console = _console()
-    console.print(status_table(state, statuses))
+    console.print(status_table(state, statuses, width=console.width))
     for s in statuses:
         if s.failure:
             console.print(f"{s.trial_id}: {s.failure}")
+    line = driver_line(state, statuses)
+    if line:
+        console.print(line)
     return 0
 
 
@@ -171,21 +236,31 @@ def _plan(args: argparse.Namespace) -> int:
     sweep, points = load_sweep(args.sweep_file)
     roots = [Path(p) for p in args.measured] or ([] if "://" in sweep.storage else [Path(sweep.storage).expanduser()])
     references = find_references([r for r in roots if r.is_dir()])
-    estimates = estimate(sweep, points, [], references=references)
+    estimates = estimate(sweep, points, references)
     console = _console()
     console.print(plan_table(sweep, estimates))
     used = {e.source.removeprefix("measured: ") for e in estimates}
     for line in rates_lines([r for r in references if str(r.folder) in used]):
         console.print(line)
+    res = sweep.trial_resources
+    devices, kind = (res.gpus, "GPU") if res.gpus else (res.cpus, "CPU")
     known = [e.device_hours for e in estimates if e.device_hours is not None]
-    unit = "GPU-hours" if sweep.trial_resources.gpus else "CPU-core-hours"
+    unit = "GPU-hours" if res.gpus else "CPU-core-hours"
     total = f"{sum(known):.1f} {unit}" + ("" if len(known) == len(estimates) else
                                            f" for the {len(known)} trials of known size")
+    at_once = min(sweep.max_concurrent_trials or len(points), len(points))
+    console.print(f"{len(points)} trials, about {total}")
+    if known:
+        # Wall time: each trial's device-hours over its devices; trials run in waves of `at_once`.
+        wall = sorted(h / devices for h in known)
+        sweep_wall = max(wall[-1], sum(wall) / at_once)
+        which = "max_concurrent_trials" if sweep.max_concurrent_trials else "max_concurrent_trials unset: all"
+        console.print(f"wall time: about {_span(wall[0], wall[-1])} per trial ({devices} {kind}s each); "
+                      f"{at_once} trials at once ({which}, if the cluster has {at_once * devices} {kind}s) take "
+                      f"about {_span(sweep_wall, sweep_wall)}")
     peak, kept = checkpoint_bytes(sweep, estimates)
-    at_once = sweep.max_concurrent_trials or len(points)
-    console.print(f"{len(points)} trials, about {total}; checkpoints: up to {human_bytes(peak)} with {at_once} trials "
-                  f"running at once, {human_bytes(kept)} kept after (checkpoints.when_done: "
-                  f"{sweep.checkpoints.when_done})")
+    console.print(f"checkpoints: up to {human_bytes(peak)} with {at_once} trials at once, "
+                  f"{human_bytes(kept)} kept after (checkpoints.when_done: {sweep.checkpoints.when_done})")
     console.print(f"results in {sweep.storage.rstrip('/')}/{sweep.name}")
     _plan_memory(sweep, points, Path(args.sweep_file), console)
     return 0
@@ -207,3 +282,10 @@ def _plan_memory(sweep, points, sweep_path: Path, console) -> None:
         console.print(memory_table(sweep, m))
         console.print(memory_line(m))
     check_memory(sweep_path, sweep, memories)
+
+
+def _span(lo: float, hi: float) -> str:
+    """Hours in words: '12 min', '2.5 h', '20 h', or a range '2.2 h to 2.5 h'."""
+    def one(h: float) -> str:
+        return f"{h * 60:.0f} min" if h < 1 else f"{h:.0f} h" if h >= 10 else f"{h:.1f} h"
+    return one(lo) if one(lo) == one(hi) else f"{one(lo)} to {one(hi)}"

@@ -4,11 +4,18 @@ A sweep file is YAML; `load_sweep` validates it whole before anything starts and
 line in every error (`paper.yaml:14: contexts[2]: unknown construction 'feedbak'`). The trial settings are
 the trial file's schema (`trainer/config.py`), reused: the `trial:` section and each model's `overrides:`
 are merged into one `TrialConfig` per grid point, and every grid point is validated at load time.
+
+Relative paths in a sweep file (a model folder, `data.path`, `context.hints_path`) are read from the sweep
+file's folder, whatever the current directory, and every grid point gets them absolute: a trial runs in its
+own folder, on any node. A relative path found only from the current directory is refused, with what to
+write instead. `check_input_files` checks, before `opsd sweep run` starts Ray, that the files the trials
+will read exist (`opsd sweep plan` does not: a cluster's paths need not exist on a laptop).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +26,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -27,7 +35,7 @@ from pydantic import (
 
 from orchestrator.errors import SweepError
 from orchestrator.gpu_memory import GPU_MEMORY_GIB, GiB
-from trainer.config import ContextConfig, DataConfig, ModelConfig, TrialConfig, format_validation_error
+from trainer.config import EMBEDDED_SMOLLM2, ContextConfig, DataConfig, ModelConfig, TrialConfig, format_validation_error
 
 SWEEP_FORMAT = 1
 
@@ -103,7 +111,7 @@ class SweepModel(ModelConfig):
     label: str | None = Field(None, description="Name in trial ids and figures (default: from the path).")
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="Trial settings for this model only, merged over `trial:`.")
-    seeds: list[int] | None = Field(None, min_length=1, description="This model's seeds (default: the sweep's).")
+    seeds: list[StrictInt] | None = Field(None, min_length=1, description="This model's seeds (default: the sweep's).")
 
     @field_validator("seeds")
     @classmethod
@@ -122,7 +130,8 @@ class SweepFile(_Section):
     models: list[SweepModel] = Field(min_length=1, description="Models of the grid.")
     contexts: list[ContextConfig] = Field(
         min_length=1, description="Privileged contexts of the grid: built-in names or {name, template} mappings.")
-    seeds: list[int] = Field(min_length=1, description="Seeds of the grid (each grid point runs once per seed).")
+    # Strict: a quoted "0" is refused rather than read as 0 (the trial ids and W&B runs carry the seed).
+    seeds: list[StrictInt] = Field(min_length=1, description="Seeds of the grid (each grid point runs once per seed).")
     data: DataConfig = Field(DataConfig(), description="Problems, as in a trial file.")
     trial: dict[str, Any] = Field(default_factory=dict, description="Trial settings shared by every grid point.")
     resources: Resources | str = Field("cpu", validate_default=True, description="Per trial: a preset (cpu, b200-1, b200-4, b200-8, "
@@ -131,7 +140,9 @@ class SweepFile(_Section):
     max_failures: int = Field(2, ge=0, description="Retries of a failed trial; each resumes from its checkpoint.")
     storage: str = Field("runs/sweeps", description="Results and checkpoints: a local or shared (NFS) folder, "
                          "or a URI (s3://bucket/prefix, gs://...; trials then work in node-local mirrors, see "
-                         "orchestrator/remote.py); the sweep writes <storage>/<name>/.")
+                         "orchestrator/remote.py); the sweep writes <storage>/<name>/. A relative folder is read "
+                         "from the directory opsd runs in (`--storage` overrides it), unlike the files the "
+                         "trials read, which are read from the sweep file's folder.")
     wandb: WandbSettings = WandbSettings()
     checkpoints: CheckpointRetention = CheckpointRetention()
 
@@ -284,8 +295,11 @@ def load_sweep(path: str | Path) -> tuple[SweepFile, list[GridPoint]]:
         loc = tuple(p for p in loc if p not in ("Resources", "str", "function-after[_preset(), Resources]"))
         more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
         raise SweepError(f"{where(loc)}{_dotted(loc)}: {item['msg'].removeprefix('Value error, ')}{more}") from None
-    for i, model in enumerate(sweep.models):
-        _check_model_path(model, path, where(("models", i, "path")), i)
+    base = path.resolve().parent
+    models = [model.model_copy(update={"path": _model_path(model.path, base, f"{where(('models', i, 'path'))}"
+                                                                            f"models[{i}].path")})
+              for i, model in enumerate(sweep.models)]
+    sweep = sweep.model_copy(update={"models": models})
     try:
         points = grid(sweep)
     except _GridPointInvalid as bad:
@@ -298,20 +312,78 @@ def load_sweep(path: str | Path) -> tuple[SweepFile, list[GridPoint]]:
             full = ("models", model_index)
         raise SweepError(f"{where(full)}{_dotted(full)}: {item['msg'].removeprefix('Value error, ')} "
                          f"(trial {bad.label} x {bad.context})") from None
-    return sweep, points
+    resolved = []
+    for point in points:
+        cfg = point.config
+        data_path = _file_path(cfg.data.path, base, where(("data", "path")) + "data.path")
+        hints_loc = next((loc for loc in (("contexts", _context_index(sweep, point.context), "hints_path"),
+                                          ("models", _model_index(sweep, point.model), "overrides", "context",
+                                           "hints_path"), ("trial", "context", "hints_path")) if loc in lines),
+                         ("trial", "context", "hints_path"))
+        hints_path = _file_path(cfg.context.hints_path, base, where(hints_loc) + _dotted(hints_loc))
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data_path}),
+                                     "context": cfg.context.model_copy(update={"hints_path": hints_path})})
+        resolved.append(GridPoint(point.trial_id, point.model, point.context, point.seed, cfg))
+    return sweep, resolved
 
 
-def _check_model_path(model: SweepModel, sweep_path: Path, where: str, index: int) -> None:
-    """A local model folder must exist now, not when the trial starts on a node an hour later."""
-    from trainer.config import EMBEDDED_SMOLLM2
+def _model_index(sweep: SweepFile, label: str) -> int:
+    return next(i for i, m in enumerate(sweep.models) if model_label(m) == label)
 
-    if model.path == EMBEDDED_SMOLLM2:
-        return
-    local = Path(model.path).expanduser()
-    looks_local = model.path.startswith(("/", ".", "~")) or model.path.count("/") != 1
-    if looks_local and not local.exists():
-        raise SweepError(f"{where}models[{index}].path: {model.path} does not exist (a local model folder, a "
-                         f"Hugging Face id such as 'Qwen/Qwen3-8B', or '{EMBEDDED_SMOLLM2}')")
+
+def _context_index(sweep: SweepFile, name: str) -> int:
+    return next(i for i, c in enumerate(sweep.contexts) if c.name == name)
+
+
+def _relative_hint(given: str, base: Path, cwd_match: Path) -> str:
+    return (f"{given} is not in the sweep file's folder {base} but in the current directory: relative paths "
+            f"are read from the sweep file's folder; write {os.path.relpath(cwd_match, base)} or {cwd_match}")
+
+
+def _model_path(given: str, base: Path, field: str) -> str:
+    """The model's path as the trials get it: a local folder made absolute (a relative one read from the
+    sweep file's folder), a Hugging Face id or the embedded model as written. A local folder must exist now,
+    not when the trial starts on a node an hour later."""
+    if given == EMBEDDED_SMOLLM2:
+        return given
+    local = Path(given).expanduser()
+    if local.is_absolute():
+        if not local.exists():
+            raise SweepError(f"{field}: {given} does not exist")
+        return str(local)
+    beside = (base / local).resolve()
+    if beside.exists():
+        return str(beside)
+    if local.exists():  # found from the current directory only: which one was meant is not ours to guess
+        raise SweepError(f"{field}: {_relative_hint(given, base, local.resolve())}")
+    if given.startswith((".", "~")) or given.count("/") != 1:
+        raise SweepError(f"{field}: {given} does not exist in the sweep file's folder {base} (a local model "
+                         f"folder, a Hugging Face id such as 'Qwen/Qwen3-8B', or '{EMBEDDED_SMOLLM2}')")
+    return given  # an `org/name` found nowhere here: a Hugging Face id
+
+
+def _file_path(given: str | None, base: Path, field: str) -> str | None:
+    """A file setting made absolute, a relative one read from the sweep file's folder (whether it exists is
+    `check_input_files`'s question)."""
+    if given is None:
+        return None
+    local = Path(given).expanduser()
+    if local.is_absolute():
+        return str(local)
+    beside = (base / local).resolve()
+    if not beside.exists() and local.exists():
+        raise SweepError(f"{field}: {_relative_hint(given, base, local.resolve())}")
+    return str(beside)
+
+
+def check_input_files(points: list[GridPoint]) -> None:
+    """Refuse, before any trial starts, a grid whose trials would not find their problem or hint files."""
+    for point in points:
+        cfg = point.config
+        for field, value in (("data.path", cfg.data.path), ("context.hints_path", cfg.context.hints_path)):
+            if value is not None and not Path(value).is_file():
+                raise SweepError(f"{field}: {value} does not exist (trial {point.trial_id}); the trials read it "
+                                 "at this path on every node")
 
 
 _MISSING = object()

@@ -5,11 +5,14 @@
     trials/<trial id>/        one folder per grid point, the trial's `--out` folder:
         trial.yaml            its fully resolved trial settings (the input of `opsd trial`)
         config.json, steps.parquet, trial.json, progress.json, rollouts/, checkpoints/   (written by the trial)
-        attempts.jsonl        one line per attempt event: start (node, GPUs), pid, end (exit code)
+        attempts.jsonl        one line per attempt event: start (node, GPUs, driver run), pid, end (exit
+                              code and a one-line reason, or interrupted/lost with the driver)
         processes.json        the running attempt's process tree, for clean-up after a hard failure
         logs/attempt-N.log    everything the trial's processes printed (vLLM, DeepSpeed, the sandbox)
     tune/                     Ray Tune's experiment state (what `opsd sweep resume` restores)
-    wandb/                    W&B runs (offline runs to sync with `wandb sync`)
+    wandb/                    W&B runs (offline runs to sync with `wandb sync`; incomplete/ holds those of
+                              attempts that ended without finishing their run)
+    driver.json               the driver: host, pid, heartbeat, how it ended (orchestrator/driver.py)
     driver.log                Ray's and Tune's own messages
     trials.parquet, steps.parquet   written by `opsd sweep collect`, read by `opsd analyze`
 
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,36 +35,19 @@ import yaml
 from orchestrator.errors import SweepError
 from orchestrator.remote import RemoteSweep, is_uri, mirror_dir
 from orchestrator.sweep_file import CheckpointRetention, GridPoint, Resources, SweepFile, WandbSettings
+from trainer.layout import TrialFolder
 from trainer.records import atomic_write_bytes
 
 STATE_FORMAT = 1
 
 
 @dataclass(frozen=True)
-class TrialFiles:
-    """The files of one trial inside the sweep folder."""
-
-    dir: Path
+class TrialFiles(TrialFolder):
+    """The files of one trial inside the sweep folder: the trial's own (trainer/layout.py) and the sweep's."""
 
     @property
     def trial_file(self) -> Path:
         return self.dir / "trial.yaml"
-
-    @property
-    def steps(self) -> Path:
-        return self.dir / "steps.parquet"
-
-    @property
-    def progress(self) -> Path:
-        return self.dir / "progress.json"
-
-    @property
-    def summary_path(self) -> Path:
-        return self.dir / "trial.json"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.dir / "checkpoints"
 
     @property
     def processes(self) -> Path:
@@ -71,6 +59,10 @@ class TrialFiles:
 
     def log(self, attempt: int) -> Path:
         return self.dir / "logs" / f"attempt-{attempt}.log"
+
+    def started(self) -> bool:
+        """Whether any attempt of the trial ever started (then its folder holds results to keep)."""
+        return self.attempts_path.is_file() or self.config.is_file()
 
     def events(self) -> list[dict[str, Any]]:
         if not self.attempts_path.is_file():
@@ -87,7 +79,8 @@ class TrialFiles:
                 entry.update({k: v for k, v in event.items() if k != "event"}, started=event["time"])
             elif kind == "end":
                 entry.update(ended=event["time"], exit_code=event.get("exit_code"), seconds=event.get("seconds"),
-                             lost=event.get("lost", False))
+                             lost=event.get("lost", False), interrupted=event.get("interrupted", False),
+                             reason=event.get("reason"))
             elif kind == "pid":
                 entry["pid"] = event["pid"]
         return [merged[k] for k in sorted(merged)]
@@ -125,7 +118,8 @@ class SweepState:
 
     @property
     def wandb_dir(self) -> Path:
-        return self.dir
+        """The folder of the sweep's W&B runs (`offline-run-*`)."""
+        return self.dir / "wandb"
 
     def trial_files(self, trial_id: str) -> TrialFiles:
         return TrialFiles(self.dir / "trials" / trial_id)
@@ -160,10 +154,6 @@ def sweep_location(sweep: SweepFile, storage: str | None = None) -> tuple[Path, 
     return (Path(root).expanduser() / sweep.name).resolve(), None
 
 
-def sweep_dir_of(sweep: SweepFile, storage: str | None = None) -> Path:
-    return sweep_location(sweep, storage)[0]
-
-
 def open_sweep(where: str | Path, role: str = "read") -> SweepState:
     """A sweep folder, or a sweep's URI (its small files are pulled into this machine's mirror first)."""
     if is_uri(str(where)):
@@ -173,27 +163,36 @@ def open_sweep(where: str | Path, role: str = "read") -> SweepState:
     return SweepState.read(Path(where))
 
 
-def prepare_sweep_dir(sweep: SweepFile, points: list[GridPoint], sweep_dir: Path, source: Path,
-                      remote: str | None = None) -> SweepState:
-    """Create (or check) the sweep folder: the resolved grid and one trial file per grid point.
-
-    Re-running the same sweep file continues its folder; a different grid in the same folder is refused, so
-    results of two sweeps never mix. With `remote`, `sweep_dir` mirrors the sweep's URI."""
-    mirror = RemoteSweep(remote, sweep_dir) if remote else None
+def check_storage(sweep_dir: Path, remote: str | None = None) -> None:
+    """Create the sweep's folder (and its URI's) and check that both can be written."""
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         probe = sweep_dir / f".write-probe-{os.getpid()}"
         probe.write_text("ok")
-        if mirror is not None:
+        if remote is not None:
+            mirror = RemoteSweep(remote, sweep_dir)
             mirror.fs.create_dir(mirror.root, recursive=True)
             with mirror.fs.open_output_stream(f"{mirror.root}/.write-probe") as out:
                 out.write(b"ok")
             mirror.fs.delete_file(f"{mirror.root}/.write-probe")
-            mirror.pull(skip=SMALL_FILES_SKIP)
         probe.unlink()
     except OSError as err:
         where = remote or sweep_dir
         raise SweepError(f"storage: cannot write to {where}: {getattr(err, 'strerror', None) or err}") from None
+
+
+def prepare_sweep_dir(sweep: SweepFile, points: list[GridPoint], sweep_dir: Path, source: Path,
+                      remote: str | None = None) -> SweepState:
+    """Create (or check) the sweep folder: the resolved grid and one trial file per grid point.
+
+    Re-running the same sweep file continues its folder. Once a trial has started, a different grid or other
+    settings in the same folder are refused, so results of two sweeps never mix; before any trial started
+    (a sweep refused before it ran, or stopped while every trial was pending) the folder takes the new grid.
+    With `remote`, `sweep_dir` mirrors the sweep's URI."""
+    check_storage(sweep_dir, remote)
+    mirror = RemoteSweep(remote, sweep_dir) if remote else None
+    if mirror is not None:
+        mirror.pull(skip=SMALL_FILES_SKIP)
     trials = {p.trial_id: {"model": p.model, "context": p.context, "seed": p.seed, "model_path": p.config.model.path,
                            "family": p.config.model.family, "size_b": p.config.model.size_b, "steps": p.config.steps}
               for p in points}
@@ -204,13 +203,18 @@ def prepare_sweep_dir(sweep: SweepFile, points: list[GridPoint], sweep_dir: Path
     path = sweep_dir / "sweep.json"
     if path.is_file():
         previous = json.loads(path.read_text())
-        if previous.get("trials") != trials:
-            raise SweepError(f"{sweep_dir} holds another sweep's grid; give this sweep another name or storage")
+        started = sorted(t.name for t in (sweep_dir / "trials").glob("*") if TrialFiles(t).started())
+        if started and previous.get("trials") != trials:
+            raise SweepError(f"{sweep_dir} holds another sweep's grid, whose trials have run; give this sweep "
+                             "another name or storage")
         for point in points:
             written = sweep_dir / "trials" / point.trial_id / "trial.yaml"
-            if written.is_file() and yaml.safe_load(written.read_text()) != point.config.model_dump(mode="json"):
+            if point.trial_id in started and written.is_file() \
+                    and yaml.safe_load(written.read_text()) != point.config.model_dump(mode="json"):
                 raise SweepError(f"trial {point.trial_id} in {sweep_dir} was started with other settings; "
                                  "give this sweep another name or storage")
+        if previous.get("trials") != trials:
+            _forget_unstarted_grid(sweep_dir, set(trials), mirror)
     _atomic_text(sweep_dir / "sweep.yaml", source.read_text())
     _atomic_text(path, json.dumps(state, indent=1) + "\n")
     for point in points:
@@ -222,6 +226,19 @@ def prepare_sweep_dir(sweep: SweepFile, points: list[GridPoint], sweep_dir: Path
     return SweepState.read(sweep_dir)
 
 
+def _forget_unstarted_grid(sweep_dir: Path, keep: set[str], mirror: RemoteSweep | None) -> None:
+    """Drop what an earlier grid in this folder left before any of its trials started: the trial folders
+    outside the new grid and Ray Tune's state (a restore would run the old grid)."""
+    for trial_dir in (sweep_dir / "trials").glob("*"):
+        if trial_dir.name not in keep:
+            shutil.rmtree(trial_dir, ignore_errors=True)
+            if mirror is not None:
+                mirror.delete(f"trials/{trial_dir.name}")
+    shutil.rmtree(sweep_dir / "tune", ignore_errors=True)
+    if mirror is not None:
+        mirror.delete("tune")
+
+
 def read_progress(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -229,16 +246,38 @@ def read_progress(path: Path) -> dict[str, Any]:
         return {}
 
 
+class StepsUnreadable(SweepError):
+    """A trial's steps.parquet that exists but cannot be read: its steps would be lost without a word."""
+
+
 def read_step_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a trial's steps.parquet (replaced atomically by the trial, so always complete)."""
+    """The rows of a trial's steps.parquet ([] before its first step). The trial replaces the file atomically,
+    so one that cannot be read is damaged (a disk that filled up, a copy cut short): StepsUnreadable."""
     import pyarrow.parquet as pq
 
     if not path.is_file():
         return []
     try:
         return pq.read_table(path).to_pylist()
-    except (OSError, ValueError):
-        return []
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise StepsUnreadable(f"{path}: cannot read this trial's steps ({first}); restore the file from a copy "
+                              "or move it aside (the trial's steps are then missing from steps.parquet)") from None
+
+
+def close_open_attempts(state: SweepState, reason: str) -> list[str]:
+    """After the driver stopped (its trials die with it): an `end` event, marked interrupted, for every attempt
+    still open, so that `status` shows it ended; returns the trials that had one."""
+    closed = []
+    for trial_id in state.trials:
+        files = state.trial_files(trial_id)
+        for attempt in files.attempts():
+            if "ended" not in attempt and "started" in attempt:
+                files.append_attempt({"attempt": attempt["attempt"], "event": "end", "time": time.time(),
+                                      "exit_code": None, "interrupted": True, "reason": reason,
+                                      "seconds": round(time.time() - attempt["started"], 1)})
+                closed.append(trial_id)
+    return closed
 
 
 def _atomic_text(path: Path, text: str) -> None:

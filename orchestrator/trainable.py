@@ -10,30 +10,37 @@ failed attempt and hang the retry: ray#25239). Per attempt it:
 3. runs the trial, which resumes from its own checkpoint in the sweep's storage (Tune's trial folder is
    node-local, so a retry on another node would not find it there);
 4. while it runs, reports its step and phase to Tune (the driver's live view) and its new step rows to W&B;
-5. raises TrialFailed when the child did not finish, so Tune's FailureConfig retries it.
+5. records how the attempt ended (exit code and a one-line reason) and raises TrialFailed when the child did
+   not finish, so Tune's FailureConfig retries it. An attempt that exited with the configuration error code
+   would fail the same way again: Tune's retries within the same driver run end at once, without starting
+   anything; the next `opsd sweep resume` (after the user fixed the file) tries it again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from orchestrator.errors import TrialFailed
+from orchestrator.driver import DRIVER_FILE, read_driver
+from orchestrator.errors import CONFIG_ERROR_EXIT, TrialFailed
 from orchestrator.remote import RemoteSweep, mirror_dir
 from orchestrator.sweep_file import CheckpointRetention
-from orchestrator.sweep_state import SweepState, latest_metrics, read_progress, read_step_rows
+from orchestrator.sweep_state import StepsUnreadable, SweepState, latest_metrics, read_progress, read_step_rows
 from orchestrator.trial_process import TrialProcess, trial_command
 from orchestrator.wandb_log import TrialRun, strip_secrets
+from trainer.layout import list_checkpoints
+from trainer.records import error_line
 
 POLL_S = 2.0
-
 
 
 def train_grid_point(config: dict[str, Any]) -> None:
@@ -46,6 +53,7 @@ def train_grid_point(config: dict[str, Any]) -> None:
     if config.get("sweep_uri"):  # remote storage: this node works in its own mirror of the trial's folder
         remote = RemoteSweep(config["sweep_uri"], mirror_dir(config["sweep_uri"], "trials"))
         remote.pull("sweep.json")
+        remote.pull(DRIVER_FILE)
         remote.pull_trial(f"trials/{trial_id}")
         state = SweepState.read(remote.local)
     else:
@@ -57,15 +65,21 @@ def train_grid_point(config: dict[str, Any]) -> None:
         if "ended" not in earlier:  # its trainable died with the driver or its node: no end was written
             files.append_attempt({"attempt": earlier["attempt"], "event": "end", "time": time.time(),
                                   "exit_code": None, "lost": True})
+    driver = read_driver(state.dir)
+    driver_run = driver.run_id if driver is not None else None
+    last = (files.attempts() or [{}])[-1]
+    if last.get("exit_code") == CONFIG_ERROR_EXIT and driver_run is not None and last.get("driver_run") == driver_run:
+        raise TrialFailed(f"trial {trial_id}: attempt {last['attempt']} stopped on a configuration error, which a "
+                          f"retry would repeat: {last.get('reason')}")
     attempt = len(files.attempts()) + 1
 
     if (files.summary() or {}).get("status") == "completed":
         # The trial finished, but its trainable died (with the driver) before it had logged everything: W&B
         # gets the whole trial once more (offline, a run of its own), and Tune the final report.
-        rows = read_step_rows(files.steps)
+        rows = _rows_reader(files.steps, lambda message: None)()
         finisher = TrialRun(state.wandb, sweep=state.name, model=point["model"], context=point["context"],
                             seed=point["seed"], attempt=attempt, config=yaml.safe_load(files.trial_file.read_text()),
-                            wandb_dir=state.wandb_dir, warn=lambda message: None)
+                            runs_dir=state.wandb_dir, warn=lambda message: None)
         finisher.log_rows(rows)
         finisher.finish(files.summary(), exit_code=0)
         sync.push_wandb(state.wandb_dir)
@@ -77,15 +91,15 @@ def train_grid_point(config: dict[str, Any]) -> None:
     env = strip_secrets(dict(os.environ))
     env.update(CUDA_VISIBLE_DEVICES=",".join(gpu_ids), PYTHONUNBUFFERED="1", OPSD_TRIAL=f"{state.name}/{trial_id}",
                VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
-    # Ray sets these for its worker; the trial is an ordinary process tree, not a Ray worker.
-    for key in ("RAY_ADDRESS", "OMP_NUM_THREADS"):
-        env.pop(key, None)
+    # Ray sets these for its worker; the trial is an ordinary process tree, not a Ray worker, with its own CPUs.
+    env.pop("RAY_ADDRESS", None)
     env["OMP_NUM_THREADS"] = str(state.resources.cpus)
     log_path = files.log(attempt)
     started = time.time()
     files.append_attempt({"attempt": attempt, "event": "start", "time": started, "host": socket.gethostname(),
                           "node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": gpu_ids,
-                          "cuda_visible_devices": env["CUDA_VISIBLE_DEVICES"], "log": str(log_path)})
+                          "cuda_visible_devices": env["CUDA_VISIBLE_DEVICES"], "log": str(log_path),
+                          "driver_run": driver_run})
 
     def warn(message: str) -> None:
         with open(log_path, "a") as f:
@@ -93,16 +107,18 @@ def train_grid_point(config: dict[str, Any]) -> None:
 
     wandb_run = TrialRun(state.wandb, sweep=state.name, model=point["model"], context=point["context"],
                          seed=point["seed"], attempt=attempt, config=yaml.safe_load(files.trial_file.read_text()),
-                         wandb_dir=state.wandb_dir, warn=warn)
+                         runs_dir=state.wandb_dir, warn=warn)
     last_reported: tuple | None = None
     code: int | None = None
+    rows_of = _rows_reader(files.steps, warn)
+    stopped_by: BaseException | None = None
     try:
         with TrialProcess(trial_command(files.trial_file, files.dir), env=env, log_path=log_path,
-                          record_path=files.processes, cwd=files.dir) as proc:
+                          record_path=files.processes, cwd=files.dir, marker=env["OPSD_TRIAL"], warn=warn) as proc:
             files.append_attempt({"attempt": attempt, "event": "pid", "pid": proc.pid, "time": time.time()})
             while True:
                 code = proc.poll()
-                rows = read_step_rows(files.steps)
+                rows = rows_of()
                 wandb_run.log_rows(rows)
                 report = live_metrics(read_progress(files.progress), rows, attempt=attempt)
                 key = (report.get("step"), report.get("phase"), report.get("status"))
@@ -116,11 +132,22 @@ def train_grid_point(config: dict[str, Any]) -> None:
                 sync.push()
                 time.sleep(POLL_S)
             code = proc.stop()
+    except BaseException as err:
+        stopped_by = err
+        raise
     finally:
         summary = files.summary() if code == 0 else None
         wandb_run.finish(summary, exit_code=0 if code == 0 else 1)
-        files.append_attempt({"attempt": attempt, "event": "end", "time": time.time(), "exit_code": code,
-                              "seconds": round(time.time() - started, 1)})
+        end = {"attempt": attempt, "event": "end", "time": time.time(), "exit_code": code,
+               "seconds": round(time.time() - started, 1)}
+        if code is None and isinstance(stopped_by, (SystemExit, KeyboardInterrupt)):
+            # Tune stops the trial (Ctrl-C, SIGUSR1): its session ends the trainable with SystemExit; the
+            # trial's processes were stopped on the way out of TrialProcess. Not a failure of the trial.
+            end.update(interrupted=True, reason="stopped with the sweep")
+        elif code != 0:
+            end["reason"] = attempt_reason(code, progress=read_progress(files.progress), log=log_path,
+                                           started=started) or (error_line(stopped_by) if stopped_by else None)
+        files.append_attempt(end)
         if code != 0:
             sync.push(force=True)
             sync.push_wandb(state.wandb_dir)
@@ -130,7 +157,7 @@ def train_grid_point(config: dict[str, Any]) -> None:
     retain_when_done(files.checkpoints, state.checkpoints)
     sync.push(force=True)
     sync.push_wandb(state.wandb_dir)
-    tune.report({**live_metrics(read_progress(files.progress), read_step_rows(files.steps), attempt=attempt),
+    tune.report({**live_metrics(read_progress(files.progress), rows_of(), attempt=attempt),
                  "status": "completed", **{k: summary[k] for k in ("initial_gap", "improvement") if summary}})
 
 
@@ -147,9 +174,9 @@ class _Sync:
         self.remote.delete_checkpoints_pruned_locally(self.trial_dir)
         self.last = time.monotonic()
 
-    def push_wandb(self, wandb_dir: Path) -> None:
-        if self.remote is not None and (wandb_dir / "wandb").is_dir():
-            self.remote.push("wandb")
+    def push_wandb(self, runs_dir: Path) -> None:
+        if self.remote is not None and runs_dir.is_dir():
+            self.remote.push(runs_dir.name)
 
 
 def live_metrics(progress: dict[str, Any], rows: list[dict[str, Any]], *, attempt: int) -> dict[str, Any]:
@@ -162,8 +189,6 @@ def live_metrics(progress: dict[str, Any], rows: list[dict[str, Any]], *, attemp
 
 def prune_checkpoints(root: Path, *, keep_last: int) -> None:
     """Keep the newest `keep_last` complete checkpoints (the trial itself keeps two)."""
-    from trainer.checkpoint import list_checkpoints  # imports torch: only where a trial has finished a step
-
     for _, old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -192,6 +217,51 @@ def strip_optimizer_state(checkpoint: Path) -> None:
             state["optimizer"] = None
             torch.save(state, path)
     (checkpoint / "WEIGHTS_ONLY").write_text("optimizer state removed when the trial finished; not resumable\n")
+
+
+def _rows_reader(steps: Path, warn: Callable[[str], None]) -> Callable[[], list[dict[str, Any]]]:
+    """Reads the trial's step rows for W&B and the live view; a damaged file is said once in the trial's log
+    (and refused by `opsd sweep collect`), and reads as no rows here rather than failing the trial."""
+    said = []
+
+    def rows() -> list[dict[str, Any]]:
+        try:
+            return read_step_rows(steps)
+        except StepsUnreadable as err:
+            if not said:
+                warn(str(err))
+                said.append(True)
+            return []
+    return rows
+
+
+# The last line `opsd` prints for bad input, and the last line of a Python traceback.
+_CLI_ERROR = re.compile(r"^opsd \w+: error: (.+)$")
+_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*)$")
+
+
+def attempt_reason(code: int | None, *, progress: dict[str, Any], log: Path, started: float, limit: int = 300) -> str | None:
+    """One line saying why an attempt ended with `code`: the trial's own error (progress.json, when written by
+    this attempt), else the error `opsd` printed last in the attempt's log, else the signal that killed it."""
+    if progress.get("status") == "failed" and progress.get("error") and progress.get("updated", 0) >= started:
+        return str(progress["error"])[:limit]
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    for pattern in (_CLI_ERROR, _EXCEPTION):
+        for line in reversed(lines):
+            match = pattern.match(line)
+            if match:
+                return match.group(1)[:limit]
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}" + (" (the kernel's OOM killer sends it when memory runs out)"
+                                       if -code == signal.SIGKILL else "")
+    return None
 
 
 def _tail(path: Path, lines: int = 15) -> str:

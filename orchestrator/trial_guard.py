@@ -77,6 +77,9 @@ def main(argv: list[str]) -> int:
     outer = os.getpid()
     supervisor = os.fork()
     if supervisor == 0:
+        # fork() does not pass the subreaper attribute on: without its own, the supervisor's orphans would go
+        # to the outer process, or to init once that is gone, out of kill_descendants' sight.
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
         _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != outer:  # the outer process died before PR_SET_PDEATHSIG took effect
             os._exit(1)

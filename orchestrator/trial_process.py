@@ -8,7 +8,9 @@ failed trial are what sweep users hit first (ray#54364, vllm#20860), so nothing 
 - the trainable records the child's whole process tree while it runs (pid and start time, in the trial
   folder), because some descendants start sessions of their own (the sandbox's workers do) and leave the group;
 - on exit (normal, error, or a retry's start finding an earlier attempt's leftovers) the group gets SIGTERM,
-  then SIGKILL, and every recorded process still alive with the same start time is killed.
+  then SIGKILL, and every recorded process still alive with the same start time is killed;
+- a record that cannot be read (a disk that filled up) is said in the attempt's log, and the leftovers are
+  found instead by the marker every process of the trial carries in its environment (OPSD_TRIAL).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -44,17 +47,21 @@ class TrialProcess:
     """`with TrialProcess(cmd, env=..., log_path=..., record_path=...) as proc:` runs `cmd` and cleans up.
 
     `record_path` (a JSON file in the trial folder) holds the process tree seen so far, so that the next
-    attempt can kill what an attempt that died with its trainable left behind (`kill_recorded`).
+    attempt can kill what an attempt that died with its trainable left behind (`kill_recorded`); `marker` is
+    the value of the trial's OPSD_TRIAL variable, by which leftovers are found when the record is unreadable,
+    and `warn` writes a line into the attempt's log.
     """
 
-    def __init__(self, cmd: list[str], *, env: dict[str, str], log_path: Path, record_path: Path, cwd: Path):
+    def __init__(self, cmd: list[str], *, env: dict[str, str], log_path: Path, record_path: Path, cwd: Path,
+                 marker: str | None = None, warn: Callable[[str], None] | None = None):
         self.cmd, self.env, self.log_path, self.record_path, self.cwd = cmd, env, log_path, record_path, cwd
+        self.marker, self.warn = marker, warn or (lambda message: None)
         self.proc: subprocess.Popen | None = None
         self.seen: dict[int, float] = {}
 
     def __enter__(self) -> "TrialProcess":
-        kill_recorded(self.record_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        kill_recorded(self.record_path, marker=self.marker, warn=self.warn)
         log = open(self.log_path, "ab", buffering=0)
         try:
             # preexec_fn is a single prctl call (async-signal-safe in practice); start_new_session makes the
@@ -120,17 +127,43 @@ class TrialProcess:
         return code
 
 
-def kill_recorded(record_path: Path) -> int:
-    """Kill every process an earlier attempt recorded that is still alive; returns how many were."""
+def kill_recorded(record_path: Path, *, marker: str | None = None,
+                  warn: Callable[[str], None] | None = None) -> int:
+    """Kill every process an earlier attempt recorded that is still alive; returns how many were.
+
+    When the record exists but cannot be read, `warn` says so and the processes of this machine whose
+    environment carries `OPSD_TRIAL=marker` (every process of the trial inherits it) are killed instead."""
     if not record_path.is_file():
         return 0
     try:
-        records = {int(pid): created for pid, created in json.loads(record_path.read_text()).items()}
-    except (ValueError, OSError):
-        return 0
+        records = {int(pid): float(created) for pid, created in json.loads(record_path.read_text()).items()}
+    except (ValueError, OSError, AttributeError, TypeError) as err:
+        found = marked(marker) if marker else {}
+        killed = _kill_all(found)
+        if warn is not None:
+            warn(f"{record_path} cannot be read ({type(err).__name__}: {err}); "
+                 + (f"killed {killed} process(es) of an earlier attempt found by OPSD_TRIAL={marker}" if marker
+                    else "processes an earlier attempt left behind cannot be found"))
+        _write_records(record_path, {})
+        return killed
     killed = _kill_all(records)
     _write_records(record_path, {})
     return killed
+
+
+def marked(marker: str) -> dict[int, float]:
+    """The processes of this machine (readable by this user) whose environment has OPSD_TRIAL=marker, as
+    {pid: start time}; this process is never among them."""
+    found = {}
+    for p in psutil.process_iter(["pid"]):
+        if p.pid == os.getpid():
+            continue
+        try:
+            if p.environ().get("OPSD_TRIAL") == marker:
+                found[p.pid] = p.create_time()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
 
 
 def alive(records: dict[int, float]) -> list[int]:

@@ -1,10 +1,12 @@
 """The driver of a sweep: Ray Tune runs one trial per grid point, retries failures, and can be restored.
 
-`run_sweep` connects to a Ray cluster (or starts one on this machine), checks that some node can hold one
-trial's resources, then either starts the Tune experiment or, when the sweep folder already holds one (a
-driver that died, a SLURM requeue, a RayJob retry), restores it with its errored trials resumed. While Tune
-runs, the terminal shows one live table read from the sweep folder; Ray's and Tune's own messages go to
-`driver.log` and each trial's processes print into its own log file.
+`ray_session` connects to a Ray cluster (or starts one on this machine) and `check_cluster_fits` refuses
+resources no node can hold, both before the sweep folder is written; `run_sweep` then either starts the Tune
+experiment or, when the sweep folder already holds one (a driver that died, a SLURM requeue, a RayJob retry),
+restores it with its errored trials resumed. While Tune runs, the terminal shows one live table read from the
+sweep folder and the driver's heartbeat goes to `driver.json`; Ray's and Tune's own messages go to `driver.log`
+and each trial's processes print into its own log file. Ctrl-C (or SIGUSR1) makes Tune save its state and
+stop the trials; `fit()` then returns with trials unfinished, which the caller reports as an interruption.
 """
 
 from __future__ import annotations
@@ -13,23 +15,42 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rich.console import Console
 from rich.live import Live
 
+from orchestrator.driver import DRIVER_FILE, DriverRecord
 from orchestrator.errors import SweepError, SweepStopped
+from orchestrator.remote import RemoteSweep
+from orchestrator.sweep_file import Resources
 from orchestrator.sweep_state import SMALL_FILES_SKIP, SweepState
 from orchestrator.sweep_status import status_table, sweep_status
 
 
-def init_ray(state: SweepState, address: str | None, *, num_cpus: int | None = None,
+@contextmanager
+def ray_session(sweep_dir: Path, remote: str | None, address: str | None, *, num_cpus: int | None = None,
+                num_gpus: int | None = None) -> Iterator[None]:
+    """Ray for the body (`init_ray`), shut down after it; a remote sweep gets its driver.log pushed."""
+    import ray
+
+    init_ray(sweep_dir, address, num_cpus=num_cpus, num_gpus=num_gpus)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if remote:
+            RemoteSweep(remote, sweep_dir).push("driver.log")
+
+
+def init_ray(sweep_dir: Path, address: str | None, *, num_cpus: int | None = None,
              num_gpus: int | None = None) -> None:
     """Connect to `address` (or RAY_ADDRESS), else start Ray on this machine; Ray's noise goes to driver.log."""
     import ray
 
-    _send_ray_logs_to(state.dir / "driver.log")
+    _send_ray_logs_to(sweep_dir / "driver.log")
     # Not RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper: the raylet then kills every orphan that
     # reaches it, including the sandbox's fork servers (they detach on purpose); a trial's clean-up is ours.
     # Tune's console output is replaced by our live view; its result tables would be noise.
@@ -45,7 +66,7 @@ def init_ray(state: SweepState, address: str | None, *, num_cpus: int | None = N
         # kernel's OOM killer takes first; the trainable sees that process fail, and Tune retries the trial.
         os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kwargs)
-    _send_ray_logs_to(state.dir / "driver.log")  # ray.init empties the "ray" logger's handlers
+    _send_ray_logs_to(sweep_dir / "driver.log")  # ray.init empties the "ray" logger's handlers
 
 
 # Ray's loggers that speak in the driver; ray.init resets the top one, so the others carry the file too.
@@ -65,11 +86,10 @@ def _send_ray_logs_to(path: Path) -> None:
         logger.propagate = False
 
 
-def check_cluster_fits(state: SweepState) -> None:
+def check_cluster_fits(need: Resources) -> None:
     """Refuse a sweep whose trial fits on no node (Tune would wait for it forever)."""
     import ray
 
-    need = state.resources
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if any(r.get("CPU", 0) >= need.cpus and r.get("GPU", 0) >= need.gpus for r in nodes):
         return
@@ -113,58 +133,55 @@ def build_tuner(state: SweepState):
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), False
 
 
-def run_sweep(state: SweepState, *, address: str | None = None, allow_pending: bool = False,
-              console: Console | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> int:
-    """Run (or continue) the sweep until every trial has finished or failed; returns the number that failed."""
-    import ray
-
+def run_sweep(state: SweepState, *, driver: DriverRecord, console: Console | None = None) -> None:
+    """Run (or continue) the sweep on the connected Ray until every trial has finished or failed, or until
+    Ctrl-C/SIGUSR1 stops it (Tune saves its state and stops the trials first); `driver` gets its heartbeat.
+    Raises SweepStopped when Tune itself fails."""
     console = console or Console(stderr=True)
-    init_ray(state, address, num_cpus=num_cpus, num_gpus=num_gpus)
-    try:
-        if not allow_pending:
-            check_cluster_fits(state)
-        tuner, restored = build_tuner(state)
-        console.print(f"[bold]{'continuing' if restored else 'starting'} sweep {state.name}[/]: "
-                      f"{len(state.trials)} trials in {state.remote or state.dir}")
-        concurrency = _concurrency(state)
-        started = time.time()
-        stop = threading.Event()
-        with Live(status_table(state, sweep_status(state), elapsed=0, concurrency=concurrency),
-                  console=console, refresh_per_second=1, transient=False) as live:
-            remote = state.remote_sweep()
+    tuner, restored = build_tuner(state)
+    concurrency, cluster = _concurrency(state)
+    need = f"{state.resources.cpus} CPUs" + (f" and {state.resources.gpus} GPUs" if state.resources.gpus else "")
+    console.print(f"[bold]{'continuing' if restored else 'starting'} sweep {state.name}[/]: "
+                  f"{len(state.trials)} trials in {state.remote or state.dir}; {concurrency} at a time "
+                  f"(each takes {need}; the cluster has {cluster})")
+    started = time.time()
+    stop = threading.Event()
+    remote = state.remote_sweep()
 
-            def refresh() -> None:
-                # A remote sweep's trials push to its URI: the view pulls their small files less often.
-                while not stop.wait(10.0 if remote else 2.0):
-                    if remote is not None:
-                        remote.pull(skip=SMALL_FILES_SKIP)
-                    live.update(status_table(state, sweep_status(state), elapsed=time.time() - started,
-                                             concurrency=concurrency))
-            thread = threading.Thread(target=refresh, daemon=True)
-            thread.start()
-            try:
-                grid = tuner.fit()
-            except Exception as err:  # the driver's own failure; a trial's failures are retried inside fit()
-                logging.getLogger("ray.tune").exception("Ray Tune stopped the sweep")
-                first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                raise SweepStopped(
-                    f"Ray Tune stopped the sweep: {first_line} (traceback in {state.dir / 'driver.log'}); "
-                    f"`opsd sweep resume {state.dir}` continues it") from err
-            finally:
-                stop.set()
-                thread.join()
-                live.update(status_table(state, sweep_status(state), elapsed=time.time() - started,
-                                         concurrency=concurrency))
-        if remote is not None:
-            remote.pull(skip=SMALL_FILES_SKIP)
-        return sum(1 for result in grid if result.error is not None)
-    finally:
-        ray.shutdown()
-        if state.remote:
-            state.remote_sweep().push("driver.log")
+    def table():
+        return status_table(state, sweep_status(state), elapsed=time.time() - started, concurrency=concurrency,
+                            width=console.width)
+
+    # Transient: the caller prints the final table once the stop is recorded (interrupted attempts included).
+    with Live(table(), console=console, refresh_per_second=1, transient=True) as live:
+        def refresh() -> None:
+            # A remote sweep's trials push to its URI: the view pulls their small files less often.
+            while not stop.wait(10.0 if remote else 2.0):
+                if driver.beat(state.dir) and remote is not None:
+                    remote.push(DRIVER_FILE)
+                if remote is not None:
+                    remote.pull(skip=SMALL_FILES_SKIP)
+                live.update(table())
+        thread = threading.Thread(target=refresh, daemon=True)
+        thread.start()
+        try:
+            tuner.fit()
+        except Exception as err:  # the driver's own failure; a trial's failures are retried inside fit()
+            logging.getLogger("ray.tune").exception("Ray Tune stopped the sweep")
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise SweepStopped(
+                f"Ray Tune stopped the sweep: {first_line} (traceback in {state.dir / 'driver.log'}); "
+                f"`opsd sweep resume {state.remote or state.dir}` continues it") from err
+        finally:
+            stop.set()
+            thread.join()
+            if remote is not None:
+                remote.pull(skip=SMALL_FILES_SKIP)
+            live.update(table())
 
 
-def _concurrency(state: SweepState) -> int:
+def _concurrency(state: SweepState) -> tuple[int, str]:
+    """How many trials the cluster runs at once, and its resources in words."""
     import ray
 
     total = ray.cluster_resources()
@@ -173,4 +190,6 @@ def _concurrency(state: SweepState) -> int:
         fit = min(fit, int(total.get("GPU", 0) // state.resources.gpus))
     if state.max_concurrent_trials:
         fit = min(fit, state.max_concurrent_trials)
-    return max(fit, 1)
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    cluster = f"{int(total.get('CPU', 0))} CPUs" + (f", {int(total.get('GPU', 0))} GPUs" if total.get("GPU") else "")
+    return max(fit, 1), cluster + (f" on {nodes} nodes" if nodes > 1 else "")

@@ -4,7 +4,9 @@ Ray Tune's `WandbLoggerCallback` changes directory into node-local trial folders
 upload (ray#33129, #47985); here the trainable feeds W&B the rows its trial writes to `steps.parquet`, so:
 - the run id is deterministic from (sweep, model, context, seed): a retried trial continues its run online;
 - offline mode cannot resume a run (wandb#2423), so each attempt is its own offline run (`-a<attempt>`) that
-  carries the trial's steps from step 0: every offline run is complete on its own;
+  carries the trial's steps from step 0: every offline run is complete on its own. A run whose attempt
+  finished it (whatever the trial's outcome) gets a `FINISHED_MARK` file; the runs of attempts killed with the
+  driver (no history, no exit) lack it and are set aside in `wandb/incomplete/`, out of the sync command;
 - the trial's step is the x-axis (`trial_step`), not W&B's internal counter;
 - W&B failing (no network, bad key, full disk) is logged in the trial's log and never fails the trial;
 - `dir` is absolute, under the sweep folder; the trial's own processes never see WANDB_API_KEY.
@@ -22,6 +24,10 @@ from orchestrator.sweep_file import WandbSettings
 
 # Seconds W&B may take to start a run before the trial goes on without it.
 INIT_TIMEOUT_S = 120.0
+# Written into an offline run's folder once its attempt has finished the run.
+FINISHED_MARK = "opsd-finished"
+# Under the sweep's W&B folder: offline runs whose attempt never finished them.
+INCOMPLETE = "incomplete"
 
 
 def run_id(sweep: str, model: str, context: str, seed: int, *, attempt: int | None = None) -> str:
@@ -35,29 +41,32 @@ class TrialRun:
     """The W&B run of one trial attempt; every method is a no-op after W&B has failed once."""
 
     def __init__(self, settings: WandbSettings, *, sweep: str, model: str, context: str, seed: int, attempt: int,
-                 config: dict[str, Any], wandb_dir: Path, warn: Callable[[str], None]):
+                 config: dict[str, Any], runs_dir: Path, warn: Callable[[str], None]):
+        """`runs_dir`: the folder W&B writes its runs into (`<runs_dir>/offline-run-*`), named `wandb`."""
         self.settings, self.warn = settings, warn
         self.run = None
         self.logged_step = -1
+        self.offline = settings.mode == "offline"
         if settings.mode == "disabled":
             return
-        offline = settings.mode == "offline"
-        self.id = run_id(sweep, model, context, seed, attempt=attempt if offline else None)
+        if runs_dir.name != "wandb":  # wandb.init(dir=D) writes its runs into D/wandb
+            raise ValueError(f"W&B runs go to a folder named wandb, not {runs_dir}")
+        self.id = run_id(sweep, model, context, seed, attempt=attempt if self.offline else None)
         try:
             import wandb
 
-            wandb_dir.mkdir(parents=True, exist_ok=True)
+            runs_dir.mkdir(parents=True, exist_ok=True)
             self.run = wandb.init(
                 project=settings.project, entity=settings.entity, group=sweep, job_type="opsd-trial",
-                name=f"{model} {context} s{seed}", id=self.id, resume=None if offline else "allow",
-                tags=[model, context, f"seed{seed}", *settings.tags], dir=str(wandb_dir.resolve()),
+                name=f"{model} {context} s{seed}", id=self.id, resume=None if self.offline else "allow",
+                tags=[model, context, f"seed{seed}", *settings.tags], dir=str(runs_dir.resolve().parent),
                 config={"sweep": sweep, "model_label": model, "context_name": context, "attempt": attempt, **config},
                 mode=settings.mode, reinit="create_new",
                 settings=wandb.Settings(silent=True, console="off", init_timeout=INIT_TIMEOUT_S, x_disable_stats=True))
             self.run.define_metric("trial_step")
             self.run.define_metric("*", step_metric="trial_step")
             # A resumed online run already holds the steps an earlier attempt logged.
-            self.logged_step = int(self.run.summary.get("trial_step", -1)) if not offline else -1
+            self.logged_step = int(self.run.summary.get("trial_step", -1)) if not self.offline else -1
         except Exception as err:  # W&B must never fail a trial
             self._fail("start", err)
 
@@ -82,7 +91,10 @@ class TrialRun:
         try:
             if summary:
                 self.run.summary.update({k: v for k, v in summary.items() if _plain(v)})
+            run_folder = Path(self.run.settings.sync_dir)
             self.run.finish(exit_code=exit_code)
+            if self.offline:
+                (run_folder / FINISHED_MARK).write_text(f"finished with exit code {exit_code}\n")
         except Exception as err:
             self._fail("finish", err)
         self.run = None
@@ -112,11 +124,25 @@ def strip_secrets(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if not k.startswith("WANDB_")}
 
 
-def offline_runs(wandb_dir: Path) -> list[Path]:
-    """The offline run folders under a sweep's W&B dir (what `wandb sync` uploads)."""
-    root = wandb_dir / "wandb"
-    return sorted(p for p in root.glob("offline-run-*") if p.is_dir()) if root.is_dir() else []
+def offline_runs(runs_dir: Path) -> list[Path]:
+    """The offline run folders in a sweep's W&B folder (complete or not; incomplete/ is not searched)."""
+    return sorted(p for p in runs_dir.glob("offline-run-*") if p.is_dir())
 
 
-def sync_command(wandb_dir: Path) -> str:
-    return f"wandb sync --include-offline {wandb_dir / 'wandb'}/offline-run-*"
+def set_aside_incomplete(runs_dir: Path) -> list[Path]:
+    """Move the offline runs that no attempt finished (killed with the driver or its node: no history, no exit)
+    into `<runs_dir>/incomplete/`, out of the sync command's reach; returns their new folders. Call it only
+    when no trial of the sweep runs (a running attempt's run is unfinished too)."""
+    moved = []
+    for run in offline_runs(runs_dir):
+        if not (run / FINISHED_MARK).is_file():
+            target = runs_dir / INCOMPLETE / run.name
+            target.parent.mkdir(exist_ok=True)
+            run.rename(target)
+            moved.append(target)
+    return moved
+
+
+def sync_command(runs_dir: Path) -> str:
+    """The command that uploads the sweep's offline runs (wandb 0.31: run folders as arguments)."""
+    return f"wandb sync {runs_dir}/offline-run-*"

@@ -38,7 +38,7 @@ cat <<EOF
               opsd sweep status $out/$name     each trial; logs in $out/$name/trials/*/logs/
   law         $out/report/report.md, law.json, fig1_law.png, fig2_dynamics.png (fig3_scale.png: several sizes)
   W&B         offline runs in $out/$name/wandb/; upload with
-              wandb sync --include-offline $out/$name/wandb/offline-run-*
+              .venv/bin/wandb sync $out/$name/wandb/offline-run-*
   Parquet     readable by pandas (pd.read_parquet), DuckDB (SELECT * FROM '$out/$name/trials.parquet'), Arrow
 
 A demo-sized sweep (one seed, three contexts, one step of 4 rollouts on a 135M model) cannot show the law:

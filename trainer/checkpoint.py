@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +30,11 @@ import torch
 
 from trainer.distributed import get_rank, wait_for_main
 from trainer.errors import CheckpointError
+from trainer.layout import CHECKPOINT_DIR, CHECKPOINT_STATE, checkpoint_dir_name, list_checkpoints
 from trainer.student import Student
 from trainer.teacher import EmaTeacher
 
 CHECKPOINT_FORMAT = 1
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
-_STATE_FILE = "trainer_state.json"
 
 
 @dataclass(frozen=True)
@@ -47,10 +45,6 @@ class ResumeState:
     sampler_state: Any
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -95,19 +89,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `root` as (step, path), oldest first; temporary folders are ignored."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and child.is_dir() and (child / _STATE_FILE).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The complete checkpoint with the highest step under `root`, or None."""
     found = list_checkpoints(root)
@@ -127,8 +108,8 @@ def save_checkpoint(root: str | Path, *, step: int, student: Student, teacher: E
         raise CheckpointError(f"bad checkpoint request: step={step} keep_last={keep_last}")
     root = Path(root)
     rank = get_rank()
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}"
+    final = root / checkpoint_dir_name(step)
+    tmp = root / f".tmp-{checkpoint_dir_name(step)}"
     try:
         state_json = json.dumps({"format": CHECKPOINT_FORMAT, "step": step, "world_size": student.dist.world_size,
                                  "sampler_state": sampler_state, "metadata": metadata or {}}, indent=1)
@@ -144,7 +125,7 @@ def save_checkpoint(root: str | Path, *, step: int, student: Student, teacher: E
     torch.save(capture_rng_state(), tmp / f"rng-rank{rank:03d}.pt")
     if rank == 0:
         torch.save(teacher.state_dict(), tmp / "teacher.pt")
-        (tmp / _STATE_FILE).write_text(state_json)
+        (tmp / CHECKPOINT_STATE).write_text(state_json)
     wait_for_main()
     if rank == 0:
         _fsync_tree(tmp)
@@ -169,9 +150,9 @@ def load_checkpoint(path: str | Path, *, student: Student, teacher: EmaTeacher, 
     With `restore_rng` this rank's python, numpy and torch RNG states are restored as well.
     """
     path = Path(path)
-    state_file = path / _STATE_FILE
-    if not _STEP_DIR.match(path.name) or not state_file.is_file():
-        raise CheckpointError(f"not a complete checkpoint (a step-NNNNNNNN folder with {_STATE_FILE}): {path}")
+    state_file = path / CHECKPOINT_STATE
+    if not CHECKPOINT_DIR.match(path.name) or not state_file.is_file():
+        raise CheckpointError(f"not a complete checkpoint (a step-NNNNNNNN folder with {CHECKPOINT_STATE}): {path}")
     state = json.loads(state_file.read_text())
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {state.get('format')} (this code reads {CHECKPOINT_FORMAT})")

@@ -24,7 +24,7 @@ The file holds one {"problem_id": ..., "hint": ...} per line; point `context.hin
 """
 
 
-def _parse_override(text: str) -> tuple[str, object]:
+def parse_override(text: str) -> tuple[str, object]:
     import yaml
 
     if "=" not in text:
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     trial.add_argument("trial_file", metavar="TRIAL.yaml", help="trial settings (see trainer/config.py)")
     trial.add_argument("--out", required=True, metavar="DIR", help="folder for results and checkpoints")
-    trial.add_argument("--set", dest="overrides", action="append", type=_parse_override, default=[],
+    trial.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
                        metavar="FIELD=VALUE", help="override a setting, e.g. --set rollout.n_samples=4")
     trial.set_defaults(func=_run_trial)
 

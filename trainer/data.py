@@ -94,10 +94,6 @@ class TrainProblem:
     def id(self) -> str:
         return self.problem.id
 
-    def train_view(self) -> Problem:
-        """The problem with only its train tests, for the grader."""
-        return self.problem.model_copy(update={"tests": list(self.train_tests)})
-
 
 @dataclass(frozen=True)
 class Split:

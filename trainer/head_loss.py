@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from trainer.aggregation import combine_masks
 from trainer.lm_head import LMHead
-from trainer.losses import _position_terms, loss_from_terms, opsd_loss, token_logps
+from trainer.losses import position_terms, loss_from_terms, opsd_loss, token_logps
 from trainer.options import Aggregation, Divergence, Support
 
 
@@ -137,7 +137,7 @@ def _chunked_terms(student_hidden, teacher_hidden, response_ids, mask, *, studen
     and bias (None where `wants` is False).
     """
     n_positions = mask.numel()
-    # Terms in the dtype `_position_terms` computes in; masked positions keep 0 (the aggregate ignores them).
+    # Terms in the dtype `position_terms` computes in; masked positions keep 0 (the aggregate ignores them).
     dtype = torch.promote_types(torch.promote_types(student_hidden.dtype, teacher_hidden.dtype), torch.float32)
     per_token, student_tok, teacher_tok = (torch.zeros(n_positions, dtype=dtype, device=mask.device)
                                            for _ in range(3))
@@ -159,7 +159,7 @@ def _chunked_terms(student_hidden, teacher_hidden, response_ids, mask, *, studen
             logits = F.linear(hidden[rows], weight, bias)
             teacher_logits = F.linear(teacher[rows], teacher_weight, teacher_bias)
         with torch.set_grad_enabled(any(wants)):
-            chunk_terms, student_tok[rows], teacher_tok[rows] = _position_terms(
+            chunk_terms, student_tok[rows], teacher_tok[rows] = position_terms(
                 logits.requires_grad_(any(wants)), teacher_logits, token_ids[rows], **term_options)
         per_token[rows] = chunk_terms.detach()
         del teacher_logits  # the chunk's backward needs only the student's side

@@ -140,7 +140,7 @@ def token_logps(logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: f
     return _gather_logps(scaled, token_ids, scaled.logsumexp(-1, keepdim=True))
 
 
-def _position_terms(
+def position_terms(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     token_ids: torch.Tensor | None,
@@ -189,9 +189,9 @@ def _terms_by_window(
     windows: list[slice],
     options: dict,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """`_position_terms` window by window along T, concatenated. Same shapes as `_position_terms`."""
+    """`position_terms` window by window along T, concatenated. Same shapes as `position_terms`."""
     parts = [
-        _position_terms(student_logits[:, w], teacher_logits[:, w], None if token_ids is None else token_ids[:, w],
+        position_terms(student_logits[:, w], teacher_logits[:, w], None if token_ids is None else token_ids[:, w],
                         **options)
         for w in windows
     ]
@@ -202,7 +202,7 @@ def _terms_by_window(
 
 
 class _ChunkedTerms(torch.autograd.Function):
-    """`_position_terms` with memory bounded by one window of positions, forward and backward.
+    """`position_terms` with memory bounded by one window of positions, forward and backward.
 
     The forward keeps no graph. The backward recomputes one window at a time with a graph and writes that
     window's gradient straight into a single [B, T, V] buffer: no [B, T, V] float32 intermediates live beyond
@@ -229,7 +229,7 @@ class _ChunkedTerms(torch.autograd.Function):
         for w in ctx.windows:
             with torch.enable_grad():
                 part = student_logits[:, w].detach().requires_grad_(True)
-                per_token, _, _ = _position_terms(
+                per_token, _, _ = position_terms(
                     part, teacher_logits[:, w], None if token_ids is None else token_ids[:, w], **ctx.options)
                 grad[:, w] = torch.autograd.grad(per_token, part, grad_outputs=grad_per_token[:, w])[0]
         return grad, None, None, None, None
@@ -243,11 +243,11 @@ def _chunked_position_terms(
     chunk_size: int | None,
     **options,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """`_position_terms` over windows of at most chunk_size positions (None: all at once). Same outputs."""
+    """`position_terms` over windows of at most chunk_size positions (None: all at once). Same outputs."""
     teacher_logits = teacher_logits.detach()
     n_positions = student_logits.shape[1]
     if chunk_size is None or chunk_size >= n_positions:
-        return _position_terms(student_logits, teacher_logits, token_ids, **options)
+        return position_terms(student_logits, teacher_logits, token_ids, **options)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     windows = [slice(start, start + chunk_size) for start in range(0, n_positions, chunk_size)]

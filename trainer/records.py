@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from trainer.config import TrialConfig
 from trainer.errors import TrialConfigError
+from trainer.layout import TrialFolder
 from trainer.models import count_parameters_b, model_family
 
 # Bumped when a column changes meaning; readers check it.
@@ -48,7 +49,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 def claim_out_dir(cfg: TrialConfig, out_dir: Path) -> None:
     """Write config.json, or check that the folder holds this very trial (a resume) and not another."""
-    path = out_dir / "config.json"
+    path = TrialFolder(out_dir).config
     resolved = cfg.model_dump(mode="json")
     if path.exists():
         previous = json.loads(path.read_text())

@@ -30,6 +30,7 @@ from trainer.distributed import broadcast_from_main, get_rank, run_local_ranks, 
 from trainer.evaluate import evaluate
 from trainer.head_loss import opsd_loss_from_hidden, token_logps_from_hidden
 from trainer.losses import opsd_loss, token_logps
+from trainer.layout import TrialFolder
 from trainer.records import (
     PhaseTimer,
     Progress,
@@ -283,13 +284,13 @@ def run_trial(cfg: TrialConfig, out_dir: Path) -> dict[str, Any]:
         return _run_rank(0, cfg.model_dump(mode="json"), str(out_dir))
     except BaseException as err:
         # Rank 0 reports its own failure; this catches the others (and a rank killed from outside).
-        mark_failed(out_dir / "progress.json", err)
+        mark_failed(TrialFolder(out_dir).progress, err)
         raise
 
 
 def _run_rank(rank: int, cfg_json: dict, out: str) -> dict[str, Any]:
     cfg, out_dir = TrialConfig.model_validate(cfg_json), Path(out)
-    progress = Progress(out_dir / "progress.json" if get_rank() == 0 else None, steps=cfg.steps)
+    progress = Progress(TrialFolder(out_dir).progress if get_rank() == 0 else None, steps=cfg.steps)
     try:
         summary = _run_steps(cfg, out_dir, progress)
     except BaseException as err:
@@ -301,8 +302,9 @@ def _run_rank(rank: int, cfg_json: dict, out: str) -> dict[str, Any]:
 
 def _run_steps(cfg: TrialConfig, out_dir: Path, progress: Progress) -> dict[str, Any]:
     started = time.time()
-    log = StepLog(out_dir / "steps.parquet")
-    checkpoints = out_dir / "checkpoints"
+    folder = TrialFolder(out_dir)
+    log = StepLog(folder.steps)
+    checkpoints = folder.checkpoints
     around = progress.timer()  # the phases between steps: reported, not logged
     with start_runtime(cfg) as trial:
         main = trial.is_main
@@ -335,7 +337,7 @@ def _run_steps(cfg: TrialConfig, out_dir: Path, progress: Progress) -> dict[str,
             if main:
                 # The whole step's wall time: its phases' time/ columns plus what runs between them.
                 log.append(step, "train", {**metrics, "step_seconds": round(time.perf_counter() - started_step, 4)})
-                write_rollouts(out_dir / "rollouts" / f"step-{step:06d}.jsonl", records)
+                write_rollouts(folder.rollouts(step), records)
                 print(f"step {step}/{cfg.steps}  loss {metrics['loss']:.4f}  kl {metrics['kl']:.4f}  "
                       f"reward {metrics['reward']:.3f}  "
                       f"({sum(v for k, v in metrics.items() if k.startswith('time/')):.1f}s)", flush=True)
@@ -353,7 +355,7 @@ def _run_steps(cfg: TrialConfig, out_dir: Path, progress: Progress) -> dict[str,
 
     summary = trial_summary(cfg, trial.model_path, initial, latest_eval, time.time() - started)
     if main:
-        write_json(out_dir / "trial.json", summary)
+        write_json(folder.summary_path, summary)
     return summary
 
 

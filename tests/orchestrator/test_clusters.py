@@ -168,7 +168,13 @@ exit "${FAKE_OPSD_RC:-0}"
 """
 
 FAKE_HOSTNAME = """#!/bin/bash
-echo "fe80::1 10.1.2.3"
+# As on Debian, whose /etc/hosts maps the host name to 127.0.1.1: resolving the name gives that address, the
+# interfaces give the one the other nodes reach.
+case $1 in
+    --ip-address|-i) echo "127.0.1.1" ;;
+    --all-ip-addresses|-I) echo "127.0.1.1 fe80::1 10.1.2.3 " ;;
+    *) echo "b200-01" ;;
+esac
 """
 
 
@@ -306,6 +312,23 @@ def test_sbatch_needs_storage_on_a_shared_folder(slurm):
 # ----------------------------------------------------------------------------------------- local
 
 
+def test_local_two_node_recipe_keeps_to_its_own_token_and_processes():
+    """The README's test cluster writes its token to a file of its own (not ~/.ray, whose token the local Ray
+    of `opsd sweep run` uses) and stops its own nodes, not every Ray process of the user (`ray stop`)."""
+    readme = (CLUSTERS / "local" / "README.md").read_text()
+    section = readme[readme.index("## A two-node test cluster"):]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, re.S)
+    commands = [line.split("#")[0].strip() for line in block.splitlines()]
+    assert "export RAY_AUTH_TOKEN_PATH=$PWD/runs/test-cluster.token" in commands
+    assert not any(c.startswith("ray get-auth-token") or c == "ray stop" for c in commands)
+    starts = [c for c in commands if c.startswith("ray start")]
+    assert len(starts) == 2 and all("--block" in c and c.endswith("& head=$!") or c.endswith("& worker=$!")
+                                    for c in starts)
+    assert "kill $worker $head" in commands
+    res = subprocess.run(["bash", "-n", "-c", block], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
 def test_run_sh_runs_opsd_sweep_run_with_the_arguments(tmp_path):
     fake = tmp_path / "opsd"
     fake.write_text('#!/bin/bash\necho "$* | vllm=${VLLM_CPU_KVCACHE_SPACE:-}" >"$FAKE_LOG"\n')
@@ -423,6 +446,19 @@ def test_rayjob_storage_secrets_and_sweep_paths_agree():
         env = {e["name"]: e for e in containers(group)[0]["env"]}
         assert "value" not in env["WANDB_API_KEY"]
         assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"]["name"]
+
+
+def test_rayjob_sweep_dir_is_where_the_sweep_file_writes():
+    """OPSD_SWEEP_DIR is <storage>/<the sweep file's name:>, or the resume branch never runs; the README's
+    commands name the same folder."""
+    env_vars = yaml.safe_load(rayjob()["spec"]["runtimeEnvYAML"])["env_vars"]
+    workdir = re.search(r"^WORKDIR\s+(\S+)", DOCKERFILE.read_text(), re.M).group(1)
+    sweep_file = ROOT / Path(env_vars["OPSD_SWEEP_FILE"]).relative_to(workdir)
+    name = load(sweep_file)["name"]
+    assert env_vars["OPSD_SWEEP_DIR"] == f"{env_vars['OPSD_STORAGE']}/{name}"
+    readme = (CLUSTERS / "kuberay" / "README.md").read_text()
+    used = set(re.findall(r"/mnt/opsd/([A-Za-z0-9._-]+)", readme))
+    assert used == {name}, used
 
 
 FAKE_RAY_JOB = r"""#!PYTHON

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from tests.orchestrator.test_sweep_run import trial_env
-from tests.orchestrator.test_wandb_log import history
+from tests.orchestrator.test_wandb_log import WANDB, history
 from tests.trainer.copy_task import copy_problems, prefit_copier, write_problems
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +46,12 @@ def test_demo_screens_sweeps_and_fits(tmp_path, tiny_model_dir):
     assert result.returncode == 0, terminal[-4000:]
     for noise in ("Traceback", "WARNING", "INFO", "(pid=", "vllm", "Token authentication"):
         assert noise not in terminal, (noise, terminal[-3000:])
-    assert "done in" in terminal and "wandb sync --include-offline" in terminal
+    assert "done in" in terminal
+    # The upload command the sweep printed, as a user would paste it (wandb's --dry-run uploads nothing).
+    (sync,) = set(re.findall(r"upload with `(wandb sync [^`]+)`", " ".join(terminal.split())))
+    dry = subprocess.run(["bash", "-c", f"{sync.replace('wandb', shlex.quote(WANDB), 1)} --dry-run"],
+                         capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0 and "Would sync 3 run(s)" in dry.stdout + dry.stderr, dry.stdout + dry.stderr
 
     screen = pd.read_parquet(out / "screen" / "screen.parquet")
     assert sorted(screen.context) == sorted(SIX)

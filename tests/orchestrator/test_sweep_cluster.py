@@ -113,8 +113,19 @@ def test_resources_no_node_can_hold_are_refused_before_any_trial(tmp_path, tiny_
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert errors == ["opsd sweep: error: resources: a trial needs 64 CPUs and 0 GPUs on one node; the cluster's "
                       "nodes have 2 CPUs/0 GPUs (use a smaller preset, or --allow-pending for an autoscaling cluster)"]
-    assert not (tmp_path / "storage" / "too-big" / "trials" / "tiny-none-s0" / "attempts.jsonl").exists()
-    assert os.path.isfile(tmp_path / "storage" / "too-big" / "driver.log")
+    sweep_dir = tmp_path / "storage" / "too-big"
+    assert os.path.isfile(sweep_dir / "driver.log")
+    # Refused before the folder held the grid: the file with a preset that fits runs in the same folder.
+    assert not (sweep_dir / "sweep.json").exists() and not (sweep_dir / "trials").exists()
+    from orchestrator.sweep_file import load_sweep
+    from orchestrator.sweep_state import prepare_sweep_dir
+
+    fixed = yaml.safe_load(path.read_text())
+    fixed["resources"] = {"gpus": 0, "cpus": 1, "sandbox_workers": 1}
+    path.write_text(yaml.safe_dump(fixed))
+    sweep, points = load_sweep(path)
+    state = prepare_sweep_dir(sweep, points, sweep_dir, path)
+    assert state.resources.cpus == 1 and list(state.trials) == ["tiny-none-s0"]
 
 
 @pytest.mark.slow

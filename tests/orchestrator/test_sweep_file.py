@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,8 @@ import pytest
 import yaml
 
 from orchestrator.errors import SweepError
-from orchestrator.sweep_file import RESOURCE_PRESETS, load_sweep
-from orchestrator.sweep_state import prepare_sweep_dir, sweep_dir_of
+from orchestrator.sweep_file import RESOURCE_PRESETS, check_input_files, load_sweep
+from orchestrator.sweep_state import prepare_sweep_dir, sweep_location
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 
@@ -45,6 +46,10 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def base(tmp_path: Path) -> str:
     return BASE.format(storage=tmp_path / "store")
+
+
+def sweep_dir_of(sweep) -> Path:
+    return sweep_location(sweep)[0]
 
 
 def test_grid_merges_shared_settings_overrides_and_coordinates(tmp_path):
@@ -107,21 +112,33 @@ def test_unwritable_storage_is_refused(tmp_path):
         prepare_sweep_dir(sweep, points, sweep_dir_of(sweep), sweep_file)
 
 
-def test_a_sweep_folder_refuses_another_grid(tmp_path):
+def test_a_sweep_folder_refuses_another_grid_once_a_trial_has_started(tmp_path):
     sweep_file = write(tmp_path, base(tmp_path))
     sweep, points = load_sweep(sweep_file)
     state = prepare_sweep_dir(sweep, points, sweep_dir_of(sweep), sweep_file)
     assert len(state.trials) == 9 and (state.dir / "trials" / points[0].trial_id / "trial.yaml").is_file()
     # The same file again continues the same folder.
     prepare_sweep_dir(sweep, points, sweep_dir_of(sweep), sweep_file)
+    # Before any trial started (a sweep stopped while all were pending), the folder takes a corrected grid,
+    # and forgets the old one: trial folders outside the new grid and Tune's state, which would restore it.
+    (state.dir / "tune").mkdir()
     other = write(tmp_path, base(tmp_path).replace("seeds: [0, 1]", "seeds: [0, 2]"))
     sweep2, points2 = load_sweep(other)
-    with pytest.raises(SweepError, match="holds another sweep's grid"):
-        prepare_sweep_dir(sweep2, points2, sweep_dir_of(sweep2), other)
-    changed = write(tmp_path, base(tmp_path).replace("top_k: 5", "top_k: 7"))
+    state2 = prepare_sweep_dir(sweep2, points2, sweep_dir_of(sweep2), other)
+    assert sorted(state2.trials) == sorted(p.trial_id for p in points2)
+    assert sorted(d.name for d in (state.dir / "trials").iterdir()) == sorted(state2.trials)
+    assert not (state.dir / "tune").exists()
+    # Once a trial has started, another grid is refused ...
+    state2.trial_files(points2[1].trial_id).append_attempt({"attempt": 1, "event": "start", "time": 0.0})
+    with pytest.raises(SweepError, match="holds another sweep's grid, whose trials have run"):
+        prepare_sweep_dir(sweep, points, sweep_dir_of(sweep), sweep_file)
+    # ... and so are other settings for a trial that has started; not for one that has not.
+    changed = write(tmp_path, base(tmp_path).replace("seeds: [0, 1]", "seeds: [0, 2]").replace("top_k: 5", "top_k: 7"))
     sweep3, points3 = load_sweep(changed)
-    with pytest.raises(SweepError, match="was started with other settings"):
+    with pytest.raises(SweepError, match=f"trial {points2[1].trial_id} .* was started with other settings"):
         prepare_sweep_dir(sweep3, points3, sweep_dir_of(sweep3), changed)
+    (state.dir / "trials" / points2[1].trial_id / "attempts.jsonl").unlink()
+    assert prepare_sweep_dir(sweep3, points3, sweep_dir_of(sweep3), changed).trials == state2.trials
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
@@ -157,14 +174,31 @@ def test_paper_sweeps_plan(name, trials):
 
 def test_plan_per_token_model_matches_the_papers_cost():
     """The stated model is calibrated on the papers' ~20 B200-hours per Qwen3-8B run."""
-    from orchestrator.plan import estimate
+    from orchestrator.plan import STARTUP_SECONDS, estimate
 
     sweep, points = load_sweep(SWEEPS / "paper_fig3.yaml")
-    estimates = {e.point.trial_id: e for e in estimate(sweep, points, [])}
+    estimates = {e.point.trial_id: e for e in estimate(sweep, points, [])}  # no finished trial to measure
     qwen8 = estimates["qwen3-8b-peer_solution_feedback-s0"]
     assert 15 < qwen8.device_hours < 25 and qwen8.source == "per-token model"
-    # Linear in size: the 4B model costs half the 8B one.
-    assert estimates["qwen3-4b-peer_solution_feedback-s0"].device_hours == pytest.approx(qwen8.device_hours / 2)
+    # Linear in size besides the start-up: the 4B model's tokens cost half the 8B one's.
+    startup = STARTUP_SECONDS["cuda"] * sweep.trial_resources.gpus / 3600
+    assert estimates["qwen3-4b-peer_solution_feedback-s0"].device_hours - startup == \
+        pytest.approx((qwen8.device_hours - startup) / 2)
+
+
+def test_plan_per_token_model_on_small_cpu_trials_counts_prompts_and_start_up():
+    """A trial of 2 steps of 4 rollouts of 128 tokens, small evaluations: its forwards read the prompts (up to
+    768 and 2048 tokens), and start-up is most of it; sweeps/first.yaml's trials took 6.5 and 7.8 min on this
+    2-core machine under load (load average 3-8), the demo's 3 min idle."""
+    from orchestrator.plan import SECONDS_PER_TOKEN_BILLION, STARTUP_SECONDS, estimate, eval_tokens
+
+    sweep, points = load_sweep(SWEEPS / "first.yaml")
+    (e, _) = estimate(sweep, points, [])
+    tokens = 2 * 2 * 2 * (128 + 768 + 2048) / 2 + eval_tokens(points[0])
+    assert e.tokens == tokens
+    wall_minutes = (tokens * 0.135 * SECONDS_PER_TOKEN_BILLION["cpu"] / 2 + STARTUP_SECONDS["cpu"]) / 60
+    assert e.device_hours * 60 / sweep.trial_resources.cpus == pytest.approx(wall_minutes)
+    assert 3 < wall_minutes < 8
 
 
 def test_yaml_of_every_sweep_file_parses():
@@ -180,7 +214,7 @@ def test_plan_uses_a_finished_trial_of_the_same_model(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from orchestrator.plan import eval_tokens, estimate
+    from orchestrator.plan import estimate, eval_tokens, find_references
     from orchestrator.sweep_file import GridPoint
 
     sweep_file = write(tmp_path, base(tmp_path).replace("resources: b200-1", "resources: cpu"))
@@ -214,7 +248,7 @@ def test_plan_uses_a_finished_trial_of_the_same_model(tmp_path):
     # A longer trial of the same model: 6 steps, responses of at most 4096 tokens (512 at the same fill).
     longer = cfg.model_copy(update={"steps": 6, "rollout": cfg.rollout.model_copy(update={"max_response_tokens": 4096})})
     longer_point = GridPoint("longer", ref_point.model, ref_point.context, 0, longer)
-    estimates = estimate(sweep, [*points, longer_point], [tmp_path / "store"])
+    estimates = estimate(sweep, [*points, longer_point], find_references([tmp_path / "store"]))
     first = estimates[0]
     assert first.source == f"measured: {done}"
     # The trial's own settings give back its wall time, part by part.
@@ -243,6 +277,7 @@ def test_a_failure_of_tune_itself_is_one_line_with_the_way_to_continue(tmp_path,
     import logging
 
     import orchestrator.tune_run as tune_run
+    from orchestrator.driver import DriverRecord
     from orchestrator.errors import SweepStopped
 
     class StoppedTuner:
@@ -253,14 +288,104 @@ def test_a_failure_of_tune_itself_is_one_line_with_the_way_to_continue(tmp_path,
     sweep_file = write(tmp_path, base(tmp_path))
     sweep, points = load_sweep(sweep_file)
     state = prepare_sweep_dir(sweep, points, sweep_dir_of(sweep), sweep_file)
-    monkeypatch.setattr(tune_run, "init_ray", lambda state, *a, **k: tune_run._send_ray_logs_to(state.dir / "driver.log"))
+    handler = logging.FileHandler(state.dir / "driver.log")  # where init_ray sends Ray's and Tune's loggers
+    logging.getLogger("ray.tune").addHandler(handler)
     monkeypatch.setattr(tune_run, "build_tuner", lambda state: (StoppedTuner(), False))
-    monkeypatch.setattr(tune_run, "_concurrency", lambda state: 1)
-    with pytest.raises(SweepStopped) as err:
-        tune_run.run_sweep(state, allow_pending=True)
-    for handler in logging.getLogger("ray.tune").handlers:
-        handler.flush()
+    monkeypatch.setattr(tune_run, "_concurrency", lambda state: (1, "2 CPUs"))
+    try:
+        with pytest.raises(SweepStopped) as err:
+            tune_run.run_sweep(state, driver=DriverRecord.start(state.dir))
+    finally:
+        logging.getLogger("ray.tune").removeHandler(handler)
+        handler.close()
     message = str(err.value)
     assert "\n" not in message and "killed due to the node running low on memory" in message
     assert f"opsd sweep resume {state.dir}" in message
     assert "OOM kill reason" in (state.dir / "driver.log").read_text()
+
+
+def test_quoted_seeds_are_refused_not_read_as_numbers(tmp_path):
+    with pytest.raises(SweepError, match=r"sweep.yaml:10: seeds\[0\]: Input should be a valid integer"):
+        load_sweep(write(tmp_path, base(tmp_path).replace("seeds: [0, 1]", 'seeds: ["0", "1"]')))
+
+
+def relative_sweep(folder: Path, model_path: str, **extra: str) -> Path:
+    text = (f"name: rel\nstorage: {folder / 'store'}\nmodels: [{{path: {model_path}, label: local}}]\n"
+            "contexts: [llm_peer_hints]\nseeds: [0]\n")
+    for key, value in extra.items():
+        text += f"{key}: {value}\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_relative_paths_are_read_from_the_sweep_files_folder(tmp_path, monkeypatch):
+    """`models/smollm2-local` next to the sweep file is that folder, from whatever directory opsd runs in,
+    and the trials get it absolute (they run in their own folders, on any node); so do data and hints."""
+    project = tmp_path / "project"
+    (project / "sweeps" / "models" / "smollm2-local").mkdir(parents=True)
+    (project / "sweeps" / "data").mkdir()
+    (project / "sweeps" / "data" / "problems.jsonl").write_text("")
+    (project / "sweeps" / "data" / "hints.jsonl").write_text("")
+    path = relative_sweep(project / "sweeps", "models/smollm2-local",
+                          data="{source: jsonl, path: data/problems.jsonl}",
+                          trial="{context: {hints_path: data/hints.jsonl}}")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the paths still resolve beside the sweep file
+    _, (point,) = load_sweep(path)
+    assert point.config.model.path == str(project / "sweeps" / "models" / "smollm2-local")
+    assert point.config.data.path == str(project / "sweeps" / "data" / "problems.jsonl")
+    assert point.config.context.hints_path == str(project / "sweeps" / "data" / "hints.jsonl")
+    check_input_files([point])
+
+
+def test_a_relative_path_found_only_from_the_current_directory_is_refused_with_the_fix(tmp_path, monkeypatch):
+    (tmp_path / "models" / "smollm2-local").mkdir(parents=True)
+    path = relative_sweep(tmp_path / "sweeps", "models/smollm2-local")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SweepError) as err:
+        load_sweep(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:3: models[0].path: models/smollm2-local is not in the sweep file's folder")
+    assert "write ../models/smollm2-local or " + str(tmp_path / "models" / "smollm2-local") in message
+    # An `org/name` found nowhere here is a Hugging Face id; a path that cannot be one is refused.
+    assert load_sweep(relative_sweep(tmp_path / "hub", "Qwen/Qwen3-8B"))[1][0].config.model.path == "Qwen/Qwen3-8B"
+    with pytest.raises(SweepError, match=r"models\[0\].path: \./models/none does not exist in the sweep file's"):
+        load_sweep(relative_sweep(tmp_path / "dot", "./models/none"))
+
+
+def test_missing_input_files_are_refused_before_ray_starts(tmp_path):
+    path = relative_sweep(tmp_path, "embedded:smollm2-135m-instruct",
+                          trial="{context: {hints_path: /no/such/hints.jsonl}}")
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "run", str(path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert ("opsd sweep: error: context.hints_path: /no/such/hints.jsonl does not exist "
+            "(trial local-llm_peer_hints-s0)") in result.stderr
+    assert not (tmp_path / "store").exists()  # nothing written, no Ray started (it would write driver.log)
+
+
+def test_the_plan_says_each_models_seeds_wall_time_and_what_the_checkpoint_peak_assumes():
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "plan", str(SWEEPS / "paper_fig1.yaml")],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    out = " ".join(result.stdout.split())
+    assert "30 trials (qwen3-8b: 6 contexts x 3 seeds, olmo-3-7b-instruct: 6 x 2)" in out
+    # 30 trials of ~2.4 h on 8 GPUs each: all at once (max_concurrent_trials unset) needs 240 GPUs.
+    assert re.search(r"wall time: about 2\.\d h to 2\.\d h per trial \(8 GPUs each\); 30 trials at once "
+                     r"\(max_concurrent_trials unset: all, if the cluster has 240 GPUs\) take about 2\.\d h", out), out
+    assert re.search(r"checkpoints: up to [\d.]+ TB with 30 trials at once", out)
+
+
+def test_the_readmes_sweep_example_is_a_file_that_runs_here_as_written():
+    """The README's first sweep is sweeps/first.yaml, complete (the embedded model, its data, small
+    evaluations), valid with every input present on this machine, and the README says how long it took."""
+    readme = (SWEEPS.parent / "README.md").read_text()
+    section = readme[readme.index("## A sweep\n"):]
+    first_block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    assert yaml.safe_load(first_block) == yaml.safe_load((SWEEPS / "first.yaml").read_text())
+    sweep, points = load_sweep(SWEEPS / "first.yaml")
+    check_input_files(points)
+    assert {p.config.model.path for p in points} == {"embedded:smollm2-135m-instruct"}
+    assert all(p.config.data.max_val_problems and p.config.eval.n_samples == 1 for p in points)
+    assert sweep.trial_resources == RESOURCE_PRESETS["cpu"]
+    assert re.search(r"`opsd sweep run sweeps/first\.yaml`, from the repository root, took \d+ min", section)

@@ -157,3 +157,66 @@ def test_the_guard_ends_like_its_command_and_leaves_no_orphan(tmp_path):
                             str(pids_file)], cwd=Path(__file__).resolve().parents[2], timeout=60)
     assert guard.returncode == -signal.SIGKILL  # the trainable sees the trial's own death
     assert running(list(map(int, pids_file.read_text().split()))) == []
+
+
+def test_an_unreadable_record_is_said_and_the_leftovers_found_by_their_marker(tmp_path):
+    """A record cut short (a disk that filled up) names no process: the next attempt says so in its log and
+    kills the earlier attempt's processes by the OPSD_TRIAL marker they inherited, and no other process."""
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+    leftover = subprocess.Popen(sleeper, env={**os.environ, "OPSD_TRIAL": "sweep/trial-a"}, start_new_session=True)
+    other_trial = subprocess.Popen(sleeper, env={**os.environ, "OPSD_TRIAL": "sweep/trial-b"})
+    unmarked = subprocess.Popen(sleeper)
+    try:
+        record = tmp_path / "processes.json"
+        record.write_text('{"4242": 17')
+        said = []
+        assert kill_recorded(record, marker="sweep/trial-a", warn=said.append) == 1
+        assert leftover.wait(timeout=10) == -signal.SIGKILL
+        assert other_trial.poll() is None and unmarked.poll() is None
+        assert len(said) == 1 and str(record) in said[0] and "cannot be read" in said[0]
+        assert "killed 1 process(es) of an earlier attempt found by OPSD_TRIAL=sweep/trial-a" in said[0]
+        assert json.loads(record.read_text()) == {}  # the next attempt starts a fresh record
+    finally:
+        for p in (leftover, other_trial, unmarked):
+            p.kill()
+            p.wait()
+
+
+# The trial's process starts one that starts another in a session of its own, which ignores SIGTERM (a vLLM
+# engine core slow to stop, a stuck worker); then the middle one exits on SIGTERM and orphans it.
+ORPHAN_ON_SIGTERM = """
+import subprocess, sys, time
+middle = subprocess.Popen([sys.executable, "-c", '''
+import signal, subprocess, sys, time
+stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"], start_new_session=True)
+open(sys.argv[1], "w").write(str(stubborn.pid))
+time.sleep(600)
+''', sys.argv[1]])
+time.sleep(600)
+"""
+
+
+def test_the_supervisor_adopts_and_kills_orphans_after_the_outer_guard_dies(tmp_path):
+    """Ray SIGKILLs the outer guard; its supervisor stops the trial with SIGTERM. A process orphaned on the way
+    (its parent gone, itself ignoring SIGTERM) becomes the supervisor's child, since the supervisor is a
+    subreaper of its own (the attribute is not inherited through fork), and is killed, not left to init."""
+    pid_file = tmp_path / "stubborn"
+    guard = subprocess.Popen([sys.executable, "-m", "orchestrator.trial_guard", "--", sys.executable, "-c",
+                              ORPHAN_ON_SIGTERM, str(pid_file)], cwd=Path(__file__).resolve().parents[2])
+    deadline = time.monotonic() + 30
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the stand-in trial did not start"
+        time.sleep(0.05)
+    stubborn = int(pid_file.read_text())
+    tree = [p.pid for p in psutil.Process(guard.pid).children(recursive=True)]
+    assert stubborn in tree
+    try:
+        guard.kill()
+        guard.wait()
+        deadline = time.monotonic() + 30  # the supervisor's grace (10 s) for the trial to stop by itself
+        while running(tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert running(tree) == []
+    finally:
+        for pid in running(tree):
+            os.kill(pid, signal.SIGKILL)
