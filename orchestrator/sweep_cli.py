@@ -101,8 +101,8 @@ def _run(args: argparse.Namespace) -> int:
     from orchestrator.tune_run import check_cluster_fits, ray_session
 
     sweep, points = load_sweep(args.sweep_file)
-    check_input_files(points)
     check_memory(Path(args.sweep_file), sweep, memory_estimates(sweep, points))  # before any GPU-hour is spent
+    check_input_files(points)
     local, remote = sweep_location(sweep, args.storage)
     check_storage(local, remote)
     # The cluster is checked before the sweep folder holds anything: a refused sweep leaves no grid behind.
