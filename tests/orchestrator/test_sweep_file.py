@@ -305,7 +305,7 @@ def test_a_failure_of_tune_itself_is_one_line_with_the_way_to_continue(tmp_path,
 
 
 def test_quoted_seeds_are_refused_not_read_as_numbers(tmp_path):
-    with pytest.raises(SweepError, match=r"sweep.yaml:10: seeds\[0\]: Input should be a valid integer"):
+    with pytest.raises(SweepError, match=r"sweep.yaml:12: seeds\[0\]: Input should be a valid integer"):
         load_sweep(write(tmp_path, base(tmp_path).replace("seeds: [0, 1]", 'seeds: ["0", "1"]')))
 
 
