@@ -65,7 +65,9 @@ def init_ray(sweep_dir: Path, address: str | None, *, num_cpus: int | None = Non
         # sweep (an OutOfMemoryError it does not retry). A trial's memory is its `opsd trial` process, which the
         # kernel's OOM killer takes first; the trainable sees that process fail, and Tune retries the trial.
         os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kwargs)
+        # "local": a Ray of its own, never one that `ray start` left its address for in /tmp/ray (which an
+        # address-less ray.init joins, stopped or not): joining a cluster takes RAY_ADDRESS or --address.
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **kwargs)
     _send_ray_logs_to(sweep_dir / "driver.log")  # ray.init empties the "ray" logger's handlers
 
 

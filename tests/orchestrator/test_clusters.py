@@ -324,7 +324,7 @@ def test_local_two_node_recipe_keeps_to_its_own_token_and_processes():
     starts = [c for c in commands if c.startswith("ray start")]
     assert len(starts) == 2 and all("--block" in c and c.endswith("& head=$!") or c.endswith("& worker=$!")
                                     for c in starts)
-    assert "kill $worker $head" in commands
+    assert "kill $worker $head" in commands and "rm -f /tmp/ray/ray_current_cluster" in commands
     res = subprocess.run(["bash", "-n", "-c", block], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
 

@@ -73,3 +73,17 @@ def test_a_finished_sweep_exits_0_and_one_with_a_failure_exits_1(tmp_path, monke
     assert sweep_cli._drive(state) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert f"{ids[2]}: attempt 1 exit 1: RuntimeError: boom" in err and "1 trial(s) failed" in err
+
+
+def test_without_an_address_the_sweep_starts_a_ray_of_its_own(tmp_path, monkeypatch):
+    """An address-less ray.init joins the cluster `ray start` left its address for in /tmp/ray, even a
+    stopped one (the driver then waits for its GCS and fails): the sweep asks for a local Ray of its own."""
+    import ray
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    tune_run.init_ray(tmp_path, None, num_cpus=2)
+    tune_run.init_ray(tmp_path, "10.0.0.1:6379")
+    assert calls[0]["address"] == "local" and calls[0]["num_cpus"] == 2
+    assert calls[1]["address"] == "10.0.0.1:6379"

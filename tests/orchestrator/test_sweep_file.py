@@ -188,8 +188,8 @@ def test_plan_per_token_model_matches_the_papers_cost():
 
 def test_plan_per_token_model_on_small_cpu_trials_counts_prompts_and_start_up():
     """A trial of 2 steps of 4 rollouts of 128 tokens, small evaluations: its forwards read the prompts (up to
-    768 and 2048 tokens), and start-up is most of it; sweeps/first.yaml's trials took 6.5 and 7.8 min on this
-    2-core machine under load (load average 3-8), the demo's 3 min idle."""
+    768 and 2048 tokens), and start-up is most of it; sweeps/first.yaml's trials took 6.5 to 10 min on this
+    2-core machine under load (load average 3-9), the demo's 3 min idle."""
     from orchestrator.plan import SECONDS_PER_TOKEN_BILLION, STARTUP_SECONDS, estimate, eval_tokens
 
     sweep, points = load_sweep(SWEEPS / "first.yaml")

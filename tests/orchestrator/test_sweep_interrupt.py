@@ -31,6 +31,8 @@ from tests.trainer.copy_task import copy_problems, write_problems
 pytestmark = pytest.mark.slow
 
 OPSD = [sys.executable, "-m", "orchestrator.cli"]
+# Unique to this test run, so that another run's trials (same machine) are not taken for this one's.
+SWEEP = f"stops-{os.getpid()}"
 
 
 def write_sweep(root: Path, model: str, *, name: str) -> Path:
@@ -75,8 +77,8 @@ def wait_for_running_attempts(driver: subprocess.Popen, trials: Path, n: int, lo
 @pytest.fixture(scope="module")
 def stopped_sweep(tmp_path_factory, tiny_model_dir) -> dict:
     root = tmp_path_factory.mktemp("interrupt")
-    path = write_sweep(root, str(tiny_model_dir), name="stops")
-    sweep_dir = root / "storage" / "stops"
+    path = write_sweep(root, str(tiny_model_dir), name=SWEEP)
+    sweep_dir = root / "storage" / SWEEP
     out: dict = {"root": root, "dir": sweep_dir, "seen": {}}
 
     drivers: list[subprocess.Popen] = []
@@ -87,12 +89,12 @@ def stopped_sweep(tmp_path_factory, tiny_model_dir) -> dict:
                                       stderr=subprocess.STDOUT, env=trial_env(), start_new_session=True)
         drivers.append(driver)
         wait_for_running_attempts(driver, sweep_dir / "trials", 2, root / "run.log")
-        out["seen"].update(marked_processes("stops"))
+        out["seen"].update(marked_processes(SWEEP))
         os.killpg(driver.pid, signal.SIGINT)
         out["ctrl_c_code"] = driver.wait(timeout=600)
         time.sleep(2)
         out["after_ctrl_c"] = status(sweep_dir)
-        out["alive_after_ctrl_c"] = still_alive(out["seen"]) + list(marked_processes("stops"))
+        out["alive_after_ctrl_c"] = still_alive(out["seen"]) + list(marked_processes(SWEEP))
         out["attempts_after_ctrl_c"] = {d.name: attempts(d) for d in (sweep_dir / "trials").iterdir()}
         out["driver_after_ctrl_c"] = json.loads((sweep_dir / "driver.json").read_text())
 
@@ -102,16 +104,16 @@ def stopped_sweep(tmp_path_factory, tiny_model_dir) -> dict:
                                       stderr=subprocess.STDOUT, env=trial_env(), start_new_session=True)
         drivers.append(driver)
         wait_for_running_attempts(driver, sweep_dir / "trials", 1, root / "rerun.log", after=1)
-        out["seen"].update(marked_processes("stops"))
+        out["seen"].update(marked_processes(SWEEP))
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
         first = status(sweep_dir)
         time.sleep(3)
         out["after_kill"], out["after_kill_later"] = first, status(sweep_dir)
         deadline = time.monotonic() + 60  # the trials' guards take their processes down with them
-        while (still_alive(out["seen"]) or marked_processes("stops")) and time.monotonic() < deadline:
+        while (still_alive(out["seen"]) or marked_processes(SWEEP)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        out["alive_after_kill"] = still_alive(out["seen"]) + list(marked_processes("stops"))
+        out["alive_after_kill"] = still_alive(out["seen"]) + list(marked_processes(SWEEP))
     finally:
         for driver in drivers:  # a failed wait leaves no sweep running behind the tests
             if driver.poll() is None:
@@ -139,7 +141,7 @@ def test_after_ctrl_c_no_attempt_is_open_and_no_trial_runs(stopped_sweep):
     assert stopped_sweep["driver_after_ctrl_c"]["outcome"] == "interrupted"
     # The last table printed is the stopped sweep's, not the last frame of the live view.
     log = " ".join((stopped_sweep["root"] / "run.log").read_text().split())
-    assert "sweep stops: 0/2 done, 2 interrupted" in log and "trials: 2 interrupted in" in log
+    assert f"sweep {SWEEP}: 0/2 done, 2 interrupted" in log and "trials: 2 interrupted in" in log
 
 
 def test_a_killed_driver_leaves_a_truthful_status(stopped_sweep):

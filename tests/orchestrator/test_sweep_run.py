@@ -28,12 +28,15 @@ OPSD = [sys.executable, "-m", "orchestrator.cli"]
 SECRET = "wandb-key-that-must-not-reach-trials-0123456789"
 KILLED_TRIAL = "copier-none-s0"
 STEPS = 2
+# Unique to this test run: the trials' processes are found by their OPSD_TRIAL=<sweep>/<trial> marker, and
+# another run of these tests on the same machine must not be taken for this one's leftovers.
+SWEEP = f"faults-{os.getpid()}"
 
 
 def sweep_file(root: Path, model: Path, data: Path) -> Path:
     path = root / "sweep.yaml"
     path.write_text(yaml.safe_dump({
-        "name": "faults", "storage": str(root / "storage"),
+        "name": SWEEP, "storage": str(root / "storage"),
         "models": [{"path": str(model), "label": "copier", "family": "tiny", "size_b": 0.001}],
         "contexts": ["none", "llm_peer_hints"], "seeds": [0, 1],
         "data": {"source": "jsonl", "path": str(data)},
@@ -92,7 +95,7 @@ def faulted_sweep(tmp_path_factory, tiny_model_dir) -> dict:
     data = write_problems(root / "problems.jsonl", problems)
     model = prefit_copier(tiny_model_dir, root / "copier", problems)
     path = sweep_file(root, model, data)
-    sweep_dir = root / "storage" / "faults"
+    sweep_dir = root / "storage" / SWEEP
     trials = sweep_dir / "trials"
     seen: dict[int, float] = {}
     events: dict = {"trial_env": None}
@@ -103,7 +106,7 @@ def faulted_sweep(tmp_path_factory, tiny_model_dir) -> dict:
     killed_trial = killed_driver = False
     while driver.poll() is None and not killed_driver:
         assert time.monotonic() < deadline, (root / "run.log").read_text()[-3000:]
-        seen.update(marked_processes("faults"))
+        seen.update(marked_processes(SWEEP))
         target = trials / KILLED_TRIAL
         if not killed_trial and (target / "checkpoints" / "step-00000001" / "trainer_state.json").is_file() \
                 and not (target / "trial.json").exists():
@@ -131,14 +134,14 @@ def faulted_sweep(tmp_path_factory, tiny_model_dir) -> dict:
     with open(root / "resume.log", "w") as log:
         resumed = subprocess.run([*OPSD, "sweep", "resume", str(sweep_dir)], stdout=log, stderr=subprocess.STDOUT,
                                  env=trial_env(), timeout=900)
-    seen.update(marked_processes("faults"))
+    seen.update(marked_processes(SWEEP))
     return {"root": root, "dir": sweep_dir, "resume_code": resumed.returncode, "seen": seen, **events}
 
 
 def test_sweep_finishes_after_a_killed_trial_and_a_killed_driver(faulted_sweep):
     log = (faulted_sweep["root"] / "resume.log").read_text()
     assert faulted_sweep["resume_code"] == 0, log[-3000:]
-    assert "continuing sweep faults" in log and "trials: 4 completed" in log
+    assert f"continuing sweep {SWEEP}" in log and "trials: 4 completed" in log
     trials = pd.read_parquet(faulted_sweep["dir"] / "trials.parquet")
     assert sorted(trials.trial_id) == ["copier-llm_peer_hints-s0", "copier-llm_peer_hints-s1", "copier-none-s0",
                                        "copier-none-s1"]
@@ -166,13 +169,13 @@ def test_killed_trial_resumed_from_its_checkpoint(faulted_sweep):
 def test_no_process_of_any_trial_survives(faulted_sweep):
     assert len(faulted_sweep["seen"]) >= 4  # the trials' processes were seen while they ran
     assert still_alive(faulted_sweep["seen"]) == []
-    assert marked_processes("faults") == {}
+    assert marked_processes(SWEEP) == {}
 
 
 def test_trials_see_no_wandb_key_and_no_gpu(faulted_sweep):
     env = faulted_sweep["trial_env"]
     assert env is not None and SECRET not in json.dumps(env)
-    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["OPSD_TRIAL"] == f"faults/{KILLED_TRIAL}"
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["OPSD_TRIAL"] == f"{SWEEP}/{KILLED_TRIAL}"
 
 
 def test_wandb_offline_runs_hold_each_trials_steps(faulted_sweep):
@@ -201,6 +204,6 @@ def test_the_terminal_shows_our_progress_not_third_party_logs(faulted_sweep):
     out = (faulted_sweep["root"] / "resume.log").read_text()
     for noise in ("Traceback", "(pid=", "INFO ", "WARNING ", "vllm", "DeepSpeed", "Token authentication"):
         assert noise not in out, noise
-    assert "sweep faults: 4/4 done" in out
+    assert f"sweep {SWEEP}: 4/4 done" in out
     driver_log = (faulted_sweep["dir"] / "driver.log").read_text()
     assert driver_log  # Ray's and Tune's messages went to the driver's log file
