@@ -118,7 +118,7 @@ def test_step_rows_count_the_tokens_each_phase_ran_over(copy_setup, hint_run):
     from sandbox.problems import Problem
     from trainer.models import load_tokenizer
     from trainer.prompts import student_prompt_ids
-    from trainer.student import iter_minibatches
+    from trainer.minibatches import iter_minibatches
 
     tokenizer = load_tokenizer(copy_setup["model"])
     problems = {p.id: p for p in map(Problem.model_validate_json, copy_setup["data"].read_text().splitlines())}
