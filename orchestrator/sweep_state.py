@@ -1,7 +1,9 @@
 """The sweep folder: what `opsd sweep run` writes under `<storage>/<name>/`, and how every command reads it.
 
     sweep.yaml                the sweep file as given
-    sweep.json                the resolved grid: trial ids with their model, context and seed; resources; W&B
+    sweep.json                the resolved grid: trial ids with their model, context and seed; resources; W&B;
+                              `links`: trials completed by another sweep in the same storage, not trained here
+                              (trial id -> their folder, relative to the storage folder; orchestrator/shared_trials.py)
     trials/<trial id>/        one folder per grid point, the trial's `--out` folder:
         trial.yaml            its fully resolved trial settings (the input of `opsd trial`)
         config.json, steps.parquet, trial.json, progress.json, rollouts/, checkpoints/   (written by the trial)
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ import yaml
 
 from orchestrator.errors import SweepError
 from orchestrator.remote import RemoteSweep, is_uri, mirror_dir
+from orchestrator.shared_trials import find_links
 from orchestrator.sweep_file import CheckpointRetention, GridPoint, Resources, SweepFile, WandbSettings
 from trainer.records import atomic_write_bytes
 
@@ -118,6 +121,7 @@ class SweepState:
     max_concurrent_trials: int | None
     trials: dict[str, dict[str, Any]]  # trial id -> model, context, seed, model path, family, size
     remote: str | None = None  # the sweep's URI when its storage is s3://, gs://, ...; `dir` is then a mirror
+    links: dict[str, str] = field(default_factory=dict)  # trial id -> another sweep's trial folder (storage-relative)
 
     @property
     def tune_dir(self) -> Path:
@@ -128,7 +132,15 @@ class SweepState:
         return self.dir
 
     def trial_files(self, trial_id: str) -> TrialFiles:
+        """The trial's folder: its own, or for a linked trial the folder of the sweep that trained it."""
+        if trial_id in self.links:
+            return TrialFiles(self.dir.parent / self.links[trial_id])
         return TrialFiles(self.dir / "trials" / trial_id)
+
+    @property
+    def trials_to_train(self) -> list[str]:
+        """The trial ids this sweep runs itself (all but the linked ones)."""
+        return [t for t in self.trials if t not in self.links]
 
     @classmethod
     def read(cls, sweep_dir: Path) -> "SweepState":
@@ -141,7 +153,7 @@ class SweepState:
         return cls(dir=Path(sweep_dir).resolve(), name=raw["name"], resources=Resources(**raw["resources"]),
                    wandb=WandbSettings(**raw["wandb"]), checkpoints=CheckpointRetention(**raw["checkpoints"]),
                    max_failures=raw["max_failures"], max_concurrent_trials=raw["max_concurrent_trials"],
-                   trials=raw["trials"], remote=raw.get("remote"))
+                   trials=raw["trials"], remote=raw.get("remote"), links=raw.get("links") or {})
 
     def remote_sweep(self) -> "RemoteSweep | None":
         return RemoteSweep(self.remote, self.dir) if self.remote else None
@@ -197,16 +209,22 @@ def prepare_sweep_dir(sweep: SweepFile, points: list[GridPoint], sweep_dir: Path
     trials = {p.trial_id: {"model": p.model, "context": p.context, "seed": p.seed, "model_path": p.config.model.path,
                            "family": p.config.model.family, "size_b": p.config.model.size_b, "steps": p.config.steps}
               for p in points}
+    path = sweep_dir / "sweep.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    links = dict(previous.get("links") or {})  # a link, once made, stays: Ray Tune's grid was built without it
+    if remote is None:
+        links.update({k: v for k, v in find_links(sweep_dir.parent, sweep.name, points,
+                                                   started=_started(sweep_dir, points)).items() if k not in links})
     state = {"format": STATE_FORMAT, "name": sweep.name, "resources": sweep.trial_resources.model_dump(),
              "wandb": sweep.wandb.model_dump(), "checkpoints": sweep.checkpoints.model_dump(),
              "max_failures": sweep.max_failures, "max_concurrent_trials": sweep.max_concurrent_trials,
-             "trials": trials, "remote": remote}
-    path = sweep_dir / "sweep.json"
-    if path.is_file():
-        previous = json.loads(path.read_text())
+             "trials": trials, "remote": remote, "links": links}
+    if previous:
         if previous.get("trials") != trials:
             raise SweepError(f"{sweep_dir} holds another sweep's grid; give this sweep another name or storage")
         for point in points:
+            if point.trial_id in links:
+                continue
             written = sweep_dir / "trials" / point.trial_id / "trial.yaml"
             if written.is_file() and yaml.safe_load(written.read_text()) != point.config.model_dump(mode="json"):
                 raise SweepError(f"trial {point.trial_id} in {sweep_dir} was started with other settings; "
@@ -214,12 +232,20 @@ def prepare_sweep_dir(sweep: SweepFile, points: list[GridPoint], sweep_dir: Path
     _atomic_text(sweep_dir / "sweep.yaml", source.read_text())
     _atomic_text(path, json.dumps(state, indent=1) + "\n")
     for point in points:
+        if point.trial_id in links:
+            continue
         trial_dir = sweep_dir / "trials" / point.trial_id
         trial_dir.mkdir(parents=True, exist_ok=True)
         _atomic_text(trial_dir / "trial.yaml", yaml.safe_dump(point.config.model_dump(mode="json"), sort_keys=False))
     if mirror is not None:
         mirror.push(skip=SMALL_FILES_SKIP)
     return SweepState.read(sweep_dir)
+
+
+def _started(sweep_dir: Path, points: list[GridPoint]) -> set[str]:
+    """The grid points this sweep has already started (an attempt, progress or a summary in their folder)."""
+    names = ("attempts.jsonl", "progress.json", "trial.json")
+    return {p.trial_id for p in points if any((sweep_dir / "trials" / p.trial_id / n).exists() for n in names)}
 
 
 def read_progress(path: Path) -> dict[str, Any]:

@@ -3,7 +3,8 @@ the live view of `opsd sweep run` show the same thing.
 
 A trial is `pending` before its first attempt, `running` while an attempt has started and not ended,
 `completed` once its trial.json is written, `retrying` after a failed attempt while retries remain, and
-`failed` when the last allowed attempt failed.
+`failed` when the last allowed attempt failed. A trial linked from another sweep (orchestrator/shared_trials.py)
+shows that sweep's trial, and names the sweep.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from orchestrator.shared_trials import linked_sweep
 from orchestrator.sweep_state import SweepState, TrialFiles, latest_metrics, read_progress, read_step_rows
 
 
@@ -31,6 +33,7 @@ class TrialStatus:
     last: dict[str, Any] = field(default_factory=dict)  # latest train and eval metrics
     failure: str | None = None
     host: str | None = None
+    linked: str | None = None  # the sweep that trained it, for a trial linked from another sweep
 
 
 def trial_status(state: SweepState, trial_id: str, *, now: float | None = None) -> TrialStatus:
@@ -43,7 +46,8 @@ def trial_status(state: SweepState, trial_id: str, *, now: float | None = None) 
     steps = progress.get("steps", state.trials[trial_id].get("steps"))
     seconds = sum((a.get("ended") or now) - a["started"] for a in attempts if "started" in a) if attempts else None
     status = TrialStatus(trial_id, "pending", len(attempts), steps=steps, seconds=seconds,
-                         host=attempts[-1].get("host") if attempts else None)
+                         host=attempts[-1].get("host") if attempts else None,
+                         linked=linked_sweep(state.links[trial_id]) if trial_id in state.links else None)
     status.last.update(latest_metrics(rows))
     if summary is not None and summary.get("status", "completed") == "completed":
         status.state, status.step, status.phase = "completed", steps, None
@@ -128,8 +132,8 @@ def status_table(state: SweepState, statuses: list[TrialStatus], *, elapsed: flo
 
     for s in statuses:
         step = "-" if s.step is None else f"{s.step}/{s.steps}"
-        table.add_row(s.trial_id, Text(s.state + (f" #{s.attempts}" if s.attempts > 1 else ""),
-                                       style=_STYLE[s.state]),
+        table.add_row(s.trial_id, Text(s.state + (f" #{s.attempts}" if s.attempts > 1 else "")
+                                       + (f" (in {s.linked})" if s.linked else ""), style=_STYLE[s.state]),
                       step, s.phase or "-", _clock(s.seconds), _clock(s.remaining_s),
                       num(s.last.get("train/loss"), ".4f"), num(s.last.get("train/kl"), ".4f"),
                       num(s.last.get("eval/student_acc"), ".3f"), num(s.last.get("eval/teacher_acc"), ".3f"),

@@ -109,7 +109,7 @@ def build_tuner(state: SweepState):
         trial_name_creator=lambda trial: trial.config["trial_id"],
         trial_dirname_creator=lambda trial: trial.config["trial_id"])
     param_space = {"sweep_dir": str(state.dir), "sweep_uri": state.remote,
-                   "trial_id": tune.grid_search(list(state.trials))}
+                   "trial_id": tune.grid_search(state.trials_to_train)}  # linked trials are not run again
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), False
 
 
@@ -119,6 +119,11 @@ def run_sweep(state: SweepState, *, address: str | None = None, allow_pending: b
     import ray
 
     console = console or Console(stderr=True)
+    if state.links:
+        console.print(f"{len(state.links)} of {len(state.trials)} trials completed in other sweeps of the same "
+                      f"storage are linked, not trained again: " + ", ".join(sorted(state.links)))
+    if not state.trials_to_train:
+        return 0
     init_ray(state, address, num_cpus=num_cpus, num_gpus=num_gpus)
     try:
         if not allow_pending:

@@ -85,3 +85,29 @@ def test_the_defaults_are_table_2_where_it_has_a_value():
     assert (cfg.rollout.max_prompt_tokens, cfg.rollout.max_response_tokens) == (2048, 32768)
     assert (cfg.optim.lr, cfg.optim.mini_batch_size, cfg.teacher.ema_rate, cfg.loss.top_k) == (1e-6, 8, 0.01, 20)
     assert (cfg.eval.n_samples, cfg.eval.temperature, cfg.eval.top_p, cfg.eval.every_steps) == (4, 0.6, 0.95, 5)
+
+
+def test_plan_of_both_paper_sweeps_shows_the_recipe_and_counts_shared_trials_once():
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "plan", str(SWEEPS / "paper_fig1.yaml"),
+                             str(SWEEPS / "paper_fig3.yaml")], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "COLUMNS": "250"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    recipe = ("recipe: 50 steps of 32 prompts x 8 rollouts = 256 rollouts, 32 optimizer steps of 8 rollouts each "
+              "(micro-batches of 1 on 8 ranks); prompts <= 2,048 tokens (longer problems dropped), responses <= "
+              "32,768 (validation 32,768), teacher prompts <= 10,240; lr 1e-06, EMA 0.01, reverse_kl over top-20 "
+              "(topk_tail), sdpo_compat on, rollout correction truncated at 2; validation mean@4 at T=0.6, top-p "
+              "0.95, every 5 steps")
+    assert out.count(recipe) == 2  # one line per sweep file
+    # Fig. 3's three Qwen3-8B x peer_solution_feedback trials are Fig. 1's: trained once, by paper-fig1.
+    assert out.count("shared: trained by paper-fig1, not counted") == 3
+    assert "12 trials (3 shared with paper-fig1: trained there, not here)" in out
+    fig1_hours = float(out.split("30 trials, about ")[1].split(" GPU-hours")[0])
+    fig3_hours = float(out.split("not here), about ")[1].split(" GPU-hours")[0])
+    together = out.split("together: ")[1]
+    assert together.startswith("42 trials in 2 sweeps, 39 trained and 3 shared (each counted once), about "
+                               f"{fig1_hours + fig3_hours:.1f} GPU-hours")
