@@ -96,10 +96,14 @@ def linked_sweep(link: str) -> str:
 
 def shared_between(plans: list[tuple[str, str, list[GridPoint]]]) -> dict[tuple[str, str], str]:
     """Sweeps planned together, in run order, each as (name, storage, grid): (sweep, trial id) -> the earlier
-    sweep in the same storage that trains the same trial."""
+    sweep in the same storage folder that trains the same trial (none in s3:// or gs:// storage: module
+    docstring)."""
     first: dict[tuple[str, str], str] = {}
     shared = {}
     for name, storage, points in plans:
+        if "://" in storage:
+            continue
+        storage = str(Path(storage).expanduser().resolve())
         for point in points:
             key = (storage, result_key(point.config))
             if key in first and first[key] != name:

@@ -65,8 +65,9 @@ def test_paper_fig1_and_fig3_share_the_three_qwen3_8b_peer_solution_feedback_tri
     assert hints.config.context.hints_path is not None
     assert result_key(hints.config) != result_key(hints.config.model_copy(update={
         "context": hints.config.context.model_copy(update={"hints_path": "/other.jsonl"})}))
-    # Another storage folder is another set of results: nothing is shared.
+    # Another storage folder is another set of results, and remote storage links nothing: nothing is shared.
     assert shared_between([(fig1.name, "/a", points1), (fig3.name, "/b", points3)]) == {}
+    assert shared_between([(fig1.name, "s3://b/p", points1), (fig3.name, "s3://b/p", points3)]) == {}
 
 
 def test_a_second_sweep_links_the_trials_a_first_one_completed(tmp_path):
