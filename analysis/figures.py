@@ -141,7 +141,7 @@ def fig2_dynamics(steps: pd.DataFrame, out_dir: str | Path, *, measure: str = "a
 
     steps: results.join_steps() output. Returns {"paths": [...], "curves": {(context, model): DataFrame
     with step, student_mean, student_sd, teacher_mean, teacher_sd}, "labels": {"x", "y"}, "xticks": the
-    first panel's step ticks}.
+    first panel's step ticks; the decoding is the legend's title}.
     """
     contexts = sorted(steps["context"].unique())
     colours = _palette(sorted(steps["model"].unique()))
@@ -168,19 +168,21 @@ def fig2_dynamics(steps: pd.DataFrame, out_dir: str | Path, *, measure: str = "a
             ax.set_visible(False)
         for ax in axes[: len(contexts)]:
             ax.tick_params(labelbottom=True, labelleft=True)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))  # whole steps, round numbers
         fig.supxlabel("Training step", fontsize=7.5)
-        at = f"train-time decoding ({decoding})" if decoding else "train-time decoding"
-        ylabel = f"Validation accuracy, {MEASURE_NAMES[measure]}\n(student and self-teacher at {at})"
+        ylabel = f"Validation accuracy\n({MEASURE_NAMES[measure]})"
         fig.supylabel(ylabel, fontsize=7.5)
+        at = f"train-time decoding ({decoding})" if decoding else "train-time decoding"
+        title = f"Student and self-teacher, both at {at}"
         handles = [Line2D([], [], color=c, label=m) for m, c in colours.items()]
         handles += [Line2D([], [], color="0.3", ls="-", label="student"),
                     Line2D([], [], color="0.3", ls="--", label="self-teacher")]
         fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 2 if width == SINGLE else 4),
-                   frameon=False)
+                   frameon=False, title=title, title_fontsize=7.5)
         paths = _save(fig, Path(out_dir), "fig2_dynamics")
         xticks = [float(x) for x in axes[0].get_xticks() if axes[0].get_xlim()[0] <= x <= axes[0].get_xlim()[1]]
-    return {"paths": paths, "curves": curves, "labels": {"x": "Training step", "y": ylabel}, "xticks": xticks}
+    return {"paths": paths, "curves": curves, "labels": {"x": "Training step", "y": ylabel, "title": title},
+            "xticks": xticks}
 
 
 def fig3_scale(fit: FitResult, out_dir: str | Path, *, measure: str = "all_pass") -> dict:

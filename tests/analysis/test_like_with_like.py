@@ -84,7 +84,8 @@ def test_fig2_draws_both_sides_at_train_time_decoding_on_whole_steps(tmp_path):
     assert curve["student_mean"].tolist() == pytest.approx([0.22, 0.27, 0.32])
     assert curve["teacher_mean"].tolist() == pytest.approx([0.33, 0.33, 0.33])
     assert drawn["xticks"] and all(float(x).is_integer() for x in drawn["xticks"])
-    assert "train-time decoding (T=1, top-p 1)" in drawn["labels"]["y"] and "all tests passed" in drawn["labels"]["y"]
+    assert drawn["labels"]["title"] == "Student and self-teacher, both at train-time decoding (T=1, top-p 1)"
+    assert "all tests passed" in drawn["labels"]["y"]
     # A file without student_acc_t1 gets it from the gap (teacher - gap), as the trainer defines the gap.
     derived = join_steps(steps.drop(columns="student_acc_t1"), trials)
     assert derived["student_acc_t1"].to_numpy() == pytest.approx(joined["student_acc_t1"].to_numpy())
