@@ -78,14 +78,20 @@ def local_tokenizer(model: ModelConfig):
     from trainer.config import EMBEDDED_SMOLLM2
     from trainer.models import load_tokenizer, resolve_model
 
+    missing = None, f"the tokenizer of {model.path} is not on this machine"
     try:
         if model.path == EMBEDDED_SMOLLM2 or model.gguf_file or Path(model.path).expanduser().is_dir():
             return load_tokenizer(resolve_model(model)), ""
+        from huggingface_hub import try_to_load_from_cache
+
+        # Asked of the cache first: transformers takes seconds to import, and the answer is usually no.
+        if not isinstance(try_to_load_from_cache(model.path, "tokenizer_config.json"), str):
+            return missing
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(model.path, local_files_only=True), ""
     except Exception:  # noqa: BLE001 - not on this machine (or unreadable): the plan says so instead of counting
-        return None, f"the tokenizer of {model.path} is not on this machine"
+        return missing
 
 
 def data_line(labels: list[str], cfg: TrialConfig, counts: ProblemCounts) -> str:

@@ -3,13 +3,10 @@ over-long too, with the model's tokenizer), and states its assumption when it is
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from orchestrator.plan import eval_tokens
-from orchestrator.plan_data import ASSUMED_VAL_PROBLEMS, problem_counts
+from orchestrator.plan_data import ASSUMED_VAL_PROBLEMS, data_lines, problem_counts
 from orchestrator.sweep_file import load_sweep
 from sandbox.loaders import save_problems_jsonl
 from sandbox.problems import Problem, ProblemTest
@@ -57,11 +54,9 @@ def test_problems_are_counted_from_local_data_with_the_models_tokenizer(tmp_path
     # The estimate evaluates those 2 problems: 10 steps evaluated every 5 and before step 1 = 3 evaluations,
     # each of 2 + 1 + 1 samples (mean@2, the student's attempt at T=1, the self-teacher) of 32 tokens on average.
     assert eval_tokens(points[0]) == 3 * 2 * 4 * 32
-    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "plan", str(path)],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "300"})
-    assert result.returncode == 0, result.stderr
-    assert (f"data of tiny: 10 jsonl problems from {tmp_path / 'problems.jsonl'}, 3 dropped (student prompt longer "
-            "than 512 tokens): 5 train and 2 validation problems (data.split 'problems')") in result.stdout
+    assert data_lines(points) == [
+        f"data of tiny: 10 jsonl problems from {tmp_path / 'problems.jsonl'}, 3 dropped (student prompt longer "
+        "than 512 tokens): 5 train and 2 validation problems (data.split 'problems')"]
 
 
 def test_without_the_data_or_the_tokenizer_the_plan_says_what_it_assumes(tmp_path):
@@ -78,3 +73,7 @@ def test_without_the_data_or_the_tokenizer_the_plan_says_what_it_assumes(tmp_pat
     counts = problem_counts(points[0].config)
     assert (counts.loaded, counts.dropped, counts.train, counts.val) == (10, None, 8, 2)
     assert counts.tokenizer_note == "the tokenizer of nobody/no-such-model is not on this machine"
+    assert data_lines(points) == [
+        f"data of tiny: 10 jsonl problems from {tmp_path / 'problems.jsonl'}, over-long prompts not counted (the "
+        "tokenizer of nobody/no-such-model is not on this machine): 8 train and 2 validation problems (data.split "
+        "'problems')"]

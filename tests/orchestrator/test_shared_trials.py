@@ -4,15 +4,13 @@ sweep (its plan, sweep.json, status and collect say so), and `opsd analyze` on b
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.cli import main
 from orchestrator.collect import collect
 from orchestrator.shared_trials import result_key, shared_between
 from orchestrator.sweep_file import load_sweep
@@ -25,7 +23,7 @@ SWEEP = """\
 name: {name}
 storage: {storage}
 models:
-  - {{path: embedded:smollm2-135m-instruct, label: tiny, family: smollm2, size_b: 0.135}}
+  - {{path: nobody/tiny-model, label: tiny, family: smollm2, size_b: 0.135}}   # no tokenizer here: the plan counts fast
 contexts: {contexts}
 seeds: [0]
 data: {{source: humaneval, max_val_problems: 4}}
@@ -70,7 +68,7 @@ def test_paper_fig1_and_fig3_share_the_three_qwen3_8b_peer_solution_feedback_tri
     assert shared_between([(fig1.name, "s3://b/p", points1), (fig3.name, "s3://b/p", points3)]) == {}
 
 
-def test_a_second_sweep_links_the_trials_a_first_one_completed(tmp_path):
+def test_a_second_sweep_links_the_trials_a_first_one_completed(tmp_path, monkeypatch, capsys):
     first_file = sweep_file(tmp_path, "first", "[none, peer_solution_feedback]")
     second_file = sweep_file(tmp_path, "second", "[peer_solution_feedback, feedback]")
     first, first_points = load_sweep(first_file)
@@ -83,12 +81,11 @@ def test_a_second_sweep_links_the_trials_a_first_one_completed(tmp_path):
     finish(first_state.trial_files("tiny-peer_solution_feedback-s0").dir, gap=0.20, improvement=0.10)
 
     # The plan of the second sweep says which trial it will link, and leaves it out of its total.
-    env = {**os.environ, "COLUMNS": "250"}
-    plan = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "plan", str(second_file)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert plan.returncode == 0, plan.stderr
-    assert "shared: trained by first, not counted" in plan.stdout
-    assert "2 trials (1 shared with first: trained there, not here)" in plan.stdout
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["sweep", "plan", str(second_file)]) == 0
+    plan = capsys.readouterr().out
+    assert "shared: trained by first, not counted" in plan
+    assert "2 trials (1 shared with first: trained there, not here)" in plan
 
     state = prepare_sweep_dir(second, second_points, sweep_dir_of(second), second_file)
     assert state.links == {"tiny-peer_solution_feedback-s0": "first/trials/tiny-peer_solution_feedback-s0"}
@@ -121,10 +118,7 @@ def test_a_second_sweep_links_the_trials_a_first_one_completed(tmp_path):
 
     # `opsd analyze` on both sweeps' folders: three configurations, the shared trial once.
     out = tmp_path / "report"
-    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "analyze", str(first_state.dir),
-                             str(state.dir), "--out", str(out), "--bootstrap", "0"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    assert main(["analyze", str(first_state.dir), str(state.dir), "--out", str(out), "--bootstrap", "0"]) == 0
     report = (out / "report.md").read_text()
     assert "3 configurations, 3 completed trials (of 4 rows; 1 row left out as the same trial" in report
     assert "both at train-time decoding (T=1, top-p 1)" in report  # read from the trials' settings
