@@ -17,7 +17,10 @@ def aggregate_configs(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, context) of completed trials.
 
     Columns: CONFIG_KEYS, n_seeds, gap_mean, gap_sd, improvement_mean, improvement_sd (sample SD, ddof=1;
-    0 for a single seed), initial_student_mean, initial_teacher_mean, final_student_mean.
+    0 for a single seed), initial_student_mean, initial_teacher_mean, final_student_mean, and
+    initial_student_t1_mean: the student at the self-teacher's train-time decoding, the side of the gap (each
+    trial's gap is teacher − that student, so its mean is initial_teacher_mean − gap_mean exactly), where
+    initial_student_mean is the student at validation decoding, the side of the improvement.
     """
     # numpy rather than a pandas groupby: the coverage checks and the bootstrap call this thousands of times.
     # Family and size are fixed per model (results.completed_trials checks it), so (family, model, context)
@@ -41,6 +44,7 @@ def aggregate_configs(trials: pd.DataFrame) -> pd.DataFrame:
         initial_student_mean=mean("initial_student_acc"), initial_teacher_mean=mean("initial_teacher_acc"),
         final_student_mean=mean("final_student_acc"),
     )
+    out["initial_student_t1_mean"] = out["initial_teacher_mean"] - out["gap_mean"]
     return out
 
 

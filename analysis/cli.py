@@ -15,8 +15,11 @@ examples:
   opsd analyze runs/sweep --out report/                      configuration means, 1000 bootstrap resamples
   opsd analyze runs/sweep/trials.parquet --out report/ --seed-level --bootstrap 0
   opsd analyze runs/sweep --out report/ --weighted --bootstrap 2000 --seed 7
+  opsd analyze /shared/opsd-sweeps/paper-fig1 /shared/opsd-sweeps/paper-fig3 --out report/
 
-RESULTS is a folder holding trials.parquet (and optionally steps.parquet for Fig. 2) or the trials file.
+RESULTS is a folder holding trials.parquet (and optionally steps.parquet for Fig. 2) or the trials file; give
+several (e.g. two sweeps) to fit them together: a trial found in more than one (shared by two sweeps, or
+the same settings trained twice) is kept once.
 Writes OUT/law.json, OUT/report.md, OUT/fig1_law.{png,pdf}, OUT/fig2_dynamics.{png,pdf} (when steps
 exist) and OUT/fig3_scale.{png,pdf} (when several model sizes exist).
 """
@@ -27,7 +30,7 @@ def register(subparsers) -> None:
         description="Fit improvement = a + b·gap per model family from trials.parquet: intervals, "
                     "leave-one-configuration-out CV, seed bootstrap, figures and a report.",
         epilog=ANALYZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    analyze.add_argument("results", metavar="RESULTS", help="results folder or trials file")
+    analyze.add_argument("results", nargs="+", metavar="RESULTS", help="results folders or trials files")
     analyze.add_argument("--out", required=True, metavar="DIR", help="folder for law.json, figures, report.md")
     analyze.add_argument("--seed-level", action="store_true",
                          help="fit every seed as a point instead of configuration means")

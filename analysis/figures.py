@@ -15,7 +15,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from matplotlib.ticker import MaxNLocator
+
 from analysis.fit import FitResult, fit_line
+from analysis.results import MEASURE_NAMES
 
 SINGLE, DOUBLE = 3.4, 7.0  # column widths in inches
 STYLE = {
@@ -23,9 +26,16 @@ STYLE = {
     "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.2, "axes.linewidth": 0.6,
     "axes.spines.top": False, "axes.spines.right": False, "savefig.dpi": 300, "pdf.fonttype": 42,
 }
-GAP_LABEL = "Initial gap (self-teacher − student acc.)"
-IMPROVEMENT_LABEL = "Improvement (final − initial acc.)"
 MARKERS = "osD^vP*X"
+
+
+def gap_label(measure: str) -> str:
+    """The gap axis, naming the accuracy measure (results.MEASURE_NAMES)."""
+    return f"Initial gap: self-teacher − student\n({MEASURE_NAMES[measure]})"
+
+
+def improvement_label(measure: str) -> str:
+    return f"Improvement: final − initial student\n({MEASURE_NAMES[measure]})"
 
 
 def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
@@ -62,13 +72,14 @@ def _fmt(value) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.2f}"
 
 
-def fig1_law(fit: FitResult, out_dir: str | Path) -> dict:
+def fig1_law(fit: FitResult, out_dir: str | Path, *, measure: str = "all_pass") -> dict:
     """Fig. 1: improvement vs gap per family — configuration means with 1-SD error bars over seeds on both
     axes, coloured by context, the fitted line with its confidence band, and slope, R², LOO R². A line
     through two configurations is drawn without a band, labelled as such.
 
     Returns {"paths": [...], "families": {family: {"x", "y", "band_lo", "band_hi", "slope", "intercept",
-    "n_points"}}} where slope/intercept are those of the drawn line; band_lo/band_hi are None without a band.
+    "n_points"}}, "labels": {"x", "y"}} where slope/intercept are those of the drawn line; band_lo/band_hi are
+    None without a band; the axis labels name the accuracy measure.
     """
     law = fit.law
     families = list(law.families)
@@ -101,8 +112,8 @@ def fig1_law(fit: FitResult, out_dir: str | Path) -> dict:
             ax.plot(curve["x"], curve["y"], color="0.15", zorder=2)
             ax.axhline(0, color="0.7", lw=0.5, zorder=0)
             ax.set_title(family)
-            ax.set_xlabel(GAP_LABEL)
-            ax.set_ylabel(IMPROVEMENT_LABEL)
+            ax.set_xlabel(gap_label(measure))
+            ax.set_ylabel(improvement_label(measure))
             ax.text(0.03, 0.97, f"{stats}\n{line.n_configs} configs, {line.n_trials} trials",
                     transform=ax.transAxes, va="top", fontsize=7,
                     bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "0.8", "lw": 0.5})
@@ -118,15 +129,19 @@ def fig1_law(fit: FitResult, out_dir: str | Path) -> dict:
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 2 if width == SINGLE else 3),
                    frameon=False, title="context", title_fontsize=7)
         paths = _save(fig, Path(out_dir), "fig1_law")
-    return {"paths": paths, "families": drawn}
+    return {"paths": paths, "families": drawn, "labels": {"x": gap_label(measure), "y": improvement_label(measure)}}
 
 
-def fig2_dynamics(steps: pd.DataFrame, out_dir: str | Path) -> dict:
-    """Fig. 2: student (solid) and self-teacher (dashed) validation accuracy over training steps, one panel
-    per context, one colour per model, mean over seeds with a ±1 SD band.
+def fig2_dynamics(steps: pd.DataFrame, out_dir: str | Path, *, measure: str = "all_pass",
+                  decoding: str | None = None) -> dict:
+    """Fig. 2: student (solid) and self-teacher (dashed) accuracy on the validation problems over training
+    steps, both at the same decoding: the train-time one (`decoding`, e.g. "T=1, top-p 1") at which the gap is
+    measured (the student's `student_acc_t1`, the self-teacher's `teacher_acc`); one panel per context, one
+    colour per model, mean over seeds with a ±1 SD band; whole steps on the x axis.
 
     steps: results.join_steps() output. Returns {"paths": [...], "curves": {(context, model): DataFrame
-    with step, student_mean, student_sd, teacher_mean, teacher_sd}}.
+    with step, student_mean, student_sd, teacher_mean, teacher_sd}, "labels": {"x", "y"}, "xticks": the
+    first panel's step ticks; the decoding is the legend's title}.
     """
     contexts = sorted(steps["context"].unique())
     colours = _palette(sorted(steps["model"].unique()))
@@ -140,7 +155,7 @@ def fig2_dynamics(steps: pd.DataFrame, out_dir: str | Path) -> dict:
         for ax, context in zip(axes, contexts):
             for model, rows in steps[steps["context"] == context].groupby("model", sort=True):
                 curve = rows.groupby("step").agg(
-                    student_mean=("student_acc", "mean"), student_sd=("student_acc", "std"),
+                    student_mean=("student_acc_t1", "mean"), student_sd=("student_acc_t1", "std"),
                     teacher_mean=("teacher_acc", "mean"), teacher_sd=("teacher_acc", "std")).fillna(0.0)
                 curve = curve.reset_index()
                 curves[(context, model)] = curve
@@ -153,25 +168,31 @@ def fig2_dynamics(steps: pd.DataFrame, out_dir: str | Path) -> dict:
             ax.set_visible(False)
         for ax in axes[: len(contexts)]:
             ax.tick_params(labelbottom=True, labelleft=True)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))  # whole steps, round numbers
         fig.supxlabel("Training step", fontsize=7.5)
-        fig.supylabel("Validation accuracy", fontsize=7.5)
+        ylabel = f"Validation accuracy\n({MEASURE_NAMES[measure]})"
+        fig.supylabel(ylabel, fontsize=7.5)
+        at = f"train-time decoding ({decoding})" if decoding else "train-time decoding"
+        title = f"Student and self-teacher, both at {at}"
         handles = [Line2D([], [], color=c, label=m) for m, c in colours.items()]
         handles += [Line2D([], [], color="0.3", ls="-", label="student"),
                     Line2D([], [], color="0.3", ls="--", label="self-teacher")]
         fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 2 if width == SINGLE else 4),
-                   frameon=False)
+                   frameon=False, title=title, title_fontsize=7.5)
         paths = _save(fig, Path(out_dir), "fig2_dynamics")
-    return {"paths": paths, "curves": curves}
+        xticks = [float(x) for x in axes[0].get_xticks() if axes[0].get_xlim()[0] <= x <= axes[0].get_xlim()[1]]
+    return {"paths": paths, "curves": curves, "labels": {"x": "Training step", "y": ylabel, "title": title},
+            "xticks": xticks}
 
 
-def fig3_scale(fit: FitResult, out_dir: str | Path) -> dict:
+def fig3_scale(fit: FitResult, out_dir: str | Path, *, measure: str = "all_pass") -> dict:
     """Fig. 3: the law across model sizes. (a) improvement vs gap coloured by size, one fitted line per model
     that has at least 3 configurations (else its family's line, dashed); (b) each such model's slope with its
     confidence interval against size, beside its family's slope (dashed line) and band. Panel (b) is left out
     when no model has 3 configurations (e.g. the paper's one context per size).
 
     Returns {"paths": [...], "models": {model: {"size", "family", "slope", "slope_ci", "line_slope"}},
-    "family_lines": [families drawn as one line across sizes]}.
+    "family_lines": [families drawn as one line across sizes], "labels": {"x", "y"} of panel (a)}.
     """
     law = fit.law
     confidence = law.settings["confidence"]
@@ -212,8 +233,8 @@ def fig3_scale(fit: FitResult, out_dir: str | Path) -> dict:
             xs = np.array([line.x_min, line.x_max])
             ax_law.plot(xs, line.intercept + line.slope * xs, color="0.3", ls="--", lw=1, zorder=0)
         ax_law.axhline(0, color="0.7", lw=0.5, zorder=0)
-        ax_law.set_xlabel(GAP_LABEL)
-        ax_law.set_ylabel(IMPROVEMENT_LABEL)
+        ax_law.set_xlabel(gap_label(measure))
+        ax_law.set_ylabel(improvement_label(measure))
         ax_law.set_title("(a) the law at each size" if ax_slope is not None else "The law across model sizes")
         handles = [Line2D([], [], ls="", marker="o", color=c, ms=4, label=f"{s:g}B") for s, c in size_colour.items()]
         if len(families) > 1:
@@ -247,4 +268,5 @@ def fig3_scale(fit: FitResult, out_dir: str | Path) -> dict:
         paths = _save(fig, Path(out_dir), "fig3_scale")
     for d in per_model.values():
         d.pop("intercept")
-    return {"paths": paths, "models": per_model, "family_lines": family_lines}
+    return {"paths": paths, "models": per_model, "family_lines": family_lines,
+            "labels": {"x": gap_label(measure), "y": improvement_label(measure)}}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from analysis.bootstrap import attach_bootstrap, bootstrap_draws, bootstrap_obst
 from analysis.errors import AnalysisError
 from analysis.fit import FitResult, fit_law
 from analysis.law import FEW_CONFIGS, MIN_CONFIGS, MIN_LINE_CONFIGS, PAPER_CONTEXTS, Law, LineLaw
-from analysis.results import completed_trials, join_steps, load_results, use_measure
+from analysis.results import completed_trials, decodings, join_steps, load_all_results, use_measure
 
 # The verdict's thresholds: a law "holds" when its slope is positive with an interval that excludes zero and
 # it predicts held-out configurations better than half their variance.
@@ -31,14 +31,16 @@ class AnalysisOutput:
     figures: dict[str, dict] = field(default_factory=dict)  # fig name → what the figure function returned
 
 
-def run_analysis(results: str | Path, out_dir: str | Path, *, unit: Unit = "configuration",
+def run_analysis(results: str | Path | Sequence[str | Path], out_dir: str | Path, *, unit: Unit = "configuration",
                  weighted: bool = False, n_bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95,
                  progress: Callable[[int, int], None] | None = None, measure: str = "all_pass") -> AnalysisOutput:
-    """Fit the law from RESULTS (folder with trials.parquet [+ steps.parquet], or the trials file) and write
-    out_dir/law.json, out_dir/report.md and the figures (PNG and PDF). n_bootstrap=0 skips the bootstrap."""
+    """Fit the law from RESULTS (folder with trials.parquet [+ steps.parquet], or the trials file; or several,
+    each trial kept once: results.load_all_results) and write out_dir/law.json, out_dir/report.md and the
+    figures (PNG and PDF). n_bootstrap=0 skips the bootstrap."""
     if n_bootstrap < 0:
         raise AnalysisError(f"--bootstrap must be 0 or more, got {n_bootstrap}")
-    raw_trials, raw_steps = load_results(results)
+    sources = [Path(results)] if isinstance(results, (str, Path)) else [Path(r) for r in results]
+    raw_trials, raw_steps, n_repeated = load_all_results(sources)
     raw_trials, raw_steps = use_measure(raw_trials, measure), use_measure(raw_steps, measure)
     trials = completed_trials(raw_trials)
     fit = fit_law(trials, unit=unit, weighted=weighted, confidence=confidence)
@@ -56,16 +58,25 @@ def run_analysis(results: str | Path, out_dir: str | Path, *, unit: Unit = "conf
 
     from analysis.figures import fig1_law, fig2_dynamics, fig3_scale  # matplotlib only once there is a fit
 
-    figures = {"fig1_law": fig1_law(fit, out)}
+    decoding = decodings(raw_trials)
+    figures = {"fig1_law": fig1_law(fit, out, measure=measure)}
     steps = join_steps(raw_steps, raw_trials) if raw_steps is not None else None
-    if steps is not None and not steps.empty:
-        figures["fig2_dynamics"] = fig2_dynamics(steps, out)
+    # Fig. 2 compares student and self-teacher at one decoding: it needs the student's train-time accuracy.
+    left_out = []
+    if steps is not None and steps["student_acc_t1"].notna().any():
+        figures["fig2_dynamics"] = fig2_dynamics(steps, out, measure=measure, decoding=decoding["train"])
+    elif steps is not None and not steps.empty:
+        left_out.append("Fig. 2 is left out: the steps lack the student's accuracy at the self-teacher's "
+                        "train-time decoding (`student_acc_t1`, or `gap`), and its validation accuracy is at "
+                        "another decoding.")
     fitted_configs = fit.configs[fit.configs["model_family"].isin(list(law.families))]
     if fitted_configs["model_size_b"].nunique() > 1:
-        figures["fig3_scale"] = fig3_scale(fit, out)
+        figures["fig3_scale"] = fig3_scale(fit, out, measure=measure)
 
     report_path = out / "report.md"
-    report = render_report(law, fit, figures, results=Path(results), n_all=len(raw_trials))
+    report = render_report(law, fit, figures, results=sources, n_all=len(raw_trials) + n_repeated,
+                           n_repeated=n_repeated,
+                           decoding=decoding, left_out=left_out)
     if measure == "tests":  # said once, under the title: every accuracy below is a fraction of tests
         title, _, rest = report.partition("\n")
         report = f"{title}\n\nAccuracy measure: the fraction of tests passed (`*_test_frac`), not all tests passed.\n{rest}"
@@ -178,13 +189,22 @@ def _bootstrap_impossible(law: Law) -> bool:
     return all("bootstrap" in line.not_computed for line in lines)
 
 
-def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results: Path, n_all: int) -> str:
+def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results: Path | Sequence[Path], n_all: int,
+                  n_repeated: int = 0, decoding: dict[str, str | None] | None = None,
+                  left_out: Sequence[str] = ()) -> str:
     settings = law.settings
     unit = "configuration means" if settings["unit"] == "configuration" else "every seed as a point"
+    sources = [results] if isinstance(results, Path) else list(results)
+    repeated = (f"; {n_repeated} row{'s' * (n_repeated != 1)} left out as the same trial in an earlier result: "
+                f"a trial shared by two sweeps counts once" if n_repeated else "")
+    decoding = decoding or {}
+    train_decoding = "train-time decoding" + (f" ({decoding['train']})" if decoding.get("train") else "")
+    val_decoding = "validation decoding" + (f" ({decoding['validation']}, mean@n)" if decoding.get("validation")
+                                            else " (mean@n)")
     parts = [
         "# The predictive law: improvement = a + b · initial gap",
-        f"Results: `{results}` — {len(fit.configs)} configurations, {int(fit.configs['n_seeds'].sum())} "
-        f"completed trials (of {n_all} rows). Fit on {unit} by "
+        f"Results: {', '.join(f'`{s}`' for s in sources)} — {len(fit.configs)} configurations, "
+        f"{int(fit.configs['n_seeds'].sum())} completed trials (of {n_all} rows{repeated}). Fit on {unit} by "
         f"{'WLS, weighted by the inverse seed variance of each configuration' if settings['weighted'] else 'OLS'}; "
         f"intervals at "
         f"{100 * settings['confidence']:g}%; "
@@ -240,12 +260,17 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
                      + "\n".join(f"- {item}" for item in missing))
 
     parts.append("## Configurations")
+    parts.append(f"Means over seeds. The gap compares student and self-teacher at the same decoding, the "
+                 f"{train_decoding}: gap = teacher₀ − student₀ there. The improvement is the student's at "
+                 f"{val_decoding}: final − student₀ there.")
     rows = [[r.model_family, r.model, f"{r.model_size_b:g}", r.context, str(r.n_seeds),
-             f"{fmt_num(r.gap_mean)} ± {fmt_num(r.gap_sd)}",
-             f"{fmt_num(r.improvement_mean)} ± {fmt_num(r.improvement_sd)}", fmt_num(r.initial_student_mean), fmt_num(r.initial_teacher_mean), fmt_num(r.final_student_mean)]
+             fmt_num(r.initial_student_t1_mean), fmt_num(r.initial_teacher_mean), f"{fmt_num(r.gap_mean)} ± {fmt_num(r.gap_sd)}",
+             fmt_num(r.initial_student_mean), fmt_num(r.final_student_mean),
+             f"{fmt_num(r.improvement_mean)} ± {fmt_num(r.improvement_sd)}"]
             for r in fit.configs.itertuples()]
-    parts.append(_table(["family", "model", "size (B)", "context", "seeds", "gap (mean ± SD)",
-                         "improvement (mean ± SD)", "student₀", "teacher₀", "student final"], rows))
+    parts.append(_table(["family", "model", "size (B)", "context", "seeds", "student₀ (train-time)",
+                         "teacher₀ (train-time)", "gap (mean ± SD)", "student₀ (validation)",
+                         "student final (validation)", "improvement (mean ± SD)"], rows))
 
     parts.append("## Diagnostics")
     points = fit.points[fit.points["family_fitted"]]
@@ -277,11 +302,13 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
         "fig1_law": "Fig. 1 — improvement vs initial gap per family (1-SD error bars over seeds), fitted line "
                     "and its confidence band"
                     + (" (none on a line through two configurations)." if two_point else "."),
-        "fig2_dynamics": "Fig. 2 — student (solid) and self-teacher (dashed) validation accuracy over training.",
+        "fig2_dynamics": f"Fig. 2 — student (solid) and self-teacher (dashed) accuracy on the validation problems "
+                         f"over training, both at {train_decoding}.",
         "fig3_scale": "Fig. 3 — the law across model sizes.",
     }
     for name, caption in captions.items():
         if name in figures:
             parts.append(f"![{caption}]({name}.png)\n\n{caption} ([PDF]({name}.pdf))")
+    parts.extend(left_out)
     return "\n\n".join(parts) + "\n"
 

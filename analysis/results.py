@@ -4,16 +4,21 @@ trials.parquet needs the columns in `TRIAL_COLUMNS`; only rows with status "comp
 columns (the orchestrator adds GPU-hours, config, code version, ...) are ignored. steps.parquet, used only by
 the dynamics figure, needs `STEP_COLUMNS`; `model`, `model_family`, `context` and `seed` are taken from it when
 present, else joined from trials.parquet through `trial_id`.
+
+Several results (sweeps) are read as one by `load_all_results`, each trial kept once: `opsd sweep collect`
+writes `trained_in` (the sweep that trained a trial; another one for a trial linked from it) and `config_key`
+(the digest of the settings that decide its results), so a trial seen in two sweeps' results is recognised.
 """
 
 from __future__ import annotations
 
 import json
-
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from analysis.errors import AnalysisError
 
@@ -76,7 +81,10 @@ _TEST_FRAC_COLUMNS = {
     "initial_gap": "initial_gap_test_frac", "final_student_acc": "final_student_test_frac",
     "improvement": "improvement_test_frac", "student_acc": "student_test_frac", "teacher_acc": "teacher_test_frac",
     "gap": "gap_test_frac", "initial_student_acc_t1": "initial_student_test_frac_t1",
+    "student_acc_t1": "student_test_frac_t1",
 }
+# How each measure is named on axes and in tables.
+MEASURE_NAMES = {"all_pass": "all tests passed", "tests": "fraction of tests passed"}
 
 
 def use_measure(frame: pd.DataFrame | None, measure: str) -> pd.DataFrame | None:
@@ -113,6 +121,67 @@ def load_results(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     steps_path = trials_path.parent / "steps.parquet"
     steps = read_steps(steps_path) if steps_path.is_file() else None
     return trials, steps
+
+
+def load_all_results(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame | None, int]:
+    """Several RESULTS (each read by `load_results`) as one, every trial once; returns (trials, steps, the rows
+    left out as a trial already read).
+
+    With several results each row's `trial_id` gets its result's folder name in front (two sweeps may use the
+    same ids), and a trial found twice is kept where it is first read: the same `trained_in` and trial id (a
+    trial one sweep trained and another linked), or the same model, context, seed and `config_key` (the same
+    settings trained twice)."""
+    paths = [Path(p) for p in paths]
+    if len(paths) == 1:
+        trials, steps = load_results(paths[0])
+        return trials, steps, 0
+    all_trials, all_steps, seen_labels = [], [], set()
+    for i, path in enumerate(paths):
+        trials, steps = load_results(path)
+        label = (path if path.is_dir() else path.parent).name or f"results{i}"
+        label = label if label not in seen_labels else f"{label}-{i}"
+        seen_labels.add(label)
+        own_ids = trials["trial_id"].astype(str) if "trial_id" in trials.columns else \
+            pd.Series([f"row{j}" for j in range(len(trials))], index=trials.index)
+        all_trials.append(trials.assign(trial_id=label + "/" + own_ids, source_trial_id=own_ids))
+        if steps is not None and "trial_id" in steps.columns:
+            all_steps.append(steps.assign(trial_id=label + "/" + steps["trial_id"].astype(str)))
+    trials = pd.concat(all_trials, ignore_index=True)
+    duplicate = np.zeros(len(trials), dtype=bool)
+    for columns in (("trained_in", "source_trial_id"), ("config_key", "model", "context", "seed")):
+        if columns[0] not in trials.columns:
+            continue
+        known = trials[columns[0]].notna().to_numpy()
+        keys = pd.Series(["\x1f".join(str(v) for v in row) for row in trials[list(columns)].itertuples(index=False)])
+        duplicate |= known & keys.duplicated().to_numpy()
+    kept = trials.loc[~duplicate].drop(columns="source_trial_id").reset_index(drop=True)
+    steps = pd.concat(all_steps, ignore_index=True) if all_steps else None
+    return kept, steps, int(duplicate.sum())
+
+
+def decodings(trials: pd.DataFrame) -> dict[str, str | None]:
+    """The decodings the trials' evaluations used, when every trial used the same: {"train": "T=1, top-p 1"
+    (the self-teacher and the student's attempts for the gap), "validation": "T=0.6, top-p 0.95" (the
+    student's mean@n)}; None where the results do not say (no resolved config) or the trials differ."""
+    configs = []
+    for column in ("resolved_config", "config"):
+        if column in trials.columns:
+            for value in trials[column].dropna():
+                try:  # a JSON dump of the resolved config, its trial.yaml (YAML) or, from trial.json, a mapping
+                    configs.append(yaml.safe_load(value) if isinstance(value, str) else dict(value))
+                except (TypeError, ValueError, yaml.YAMLError):
+                    continue
+            break
+
+    def one(describe) -> str | None:
+        try:
+            found = {describe(c) for c in configs}
+        except (KeyError, TypeError):
+            return None
+        return found.pop() if len(found) == 1 else None
+
+    return {"train": one(lambda c: f"T={c['eval']['teacher_temperature']:g}, top-p {c['rollout']['top_p']:g}"),
+            "validation": one(lambda c: f"T={c['eval']['temperature']:g}, top-p {c['eval']['top_p']:g}")}
 
 
 def read_steps(path: Path) -> pd.DataFrame:
@@ -214,6 +283,13 @@ def join_steps(steps: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
         frame = frame[frame["trial_id"].isin(trials["trial_id"].astype(str))]
     if frame["phase"].astype(str).eq("eval").any():
         frame = frame[frame["phase"].astype(str) == "eval"]
-    for col in ("step", "student_acc", "teacher_acc"):
-        frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    for col in ("step", "student_acc", "teacher_acc", "student_acc_t1", "gap"):
+        if col in frame.columns:
+            frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    # The student at the self-teacher's (train-time) decoding, which the gap compares: teacher - gap when a
+    # file lacks the column.
+    if "student_acc_t1" not in frame.columns:
+        frame["student_acc_t1"] = frame["teacher_acc"] - frame["gap"] if "gap" in frame.columns else np.nan
+    elif "gap" in frame.columns:
+        frame["student_acc_t1"] = frame["student_acc_t1"].fillna(frame["teacher_acc"] - frame["gap"])
     return frame.dropna(subset=["step", "student_acc", "teacher_acc"]).reset_index(drop=True)

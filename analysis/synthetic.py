@@ -43,7 +43,8 @@ def make_trials(rng: np.random.Generator, *, models=MODELS, contexts=tuple(CONTE
                 rows.append({
                     "trial_id": f"{model}/{context}/s{seed}", "model": model, "model_family": family,
                     "model_size_b": size, "context": context, "seed": seed,
-                    "initial_student_acc": student, "initial_teacher_acc": student + gap, "initial_gap": gap,
+                    "initial_student_acc": student, "initial_student_acc_t1": student,
+                    "initial_teacher_acc": student + gap, "initial_gap": gap,
                     "final_student_acc": student + improvement, "improvement": improvement,
                     "status": "completed", "gpu_hours": 20.0,
                 })
@@ -57,7 +58,8 @@ def make_trials(rng: np.random.Generator, *, models=MODELS, contexts=tuple(CONTE
 def make_steps(trials: pd.DataFrame, rng: np.random.Generator, *, n_steps: int = 50,
                eval_every: int = 5) -> pd.DataFrame:
     """Evaluation rows (phase "eval") every `eval_every` steps of each completed trial: the student moves
-    from its initial to its final accuracy along an exponential, the EMA self-teacher drifts up slowly."""
+    from its initial to its final accuracy along an exponential, the EMA self-teacher drifts up slowly. The
+    student's validation and train-time decodings are taken to score alike (`student_acc_t1` = `student_acc`)."""
     rows = []
     steps = np.arange(0, n_steps + 1, eval_every)
     for trial in trials[trials["status"] == "completed"].itertuples():
@@ -66,7 +68,8 @@ def make_steps(trials: pd.DataFrame, rng: np.random.Generator, *, n_steps: int =
         teacher = trial.initial_teacher_acc + 0.3 * progress * trial.improvement + rng.normal(0, 0.01, len(steps))
         for step, s_acc, t_acc in zip(steps, student, teacher):
             rows.append({"trial_id": trial.trial_id, "step": int(step), "phase": "eval",
-                         "student_acc": float(s_acc), "teacher_acc": float(t_acc)})
+                         "student_acc": float(s_acc), "student_acc_t1": float(s_acc), "teacher_acc": float(t_acc),
+                         "gap": float(t_acc - s_acc)})
     return pd.DataFrame(rows)
 
 

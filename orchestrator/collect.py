@@ -2,7 +2,10 @@
 
 - `trials.parquet`: one row per grid point: the trial's trial.json (model, family, size, context, seed, initial
   student and self-teacher accuracy, gap, final accuracy, improvement, wall time, GPU-hours) or, for a trial
-  that has not finished, its status; plus the sweep, attempts, hosts, code version and resolved config.
+  that has not finished, its status; plus the sweep, attempts, hosts, code version and resolved config, the
+  sweep that trained it (`trained_in`: another one for a linked trial) and `config_key`, the digest of the
+  settings that decide its results (orchestrator/shared_trials.py), by which `opsd analyze` keeps a trial
+  found in several sweeps' results once.
 - `steps.parquet`: every step row of every trial, each (trial, step, phase) exactly once (a resumed trial
   drops the rows past its checkpoint before it appends, and collect checks it), with the trial's grid
   coordinates so a reader needs no join.
@@ -19,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.errors import SweepError
+from orchestrator.shared_trials import linked_sweep, trial_file_key
 from orchestrator.sweep_state import SweepState, read_step_rows
 from orchestrator.sweep_status import trial_status
 
@@ -43,6 +47,8 @@ def collect(state: SweepState, out_dir: Path | None = None) -> tuple[Path, Path,
             "attempts": len(attempts), "hosts": ",".join(sorted({a["host"] for a in attempts if a.get("host")})),
             "node_ids": ",".join(sorted({a["node_id"] for a in attempts if a.get("node_id")})),
             "resolved_config": json.dumps(summary["config"]) if "config" in summary else config,
+            "trained_in": linked_sweep(state.links[trial_id]) if trial_id in state.links else state.name,
+            "config_key": trial_file_key(files.trial_file),
         }
         trial_rows.append(row)
         seen: set[tuple[int, str]] = set()

@@ -31,9 +31,11 @@ with tokens = steps x rollouts per step x (mean response + the student's and the
 the rollout generates the response, the forwards read the prompts too) plus the evaluations' sampled tokens,
 each response and prompt taken as half its maximum; the start-up (engine, models, DeepSpeed, sandbox) is a
 trial's fixed cost, which dominates small trials. The GPU constants are set so that the papers' setting
-(Qwen3-8B, 50 steps of 32 x 8 rollouts up to 16k tokens, evaluations every 5 steps) gives their ~20
-B200-hours per run (METHOD.md section 5); the CPU ones were measured with SmolLM2-135M on the 2-core machine
-of the README (sweeps/first.yaml and the demo's trials). Either is a rough guide, and says so.
+(Qwen3-8B, 50 steps of 32 x 8 rollouts up to 32,768 tokens, evaluations every 5 steps on 100 validation
+problems) gives their ~20 B200-hours per run (METHOD.md section 5); the CPU ones were measured with
+SmolLM2-135M on the 2-core machine of the README (sweeps/first.yaml and the demo's trials). Either is a rough
+guide, and says so. The evaluations' problems are counted from the data when it is on this machine
+(orchestrator/plan_data.py), else assumed; the plan prints which.
 
 On GPUs the plan ends with each model's memory per GPU by phase (orchestrator/gpu_memory.py), and refuses a
 sweep a trial of which cannot fit (`check_memory`, which `opsd sweep run` calls too).
@@ -41,6 +43,7 @@ sweep a trial of which cannot fit (`check_memory`, which `opsd sweep run` calls 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import statistics
@@ -60,12 +63,13 @@ from orchestrator.gpu_memory import (
     fit_problem,
 )
 from orchestrator.model_shape import read_model_shape
+from orchestrator.plan_data import problem_counts
 from orchestrator.sweep_file import GridPoint, SweepFile, model_label
 from orchestrator.sweep_state import read_step_rows
 from trainer.layout import SUMMARY, TrialFolder
 
 # Device-seconds per (token x billion parameters), calibrated as the module docstring says.
-SECONDS_PER_TOKEN_BILLION = {"cuda": 3.1e-5, "cpu": 0.25}
+SECONDS_PER_TOKEN_BILLION = {"cuda": 1.9e-5, "cpu": 0.25}
 # Wall seconds of a trial's start-up, before its first evaluation.
 STARTUP_SECONDS = {"cuda": 300.0, "cpu": 60.0}
 # Checkpoint bytes per parameter: module weights, fp32 Adam moments (and fp32 master weights with bf16),
@@ -94,6 +98,9 @@ class TrialEstimate:
     device_hours: float | None
     source: str  # "measured: <trial folder>" or "per-token model"
     phase_hours: dict[str, float] = field(default_factory=dict)  # PARTS -> device-hours (measured only)
+    # The sweep that trains this trial when it is another one (orchestrator/shared_trials.py): not run here,
+    # not counted in this sweep's total.
+    shared_with: str | None = None
 
 
 @dataclass
@@ -129,12 +136,12 @@ def trial_rollouts(point: GridPoint) -> int:
     return cfg.steps * cfg.rollout.prompts_per_step * cfg.rollout.n_samples
 
 
-def eval_tokens(point: GridPoint) -> float:
+def eval_tokens(point: GridPoint, val_problems: int | None = None) -> float:
     """Tokens the trial's evaluations sample (before step 1, every `eval.every_steps`, after the last step),
-    each response taken as half its maximum."""
+    each response taken as half its maximum, on `val_problems` (default: counted, else assumed; plan_data)."""
     cfg = point.config
     evals = cfg.steps // cfg.eval.every_steps + 1 + (cfg.steps % cfg.eval.every_steps != 0)
-    val_problems = cfg.data.max_val_problems or 100
+    val_problems = val_problems or problem_counts(cfg).val_for_estimate(cfg)
     eval_response = (cfg.eval.max_response_tokens or cfg.rollout.max_response_tokens) / 2
     return evals * val_problems * (cfg.eval.n_samples + 1 + cfg.eval.teacher_n_samples) * eval_response
 
@@ -193,7 +200,13 @@ def measured_rates(folder: Path) -> MeasuredRates | None:
         seconds_per_token=per_token, prompt_tokens_per_rollout=prompt_per_rollout,
         response_fill=generated / rollouts / ref.rollout.max_response_tokens, seconds_per_rollout=per_rollout,
         seconds_per_step=(step_seconds - phase_seconds) / len(train),
-        seconds_per_eval_token=outside / max(eval_tokens(ref_point), 1.0))
+        seconds_per_eval_token=outside / max(eval_tokens(ref_point, _val_problems(folder)), 1.0))
+
+
+def _val_problems(folder: Path) -> int | None:
+    """The validation problems a finished trial evaluated on (its eval rows' `val_problems`)."""
+    rows = [r for r in read_step_rows(folder / "steps.parquet") if r.get("val_problems")]
+    return int(rows[0]["val_problems"]) if rows else None
 
 
 def find_references(search_roots: list[Path]) -> list[MeasuredRates]:
@@ -288,8 +301,10 @@ def plan_table(sweep: SweepFile, estimates: list[TrialEstimate]) -> Table:
     for e in estimates:
         table.add_row(e.point.trial_id, "-" if e.size_b is None else f"{e.size_b:g}", str(e.point.config.steps),
                       f"{e.tokens / 1e6:.1f}M" if e.tokens >= 1e5 else f"{e.tokens / 1e3:.0f}k",
-                      "-" if e.device_hours is None else _hours(e.device_hours),
-                      *(_hours(e.phase_hours[p]) if p in e.phase_hours else "-" for p in parts), e.source)
+                      "-" if e.device_hours is None else (
+                          f"({_hours(e.device_hours)})" if e.shared_with else _hours(e.device_hours)),
+                      *(_hours(e.phase_hours[p]) if p in e.phase_hours else "-" for p in parts),
+                      f"shared: trained by {e.shared_with}, not counted" if e.shared_with else e.source)
     return table
 
 
@@ -306,6 +321,12 @@ def grid_words(sweep: SweepFile) -> str:
     first, *rest = [(model_label(m), k) for m, k in zip(sweep.models, seeds)]
     return ", ".join([f"{first[0]}: {contexts} x {n(first[1], 'seed')}",
                       *(f"{label}: {len(sweep.contexts)} x {k}" for label, k in rest)])
+
+
+def mark_shared(estimates: list[TrialEstimate], shared: dict[str, str]) -> list[TrialEstimate]:
+    """The estimates with `shared_with` set for the trial ids that `shared` maps to the sweep training them."""
+    return [dataclasses.replace(e, shared_with=shared[e.point.trial_id]) if e.point.trial_id in shared else e
+            for e in estimates]
 
 
 def _hours(h: float) -> str:

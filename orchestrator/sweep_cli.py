@@ -65,13 +65,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     collect.set_defaults(func=_collect)
 
     plan = commands.add_parser(
-        "plan", help="the grid, resources, GPU-hours, checkpoint storage and GPU memory of a sweep file",
-        description="Validate a sweep file and estimate its cost: from a finished trial of the same model when "
+        "plan", help="the grid, resources, GPU-hours, checkpoint storage and GPU memory of sweep files",
+        description="Validate sweep files and estimate their cost: from a finished trial of the same model when "
         "one is found under the storage folder (or --measured DIR), else from a stated per-token model. On GPUs, "
-        "each model's memory per GPU by phase, from its config.json; a sweep that cannot fit is refused.",
-        epilog="example:\n  opsd sweep plan sweeps/paper_fig1.yaml\n  opsd sweep plan sweeps/demo.yaml --measured runs/",
+        "each model's memory per GPU by phase, from its config.json; a sweep that cannot fit is refused. The "
+        "recipe (optimizer steps per step, length limits) and the problems (counted from the data when it is on "
+        "this machine) are printed too. Several files are planned in the order they will run: a trial that an "
+        "earlier one (or a finished sweep in the same storage) trains is shared, and counted once.",
+        epilog="example:\n  opsd sweep plan sweeps/paper_fig1.yaml\n  opsd sweep plan sweeps/demo.yaml --measured runs/"
+        "\n  opsd sweep plan sweeps/paper_fig1.yaml sweeps/paper_fig3.yaml      Fig. 3 shares three trials of Fig. 1",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    plan.add_argument("sweep_file", metavar="SWEEP.yaml")
+    plan.add_argument("sweep_files", nargs="+", metavar="SWEEP.yaml")
     plan.add_argument("--measured", action="append", default=[], metavar="DIR",
                       help="folders to search for finished trials (default: the sweep's storage)")
     plan.set_defaults(func=_plan)
@@ -230,26 +234,72 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from orchestrator.plan import checkpoint_bytes, estimate, find_references, human_bytes, plan_table, rates_lines
+    from orchestrator.shared_trials import shared_between
     from orchestrator.sweep_file import load_sweep
 
-    sweep, points = load_sweep(args.sweep_file)
-    roots = [Path(p) for p in args.measured] or ([] if "://" in sweep.storage else [Path(sweep.storage).expanduser()])
-    references = find_references([r for r in roots if r.is_dir()])
-    estimates = estimate(sweep, points, references)
+    loaded = [(Path(f), *load_sweep(f)) for f in args.sweep_files]
+    shared = shared_between([(sweep.name, sweep.storage, points) for _, sweep, points in loaded])
     console = _console()
+    totals = []
+    for i, (path, sweep, points) in enumerate(loaded):
+        if i:
+            console.print()
+        together = {tid: name for (sweep_name, tid), name in shared.items() if sweep_name == sweep.name}
+        totals.append(_plan_one(path, sweep, points, together, args, console))
+    if len(loaded) > 1:
+        n_all = sum(len(points) for _, _, points in loaded)
+        trained, hours = sum(t[0] for t in totals), sum(t[1] for t in totals)
+        unit = "GPU-hours" if any(s.trial_resources.gpus for _, s, _ in loaded) else "CPU-core-hours"
+        console.print()
+        console.print(f"together: {n_all} trials in {len(loaded)} sweeps, {trained} trained and {n_all - trained} "
+                      f"shared (each counted once), about {hours:.1f} {unit}; run them in the order given (a sweep "
+                      f"links a shared trial once the sweep that trains it has completed it)", soft_wrap=True)
+    return 0
+
+
+def _plan_one(path: Path, sweep, points, together: dict[str, str], args: argparse.Namespace,
+              console) -> tuple[int, float]:
+    """One sweep's plan; returns (trials it trains, their device-hours)."""
+    from orchestrator.plan import (
+        checkpoint_bytes,
+        estimate,
+        find_references,
+        human_bytes,
+        mark_shared,
+        plan_table,
+        rates_lines,
+    )
+    from orchestrator.plan_data import data_lines, recipe_line
+    from orchestrator.shared_trials import find_links, linked_sweep
+
+    local_storage = "://" not in sweep.storage
+    roots = [Path(p) for p in args.measured] or ([Path(sweep.storage).expanduser()] if local_storage else [])
+    references = find_references([r for r in roots if r.is_dir()])
+    # Completed by another sweep in the storage (linked when this one runs), or by a sweep planned before it.
+    linked = ({tid: linked_sweep(link) for tid, link in
+               find_links(Path(sweep.storage).expanduser(), sweep.name, points).items()} if local_storage else {})
+    estimates = mark_shared(estimate(sweep, points, references), {**together, **linked})
     console.print(plan_table(sweep, estimates))
     used = {e.source.removeprefix("measured: ") for e in estimates}
     for line in rates_lines([r for r in references if str(r.folder) in used]):
         console.print(line)
+    # Whole lines (the terminal wraps them), so that each can be found with grep.
+    for line in dict.fromkeys(recipe_line(p.config) for p in points):
+        console.print(line, soft_wrap=True)
+    for line in data_lines(points):
+        console.print(line, soft_wrap=True)
     res = sweep.trial_resources
     devices, kind = (res.gpus, "GPU") if res.gpus else (res.cpus, "CPU")
-    known = [e.device_hours for e in estimates if e.device_hours is not None]
+    own = [e for e in estimates if not e.shared_with]
+    known = [e.device_hours for e in own if e.device_hours is not None]
     unit = "GPU-hours" if res.gpus else "CPU-core-hours"
-    total = f"{sum(known):.1f} {unit}" + ("" if len(known) == len(estimates) else
-                                           f" for the {len(known)} trials of known size")
-    at_once = min(sweep.max_concurrent_trials or len(points), len(points))
-    console.print(f"{len(points)} trials, about {total}")
+    total = f"{sum(known):.1f} {unit}" + ("" if len(known) == len(own) else f" for the {len(known)} trials of known size")
+    shared_note = ""
+    if len(own) < len(estimates):
+        by = sorted({e.shared_with for e in estimates if e.shared_with})
+        shared_note = f" ({len(estimates) - len(own)} shared with {', '.join(by)}: trained there, not here)"
+    console.print(f"{len(points)} trials{shared_note}, about {total}", soft_wrap=True)
+    at_once = min(sweep.max_concurrent_trials or len(own), len(own)) or 1
     if known:
         # Wall time: each trial's device-hours over its devices; trials run in waves of `at_once`.
         wall = sorted(h / devices for h in known)
@@ -257,13 +307,14 @@ def _plan(args: argparse.Namespace) -> int:
         which = "max_concurrent_trials" if sweep.max_concurrent_trials else "max_concurrent_trials unset: all"
         console.print(f"wall time: about {_span(wall[0], wall[-1])} per trial ({devices} {kind}s each); "
                       f"{at_once} trials at once ({which}, if the cluster has {at_once * devices} {kind}s) take "
-                      f"about {_span(sweep_wall, sweep_wall)}")
-    peak, kept = checkpoint_bytes(sweep, estimates)
+                      f"about {_span(sweep_wall, sweep_wall)}", soft_wrap=True)
+    peak, kept = checkpoint_bytes(sweep, own)
     console.print(f"checkpoints: up to {human_bytes(peak)} with {at_once} trials at once, "
-                  f"{human_bytes(kept)} kept after (checkpoints.when_done: {sweep.checkpoints.when_done})")
+                  f"{human_bytes(kept)} kept after (checkpoints.when_done: {sweep.checkpoints.when_done})",
+                  soft_wrap=True)
     console.print(f"results in {sweep.storage.rstrip('/')}/{sweep.name}")
-    _plan_memory(sweep, points, Path(args.sweep_file), console)
-    return 0
+    _plan_memory(sweep, points, path, console)
+    return len(own), sum(known)
 
 
 def _plan_memory(sweep, points, sweep_path: Path, console) -> None:

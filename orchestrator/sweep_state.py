@@ -1,7 +1,9 @@
 """The sweep folder: what `opsd sweep run` writes under `<storage>/<name>/`, and how every command reads it.
 
     sweep.yaml                the sweep file as given
-    sweep.json                the resolved grid: trial ids with their model, context and seed; resources; W&B
+    sweep.json                the resolved grid: trial ids with their model, context and seed; resources; W&B;
+                              `links`: trials completed by another sweep in the same storage, not trained here
+                              (trial id -> their folder, relative to the storage folder; orchestrator/shared_trials.py)
     trials/<trial id>/        one folder per grid point, the trial's `--out` folder:
         trial.yaml            its fully resolved trial settings (the input of `opsd trial`)
         config.json, steps.parquet, trial.json, progress.json, rollouts/, checkpoints/   (written by the trial)
@@ -26,7 +28,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ import yaml
 
 from orchestrator.errors import SweepError
 from orchestrator.remote import RemoteSweep, is_uri, mirror_dir
+from orchestrator.shared_trials import find_links
 from orchestrator.sweep_file import CheckpointRetention, GridPoint, Resources, SweepFile, WandbSettings
 from trainer.layout import TrialFolder
 from trainer.records import atomic_write_bytes
@@ -111,6 +114,7 @@ class SweepState:
     max_concurrent_trials: int | None
     trials: dict[str, dict[str, Any]]  # trial id -> model, context, seed, model path, family, size
     remote: str | None = None  # the sweep's URI when its storage is s3://, gs://, ...; `dir` is then a mirror
+    links: dict[str, str] = field(default_factory=dict)  # trial id -> another sweep's trial folder (storage-relative)
 
     @property
     def tune_dir(self) -> Path:
@@ -122,7 +126,15 @@ class SweepState:
         return self.dir / "wandb"
 
     def trial_files(self, trial_id: str) -> TrialFiles:
+        """The trial's folder: its own, or for a linked trial the folder of the sweep that trained it."""
+        if trial_id in self.links:
+            return TrialFiles(self.dir.parent / self.links[trial_id])
         return TrialFiles(self.dir / "trials" / trial_id)
+
+    @property
+    def trials_to_train(self) -> list[str]:
+        """The trial ids this sweep runs itself (all but the linked ones)."""
+        return [t for t in self.trials if t not in self.links]
 
     @classmethod
     def read(cls, sweep_dir: Path) -> "SweepState":
@@ -135,7 +147,7 @@ class SweepState:
         return cls(dir=Path(sweep_dir).resolve(), name=raw["name"], resources=Resources(**raw["resources"]),
                    wandb=WandbSettings(**raw["wandb"]), checkpoints=CheckpointRetention(**raw["checkpoints"]),
                    max_failures=raw["max_failures"], max_concurrent_trials=raw["max_concurrent_trials"],
-                   trials=raw["trials"], remote=raw.get("remote"))
+                   trials=raw["trials"], remote=raw.get("remote"), links=raw.get("links") or {})
 
     def remote_sweep(self) -> "RemoteSweep | None":
         return RemoteSweep(self.remote, self.dir) if self.remote else None
@@ -196,20 +208,25 @@ def prepare_sweep_dir(sweep: SweepFile, points: list[GridPoint], sweep_dir: Path
     trials = {p.trial_id: {"model": p.model, "context": p.context, "seed": p.seed, "model_path": p.config.model.path,
                            "family": p.config.model.family, "size_b": p.config.model.size_b, "steps": p.config.steps}
               for p in points}
+    path = sweep_dir / "sweep.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    started = {t.name for t in (sweep_dir / "trials").glob("*") if TrialFiles(t).started()}
+    # A link, once made, stays (Ray Tune's grid was built without it); links of a grid given up go with it.
+    links = {k: v for k, v in (previous.get("links") or {}).items() if k in trials}
+    if remote is None:
+        links.update({k: v for k, v in find_links(sweep_dir.parent, sweep.name, points,
+                                                   started=started & set(trials)).items() if k not in links})
     state = {"format": STATE_FORMAT, "name": sweep.name, "resources": sweep.trial_resources.model_dump(),
              "wandb": sweep.wandb.model_dump(), "checkpoints": sweep.checkpoints.model_dump(),
              "max_failures": sweep.max_failures, "max_concurrent_trials": sweep.max_concurrent_trials,
-             "trials": trials, "remote": remote}
-    path = sweep_dir / "sweep.json"
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        started = sorted(t.name for t in (sweep_dir / "trials").glob("*") if TrialFiles(t).started())
+             "trials": trials, "remote": remote, "links": links}
+    if previous:
         if started and previous.get("trials") != trials:
             raise SweepError(f"{sweep_dir} holds another sweep's grid, whose trials have run; give this sweep "
                              "another name or storage")
         for point in points:
             written = sweep_dir / "trials" / point.trial_id / "trial.yaml"
-            if point.trial_id in started and written.is_file() \
+            if point.trial_id in started and point.trial_id not in links and written.is_file() \
                     and yaml.safe_load(written.read_text()) != point.config.model_dump(mode="json"):
                 raise SweepError(f"trial {point.trial_id} in {sweep_dir} was started with other settings; "
                                  "give this sweep another name or storage")
@@ -218,6 +235,8 @@ def prepare_sweep_dir(sweep: SweepFile, points: list[GridPoint], sweep_dir: Path
     _atomic_text(sweep_dir / "sweep.yaml", source.read_text())
     _atomic_text(path, json.dumps(state, indent=1) + "\n")
     for point in points:
+        if point.trial_id in links:
+            continue
         trial_dir = sweep_dir / "trials" / point.trial_id
         trial_dir.mkdir(parents=True, exist_ok=True)
         _atomic_text(trial_dir / "trial.yaml", yaml.safe_dump(point.config.model_dump(mode="json"), sort_keys=False))

@@ -11,6 +11,8 @@ A trial is
 - `retrying` after a failed attempt while retries remain;
 - `failed` when the last allowed attempt failed, or at once when an attempt exited with the configuration
   error code (a retry would fail the same way).
+A trial linked from another sweep (orchestrator/shared_trials.py) shows that sweep's trial, and names the
+sweep.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from rich.text import Text
 
 from orchestrator.driver import DriverRecord, is_running, last_seen, read_driver
 from orchestrator.errors import CONFIG_ERROR_EXIT
+from orchestrator.shared_trials import linked_sweep
 from orchestrator.sweep_state import (
     StepsUnreadable,
     SweepState,
@@ -51,6 +54,7 @@ class TrialStatus:
     failure: str | None = None  # the last failed attempt: how it ended, its one-line reason, its log
     host: str | None = None
     node_id: str | None = None
+    linked: str | None = None  # the sweep that trained it, for a trial linked from another sweep
 
 
 def trial_status(state: SweepState, trial_id: str, *, now: float | None = None,
@@ -75,7 +79,8 @@ def trial_status(state: SweepState, trial_id: str, *, now: float | None = None,
         if attempts else None
     status = TrialStatus(trial_id, "pending", len(attempts), steps=steps, seconds=seconds,
                          host=attempts[-1].get("host") if attempts else None,
-                         node_id=attempts[-1].get("node_id") if attempts else None)
+                         node_id=attempts[-1].get("node_id") if attempts else None,
+                         linked=linked_sweep(state.links[trial_id]) if trial_id in state.links else None)
     status.last.update(latest_metrics(rows))
     status.failure = unreadable
     if summary is not None and summary.get("status", "completed") == "completed":
@@ -240,7 +245,8 @@ def status_table(state: SweepState, statuses: list[TrialStatus], *, elapsed: flo
     for s in statuses:
         cells = {
             "trial": s.trial_id,
-            "state": Text(s.state + (f" #{s.attempts}" if s.attempts > 1 else ""), style=_STYLE[s.state]),
+            "state": Text(s.state + (f" #{s.attempts}" if s.attempts > 1 else "")
+                          + (f" (in {s.linked})" if s.linked else ""), style=_STYLE[s.state]),
             "step": "-" if s.step is None else f"{s.step}/{s.steps}",
             "phase": _PHASES.get(s.phase, s.phase) if s.phase else "-",
             "time": clock(s.seconds), "left": clock(s.remaining_s),

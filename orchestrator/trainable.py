@@ -59,6 +59,9 @@ def train_grid_point(config: dict[str, Any]) -> None:
     else:
         state = SweepState.read(Path(config["sweep_dir"]))
     point = state.trials[trial_id]
+    if trial_id in state.links:  # completed by another sweep after this one's Tune grid was made: not run again
+        tune.report({"status": "completed", "linked": state.links[trial_id]})
+        return
     files = state.trial_files(trial_id)
     sync = _Sync(remote, f"trials/{trial_id}")
     for earlier in files.attempts():

@@ -131,7 +131,7 @@ def build_tuner(state: SweepState):
         trial_name_creator=lambda trial: trial.config["trial_id"],
         trial_dirname_creator=lambda trial: trial.config["trial_id"])
     param_space = {"sweep_dir": str(state.dir), "sweep_uri": state.remote,
-                   "trial_id": tune.grid_search(list(state.trials))}
+                   "trial_id": tune.grid_search(state.trials_to_train)}  # linked trials are not run again
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), False
 
 
@@ -140,6 +140,11 @@ def run_sweep(state: SweepState, *, driver: DriverRecord, console: Console | Non
     Ctrl-C/SIGUSR1 stops it (Tune saves its state and stops the trials first); `driver` gets its heartbeat.
     Raises SweepStopped when Tune itself fails."""
     console = console or Console(stderr=True)
+    if state.links:
+        console.print(f"{len(state.links)} of {len(state.trials)} trials completed in other sweeps of the same "
+                      f"storage are linked, not trained again: " + ", ".join(sorted(state.links)))
+    if not state.trials_to_train:
+        return
     tuner, restored = build_tuner(state)
     concurrency, cluster = _concurrency(state)
     need = f"{state.resources.cpus} CPUs" + (f" and {state.resources.gpus} GPUs" if state.resources.gpus else "")

@@ -306,6 +306,23 @@ def load_livecodebench_hf(
     return filter_by_date(problems, release=release, date_from=date_from, date_to=date_to)
 
 
+def cached_livecodebench_files(release: str | None = None, *, dataset: str = LCB_DATASET,
+                               cache_dir: str | None = None) -> list[Path] | None:
+    """The release's shards (`lcb_shards`) as files of this machine's Hugging Face cache, or None when one is not
+    there; nothing is downloaded (`opsd sweep plan` counts problems from them)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    files = []
+    for shard in lcb_shards(release):
+        found = try_to_load_from_cache(dataset, shard, cache_dir=cache_dir, repo_type="dataset")
+        if not isinstance(found, str):  # None (never fetched) or a marker that the hub has no such file
+            return None
+        files.append(Path(found))
+    return files
+
+
 def release_window(release: str) -> tuple[str, str]:
     """[from, to) contest-date window of a LiveCodeBench release: 'vN' holds the problems new in vN (the papers'
     'v6' is [2025-02-01, 2025-05-01)); 'release_vN' is cumulative, v1 to vN, as on Hugging Face."""

@@ -19,8 +19,12 @@ HINTS_EPILOG = """\
 examples:
   opsd hints --from-solutions --out hints/humaneval.jsonl            HumanEval's reference solutions
   opsd hints --model /models/Qwen3-8B --data-source livecodebench --release v6 --out hints/lcb_v6.jsonl
+  opsd hints --check sampled.jsonl --data-source livecodebench --release v6 --out hints/lcb_v6.jsonl
 
-The file holds one {"problem_id": ..., "hint": ...} per line; point `context.hints_path` at it.
+Every hint is graded in the sandbox on all of its problem's tests, since the teacher is told it is a correct
+solution: --model keeps each problem's first passing sample (of --samples), --check keeps the hints of a file
+sampled elsewhere that pass, and a problem without a passing one gets no hint (it is counted). The file holds
+one {"problem_id": ..., "hint": ..., "passed": ...} per line; point `context.hints_path` at it.
 """
 
 
@@ -55,15 +59,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     hints.add_argument("--out", required=True, metavar="FILE.jsonl")
-    hints.add_argument("--from-solutions", action="store_true", help="use the problems' reference solutions")
-    hints.add_argument("--model", help="model folder to generate hints with (any model vLLM can load)")
+    source = hints.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-solutions", action="store_true", help="use the problems' reference solutions")
+    source.add_argument("--model", help="model folder to sample hints with (any model vLLM can load)")
+    source.add_argument("--check", metavar="HINTS.jsonl",
+                        help="grade the hints of a file ({problem_id, hint} per line) and keep those that pass")
     hints.add_argument("--data-source", default="humaneval", choices=["humaneval", "livecodebench", "jsonl"])
     hints.add_argument("--data-path", help="problem file for --data-source jsonl")
     hints.add_argument("--release", help="LiveCodeBench release window, e.g. v6")
     hints.add_argument("--max-problems", type=int, help="only the first N problems")
+    hints.add_argument("--samples", type=int, default=4, help="samples per problem with --model (default 4)")
     hints.add_argument("--max-tokens", type=int, default=2048)
     hints.add_argument("--temperature", type=float, default=0.6)
     hints.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    hints.add_argument("--workers", type=int, help="sandbox workers grading the hints (default: the CPUs)")
     hints.set_defaults(func=_run_hints)
 
 
@@ -87,28 +96,40 @@ def _run_trial(args: argparse.Namespace) -> int:
 
 
 def _run_hints(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from sandbox.executor import Executor
+    from sandbox.grader import Grader
     from trainer.config import DataConfig, TrialConfigError
     from trainer.data import load_problems
-    from trainer.hints import generate_hints, hints_from_reference_solutions, write_hints
+    from trainer.hints import check_hints, generate_hints, hint_counts, hints_from_reference_solutions, read_hints, \
+        write_hints
 
-    if args.from_solutions == bool(args.model):
-        raise TrialConfigError("give exactly one of --from-solutions and --model")
+    if args.samples < 1:
+        raise TrialConfigError(f"--samples must be at least 1, got {args.samples}")
     data = DataConfig(source=args.data_source, path=args.data_path, release=args.release,
                       max_problems=args.max_problems)
     problems = load_problems(data)
-    if args.from_solutions:
-        hints = hints_from_reference_solutions(problems)
-    else:
-        from trainer.config import ModelConfig
-        from trainer.models import load_tokenizer, resolve_model
-        from trainer.rollout import RolloutEngine
+    with contextlib.ExitStack() as stack:
+        grader = Grader(stack.enter_context(Executor(args.workers)))
+        if args.from_solutions:
+            hints = check_hints(problems, hints_from_reference_solutions(problems), grader)
+        elif args.check:
+            given = read_hints(args.check)
+            hints = check_hints(problems, {p.id: given[p.id].text if p.id in given else "" for p in problems}, grader)
+        else:
+            from trainer.config import ModelConfig
+            from trainer.models import load_tokenizer, resolve_model
+            from trainer.rollout import RolloutEngine
 
-        model_path = resolve_model(ModelConfig(path=args.model))
-        with RolloutEngine(model_path, dtype="bfloat16" if args.device == "cuda" else "float32",
-                           device=args.device, max_model_len=8192 + args.max_tokens) as engine:
-            hints, metrics = generate_hints(problems, engine, load_tokenizer(model_path), max_tokens=args.max_tokens,
-                                            temperature=args.temperature)
-        print(", ".join(f"{k} {v:.3g}" for k, v in metrics.items()))
+            model_path = resolve_model(ModelConfig(path=args.model))
+            engine = stack.enter_context(RolloutEngine(
+                model_path, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device,
+                max_model_len=8192 + args.max_tokens))
+            hints, _ = generate_hints(problems, engine, load_tokenizer(model_path), grader, n_samples=args.samples,
+                                      max_tokens=args.max_tokens, temperature=args.temperature)
+    counts = hint_counts(hints)
     write_hints(args.out, hints)
-    print(f"wrote {len(hints)} hints to {args.out}")
+    print(f"wrote {args.out}: {counts['hints/passing']:.0f} of {len(problems)} problems have a hint that passes all "
+          f"its tests; {counts['hints/without']:.0f} have none (their rollouts get no privileged context)")
     return 0

@@ -133,8 +133,12 @@ class RolloutConfig(_Section):
     n_samples: int = Field(8, gt=0, description="Rollouts per prompt.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; both sides' logits are divided by it in the loss.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts (the papers: 1.0).")
-    max_response_tokens: int = Field(8192, gt=0, description="Longest rollout; a longer one is cut and marked truncated.")
-    max_prompt_tokens: int = Field(4096, gt=0, description="Problems whose student prompt is longer are dropped.")
+    max_response_tokens: int = Field(
+        32768, gt=0, description="Longest rollout; a longer one is cut and marked truncated (Table 2 of the "
+        "predictive-law paper: 32,768, in training and validation).")
+    max_prompt_tokens: int = Field(
+        2048, gt=0, description="Problems whose chat-templated student prompt is longer are dropped, and counted in "
+        "the trial's data summary (Table 2: 2,048; verl's filter_overlong_prompts).")
     gpu_memory_utilization: float = Field(0.45, gt=0, lt=1, description="vLLM's share of a GPU when colocated.")
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE).")
     weight_sync: WeightSync = Field(
@@ -223,7 +227,9 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay, on every parameter.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's moment decay rates.")
     grad_clip: float = Field(1.0, gt=0, description="Clip of the gradients' global norm before each optimizer step.")
-    mini_batch_size: int = Field(32, gt=0, description="Rollouts per optimizer step; a step's rollouts give several.")
+    mini_batch_size: int = Field(
+        8, gt=0, description="Rollouts per optimizer step; a step's rollouts give several. Table 2's \"mini-batch "
+        "size 1\" is verl's ppo_mini_batch_size=1 prompt, which verl multiplies by its 8 rollouts: 8.")
     micro_batch_size: int = Field(4, gt=0, description="Rollouts per forward/backward (gradient accumulation).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward to save memory.")
 

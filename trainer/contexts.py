@@ -5,7 +5,8 @@ message (instruction + problem), so with the control `none` the teacher's prompt
 
 `has_context` is False when a construction had nothing to add for that rollout (no peer solution and no
 feedback, an accepted rollout with empty feedback, an empty hint); the trainer gives such rollouts loss 0.
-The control `none` and `expert_preamble` always have context: they are a fixed change of the prompt. For
+The control `none` and `expert_preamble` always have context: they are a fixed change of the prompt (the
+preamble's text, reconstructed from the paper's outline, is in trainer/expert_preamble.py). For
 `none` that keeps the control on the exact code path of the other constructions, differing only in the
 teacher's prompt, so its loss (the EMA teacher's lag behind the student, plus weight decay and numerical
 noise) and its improvement measure what the pipeline does without any privileged information.
@@ -32,6 +33,7 @@ from sandbox.feedback import as_text
 from sandbox.problems import Problem
 from trainer.config import ContextConfig, template_fields
 from trainer.errors import ContextError
+from trainer.expert_preamble import EXPERT_PREAMBLE
 from trainer.options import CONTEXT_NAMES, TEMPLATE_FIELDS
 from trainer.prompts import student_prompt_text, teacher_prompt_ids
 
@@ -46,54 +48,6 @@ OWN_FEEDBACK_HEADER = "\nFeedback:\n\n"
 CLOSING = "\n\nCorrectly solve the original question."
 EXPERT_SEPARATOR = "\n\n---\n\n"
 EXPERT_CLOSING = "\n\nThink step by step first, then write the solution."
-
-EXPERT_PREAMBLE = """\
-You are an expert competitive programmer. Before writing code, work through this checklist.
-
-Data structures and algorithms to consider:
-- Hash maps and sets for membership, counting and de-duplication in O(1) per operation.
-- Sorting, then two pointers or binary search; binary search on the answer when feasibility is monotone.
-- Prefix sums and difference arrays for range sums and range updates.
-- Stacks (monotonic stacks for next greater/smaller element), queues and deques (sliding-window extremes).
-- Heaps for the k smallest/largest items, scheduling and Dijkstra's shortest paths.
-- BFS/DFS on graphs and grids; union-find for connectivity; topological sort for dependencies.
-- Dynamic programming over prefixes, intervals, subsets (bitmasks) or digits; memoised recursion.
-- Greedy choices, only with an exchange argument that they are optimal.
-- Number theory: gcd, modular arithmetic (10^9 + 7), fast exponentiation, sieve of Eratosthenes.
-- Strings: counting characters, sliding windows, prefix function/KMP, hashing.
-
-Complexity that fits in about one second of Python, by input size n:
-| n up to | acceptable complexity |
-|---|---|
-| 10 | O(n!) or O(2^n * n) |
-| 20 | O(2^n * n) |
-| 500 | O(n^3) |
-| 5,000 | O(n^2) |
-| 10^5 to 10^6 | O(n log n) or O(n) |
-| 10^9 and more | O(log n) or O(1): a formula, binary search or fast exponentiation |
-
-Pattern rules:
-- "Minimum/maximum number of operations" or "number of ways": look for dynamic programming or a greedy rule.
-- "Smallest value such that ..." with a monotone condition: binary search on the answer.
-- Contiguous subarrays or substrings: prefix sums, sliding window or two pointers.
-- Pairs satisfying a condition: sort first, or count with a hash map in one pass.
-- Grids and shortest paths with unit weights: BFS; with non-negative weights: Dijkstra.
-- Answers that can be huge: take the modulus the statement asks for at every step.
-
-Edge cases to check:
-- Empty input, a single element, all elements equal, already sorted or reverse-sorted input.
-- The smallest and largest values allowed by the constraints; negative numbers and zero.
-- Duplicates, ties, off-by-one errors at the boundaries of loops and ranges.
-- Integer overflow does not happen in Python, but slow big-number arithmetic can.
-- Reading the input exactly as specified: several test cases, trailing spaces, blank lines.
-
-Method, step by step:
-1. Restate the task and its input and output formats in your own words.
-2. Read the constraints and decide which complexity is acceptable from the table above.
-3. Work through the examples by hand and find the pattern.
-4. Choose the algorithm and data structures; argue briefly why it is correct.
-5. Write clean Python: fast input reading (sys.stdin) for large inputs, no needless recursion depth.
-6. Check the code against the examples and the edge cases before giving the final answer."""
 
 _THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
 

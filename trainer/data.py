@@ -41,8 +41,25 @@ def _window_text(cfg: DataConfig) -> str:
     return f"release {cfg.release} {where}" if cfg.release else where
 
 
-def load_problems(cfg: DataConfig) -> list[Problem]:
-    """The problems of `cfg.source` inside the date window, in id order, at most `cfg.max_problems`."""
+def local_problems(cfg: DataConfig) -> tuple[list[Problem] | None, str]:
+    """What `load_problems(cfg)` returns, when this machine can read it without downloading anything, and where
+    it was read; (None, why not) otherwise. `opsd sweep plan` counts a sweep's problems with it."""
+    from sandbox.loaders import cached_livecodebench_files
+
+    if cfg.path is not None and not Path(cfg.path).is_file():
+        return None, f"data.path {cfg.path} is not on this machine"
+    files = None
+    if cfg.source == "livecodebench" and cfg.path is None:
+        files = cached_livecodebench_files(None)
+        if files is None:
+            return None, "LiveCodeBench is not in this machine's Hugging Face cache"
+    where = cfg.path or ("the Hugging Face cache" if files else f"the {cfg.source} package")
+    return load_problems(cfg, _files=files), where
+
+
+def load_problems(cfg: DataConfig, *, _files: list[Path] | None = None) -> list[Problem]:
+    """The problems of `cfg.source` inside the date window, in id order, at most `cfg.max_problems`.
+    (`_files`: LiveCodeBench's shards already on this machine, read instead of downloading them.)"""
     from sandbox import loaders
 
     if cfg.path is not None and not Path(cfg.path).is_file():
@@ -53,6 +70,8 @@ def load_problems(cfg: DataConfig) -> list[Problem]:
         elif cfg.source == "livecodebench":
             if cfg.path is not None:
                 problems = loaders.load_livecodebench_file(cfg.path)
+            elif _files is not None:
+                problems = [p for f in _files for p in loaders.load_livecodebench_file(f)]
             else:
                 problems = loaders.load_livecodebench_hf(release=None)
         elif cfg.source == "jsonl":

@@ -74,9 +74,11 @@ def write_rollouts(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def trial_summary(cfg: TrialConfig, model_path: Path, initial: dict, final: dict, seconds: float) -> dict[str, Any]:
-    """trial.json of a completed trial: what the analysis reads (identity, initial gap, improvement), the
-    resolved config and the code version. A trial that fails writes no trial.json (progress.json says why)."""
+def trial_summary(cfg: TrialConfig, model_path: Path, initial: dict, final: dict, seconds: float,
+                  data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """trial.json of a completed trial: what the analysis reads (identity, initial gap, improvement), the data
+    summary (`data/*`: problems loaded, dropped as over-long, split sizes), the resolved config and the code
+    version. A trial that fails writes no trial.json (progress.json says why)."""
     name = cfg.model.path
     size = cfg.model.size_b if cfg.model.size_b is not None else count_parameters_b(model_path)
     gpus = cfg.deepspeed.world_size if cfg.device == "cuda" else 0
@@ -94,8 +96,22 @@ def trial_summary(cfg: TrialConfig, model_path: Path, initial: dict, final: dict
         "improvement_test_frac": final["student_test_frac"] - initial["student_test_frac"],
         "accuracy_metric": "all-pass mean@n (student_acc); fraction of tests passed in *_test_frac",
         "wall_seconds": round(seconds, 1), "gpu_hours": gpus * seconds / 3600.0, "device": cfg.device,
-        "config": cfg.model_dump(mode="json"), "code_version": code_version(),
+        **(data or {}), "config": cfg.model_dump(mode="json"), "code_version": code_version(),
     }
+
+
+def data_line(cfg: TrialConfig, data: dict[str, Any]) -> str:
+    """One line saying what the trial's data gave (`TrialRuntime.data_summary`), printed as it starts."""
+    dropped = data.get("data/prompts_skipped_too_long", 0)
+    ids = data.get("data/skipped_ids") or []
+    line = (f"data: {data.get('data/problems_loaded', '?')} problems loaded, {dropped} dropped (student prompt "
+            f"longer than rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens:,}"
+            + (f": {', '.join(ids[:5])}{' and more' if len(ids) > 5 else ''})" if ids else ")")
+            + f"; {data.get('data/train_problems', '?')} train problems ({data.get('data/train_tests', '?')} tests), "
+            f"{data.get('data/val_problems', '?')} validation problems ({data.get('data/val_tests', '?')} tests)")
+    if "data/problems_without_hint" in data:
+        line += f"; {data['data/problems_without_hint']} without a hint"
+    return line
 
 
 class StepLog:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -57,6 +57,9 @@ class TrialRuntime:
     # Where this rank's student and teacher compute (`cuda:LOCAL_RANK` on GPU): every tensor the step hands to a
     # forward or to the loss is made here, since DeepSpeed's engine passes its inputs through unchanged.
     device: torch.device = torch.device("cpu")
+    # What the data gave: problems loaded, dropped as over-long (`data/prompts_skipped_too_long` and their ids),
+    # the split's sizes, and for a context with hints the problems without one (trial.json holds it).
+    data_summary: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -98,8 +101,8 @@ def start_runtime(cfg: TrialConfig) -> Iterator[TrialRuntime]:
     """Load data, model, rollout engine, sandbox, student and teacher; close them all on exit."""
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
-    problems = load_problems(cfg.data)
-    problems, skipped = drop_long_prompts(problems, tokenizer, max_tokens=cfg.rollout.max_prompt_tokens,
+    loaded = load_problems(cfg.data)
+    problems, skipped = drop_long_prompts(loaded, tokenizer, max_tokens=cfg.rollout.max_prompt_tokens,
                                           thinking=cfg.model.thinking)
     if not problems:
         raise TrialConfigError(f"every problem's prompt is longer than rollout.max_prompt_tokens="
@@ -107,7 +110,12 @@ def start_runtime(cfg: TrialConfig) -> Iterator[TrialRuntime]:
     split = make_split(problems, cfg.data)
     sampler = PromptSampler(split.train, seed=cfg.seed)
     prompt_ids = {p.id: student_prompt_ids(tokenizer, p, thinking=cfg.model.thinking) for p in problems}
-    hints = load_hints(problems, cfg.context.hints_path) if needs_hints(cfg.context) else {}
+    # A built-in llm_peer_hints tells the teacher "Correct solution:": its hints must have passed their tests.
+    hints = (load_hints(problems, cfg.context.hints_path, require_graded=cfg.context.template is None)
+             if needs_hints(cfg.context) else {})
+    data_summary = {"data/problems_loaded": len(loaded), **skipped, **split.summary(),
+                    **({"data/problems_without_hint": sum(1 for p in problems if not hints[p.id].strip())}
+                       if needs_hints(cfg.context) else {})}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # First of all, so that "cuda" is this rank's GPU before anything is loaded onto it.
     rank = init_distributed(cfg.device, collective_timeout_s=cfg.deepspeed.collective_timeout_s,
@@ -125,6 +133,7 @@ def start_runtime(cfg: TrialConfig) -> Iterator[TrialRuntime]:
         student = Student(model, optim=cfg.optim, deepspeed_config=cfg.deepspeed, device=cfg.device)
         yield TrialRuntime(cfg=cfg, rank=rank, tokenizer=tokenizer, engine=engine, grader=grader, student=student,
                            teacher=teacher, split=split, sampler=sampler, prompt_ids=prompt_ids, hints=hints,
+                           data_summary=data_summary,
                            pad_id=pad_id, model_path=model_path, device=rank_device(cfg.device))
 
 
@@ -141,4 +150,10 @@ def _start_sandbox_and_rollout_engine(cfg: TrialConfig, model_path: Path,
         enforce_eager=cfg.rollout.enforce_eager,
         weight_sync=cfg.rollout.weight_sync, sleep_mode=cfg.rollout.sleep_between_phases))
     print(f"rollout engine ready in {engine.startup_seconds:.1f} s", flush=True)
+    if engine.max_model_len < max_model_len:
+        # As in the reference's verl runs: the training forwards read past the model's position limit (RoPE has
+        # no hard end); vLLM cannot, so a sample there stops at the limit as if it hit max_tokens.
+        print(f"note: prompts + responses can reach {max_model_len:,} tokens, beyond the model's "
+              f"{engine.max_model_len:,} positions; vLLM samples stop at {engine.max_model_len:,} tokens in all, "
+              "the training forwards read the whole sequence", flush=True)
     return grader, engine

@@ -166,7 +166,8 @@ def run_screen(cfg: TrialConfig, contexts: Sequence[ContextConfig], *,
 
 
 def _hints(problems: Sequence[Problem], context: ContextConfig) -> dict[str, str]:
-    return load_hints(problems, context.hints_path) if needs_hints(context) else {}
+    return (load_hints(problems, context.hints_path, require_graded=context.template is None)
+            if needs_hints(context) else {})
 
 
 # ----------------------------------------------------------------------------------------------- the table

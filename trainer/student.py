@@ -8,7 +8,7 @@ share of the mini batch's loss (e.g. for a token mean: the micro batch's token-s
 token count). With several ranks DeepSpeed averages gradients over ranks, so each rank's shares must add up
 to the mini batch's loss as that rank would compute it alone (its token-sum times world_size over the global
 token count, for a token mean: every rank knows the whole mini batch, trainer/aggregation.py). With several
-ranks, `iter_minibatches(..., rank=, world_size=)` deals each rank its items.
+ranks, `iter_minibatches(..., rank=, world_size=)` (trainer/minibatches.py) deals each rank its items.
 
 Optimizer: AdamW with the hyperparameters of `OptimConfig`, one group holding every parameter (norm weights
 and embeddings are decayed too; METHOD.md names no exempt group), constant learning rate, gradient clipping
@@ -24,7 +24,6 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -73,41 +72,6 @@ def build_deepspeed_config(optim: OptimConfig, ds: DeepSpeedConfig, *, device: D
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-
-
-def iter_minibatches(n_items: int, mini_batch_size: int, micro_batch_size: int, *,
-                     rng: np.random.Generator | None, rank: int = 0, world_size: int = 1) -> list[list[list[int]]]:
-    """Split one trial step's rollouts into optimizer steps and micro batches, for one rank (pure).
-
-    Returns mini batches (one optimizer step each) → this rank's micro batches → item indices in
-    [0, n_items). Items are shuffled by `rng` (None keeps their order); every rank must pass a generator in
-    the same state. Each mini batch holds `mini_batch_size` items except the last; a last mini batch too
-    small to give every rank an item joins the one before. A mini batch's items are dealt to ranks as evenly
-    as possible and every rank gets the same number of micro batches (ZeRO-3 forwards are collective), each
-    at most `micro_batch_size` items. Raises ValueError when that cannot be done without an empty micro batch.
-    """
-    if n_items < 0 or mini_batch_size < 1 or micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad split: n_items={n_items} mini={mini_batch_size} micro={micro_batch_size} "
-                         f"rank={rank} world_size={world_size}")
-    if n_items == 0:
-        return []
-    if n_items < world_size:
-        raise ValueError(f"{n_items} items cannot give each of {world_size} ranks one")
-    order = rng.permutation(n_items) if rng is not None else np.arange(n_items)
-    starts = list(range(0, n_items, mini_batch_size))
-    if len(starts) > 1 and n_items - starts[-1] < world_size:
-        starts.pop()
-    bounds = starts[1:] + [n_items]
-    result = []
-    for start, end in zip(starts, bounds):
-        per_rank = np.array_split(order[start:end], world_size)
-        n_micro = math.ceil(max(len(part) for part in per_rank) / micro_batch_size)
-        if min(len(part) for part in per_rank) < n_micro:
-            raise ValueError(f"a mini batch of {end - start} items over {world_size} ranks with micro batches of "
-                             f"{micro_batch_size} leaves a rank an empty micro batch; use a micro batch size > 1 "
-                             "or a mini batch size divisible by the world size")
-        result.append([chunk.tolist() for chunk in np.array_split(per_rank[rank], n_micro)])
-    return result
 
 
 def iter_full_parameters(module: nn.Module, *, zero_stage: int,

@@ -36,6 +36,7 @@ from trainer.records import (
     Progress,
     StepLog,
     claim_out_dir,
+    data_line,
     mark_failed,
     mean_or_zero,
     trial_summary,
@@ -44,7 +45,7 @@ from trainer.records import (
 )
 from trainer.rollout import Rollout
 from trainer.runtime import TrialRuntime, start_runtime
-from trainer.student import iter_minibatches
+from trainer.minibatches import iter_minibatches
 
 
 @dataclass
@@ -308,6 +309,8 @@ def _run_steps(cfg: TrialConfig, out_dir: Path, progress: Progress) -> dict[str,
     around = progress.timer()  # the phases between steps: reported, not logged
     with start_runtime(cfg) as trial:
         main = trial.is_main
+        if main:
+            print(data_line(cfg, trial.data_summary), flush=True)
         resume_from = latest_checkpoint(checkpoints)
         if resume_from is not None:
             progress.phase("resume")
@@ -353,7 +356,8 @@ def _run_steps(cfg: TrialConfig, out_dir: Path, progress: Progress) -> dict[str,
                 with around("checkpoint"):
                     _save(trial, checkpoints, step, initial, latest_eval)
 
-    summary = trial_summary(cfg, trial.model_path, initial, latest_eval, time.time() - started)
+    summary = trial_summary(cfg, trial.model_path, initial, latest_eval, time.time() - started,
+                            trial.data_summary)
     if main:
         write_json(folder.summary_path, summary)
     return summary

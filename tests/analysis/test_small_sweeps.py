@@ -52,6 +52,7 @@ def steps_of(trials: pd.DataFrame) -> pd.DataFrame:
         for step, frac in ((0, 0.0), (5, 1.0)):
             rows.append({"trial_id": t.trial_id, "step": step, "phase": "eval",
                          "student_acc": t.initial_student_acc + frac * t.improvement,
+                         "student_acc_t1": t.initial_student_acc + frac * t.improvement,
                          "teacher_acc": t.initial_teacher_acc, "importance_weight_mean": 1.0,
                          "importance_clip_fraction": 0.0})
     return pd.DataFrame(rows)

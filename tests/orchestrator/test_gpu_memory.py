@@ -42,9 +42,9 @@ def paper_trial(model: str, world_size: int = 8, **rollout) -> TrialConfig:
     """The trial settings of sweeps/paper_fig1.yaml on b200-8."""
     return trial(model={"path": model, "dtype": "bfloat16"},
                  context={"max_teacher_prompt_tokens": 10240},
-                 rollout={"max_response_tokens": 16384, "max_prompt_tokens": 4096, "gpu_memory_utilization": 0.45,
+                 rollout={"max_response_tokens": 32768, "max_prompt_tokens": 2048, "gpu_memory_utilization": 0.45,
                           **rollout},
-                 optim={"mini_batch_size": 32, "micro_batch_size": 1, "gradient_checkpointing": True},
+                 optim={"mini_batch_size": 8, "micro_batch_size": 1, "gradient_checkpointing": True},
                  deepspeed={"zero_stage": 2, "bf16": True, "world_size": world_size})
 
 
@@ -103,35 +103,36 @@ def test_qwen3_8b_on_b200s_by_hand():
     assert mem.teacher == 2 * 8_190_735_360  # the bf16 copy: 15.3 GiB (its fp32 master is on the host)
     # vLLM: 0.45 of the B200; bf16 weights 2 x P; the sampler over 1,024 rows x 151,936 logits x 24 bytes
     # (3,733,979,136) outweighs the forward of 16,384 tokens (16,384 x 59,392 x 2 = 1,946,157,056); one sequence
-    # of 10,240 + 16,384 = 26,624 tokens at 36 layers x 2 x 8 heads x 128 x 2 bytes = 147,456 bytes a token.
+    # of 10,240 + 32,768 = 43,008 tokens, capped at Qwen3-8B's 40,960 positions, at 36 layers x 2 x 8 heads x
+    # 128 x 2 bytes = 147,456 bytes a token.
     assert mem.vllm.share == pytest.approx(0.45 * B200, abs=1)
     assert (mem.vllm.weights, mem.vllm.working) == (16_381_470_720, 3_733_979_136)
-    assert (mem.vllm.max_model_len, mem.vllm.kv_per_sequence) == (26_624, 26_624 * 147_456)
-    # Activations at 4,096 + 16,384 = 20,480 tokens, checkpointed: each layer's input, 36 x 20,480 x 4,096 x 2
-    # bytes = 6,039,797,760, plus one layer recomputed, twice: per token 2 x (6 x 4,096 + 4 x 12,288 +
-    # 4 x 5,120) + 4 x (2 x 4,096 + 5,120) = 241,664 bytes, x 20,480 x 2 = 9,898,557,440.
-    assert mem.activations.student_forward_backward == 6_039_797_760 + 9_898_557_440
-    # The fused loss: teacher hidden states and the student's hidden gradient (16,384 x 4,096 x 2 bytes each),
+    assert (mem.vllm.max_model_len, mem.vllm.kv_per_sequence) == (40_960, 40_960 * 147_456)
+    # Activations at 2,048 + 32,768 = 34,816 tokens, checkpointed: each layer's input, 36 x 34,816 x 4,096 x 2
+    # bytes = 10,267,656,192, plus one layer recomputed, twice: per token 2 x (6 x 4,096 + 4 x 12,288 +
+    # 4 x 5,120) + 4 x (2 x 4,096 + 5,120) = 241,664 bytes, x 34,816 x 2 = 16,827,547,648.
+    assert mem.activations.student_forward_backward == 10_267_656_192 + 16_827_547_648
+    # The fused loss: teacher hidden states and the student's hidden gradient (32,768 x 4,096 x 2 bytes each),
     # the head's float32 gradient 151,936 x 4,096 x 4, and 8 float32 [256, 151,936] chunk tensors.
-    assert mem.activations.loss == 2 * 134_217_728 + 2_489_319_424 + 1_244_659_712
-    # The teacher's forward without gradient at 26,624 tokens: one layer and the residual stream per token
-    # (241,664 + 8,192 bytes), and the response's hidden states kept.
-    assert mem.activations.no_grad_forward == 26_624 * 249_856 + 134_217_728
+    assert mem.activations.loss == 2 * 268_435_456 + 2_489_319_424 + 1_244_659_712
+    # The teacher's forward without gradient at 10,240 + 32,768 = 43,008 tokens: one layer and the residual
+    # stream per token (241,664 + 8,192 bytes), and the response's hidden states kept.
+    assert mem.activations.no_grad_forward == 43_008 * 249_856 + 268_435_456
     assert mem.ema_update == 0  # a bf16 teacher is updated on its fp32 master, on the host
     # The phases on rank 0 (vLLM awake throughout: sleep_between_phases is off) and on ranks 1-7.
     trainer = 16_381_470_720 + 6_143_051_520 + 12_286_103_040 + 16_381_470_720 + GiB
-    student = 15_938_355_200 + 4_002_414_592
-    assert mem.other_ranks == {"rollout": trainer, "teacher_forward": trainer + 6_786_383_872,
+    student = 27_095_203_840 + 4_270_850_048
+    assert mem.other_ranks == {"rollout": trainer, "teacher_forward": trainer + 11_014_242_304,
                                "student_forward_backward": trainer + student,
                                "push_and_ema": trainer}
     assert mem.rank0["student_forward_backward"] == pytest.approx(trainer + student + 0.45 * B200 + GiB, abs=1)
     assert mem.peak() == ("student_forward_backward", mem.rank0["student_forward_backward"])
-    assert mem.rank0["student_forward_backward"] / GiB == pytest.approx(148.50, abs=0.01)
+    assert mem.rank0["student_forward_backward"] / GiB == pytest.approx(159.15, abs=0.01)
     assert fit_problem(mem, "B200") is None
     # With vLLM at 0.65 the same trial does not fit: 0.20 x 178.35 = 35.67 GiB more.
     over = estimate_trial_memory(shape, paper_trial("Qwen/Qwen3-8B", gpu_memory_utilization=0.65), gpu_bytes=B200)
-    assert over.rank0["student_forward_backward"] / GiB == pytest.approx(148.50 + 35.67, abs=0.01)
-    assert fit_problem(over, "B200").startswith("rank 0 needs 184.2 GiB in the student forward+backward phase")
+    assert over.rank0["student_forward_backward"] / GiB == pytest.approx(159.15 + 35.67, abs=0.01)
+    assert fit_problem(over, "B200").startswith("rank 0 needs 194.8 GiB in the student forward+backward phase")
 
 
 def test_qwen3_0_6b_on_one_h100_by_hand():
@@ -190,7 +191,8 @@ def test_too_small_a_vllm_share_is_refused_naming_the_setting():
                                 paper_trial("Qwen/Qwen3-8B", gpu_memory_utilization=0.2), gpu_bytes=H100)
     problem = fit_problem(mem, "H100")
     assert problem.startswith("rollout.gpu_memory_utilization 0.20 of H100 gives vLLM 15.8 GiB")
-    assert "less than one 26,624-token sequence needs (3.7 GiB)" in problem
+    # One sequence of 40,960 tokens (Qwen3-8B's limit) x 147,456 bytes = 5.6 GiB.
+    assert "less than one 40,960-token sequence needs (5.6 GiB)" in problem
 
 
 def test_model_config_from_a_folder_the_hub_cache_or_the_table(tmp_path, monkeypatch):
@@ -258,8 +260,8 @@ def test_paper_sweeps_fit_b200s_and_h100s_or_float32_are_refused_in_one_line(tmp
                           timeout=120, env=env)
     assert plan.returncode == 0, plan.stderr
     assert "GPU memory of qwen3-8b (Qwen/Qwen3-8B: 8.19B parameters) per B200 of 178.3 GiB" in plan.stdout
-    assert "qwen3-8b fits: rank 0 peaks at 148.5 of 178.3 GiB (student forward+backward)" in plan.stdout
-    assert "olmo-3-7b-instruct fits: rank 0 peaks at 142.5 of 178.3 GiB" in plan.stdout
+    assert "qwen3-8b fits: rank 0 peaks at 159.1 of 178.3 GiB (student forward+backward)" in plan.stdout
+    assert "olmo-3-7b-instruct fits: rank 0 peaks at 153.4 of 178.3 GiB" in plan.stdout
     fig3 = subprocess.run([*OPSD, "sweep", "plan", str(SWEEPS / "paper_fig3.yaml")], capture_output=True,
                           text=True, timeout=120, env=env)
     assert fig3.returncode == 0 and fig3.stdout.count(" fits: rank 0 peaks at ") == 4, fig3.stderr
@@ -269,8 +271,10 @@ def test_paper_sweeps_fit_b200s_and_h100s_or_float32_are_refused_in_one_line(tmp
         result = subprocess.run([*OPSD, "sweep", command, str(h100)], capture_output=True, text=True, timeout=120,
                                 env=env)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        # The trainer's 83,631,891,712 bytes of test_qwen3_8b_on_b200s_by_hand (77.89 GiB), vLLM's 0.45 of
+        # 79.1 GiB (35.60) and its process (1.00): 114.5 GiB.
         assert result.stderr.startswith(f"opsd sweep: error: {h100}: models[0] (Qwen/Qwen3-8B) does not fit "
-                                        "8 x H100: rank 0 needs 103.8 GiB in the student forward+backward phase, "
+                                        "8 x H100: rank 0 needs 114.5 GiB in the student forward+backward phase, "
                                         "more than one H100's 79.1 GiB: vLLM 36.6 (rollout.gpu_memory_utilization")
     float32 = _paper_variant(tmp_path, "    dtype: bfloat16  ", "    dtype: float32  ")
     result = subprocess.run([*OPSD, "sweep", "plan", str(float32)], capture_output=True, text=True, timeout=120)

@@ -34,6 +34,7 @@ trial:
   steps: 3
   context: {{max_teacher_prompt_tokens: 1024}}
   loss: {{top_k: 5}}
+  rollout: {{max_response_tokens: 8192}}
 resources: b200-1
 """
 
@@ -85,8 +86,8 @@ def test_cpu_preset_is_the_default(tmp_path):
     (("top_k: 5", "top_kk: 5"), "sweep.yaml:16: trial.loss.top_kk: Extra inputs are not permitted"),
     (("n_samples: 2", "n_samples: 0"), "sweep.yaml:6: models[0].overrides.rollout.n_samples: Input should be greater than 0"),
     (("Qwen/Qwen3-8B", "/no/such/model"), "sweep.yaml:8: models[1].path: /no/such/model does not exist"),
-    (("resources: b200-1", "resources: b300"), "sweep.yaml:17: resources: unknown preset 'b300'"),
-    (("resources: b200-1", "resources: {gpus: -1}"), "sweep.yaml:17: resources.gpus: Input should be greater than or equal to 0"),
+    (("resources: b200-1", "resources: b300"), "sweep.yaml:18: resources: unknown preset 'b300'"),
+    (("resources: b200-1", "resources: {gpus: -1}"), "sweep.yaml:18: resources.gpus: Input should be greater than or equal to 0"),
     (("  steps: 3", "  seed: 3"), "sweep.yaml:13: trial: 'seed' is set by the grid"),
     (("name: grid", "name: my grid"), "sweep.yaml:1: name: use letters"),
     (("name: grid", "nmae: grid"), "sweep.yaml:1: nmae: Extra inputs are not permitted"),

@@ -14,7 +14,8 @@ from trainer.checkpoint import (CheckpointError, latest_checkpoint, list_checkpo
                                 save_checkpoint)
 from trainer.config import DeepSpeedConfig, OptimConfig
 from trainer.distributed import run_local_ranks
-from trainer.student import Student, iter_minibatches
+from trainer.minibatches import iter_minibatches
+from trainer.student import Student
 from trainer.teacher import EmaTeacher
 from tests.trainer.test_student import full_state_dict
 

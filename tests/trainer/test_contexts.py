@@ -44,8 +44,16 @@ def test_expert_preamble_text():
     expected = EXPERT_PREAMBLE + "\n\n---\n\nPROMPT\n\nThink step by step first, then write the solution."
     assert [c.text for c in out] == [expected] * 4
     assert all(c.has_context for c in out)
-    for topic in ("Data structures", "| n up to |", "Pattern rules", "Edge cases", "Method, step by step"):
-        assert topic in EXPERT_PREAMBLE
+    # The paper's outline (Table 3): checklist, complexity table, pattern rules, edge cases, a 9-step method.
+    sections = ["Data structures and algorithms to consider:", "| n up to | acceptable complexity |",
+                "Pattern rules:", "Edge cases to check:", "Method, step by step:"]
+    positions = [EXPERT_PREAMBLE.index(s) for s in sections]
+    assert positions == sorted(positions)
+    method = EXPERT_PREAMBLE[positions[-1]:].splitlines()[1:]
+    assert [line.split(".")[0] for line in method] == [str(i) for i in range(1, 10)]
+    import trainer.expert_preamble
+
+    assert "reconstructed from the predictive-law paper's description" in trainer.expert_preamble.__doc__
 
 
 def test_feedback_text_and_flags():

@@ -125,3 +125,17 @@ def test_phase_timer_records_each_phases_gpu_memory_in_a_cuda_process(monkeypatc
     assert metrics["memory/teacher_forward_peak_gib"] == 4.0  # the larger of its two calls
     assert metrics["memory/student_forward_backward_peak_gib"] == 5.0
     assert metrics["memory/teacher_forward_used_gib"] == 10.0
+
+
+def test_the_data_summary_goes_into_trial_json_and_a_line_at_the_start(tmp_path):
+    cfg = TrialConfig(rollout={"max_prompt_tokens": 2048}, model={"size_b": 8})
+    data = {"data/problems_loaded": 175, "data/prompts_skipped_too_long": 2, "data/skipped_ids": ["lcb/1", "lcb/9"],
+            "data/split": "tests", "data/train_problems": 173, "data/val_problems": 173, "data/train_tests": 900,
+            "data/val_tests": 1800, "data/problems_without_hint": 11}
+    initial = {"student_acc": 0.3, "teacher_acc": 0.5, "student_acc_t1": 0.25, "gap": 0.25, "student_test_frac": 0.4,
+               "teacher_test_frac": 0.6, "gap_test_frac": 0.25}
+    summary = records.trial_summary(cfg, tmp_path, initial, {**initial, "student_acc": 0.4}, 10.0, data)
+    assert {k: summary[k] for k in data} == data and summary["improvement"] == pytest.approx(0.1)
+    assert records.data_line(cfg, data) == (
+        "data: 175 problems loaded, 2 dropped (student prompt longer than rollout.max_prompt_tokens=2,048: "
+        "lcb/1, lcb/9); 173 train problems (900 tests), 173 validation problems (1800 tests); 11 without a hint")

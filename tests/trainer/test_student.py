@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from trainer.config import DeepSpeedConfig, OptimConfig
 from trainer.distributed import broadcast_from_main, run_local_ranks, wait_for_main
-from trainer.student import Student, build_deepspeed_config, iter_minibatches
+from trainer.minibatches import iter_minibatches
+from trainer.student import Student, build_deepspeed_config
 
 
 def full_state_dict(student: Student) -> dict[str, torch.Tensor]:

@@ -100,6 +100,13 @@ def test_trial_writes_results_and_kl_to_the_teacher_falls(hint_run):
     assert summary["status"] == "completed" and summary["steps"] == STEPS
     assert summary["config"] == json.loads((hint_run / "config.json").read_text())
     assert summary["code_version"]
+    # The data summary: 8 problems, none over 512 prompt tokens, every one trains and validates (split "tests":
+    # one of each problem's 2 tests for training feedback, both for validation), each with its reference
+    # solution as the hint.
+    assert {k: v for k, v in summary.items() if k.startswith("data/")} == {
+        "data/problems_loaded": 8, "data/prompts_skipped_too_long": 0, "data/skipped_ids": [],
+        "data/split": "tests", "data/train_problems": 8, "data/val_problems": 8, "data/train_tests": 8,
+        "data/val_tests": 16, "data/problems_without_hint": 0}
     progress = json.loads((hint_run / "progress.json").read_text())
     assert progress["status"] == "completed" and progress["step"] == progress["steps"] == STEPS
     assert progress["started"] <= progress["phase_started"] <= progress["updated"]
@@ -118,7 +125,7 @@ def test_step_rows_count_the_tokens_each_phase_ran_over(copy_setup, hint_run):
     from sandbox.problems import Problem
     from trainer.models import load_tokenizer
     from trainer.prompts import student_prompt_ids
-    from trainer.student import iter_minibatches
+    from trainer.minibatches import iter_minibatches
 
     tokenizer = load_tokenizer(copy_setup["model"])
     problems = {p.id: p for p in map(Problem.model_validate_json, copy_setup["data"].read_text().splitlines())}
