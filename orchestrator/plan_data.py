@@ -127,11 +127,11 @@ def data_lines(points: list) -> list[str]:
 
 def recipe_line(cfg: TrialConfig) -> str:
     """One line: rollouts and optimizer steps per training step, length limits, learning rate, EMA and loss."""
-    from trainer.minibatches import iter_minibatches
+    from trainer.minibatches import split_minibatches
 
     rollouts = cfg.rollout.prompts_per_step * cfg.rollout.n_samples
     world = cfg.deepspeed.world_size
-    updates = len(iter_minibatches(rollouts, cfg.optim.mini_batch_size, cfg.optim.micro_batch_size, rng=None,
+    updates = len(split_minibatches(rollouts, cfg.optim.mini_batch_size, cfg.optim.micro_batch_size, rng=None,
                                    world_size=world))
     loss = cfg.loss
     conventions = "sdpo_compat on" if loss.sdpo_compat else "sdpo_compat off"

@@ -79,7 +79,7 @@ def planned_call_args(test_code: str, names: frozenset[str]) -> list[Any] | None
     return args
 
 
-def _same_plain_data(a: Any, b: Any) -> bool:
+def same_plain_data(a: Any, b: Any) -> bool:
     """Equal as the program receives them (True is not 1, a tuple is not a list)."""
     try:
         return encode_value(a) == encode_value(b)
@@ -87,11 +87,11 @@ def _same_plain_data(a: Any, b: Any) -> bool:
         return False
 
 
-def _call_text(name: str, args: Sequence[Any]) -> str:
+def call_text(name: str, args: Sequence[Any]) -> str:
     return f"{name}({', '.join(safe_repr(a) for a in args)})"
 
 
-def _expected_of_assert(test_code: str, namespace: dict[str, Any]) -> str | None:
+def expected_of_assert(test_code: str, namespace: dict[str, Any]) -> str | None:
     """For `assert candidate(...) == EXPR`, the repr of EXPR evaluated in the trusted test code's namespace."""
     statement = _single_assert(test_code)
     if statement is None:

@@ -331,7 +331,7 @@ class Executor:
         if not (pin_cpus or (pin_cpus is None and self.n_workers >= len(cpus))):
             cpus = []
         self._pool = Pool(self.n_workers, lambda i: Worker(plan, probe_limits, tmpfs, cpus[i % len(cpus)] if cpus else None))
-        worker_layers = self._pool._all[0].layers
+        worker_layers = self._pool.layers
         report = {
             "bwrap": plan.bwrap is not None,
             "seccomp": plan.bpf is not None and worker_layers.get("seccomp", False),

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sandbox.checks import _call_text, _expected_of_assert, _same_plain_data, planned_call_args, trusted_code
+from sandbox.checks import call_text, expected_of_assert, same_plain_data, planned_call_args, trusted_code
 from sandbox.compare import safe_repr, show_value, stdout_matches, values_equal
 from sandbox.extract import CodeBlockMode, assemble_program, extract_program
 from sandbox.feedback import TestResult, as_text, render_feedback
@@ -366,7 +366,7 @@ class Grader:
             if left <= 0:
                 calls.append((list(args), None))
                 raise _CallFailed(_TimeUp)
-            if made is not None and not calls and _same_plain_data(list(args), made[0]):
+            if made is not None and not calls and same_plain_data(list(args), made[0]):
                 outcome = made[1]
             else:
                 outcome = session.call(target, list(args), timeout_s=left)
@@ -402,8 +402,8 @@ class Grader:
             # The test code choked on what the program returned (e.g. arithmetic on None): a wrong answer.
             status, error = "wrong_answer", f"the test raised {type(err).__name__}: {err}"
         last_args, last_value = calls[-1] if calls else ([], None)
-        shown_input = _call_text(shown_name, last_args) if calls else test.input.strip()
-        expected = _expected_of_assert(test.input, namespace) if status == "wrong_answer" else None
+        shown_input = call_text(shown_name, last_args) if calls else test.input.strip()
+        expected = expected_of_assert(test.input, namespace) if status == "wrong_answer" else None
         if status == "wrong_answer" and expected is None:
             expected = test.input.strip()  # the assertion itself says what was expected
         return _test_result(

@@ -239,6 +239,11 @@ class Pool:
             self._all.append(w)
             self._idle.put(w)
 
+    @property
+    def layers(self) -> dict:
+        """The isolation layers the first worker's self-test found (every worker runs the same set-up)."""
+        return self._all[0].layers
+
     def _start_all(self, workers: list[Worker]) -> None:
         errors: list[BaseException] = []
 

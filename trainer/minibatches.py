@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 
-def iter_minibatches(n_items: int, mini_batch_size: int, micro_batch_size: int, *,
+def split_minibatches(n_items: int, mini_batch_size: int, micro_batch_size: int, *,
                      rng: np.random.Generator | None, rank: int = 0, world_size: int = 1) -> list[list[list[int]]]:
     """Split one trial step's rollouts into optimizer steps and micro batches, for one rank (pure).
 

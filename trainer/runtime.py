@@ -124,7 +124,7 @@ def start_runtime(cfg: TrialConfig) -> Iterator[TrialRuntime]:
     with contextlib.ExitStack() as stack:
         grader = engine = None
         if rank == 0:
-            grader, engine = _start_sandbox_and_rollout_engine(cfg, model_path, stack)
+            grader, engine = start_sandbox_and_rollout_engine(cfg, model_path, stack)
         wait_for_main()  # vLLM's start-up (minutes for a large model) is rank 0's alone; DeepSpeed's is collective
         torch.manual_seed(cfg.seed)
         model = load_causal_lm(model_path, dtype=cfg.model.dtype, device=rank_device(cfg.device))
@@ -137,7 +137,7 @@ def start_runtime(cfg: TrialConfig) -> Iterator[TrialRuntime]:
                            pad_id=pad_id, model_path=model_path, device=rank_device(cfg.device))
 
 
-def _start_sandbox_and_rollout_engine(cfg: TrialConfig, model_path: Path,
+def start_sandbox_and_rollout_engine(cfg: TrialConfig, model_path: Path,
                                       stack: contextlib.ExitStack) -> tuple[Grader, RolloutEngine]:
     executor = stack.enter_context(Executor(
         cfg.sandbox.workers, isolation=cfg.sandbox.isolation, limits=Limits(memory_mb=cfg.sandbox.memory_mb)))

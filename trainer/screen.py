@@ -54,7 +54,7 @@ from trainer.prompts import drop_long_prompts, student_prompt_ids
 from trainer.records import PhaseTimer, atomic_write_bytes, write_json
 from trainer.rollout import Rollout
 # The trial's own start-up of the sandbox and the engine, so the screen samples with the trial's engine settings.
-from trainer.runtime import _start_sandbox_and_rollout_engine
+from trainer.runtime import start_sandbox_and_rollout_engine
 
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
@@ -149,7 +149,7 @@ def run_screen(cfg: TrialConfig, contexts: Sequence[ContextConfig], *,
     seed = eval_sampling_seed(cfg)
     with contextlib.ExitStack() as stack:
         with step("engine start"):
-            grader, engine = _start_sandbox_and_rollout_engine(cfg.model_copy(update={"context": widest}),
+            grader, engine = start_sandbox_and_rollout_engine(cfg.model_copy(update={"context": widest}),
                                                                model_path, stack)
         # The offsets of trainer/evaluate.py: seed + 1 for the student's attempts, seed + 2 for the teacher.
         attempts = sample_student_attempts(engine, grader, cfg, val, prompts, seed=seed + 1, phase=step)

@@ -8,7 +8,7 @@ share of the mini batch's loss (e.g. for a token mean: the micro batch's token-s
 token count). With several ranks DeepSpeed averages gradients over ranks, so each rank's shares must add up
 to the mini batch's loss as that rank would compute it alone (its token-sum times world_size over the global
 token count, for a token mean: every rank knows the whole mini batch, trainer/aggregation.py). With several
-ranks, `iter_minibatches(..., rank=, world_size=)` (trainer/minibatches.py) deals each rank its items.
+ranks, `split_minibatches(..., rank=, world_size=)` (trainer/minibatches.py) deals each rank its items.
 
 Optimizer: AdamW with the hyperparameters of `OptimConfig`, one group holding every parameter (norm weights
 and embeddings are decayed too; METHOD.md names no exempt group), constant learning rate, gradient clipping

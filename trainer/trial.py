@@ -45,7 +45,7 @@ from trainer.records import (
 )
 from trainer.rollout import Rollout
 from trainer.runtime import TrialRuntime, start_runtime
-from trainer.minibatches import iter_minibatches
+from trainer.minibatches import split_minibatches
 
 
 @dataclass
@@ -190,7 +190,7 @@ def _minibatches(trial: TrialRuntime, n_samples: int, step: int) -> list[tuple[l
     cfg = trial.cfg
 
     def for_rank(rank: int) -> list[list[list[int]]]:
-        return iter_minibatches(n_samples, cfg.optim.mini_batch_size, cfg.optim.micro_batch_size,
+        return split_minibatches(n_samples, cfg.optim.mini_batch_size, cfg.optim.micro_batch_size,
                                 rng=np.random.default_rng([cfg.seed, step]), rank=rank, world_size=trial.world_size)
 
     everyone = [for_rank(rank) for rank in range(trial.world_size)]

@@ -130,8 +130,9 @@ def test_a_second_sweep_links_the_trials_a_first_one_completed(tmp_path, monkeyp
     assert prepare_sweep_dir(second, second_points, sweep_location(second)[0], second_file).links == state.links
 
 
-def test_a_sweep_whose_trials_are_all_linked_starts_no_ray(tmp_path, monkeypatch):
+def test_a_sweep_whose_trials_are_all_linked_runs_no_tune(tmp_path, monkeypatch):
     import orchestrator.tune_run as tune_run
+    from orchestrator.driver import DriverRecord
     from rich.console import Console
 
     first_file = sweep_file(tmp_path, "first", "[none]")
@@ -142,11 +143,11 @@ def test_a_sweep_whose_trials_are_all_linked_starts_no_ray(tmp_path, monkeypatch
     second, second_points = load_sweep(second_file)
     state = prepare_sweep_dir(second, second_points, sweep_location(second)[0], second_file)
 
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started for a sweep with nothing to train")
+    def no_tune(*args, **kwargs):
+        raise AssertionError("Ray Tune was started for a sweep with nothing to train")
 
-    monkeypatch.setattr(tune_run, "init_ray", no_ray)
+    monkeypatch.setattr(tune_run, "build_tuner", no_tune)
     console = Console(width=200, record=True)
-    assert tune_run.run_sweep(state, console=console) == 0
+    tune_run.run_sweep(state, driver=DriverRecord.start(state.dir), console=console)
     assert "1 of 1 trials completed in other sweeps of the same storage are linked, not trained again: " \
            "tiny-none-s0" in console.export_text()

@@ -14,7 +14,7 @@ from trainer.checkpoint import (CheckpointError, latest_checkpoint, list_checkpo
                                 save_checkpoint)
 from trainer.config import DeepSpeedConfig, OptimConfig
 from trainer.distributed import run_local_ranks
-from trainer.minibatches import iter_minibatches
+from trainer.minibatches import split_minibatches
 from trainer.student import Student
 from trainer.teacher import EmaTeacher
 from tests.trainer.test_student import full_state_dict
@@ -50,7 +50,7 @@ def train_steps(student: Student, teacher: EmaTeacher, sampler: np.random.Genera
         input_ids = torch.as_tensor(sampler.integers(0, VOCAB, size=(8, 9)))
         input_ids = input_ids[torch.randperm(8)]
         weight = 1.0 + random.random() + float(np.random.rand())
-        for mini in iter_minibatches(8, 4, 2, rng=sampler, rank=rank, world_size=world_size):
+        for mini in split_minibatches(8, 4, 2, rng=sampler, rank=rank, world_size=world_size):
             for micro in mini:
                 ids = input_ids[micro]
                 mask = torch.ones_like(ids)

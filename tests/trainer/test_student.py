@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from trainer.config import DeepSpeedConfig, OptimConfig
 from trainer.distributed import broadcast_from_main, run_local_ranks, wait_for_main
-from trainer.minibatches import iter_minibatches
+from trainer.minibatches import split_minibatches
 from trainer.student import Student, build_deepspeed_config
 
 
@@ -217,17 +217,17 @@ def test_named_full_parameters_are_full_hf_tensors(zero_stage, tied):
 
 def test_minibatch_split_covers_every_item_once():
     rng = np.random.default_rng(0)
-    split = iter_minibatches(10, 4, 3, rng=rng)
+    split = split_minibatches(10, 4, 3, rng=rng)
     assert [[len(micro) for micro in mini] for mini in split] == [[2, 2], [2, 2], [2]]
     assert sorted(i for mini in split for micro in mini for i in micro) == list(range(10))
     assert [i for mini in split for micro in mini for i in micro] == np.random.default_rng(0).permutation(10).tolist()
-    assert iter_minibatches(5, 8, 2, rng=None) == [[[0, 1], [2, 3], [4]]]
-    assert iter_minibatches(0, 4, 2, rng=None) == []
+    assert split_minibatches(5, 8, 2, rng=None) == [[[0, 1], [2, 3], [4]]]
+    assert split_minibatches(0, 4, 2, rng=None) == []
 
 
 def test_minibatch_split_over_ranks_gives_equal_micro_batch_counts():
     for n_items, mini, micro in [(10, 4, 2), (9, 4, 3), (7, 7, 2), (33, 8, 4)]:
-        per_rank = [iter_minibatches(n_items, mini, micro, rng=np.random.default_rng(5), rank=r, world_size=2)
+        per_rank = [split_minibatches(n_items, mini, micro, rng=np.random.default_rng(5), rank=r, world_size=2)
                     for r in range(2)]
         assert len(per_rank[0]) == len(per_rank[1])
         for mini0, mini1 in zip(*per_rank):
@@ -235,9 +235,9 @@ def test_minibatch_split_over_ranks_gives_equal_micro_batch_counts():
         items = sorted(i for split in per_rank for mini_ in split for m in mini_ for i in m)
         assert items == list(range(n_items))
     # 9 items in mini batches of 4 over 2 ranks: the last single item joins the mini batch before it
-    assert [sum(len(m) for m in mini_) for mini_ in iter_minibatches(9, 4, 4, rng=None, rank=0, world_size=2)] == [2, 3]
+    assert [sum(len(m) for m in mini_) for mini_ in split_minibatches(9, 4, 4, rng=None, rank=0, world_size=2)] == [2, 3]
     with pytest.raises(ValueError):
-        iter_minibatches(3, 3, 1, rng=None, rank=0, world_size=2)  # one rank would need an empty micro batch
+        split_minibatches(3, 3, 1, rng=None, rank=0, world_size=2)  # one rank would need an empty micro batch
 
 
 def _two_rank_training(rank: int, start_state: dict, zero_stages: list[int]) -> dict:

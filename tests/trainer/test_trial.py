@@ -125,7 +125,7 @@ def test_step_rows_count_the_tokens_each_phase_ran_over(copy_setup, hint_run):
     from sandbox.problems import Problem
     from trainer.models import load_tokenizer
     from trainer.prompts import student_prompt_ids
-    from trainer.minibatches import iter_minibatches
+    from trainer.minibatches import split_minibatches
 
     tokenizer = load_tokenizer(copy_setup["model"])
     problems = {p.id: p for p in map(Problem.model_validate_json, copy_setup["data"].read_text().splitlines())}
@@ -144,7 +144,7 @@ def test_step_rows_count_the_tokens_each_phase_ran_over(copy_setup, hint_run):
         assert row["tokens/rollout_generated"] == sum(response)
         assert row["tokens/student_forward_backward"] == row["tokens/old_logps"] == sum(student_rows)
         assert row["tokens/teacher_forward"] == sum(teacher_rows)
-        micro = [m for mini in iter_minibatches(len(records), 4, 4, rng=np.random.default_rng([0, row["step"]]))
+        micro = [m for mini in split_minibatches(len(records), 4, 4, rng=np.random.default_rng([0, row["step"]]))
                  for m in mini]
         assert row["tokens/student_forward_backward_padded"] == row["tokens/old_logps_padded"] == \
             sum(len(m) * max(student_rows[i] for i in m) for m in micro)
