@@ -117,7 +117,29 @@ def screen_gaps(gaps: str | Path, law: str | Path, *, out: str | Path | None = N
         else:
             raise AnalysisError(f"--out {out}: unknown format {suffix!r} (use .csv, .parquet or .json)")
         print(f"wrote {len(predictions)} predictions to {out}", file=sys.stderr)
-    columns = ["model_family", "model", "context", "initial_gap", "predicted_improvement", "pi_lo", "pi_hi",
-               "extrapolated", "law"]
-    print(predictions[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    from rich.console import Console
+
+    Console().print(predictions_table(predictions))
     return 0
+
+
+def predictions_table(predictions):
+    """The predictions as a table narrow enough for an 80-column terminal: the model column only when there
+    are several models, an extrapolated prediction starred (its gap is outside the law's range)."""
+    from rich.table import Table
+
+    models = predictions["model"].unique()
+    laws = predictions["law"].unique()
+    table = Table(title=f"Predicted improvement ({', '.join(map(str, laws))} law)" if len(laws) == 1 else
+                  "Predicted improvement", caption="* gap outside the fitted range: an extrapolation",
+                  caption_justify="left", title_justify="left")
+    several = len(models) > 1
+    if several:
+        table.add_column("model", overflow="fold")
+    for name in ("context", "gap", "predicted \\[lo, hi]"):
+        table.add_column(name, justify="left" if name == "context" else "right", overflow="fold")
+    for row in predictions.itertuples():
+        cells = [row.context, f"{row.initial_gap:+.3f}",
+                 f"{row.predicted_improvement:+.3f}{'*' if row.extrapolated else ''} [{row.pi_lo:+.3f}, {row.pi_hi:+.3f}]"]
+        table.add_row(*([str(row.model)] if several else []), *cells)
+    return table

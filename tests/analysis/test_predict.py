@@ -118,3 +118,28 @@ def test_law_file_with_wrong_schema_version_is_refused(saved, tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(data))
     with pytest.raises(AnalysisError, match="schema_version 99"):
         predict_improvement(tmp_path / "old.json", "fam_a", [0.1])
+
+
+def test_the_printed_predictions_fit_80_columns_with_every_cell_whole():
+    """`opsd screen GAPS --law` prints one row per context; at 80 columns each cell stays whole, the
+    extrapolated prediction starred, the model column only when there are several models."""
+    import pandas as pd
+    from rich.console import Console
+
+    from analysis.cli import predictions_table
+
+    rows = pd.DataFrame({"model_family": "smollm2", "model": "embedded:smollm2-135m-instruct", "law": "smollm2",
+                         "context": ["none", "peer_solution_feedback"], "initial_gap": [0.0, 0.08],
+                         "predicted_improvement": [-0.0283, 0.142], "pi_lo": [-1.222, -1.052],
+                         "pi_hi": [1.166, 1.336], "extrapolated": [False, True]})
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))
+    console.print(predictions_table(rows))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    cells = [[c.strip() for c in line.strip("│").split("│")] for line in text.splitlines() if line.startswith("│")]
+    assert cells == [["none", "+0.000", "-0.028 [-1.222, +1.166]"],
+                     ["peer_solution_feedback", "+0.080", "+0.142* [-1.052, +1.336]"]]
+    two = pd.concat([rows, rows.assign(model="qwen3-8b")])
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))
+    console.print(predictions_table(two))
+    assert "qwen3-8b" in console.export_text()
