@@ -32,6 +32,7 @@ the program's side, the template) are their own modules already.
 """
 
 import io
+import json
 import os
 import resource
 import select
@@ -91,7 +92,7 @@ def classify_end(code, cpu, maxrss_kb, frame, limits, timeout):
 class Program:
     """The fork server's handle on one program process B and its pipes."""
 
-    def __init__(self, pid, out_fd, err_fd, req_fd, resp_fd, scratch):
+    def __init__(self, pid, out_fd, err_fd, req_fd, resp_fd, scratch, relayed=False):
         self.pid, self.pidfd = pid, os.pidfd_open(pid)
         # B's /proc files, opened when first read and kept open (re-read from offset 0): a session's CPU time
         # is read at every call's end; a short run's never.
@@ -103,7 +104,9 @@ class Program:
         self.scratch = scratch
         self.status = None  # wait status once reaped
         self.rusage = None
-        self.frames = FrameReader(MAX_PROGRAM_FRAME)  # None once B wrote something that is not a frame
+        # B's reports; in a call session, a call's answer is the program's own frame, which B relays (None once
+        # the channel held something that is not a frame).
+        self.frames = FrameReader(MAX_PROGRAM_FRAME, relayed=relayed)
         self.discarded = 0  # bytes B wrote on its response channel after that
 
     def cpu(self):
@@ -149,17 +152,6 @@ class Program:
         self.quiet_since, self.waited_ticks = (last_pid if alone else None), ticks
         return own + ticks / _TICKS
 
-    def settle(self, grace):
-        """Read the CPU time as ``cpu`` does, then give the program's other threads and processes up to ``grace``
-        seconds to end (a thread the program has joined may take a moment to leave the kernel). Returns
-        (the reading, whether B was then alone); the CPU time spent during the grace counts from then on."""
-        used = self.cpu()
-        deadline = time.monotonic() + grace
-        while not self.alone and time.monotonic() < deadline:
-            time.sleep(0.0005)
-            self.cpu()
-        return used, self.alone
-
     def reap(self, block=True):
         if self.status is None:
             pid, status, rusage = os.wait4(self.pid, 0 if block else os.WNOHANG)
@@ -189,9 +181,21 @@ class Program:
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _WALK_TRIES = 16  # disturbed walks in a row before a reading counts as infinite (``Program.cpu``)
-# How long the end of a call waits for the program's other threads and processes to end (``Program.settle``).
-SETTLE_S = 0.1
+# A session's B runs nothing of the program between calls: CPU time it spends there beyond this ends the session.
+IDLE_CPU_S = 0.01
+GARBLED = {"status": "runtime_error", "error": "garbled response from the program", "fatal": True}
 _LAST_PID_FD = None  # /proc/sys/kernel/ns_last_pid, opened by the fork server (``ForkServer.__init__``)
+
+
+def _program_answer(raw):
+    """A call's answer, the header of the frame the program wrote: a JSON object (and no blobs), else garbled."""
+    try:
+        answer = json.loads(raw)
+    except (ValueError, RecursionError):
+        return dict(GARBLED)
+    if type(answer) is not dict or answer.get("blobs", []) != []:
+        return dict(GARBLED)
+    return answer
 
 
 def _read_proc(path):
@@ -309,7 +313,7 @@ class ForkServer:
         finally:
             for fd in child_fds:
                 os.close(fd)
-        prog = Program(pid, out_r, err_r, req_w, resp_r, scratch)
+        prog = Program(pid, out_r, err_r, req_w, resp_r, scratch, relayed=mode == "session")
         try:
             write_all(req_w, pack_frame({"code": code}))
         except OSError:
@@ -323,7 +327,7 @@ class ForkServer:
         ``prog.cpu_mark`` reaches ``timeout``, ``wall`` seconds pass, or the output cap.
 
         Returns "frame", "exit", "timeout" or "output"; the first frame B sent is left in ``self.frame``."""
-        self.frame = None
+        self.frame = self.answer = None
         deadline = time.monotonic() + wall
         n_cpus = max(1, len(os.sched_getaffinity(0)))  # how fast B's threads can spend CPU time
         fds = {prog.out_fd: out, prog.err_fd: err}
@@ -369,12 +373,16 @@ class ForkServer:
                         frames = prog.frames.feed(chunk)
                     except Exception:  # noqa: BLE001 - whatever the program wrote there, it is not a frame
                         prog.frames = None
-                        frames = [({"status": "runtime_error", "error": "garbled response from the program", "fatal": True}, [])]
-                    if frames and self.frame is None:
-                        self.frame = frames[0][0]
-                    if frames and want_frame:
-                        self._drain(prog, out, err, cap)
-                        return "output" if len(out) + len(err) > cap else "frame"
+                        frames = [(dict(GARBLED), [])]
+                    for header, blobs in frames:
+                        if not want_frame:
+                            self.frame = header if self.frame is None else self.frame
+                        elif header.get("program_frame"):  # the call's answer, as the program wrote it
+                            self.answer = _program_answer(blobs[0]) if self.answer is None else self.answer
+                        elif "answer" not in header:  # B's last word on the call: done (or set-up failed)
+                            self.frame = header
+                            self._drain(prog, out, err, cap)
+                            return "output" if len(out) + len(err) > cap else "frame"
                     continue
                 fds[fd] += chunk
                 if len(out) + len(err) > cap:
@@ -460,6 +468,10 @@ class ForkServer:
             if code is None:
                 raise ValueError("call without a program: the session's program was already ended")
             self.session = self.spawn(limits, "session", code)
+        elif self.session.cpu() - self.session.cpu_mark > IDLE_CPU_S:  # B ran between calls: it must not
+            error = "the program used CPU time between calls"
+            self.end_session(failure={"status": "runtime_error", "error": error, "exit_code": None})
+            return dict(self.session_failure, value=None, wall_s=time.monotonic() - started, ended=True), b"", b""
         prog = self.session
         out, err = bytearray(), bytearray()
         try:
@@ -470,17 +482,8 @@ class ForkServer:
         reason = self.pump(prog, timeout, wall, limits["output_bytes"], out, err, want_frame=True)
         value = None
         if reason == "frame":
-            frame = self.frame
-            status = frame.get("status") if frame.get("status") in STATUSES else "runtime_error"
-            error, value = frame.get("error"), frame.get("value")
-            if "setup_error" in frame:
-                status, error = "runtime_error", "sandbox setup failed: %s" % (frame["setup_error"],)
-            cpu, alone = prog.settle(SETTLE_S)
-            if cpu - prog.cpu_mark > timeout:  # answered, but spent more than its time on it
-                status, error, value = "time_limit", None, None
-            if alone:  # else a thread or process outlives the call: what it spends counts against the next ones
-                prog.cpu_mark = cpu
-            if frame.get("fatal") or status in ("memory_limit", "time_limit") or "setup_error" in frame:
+            status, error, value, fatal = self._call_end(prog, self.frame, self.answer, limits, timeout)
+            if fatal or status in ("memory_limit", "time_limit"):
                 self.end_session(failure={"status": status, "error": error, "exit_code": None})
         else:
             status, code, error = self.verdict(prog, reason, limits, float("inf"))
@@ -493,6 +496,37 @@ class ForkServer:
         result = {"status": status, "error": error, "value": value, "wall_s": time.monotonic() - started,
                   "ended": self.session is None}
         return (result, *capped(out, err, cap))
+
+    @staticmethod
+    def _call_end(prog, final, answer, limits, timeout):
+        """(status, error, value, fatal) of a call B reported on: ``final`` its last word (done, or its set-up
+        failed), ``answer`` what the program answered. The call is billed the CPU time of B's whole tree since
+        the last call ended, read now that B is alone again: the CPU time of every process the call made."""
+        cpu = prog.cpu()
+        used, prog.cpu_mark = cpu - prog.cpu_mark, cpu
+        if "setup_error" in final:
+            return "runtime_error", "sandbox setup failed: %s" % (final["setup_error"],), None, True
+        if not final.get("done"):  # the channel was garbled
+            return "runtime_error", final.get("error"), None, True
+        if not prog.alone:  # B reaps every process of the call before it reports: never, unless it failed
+            return "runtime_error", "the program's processes outlived its call", None, True
+        if "status" in final:  # B's own report on the code (it does not compile)
+            status = final["status"] if final["status"] in STATUSES else "runtime_error"
+            return status, final.get("error"), None, True
+        if "ended" in final or answer is None:  # the call's process ended without a whole answer
+            code = final.get("ended")
+            code = code if type(code) is int else None
+            maxrss = final.get("maxrss") if type(final.get("maxrss")) is int else 0
+            status, _, error = classify_end(code if code is not None else 1, used, maxrss, None, limits, timeout)
+            if status == "ok":  # it exited without answering: no value to give
+                status = "runtime_error"
+            if error is None and status == "runtime_error":
+                error = "the program ended during the call (exit code %s)" % (code,)
+            return status, error, None, True
+        if used > timeout:  # answered, but spent more than its time on it
+            return "time_limit", None, None, True
+        status = answer.get("status") if answer.get("status") in STATUSES else "runtime_error"
+        return status, answer.get("error"), answer.get("value"), bool(answer.get("fatal"))
 
     def end_session(self, failure=None):
         if self.session is not None:
