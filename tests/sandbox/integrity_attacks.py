@@ -527,3 +527,36 @@ else:
 def solve(n):
     return f(n) + TABLE[0] * 0 + TABLE[1] * 0
 '''
+
+# What one call could leave for the next besides its memory: files (nested, in a directory it made unreadable,
+# a FIFO, a symbolic link), the scratch dir's mode, times and extended attributes, the state of its stdin's and
+# stdout's open files (flags, owner, a pipe's size); and bytes that pass through the session's process (its
+# output, its answer, a file's name), which a later call could find in the memory it inherits. ``look``
+# reports all of it, and every copy of a marker in its own memory.
+LEAVES_STATE = SCAN + r'''
+import fcntl, os
+
+
+def leave(tag):
+    print("LEAK" + "MARK-%s-out" % tag)
+    os.makedirs("a/b/c")
+    open("a/b/c/LEAK" + "MARK-%s-file" % tag, "w").write(tag)
+    os.chmod("a/b", 0)
+    os.mkfifo("fifo")
+    os.symlink("/proc/self", "link")
+    os.setxattr(".", "user.kept", tag.encode())
+    os.chmod(".", 0o751)
+    os.utime(".", (12345, 67890))
+    fcntl.fcntl(1, fcntl.F_SETFL, os.O_NONBLOCK | os.O_APPEND)
+    fcntl.fcntl(1, fcntl.F_SETPIPE_SZ, 1 << 20)
+    fcntl.fcntl(0, fcntl.F_SETOWN, os.getpid())
+    return ["LEAK" + "MARK-%s-answer" % tag, look()]
+
+
+def look():
+    st = os.stat(".")
+    flags = fcntl.fcntl(1, fcntl.F_GETFL) & (os.O_NONBLOCK | os.O_APPEND)
+    marks = sorted(set(m.decode() for m in scan(re.compile(rb"LEAK" + rb"MARK-[0-9a-f]{8}-[a-z]+"))))
+    return [sorted(os.listdir(".")), os.listxattr("."), st.st_mode & 0o7777, st.st_mtime_ns, flags,
+            fcntl.fcntl(1, fcntl.F_GETPIPE_SZ), fcntl.fcntl(0, fcntl.F_GETOWN), marks]
+'''

@@ -183,6 +183,20 @@ def test_cpu_time_cannot_be_pooled_in_what_a_call_leaves(ex, keep):
     assert [t.status for t in attack.tests] == ["passed"] * 8 + ["time_limit"], attack.feedback
 
 
+def test_a_call_leaves_nothing_for_the_next(ex):
+    tag = uuid.uuid4().hex[:8]
+    with ex.session(A.LEAVES_STATE) as s:
+        first = s.call("leave", [tag], timeout_s=10)
+        second = s.call("look", [], timeout_s=10)
+    assert first.status == "ok" and second.status == "ok", (first, second)
+    _, changed = first.value
+    assert changed[:7] == [["a", "fifo", "link"], ["user.kept"], 0o751, 67890 * 10**9, os.O_NONBLOCK | os.O_APPEND,
+                           1 << 20, changed[6]] and changed[6] > 0, changed
+    # The next call finds an empty scratch dir as the first found it, its own stdin and stdout, and none of the
+    # first call's bytes in its memory (they passed through the session's process, which every call inherits).
+    assert second.value == [[], [], 0o700, 0, 0, 1 << 16, 0, []], second.value
+
+
 @pytest.mark.parametrize("keep", ["global", "file"])
 def test_cpu_time_cannot_be_pooled_through_the_command_line(ex, tmp_path, keep):
     from tests.sandbox.test_cli import opsd, write
