@@ -61,9 +61,28 @@ class _Buffer:
         self.c_array = (ctypes.c_char * BUFFER_BYTES).from_buffer(self.data)
         self.addr = ctypes.addressof(self.c_array)
         self.zeros = bytes(BUFFER_BYTES)
+        # What goes to fd 4, held until the call is done (one write, one wake-up of the fork server, for a
+        # small answer and the report) or while it fits.
+        self.pending, self.n_pending = bytearray(BUFFER_BYTES), 0
 
     def zero(self):
         self.view[:] = self.zeros
+
+    def send(self, data):
+        """Queue ``data`` (bytes-like) for fd 4."""
+        n = len(data)
+        if self.n_pending + n > BUFFER_BYTES:
+            self.flush()
+        if n > BUFFER_BYTES:
+            write_all(4, data)
+        else:
+            self.pending[self.n_pending:self.n_pending + n] = data
+            self.n_pending += n
+
+    def flush(self):
+        write_all(4, memoryview(self.pending)[:self.n_pending])
+        self.pending[:self.n_pending] = self.zeros[:self.n_pending]
+        self.n_pending = 0
 
 
 def serve_calls(code, cfg, scratch):
@@ -97,7 +116,8 @@ def serve_calls(code, cfg, scratch):
             done = {"done": 1, "status": "runtime_error", "fatal": True,
                     "error": "the program's scratch dir could not be emptied (%s)" % (errno.errorcode.get(e.errno, e.errno),)}
         buf.zero()
-        write_all(4, pack_frame(done))
+        buf.send(pack_frame(done))
+        buf.flush()
 
 
 def _one_call(compiled, header, program_mask, pidns, buf):
@@ -143,7 +163,7 @@ def _relay(pid, out_r, err_r, resp_r, pidns, buf):
     for fd in (out_r, err_r, resp_r, pidfd):
         poller.register(fd, select.POLLIN)
     sinks = {out_r: 1, err_r: 2}
-    state = _Answer(view)
+    state = _Answer(buf)
     exited = False
     try:
         while not exited and not state.whole:
@@ -185,8 +205,8 @@ def _relay(pid, out_r, err_r, resp_r, pidns, buf):
 class _Answer:
     """C's answer frame, relayed to fd 4 as it arrives: its 4-byte length, then that many bytes, never parsed."""
 
-    def __init__(self, view):
-        self.view, self.started, self.whole = view, False, False
+    def __init__(self, buf):
+        self.buf, self.view, self.started, self.whole = buf, buf.view, False, False
         self.prefix = bytearray(4)
         self.got = 0  # bytes of the prefix read
         self.left = None  # bytes of the header still to relay
@@ -198,9 +218,9 @@ class _Answer:
             if not n:
                 return False
             if not self.started:
-                write_all(4, _ANSWER)
+                self.buf.send(_ANSWER)
                 self.started = True
-            write_all(4, memoryview(self.prefix)[self.got:self.got + n])
+            self.buf.send(memoryview(self.prefix)[self.got:self.got + n])
             self.got += n
             if self.got == 4:
                 self.left = min(struct.unpack(">I", self.prefix)[0], MAX_PROGRAM_FRAME + 1)
@@ -210,7 +230,7 @@ class _Answer:
         n = os.readv(fd, [self.view[:min(self.left, BUFFER_BYTES)]])
         if not n:
             return False
-        write_all(4, self.view[:n])
+        self.buf.send(self.view[:n])
         self.left -= n
         # Past the fork server's cap, the frame is garbled there already: nothing more is worth relaying.
         self.whole = self.left == 0 or self.left > MAX_PROGRAM_FRAME
@@ -222,12 +242,12 @@ class _Answer:
         if not self.started or self.whole:
             return
         if self.left is None:
-            write_all(4, b"\0" * (4 - self.got))
+            self.buf.send(b"\0" * (4 - self.got))
             return
         while self.left > 0:
             n = min(self.left, BUFFER_BYTES)
             self.view[:n] = b" " * n
-            write_all(4, self.view[:n])
+            self.buf.send(self.view[:n])
             self.left -= n
 
 

@@ -18,13 +18,15 @@ enforces the output cap, the cap on B's response frames, and each run's or call'
 program spends in it, with the wall clock as a backstop (``WALL_FACTOR``). Nothing it sends back is trusted
 by the executor.
 
-A call's CPU time is its own: it is counted from the end of the last call after which the program was alone
-(B's one thread, no live process below it). A thread or process that outlives a call (a computation left
-running to answer a later call) makes the later calls count everything the program spent since then, so CPU
-time cannot be pooled across calls: the only way to pass a hard test is to solve it within its limit.
-Threads a call starts and joins (``main`` on a thread with a larger stack) end with it; module-level
-precomputation counts against the first call. Every reading of the program's CPU time fails closed
-(``Program.cpu``).
+A call's CPU time is its own. A session's B holds the program's code but never runs it: each call is a fresh
+child of B that runs the top-level code, then that call, and ends (``sandbox/calls.py``); B then kills and
+reaps whatever the call left and empties the scratch dir before it reports the call done. So nothing a call
+computed (in a global, a file, a thread, a process) is there for the next, and the only way to pass a hard
+test is to solve it within its limit. A call is billed the CPU time of B's whole tree (B, its children, what
+they waited for) from the end of the last call to B's report, read once B is alone again (one thread, no
+process below it; a report with B not alone ends the session); B's own CPU time between calls must be nil
+(``IDLE_CPU_S``, else the session ends). The top-level code's CPU time counts against every call (module-level
+precomputation runs again in each). Every reading of the program's CPU time fails closed (``Program.cpu``).
 
 Why one module of ~590 lines: the request loop, the bookkeeping of B's processes and pipes and the CPU-time
 accounting share the server's state at every step of a call; the parts that stand alone (frames, confinement,
@@ -95,11 +97,11 @@ class Program:
     def __init__(self, pid, out_fd, err_fd, req_fd, resp_fd, scratch, relayed=False):
         self.pid, self.pidfd = pid, os.pidfd_open(pid)
         # B's /proc files, opened when first read and kept open (re-read from offset 0): a session's CPU time
-        # is read at every call's end; a short run's never.
+        # is read at every call's start and end; a short run's never.
         self.stat_fd = self.children_fd = None
         self.quiet_since, self.waited_ticks, self.alone = None, 0, True  # (``cpu``)
         self.clock = ((~pid) << 3) | _CPUCLOCK_SCHED  # B's CPU time, all its threads
-        self.cpu_mark = 0.0  # B's CPU time when its last call ended (0: B's whole life)
+        self.cpu_mark = 0.0  # B's CPU time (its whole tree's) when its last call ended (0: B's whole life)
         self.out_fd, self.err_fd, self.req_fd, self.resp_fd = out_fd, err_fd, req_fd, resp_fd
         self.scratch = scratch
         self.status = None  # wait status once reaped
@@ -292,7 +294,7 @@ class ForkServer:
 
     def spawn(self, limits, mode, code, stdin=b""):
         """A program's process B from the template: "run" (once as __main__ on ``stdin``) or "session"
-        (``program_session``). B sets itself up, then reads ``code`` from its request channel. Returns B's
+        (``sandbox/calls.py``: a child per call). B sets itself up, then reads ``code`` from its request channel. Returns B's
         handle (a direct child)."""
         scratch = self.make_scratch()
         out_r, out_w = os.pipe()
