@@ -11,14 +11,17 @@ filter (layers and their checks: ``sandbox/isolation.py``, tests/sandbox/test_ho
 from a template that never held another program's data (tests/sandbox/test_integrity.py).
 
 ``timeout_s`` of a run or a call is a limit on the CPU time the program spends on it (all its threads and
-processes; in a session, counted from the end of the last call after which the program was alone, so no CPU
-time is pooled across calls: ``sandbox/runner.py``); its wall clock is cut at ``WALL_FACTOR`` times that.
+processes; a call's includes the program's top-level code, which runs again in every call: ``sandbox/runner.py``);
+its wall clock is cut at ``WALL_FACTOR`` times that.
 
-Call sessions: the program's top-level code runs on the first ``call``; later calls reuse the module. An
-exception raised by the called function is that call's ``runtime_error`` and the program keeps serving. A
-call that ends the program (time, memory or output limit, an exit, an error in the top-level code, a
-crash) ends the session's program for good: every later call of the session returns that same status at
-once, without running anything. ``run_stdin`` always starts a fresh program and is not affected.
+Call sessions: each ``call`` is a fresh child of the session's process, which holds the program's code and
+never runs it: the child runs the top-level code (and waits for the threads it started that are not daemons),
+then that one call, and ends with everything it started; its scratch dir is emptied before the next call. No
+state, thread, process or file crosses calls, so no CPU time is pooled across them (``sandbox/calls.py``). An
+exception raised by the called function is that call's ``runtime_error`` and the session goes on. A call that
+ends the program (time, memory or output limit, an exit, an error in the top-level code, a crash) ends the
+session for good: every later call of the session returns that same status at once, without running
+anything. ``run_stdin`` always starts a fresh program and is not affected.
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     wall_s: float = Field(10.0, gt=0, description="Wall-clock budget of the whole program: one run_stdin run, or "
-                          "the top-level code plus every call of a session together (time between calls not counted).")
-    cpu_s: float = Field(10.0, gt=0, description="CPU seconds of the program (RLIMIT_CPU; a session's calls share it).")
+                          "every call of a session together, each with its run of the top-level code (time between "
+                          "calls not counted).")
+    cpu_s: float = Field(10.0, gt=0, description="CPU seconds of each run's or call's process (RLIMIT_CPU).")
     memory_mb: int = Field(1024, ge=32, description="Address space of each process of the program, in MiB (RLIMIT_AS).")
     output_bytes: int = Field(1 << 20, ge=1, description="Cap on stdout+stderr of one run or one call; the program is killed beyond it.")
     file_bytes: int = Field(1 << 20, ge=0, description="Largest file the program may write in its scratch dir (RLIMIT_FSIZE).")
@@ -246,7 +250,7 @@ class Session:
             timeout = min(float(timeout_s), left)
             header = {"op": "call", "calls": [{"target": target, "args": a, "timeout": timeout} for a in args_texts],
                       "budget": left, "limits": self._limits_dict}
-            if not self._started:  # the worker starts the program on the first call and keeps it for the later ones
+            if not self._started:  # the worker keeps the program's code for the session's later calls
                 header["code"] = self._code
             self._started = True
             if last:

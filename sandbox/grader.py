@@ -302,8 +302,8 @@ class Grader:
                 planned_call_args(t.input, names) if t.kind == "check" else None for t in tests]
 
     def _session_limits(self, n_tests: int) -> Any:
-        """The executor's limits with the wall-clock and CPU budgets of one session (its calls share one process
-        and one budget) scaled to the tests, so a program is only limited per run or call by `time_limit_s`."""
+        """The executor's limits with the wall-clock and CPU budgets of one session (its calls share one budget)
+        scaled to the tests, so a program is only limited per run or call by `time_limit_s`."""
         limits = getattr(self.executor, "limits", None)
         if limits is None:
             return None

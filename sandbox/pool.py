@@ -25,7 +25,7 @@ class WorkerDied(RuntimeError):
 
 
 # The modules that run inside the sandbox (standard library only), in import order.
-SANDBOX_MODULES = ("codec", "wire", "confine", "program", "template", "runner")
+SANDBOX_MODULES = ("codec", "wire", "confine", "program", "calls", "template", "runner")
 _BOOT = """
 import sys, types
 package = types.ModuleType("sandbox")

@@ -1,8 +1,9 @@
 """The program's own process (B, inside the sandbox, standard library only), from its clone off the template
 (``become_program``): it confines itself (``sandbox/confine.py``), reads its program's code from its request
 channel (fd 3), then either runs it once as __main__ (``program_run``, stdin on fd 0) or serves calls of its
-functions, one request at a time (``program_session``). Its reports go to fd 4, its output to fds 1 and 2:
-all of it is read by the fork server as untrusted. This file runs inside the sandbox (see
+functions, one request at a time, each in a fresh child that runs the top-level code and that call
+(``sandbox/calls.py``, ``run_call``). Its reports go to fd 4, its output to fds 1 and 2: all of it is read by
+the fork server as untrusted. This file runs inside the sandbox (see
 ``sandbox/pool.py:worker_source``).
 """
 
@@ -64,7 +65,7 @@ def format_error(exc):
     return "".join(lines)[:4000]
 
 
-def _compile(code):
+def compile_program(code):
     import linecache
 
     linecache.cache[SOLUTION_FILE] = (len(code), None, code.splitlines(True), SOLUTION_FILE)
@@ -101,7 +102,7 @@ def program_run(code):
     """B, stdin mode: run the program once as __main__; report an uncaught exception on fd 4."""
     outcome, exit_code = None, 0
     try:
-        exec(_compile(code), _new_main().__dict__)
+        exec(compile_program(code), _new_main().__dict__)
     except MemoryError:
         outcome = _MEMORY_FRAME
         exit_code = 1
@@ -128,47 +129,50 @@ def _resolve(module, target):
     raise ValueError("bad call target %r" % target)
 
 
-def program_session(code):
-    """B, call mode: top-level code runs on the first request, then one call per request (fd 3 → fd 4).
-
-    An exception raised by a call is that call's runtime_error and the program keeps serving; an exception
-    in the top-level code, an exit or a MemoryError ends the program ("fatal")."""
-    module = None
-    while True:
-        request = read_frame(3)
-        if request is None:
-            os._exit(0)
-        header, _ = request
-        loading = module is None
+def run_call(compiled, header):
+    """C, a call's own process (``sandbox/calls.py``): the top-level code in a fresh module (and the threads it
+    starts that are not daemons, as at a program's exit), then the call ``header`` names; its answer goes to fd 4
+    and the process ends. An exception raised by the call is its runtime_error; one in the top-level code, an
+    exit or a MemoryError also ends the session ("fatal")."""
+    loading = True
+    try:
+        module = _new_main()
+        exec(compiled, module.__dict__)
+        _join_threads()
+        loading = False
+        fn = _resolve(module, header["target"])
+        args = decode_value(header["args"])
+        value = fn(*args)
         try:
-            if loading:
-                module = _new_main()
-                exec(_compile(code), module.__dict__)
-                loading = False
-            fn = _resolve(module, header["target"])
-            args = decode_value(header["args"])
-            value = fn(*args)
-            try:
-                response = {"status": "ok", "value": encode_value(value)}
-            except PlainDataError as e:
-                response = {"status": "runtime_error", "error": str(e)}
-            except RecursionError:
-                response = {"status": "runtime_error", "error": "returned a value nested too deeply"}
-        except MemoryError:
-            _flush_std()
-            write_all(4, _MEMORY_FRAME)
-            os._exit(1)
-        except SystemExit as e:
-            _flush_std()
-            error = "the program exited (code %s) during the call" % (_exit_code(e),)
-            write_all(4, pack_frame({"status": "runtime_error", "fatal": True, "error": error}))
-            os._exit(1)
-        except BaseException as e:
-            response = {"status": "runtime_error", "error": format_error(e), "fatal": loading}
+            response = {"status": "ok", "value": encode_value(value)}
+        except PlainDataError as e:
+            response = {"status": "runtime_error", "error": str(e)}
+        except RecursionError:
+            response = {"status": "runtime_error", "error": "returned a value nested too deeply"}
+    except MemoryError:
         _flush_std()
-        write_all(4, pack_frame(response))
-        if response.get("fatal"):
-            os._exit(1)
+        write_all(4, _MEMORY_FRAME)
+        os._exit(1)
+    except SystemExit as e:
+        _flush_std()
+        error = "the program exited (code %s) during the call" % (_exit_code(e),)
+        write_all(4, pack_frame({"status": "runtime_error", "fatal": True, "error": error}))
+        os._exit(1)
+    except BaseException as e:
+        response = {"status": "runtime_error", "error": format_error(e), "fatal": loading}
+    _flush_std()
+    write_all(4, pack_frame(response))
+    os._exit(0)
+
+
+def _join_threads():
+    threading = sys.modules.get("threading")
+    if threading is None:
+        return
+    main = threading.main_thread()
+    for thread in threading.enumerate():
+        if thread is not main and not thread.daemon:
+            thread.join()
 
 
 def become_program(cfg, header, fds):
@@ -198,7 +202,9 @@ def become_program(cfg, header, fds):
         if header["mode"] == "run":
             program_run(code)
         else:
-            program_session(code)
+            from sandbox.calls import serve_calls
+
+            serve_calls(code, cfg, header["scratch"])
     except BaseException:  # e.g. the program closed its request channel: never back into the template's code
         os._exit(1)
     os._exit(0)

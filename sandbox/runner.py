@@ -18,13 +18,15 @@ enforces the output cap, the cap on B's response frames, and each run's or call'
 program spends in it, with the wall clock as a backstop (``WALL_FACTOR``). Nothing it sends back is trusted
 by the executor.
 
-A call's CPU time is its own: it is counted from the end of the last call after which the program was alone
-(B's one thread, no live process below it). A thread or process that outlives a call (a computation left
-running to answer a later call) makes the later calls count everything the program spent since then, so CPU
-time cannot be pooled across calls: the only way to pass a hard test is to solve it within its limit.
-Threads a call starts and joins (``main`` on a thread with a larger stack) end with it; module-level
-precomputation counts against the first call. Every reading of the program's CPU time fails closed
-(``Program.cpu``).
+A call's CPU time is its own. A session's B holds the program's code but never runs it: each call is a fresh
+child of B that runs the top-level code, then that call, and ends (``sandbox/calls.py``); B then kills and
+reaps whatever the call left and empties the scratch dir before it reports the call done. So nothing a call
+computed (in a global, a file, a thread, a process) is there for the next, and the only way to pass a hard
+test is to solve it within its limit. A call is billed the CPU time of B's whole tree (B, its children, what
+they waited for) from the end of the last call to B's report, read once B is alone again (one thread, no
+process below it; a report with B not alone ends the session); B's own CPU time between calls must be nil
+(``IDLE_CPU_S``, else the session ends). The top-level code's CPU time counts against every call (module-level
+precomputation runs again in each). Every reading of the program's CPU time fails closed (``Program.cpu``).
 
 Why one module of ~590 lines: the request loop, the bookkeeping of B's processes and pipes and the CPU-time
 accounting share the server's state at every step of a call; the parts that stand alone (frames, confinement,
@@ -32,6 +34,7 @@ the program's side, the template) are their own modules already.
 """
 
 import io
+import json
 import os
 import resource
 import select
@@ -91,19 +94,21 @@ def classify_end(code, cpu, maxrss_kb, frame, limits, timeout):
 class Program:
     """The fork server's handle on one program process B and its pipes."""
 
-    def __init__(self, pid, out_fd, err_fd, req_fd, resp_fd, scratch):
+    def __init__(self, pid, out_fd, err_fd, req_fd, resp_fd, scratch, relayed=False):
         self.pid, self.pidfd = pid, os.pidfd_open(pid)
         # B's /proc files, opened when first read and kept open (re-read from offset 0): a session's CPU time
-        # is read at every call's end; a short run's never.
+        # is read at every call's start and end; a short run's never.
         self.stat_fd = self.children_fd = None
         self.quiet_since, self.waited_ticks, self.alone = None, 0, True  # (``cpu``)
         self.clock = ((~pid) << 3) | _CPUCLOCK_SCHED  # B's CPU time, all its threads
-        self.cpu_mark = 0.0  # B's CPU time when its last call ended (0: B's whole life)
+        self.cpu_mark = 0.0  # B's CPU time (its whole tree's) when its last call ended (0: B's whole life)
         self.out_fd, self.err_fd, self.req_fd, self.resp_fd = out_fd, err_fd, req_fd, resp_fd
         self.scratch = scratch
         self.status = None  # wait status once reaped
         self.rusage = None
-        self.frames = FrameReader(MAX_PROGRAM_FRAME)  # None once B wrote something that is not a frame
+        # B's reports; in a call session, a call's answer is the program's own frame, which B relays (None once
+        # the channel held something that is not a frame).
+        self.frames = FrameReader(MAX_PROGRAM_FRAME, relayed=relayed)
         self.discarded = 0  # bytes B wrote on its response channel after that
 
     def cpu(self):
@@ -149,17 +154,6 @@ class Program:
         self.quiet_since, self.waited_ticks = (last_pid if alone else None), ticks
         return own + ticks / _TICKS
 
-    def settle(self, grace):
-        """Read the CPU time as ``cpu`` does, then give the program's other threads and processes up to ``grace``
-        seconds to end (a thread the program has joined may take a moment to leave the kernel). Returns
-        (the reading, whether B was then alone); the CPU time spent during the grace counts from then on."""
-        used = self.cpu()
-        deadline = time.monotonic() + grace
-        while not self.alone and time.monotonic() < deadline:
-            time.sleep(0.0005)
-            self.cpu()
-        return used, self.alone
-
     def reap(self, block=True):
         if self.status is None:
             pid, status, rusage = os.wait4(self.pid, 0 if block else os.WNOHANG)
@@ -189,9 +183,21 @@ class Program:
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _WALK_TRIES = 16  # disturbed walks in a row before a reading counts as infinite (``Program.cpu``)
-# How long the end of a call waits for the program's other threads and processes to end (``Program.settle``).
-SETTLE_S = 0.1
+# A session's B runs nothing of the program between calls: CPU time it spends there beyond this ends the session.
+IDLE_CPU_S = 0.01
+GARBLED = {"status": "runtime_error", "error": "garbled response from the program", "fatal": True}
 _LAST_PID_FD = None  # /proc/sys/kernel/ns_last_pid, opened by the fork server (``ForkServer.__init__``)
+
+
+def _program_answer(raw):
+    """A call's answer, the header of the frame the program wrote: a JSON object (and no blobs), else garbled."""
+    try:
+        answer = json.loads(raw)
+    except (ValueError, RecursionError):
+        return dict(GARBLED)
+    if type(answer) is not dict or answer.get("blobs", []) != []:
+        return dict(GARBLED)
+    return answer
 
 
 def _read_proc(path):
@@ -288,7 +294,7 @@ class ForkServer:
 
     def spawn(self, limits, mode, code, stdin=b""):
         """A program's process B from the template: "run" (once as __main__ on ``stdin``) or "session"
-        (``program_session``). B sets itself up, then reads ``code`` from its request channel. Returns B's
+        (``sandbox/calls.py``: a child per call). B sets itself up, then reads ``code`` from its request channel. Returns B's
         handle (a direct child)."""
         scratch = self.make_scratch()
         out_r, out_w = os.pipe()
@@ -309,7 +315,7 @@ class ForkServer:
         finally:
             for fd in child_fds:
                 os.close(fd)
-        prog = Program(pid, out_r, err_r, req_w, resp_r, scratch)
+        prog = Program(pid, out_r, err_r, req_w, resp_r, scratch, relayed=mode == "session")
         try:
             write_all(req_w, pack_frame({"code": code}))
         except OSError:
@@ -323,7 +329,7 @@ class ForkServer:
         ``prog.cpu_mark`` reaches ``timeout``, ``wall`` seconds pass, or the output cap.
 
         Returns "frame", "exit", "timeout" or "output"; the first frame B sent is left in ``self.frame``."""
-        self.frame = None
+        self.frame = self.answer = None
         deadline = time.monotonic() + wall
         n_cpus = max(1, len(os.sched_getaffinity(0)))  # how fast B's threads can spend CPU time
         fds = {prog.out_fd: out, prog.err_fd: err}
@@ -369,12 +375,16 @@ class ForkServer:
                         frames = prog.frames.feed(chunk)
                     except Exception:  # noqa: BLE001 - whatever the program wrote there, it is not a frame
                         prog.frames = None
-                        frames = [({"status": "runtime_error", "error": "garbled response from the program", "fatal": True}, [])]
-                    if frames and self.frame is None:
-                        self.frame = frames[0][0]
-                    if frames and want_frame:
-                        self._drain(prog, out, err, cap)
-                        return "output" if len(out) + len(err) > cap else "frame"
+                        frames = [(dict(GARBLED), [])]
+                    for header, blobs in frames:
+                        if not want_frame:
+                            self.frame = header if self.frame is None else self.frame
+                        elif header.get("program_frame"):  # the call's answer, as the program wrote it
+                            self.answer = _program_answer(blobs[0]) if self.answer is None else self.answer
+                        elif "answer" not in header:  # B's last word on the call: done (or set-up failed)
+                            self.frame = header
+                            self._drain(prog, out, err, cap)
+                            return "output" if len(out) + len(err) > cap else "frame"
                     continue
                 fds[fd] += chunk
                 if len(out) + len(err) > cap:
@@ -460,6 +470,10 @@ class ForkServer:
             if code is None:
                 raise ValueError("call without a program: the session's program was already ended")
             self.session = self.spawn(limits, "session", code)
+        elif self.session.cpu() - self.session.cpu_mark > IDLE_CPU_S:  # B ran between calls: it must not
+            error = "the program used CPU time between calls"
+            self.end_session(failure={"status": "runtime_error", "error": error, "exit_code": None})
+            return dict(self.session_failure, value=None, wall_s=time.monotonic() - started, ended=True), b"", b""
         prog = self.session
         out, err = bytearray(), bytearray()
         try:
@@ -470,17 +484,8 @@ class ForkServer:
         reason = self.pump(prog, timeout, wall, limits["output_bytes"], out, err, want_frame=True)
         value = None
         if reason == "frame":
-            frame = self.frame
-            status = frame.get("status") if frame.get("status") in STATUSES else "runtime_error"
-            error, value = frame.get("error"), frame.get("value")
-            if "setup_error" in frame:
-                status, error = "runtime_error", "sandbox setup failed: %s" % (frame["setup_error"],)
-            cpu, alone = prog.settle(SETTLE_S)
-            if cpu - prog.cpu_mark > timeout:  # answered, but spent more than its time on it
-                status, error, value = "time_limit", None, None
-            if alone:  # else a thread or process outlives the call: what it spends counts against the next ones
-                prog.cpu_mark = cpu
-            if frame.get("fatal") or status in ("memory_limit", "time_limit") or "setup_error" in frame:
+            status, error, value, fatal = self._call_end(prog, self.frame, self.answer, limits, timeout)
+            if fatal or status in ("memory_limit", "time_limit"):
                 self.end_session(failure={"status": status, "error": error, "exit_code": None})
         else:
             status, code, error = self.verdict(prog, reason, limits, float("inf"))
@@ -493,6 +498,37 @@ class ForkServer:
         result = {"status": status, "error": error, "value": value, "wall_s": time.monotonic() - started,
                   "ended": self.session is None}
         return (result, *capped(out, err, cap))
+
+    @staticmethod
+    def _call_end(prog, final, answer, limits, timeout):
+        """(status, error, value, fatal) of a call B reported on: ``final`` its last word (done, or its set-up
+        failed), ``answer`` what the program answered. The call is billed the CPU time of B's whole tree since
+        the last call ended, read now that B is alone again: the CPU time of every process the call made."""
+        cpu = prog.cpu()
+        used, prog.cpu_mark = cpu - prog.cpu_mark, cpu
+        if "setup_error" in final:
+            return "runtime_error", "sandbox setup failed: %s" % (final["setup_error"],), None, True
+        if not final.get("done"):  # the channel was garbled
+            return "runtime_error", final.get("error"), None, True
+        if not prog.alone:  # B reaps every process of the call before it reports: never, unless it failed
+            return "runtime_error", "the program's processes outlived its call", None, True
+        if "status" in final:  # B's own report on the code (it does not compile)
+            status = final["status"] if final["status"] in STATUSES else "runtime_error"
+            return status, final.get("error"), None, True
+        if "ended" in final or answer is None:  # the call's process ended without a whole answer
+            code = final.get("ended")
+            code = code if type(code) is int else None
+            maxrss = final.get("maxrss") if type(final.get("maxrss")) is int else 0
+            status, _, error = classify_end(code if code is not None else 1, used, maxrss, None, limits, timeout)
+            if status == "ok":  # it exited without answering: no value to give
+                status = "runtime_error"
+            if error is None and status == "runtime_error":
+                error = "the program ended during the call (exit code %s)" % (code,)
+            return status, error, None, True
+        if used > timeout:  # answered, but spent more than its time on it
+            return "time_limit", None, None, True
+        status = answer.get("status") if answer.get("status") in STATUSES else "runtime_error"
+        return status, answer.get("error"), answer.get("value"), bool(answer.get("fatal"))
 
     def end_session(self, failure=None):
         if self.session is not None:

@@ -35,11 +35,15 @@ def write_all(fd, data):
 class FrameReader:
     """Incremental parser of frames; ``feed`` returns the complete frames as (header, blobs). A frame that
     announces more than ``limit`` bytes (header and blobs) is malformed: ValueError as soon as its sizes are
-    read, so no more than ``limit`` bytes are ever buffered."""
+    read, so no more than ``limit`` bytes are ever buffered. ``relayed``: a call session's channel, where a frame
+    ``{"answer": 1}`` announces a program's own frame, relayed as it wrote it (``sandbox/calls.py``), which is
+    returned as ({"program_frame": True}, [its header, undecoded])."""
 
-    def __init__(self, limit=MAX_FRAME):
+    def __init__(self, limit=MAX_FRAME, relayed=False):
         self.buf = bytearray()
         self.limit = limit
+        self.relayed = relayed
+        self.raw_next = False
 
     def feed(self, data):
         self.buf += data
@@ -50,6 +54,11 @@ class FrameReader:
                 raise ValueError("a frame header of %d bytes" % n_head)
             if len(self.buf) < 4 + n_head:
                 break
+            if self.raw_next:  # (a program's frame has no blobs: its header is all of it)
+                frames.append(({"program_frame": True}, [bytes(self.buf[4 : 4 + n_head])]))
+                del self.buf[: 4 + n_head]
+                self.raw_next = False
+                continue
             header = json.loads(bytes(self.buf[4 : 4 + n_head]))
             sizes = header.get("blobs", []) if type(header) is dict else None
             if type(sizes) is not list or not all(type(s) is int and s >= 0 for s in sizes):
@@ -65,6 +74,7 @@ class FrameReader:
                 pos += s
             del self.buf[:end]
             frames.append((header, blobs))
+            self.raw_next = self.relayed and "answer" in header
         return frames
 
 

@@ -267,6 +267,69 @@ def solve(n):
     return value
 '''
 
+# Pools CPU time across calls from one thread, in the program's own request loop: the top-level code finds the
+# call being made on the stack (the request the sandbox's loop has just read), answers it itself, and from then
+# on serves every call of the session from the call channel (fd 3): an easy call is answered at once, then the
+# hard test's answer is computed further for ``stall`` seconds of CPU before the next request is read, so no
+# call's window holds more than that; the hard call finds its answer ready.
+HIJACK = SLOW_F + r"""
+import json, os, struct, sys, time
+
+HARD, STALL_S = {hard}, {stall}
+solve = f  # (no call found to take over: an honest program)
+_done = [0, 0]  # f(HARD) so far: the next i, and x
+
+
+def _advance(seconds):
+    i, x = _done
+    end = time.process_time() + seconds
+    while i < HARD and time.process_time() < end:
+        for i in range(i, min(HARD, i + 20000)):
+            x = (x * 31 + i) % 1000003
+        i += 1
+    _done[:] = [i, x]
+
+
+def _answer(n):
+    if n == HARD:
+        _advance(float("inf"))
+        value = _done[1]
+    else:
+        value = f(n)
+    head = json.dumps({{"status": "ok", "value": json.dumps(value), "blobs": []}}).encode()
+    os.write(4, struct.pack(">I", len(head)) + head)
+
+
+def _read_exactly(k):
+    data = b""
+    while len(data) < k:
+        chunk = os.read(3, k - len(data))
+        if not chunk:  # no call will come
+            os._exit(0)
+        data += chunk
+    return data
+
+
+def _call_being_made():
+    frame = sys._getframe(1)
+    while frame is not None:
+        for value in list(frame.f_locals.values()):
+            if type(value) is dict and "target" in value and "args" in value:
+                return value
+        frame = frame.f_back
+    return None
+
+
+_request = _call_being_made()
+while _request is not None:
+    (_n,) = json.loads(_request["args"])
+    _answer(_n)
+    if _n != HARD:
+        _advance(STALL_S)
+    (_size,) = struct.unpack(">I", _read_exactly(4))
+    _request = json.loads(_read_exactly(_size))
+"""
+
 # The competitive programmer's idiom: ``main`` on a thread with a larger stack, joined before the call returns;
 # and a table computed by the top-level code. Honest: every call's time is its own.
 THREAD_MAIN = SLOW_F + r'''
@@ -348,4 +411,152 @@ import sys
 sys.stderr.write({markup!r})
 sys.stderr.flush()
 raise ValueError({message!r})
+'''
+
+# Pools CPU time across calls in what a call leaves behind: each easy call answers, and computes the hard test's
+# answer further for ``chunk`` seconds of CPU (within its own limit), keeping where it got to in a global
+# (``keep="global"``), in a file of its scratch dir (``"file"``), or in a process it leaves behind (``"orphan"``:
+# it holds the state while it sleeps between calls, and computes the next chunk when a call asks through a
+# FIFO). The hard call starts from there.
+CHUNKED = SLOW_F + r'''
+import json, os, time
+
+HARD, CHUNK_S, KEEP = {hard}, {chunk}, {keep!r}
+_kept = [0, 0]  # f(HARD) so far: the next i, and x
+
+
+def _advance(state, seconds):
+    i, x = state
+    end = time.process_time() + seconds
+    while i < HARD and time.process_time() < end:
+        for i in range(i, min(HARD, i + 20000)):
+            x = (x * 31 + i) % 1000003
+        i += 1
+    return [i, x]
+
+
+def _orphan():
+    state = [0, 0]
+    while True:
+        with open("cmd") as fifo:
+            command = fifo.read()
+        state = _advance(state, float("inf") if command == "finish" else CHUNK_S)
+        with open("out", "w") as fifo:
+            fifo.write(json.dumps(state))
+
+
+def _ask(command):
+    """The orphan's state after it has done ``command``; None when there is no orphan to ask."""
+    try:
+        fd = os.open("cmd", os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # no FIFO, or no orphan reading it
+        return None
+    os.write(fd, command.encode())
+    os.close(fd)
+    with open("out") as fifo:
+        return json.loads(fifo.read())
+
+
+def _start_orphan():
+    for name in ("cmd", "out"):
+        if not os.path.exists(name):
+            os.mkfifo(name)
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            try:
+                _orphan()
+            finally:
+                os._exit(0)
+        os._exit(0)
+    os.wait()
+
+
+def solve(n):
+    if KEEP == "orphan":
+        state = _ask("finish" if n == HARD else "advance")
+        if state is None:
+            _start_orphan()
+            state = _ask("finish" if n == HARD else "advance")
+        return state[1] if n == HARD else f(n)
+    if KEEP == "global":
+        state = _kept
+    else:
+        try:
+            with open("state.json") as fh:
+                state = json.load(fh)
+        except OSError:
+            state = [0, 0]
+    if n == HARD:
+        return _advance(state, float("inf"))[1]
+    state = _advance(state, CHUNK_S)
+    if KEEP == "global":
+        _kept[:] = state
+    else:
+        with open("state.json", "w") as fh:
+            json.dump(state, fh)
+    return f(n)
+'''
+
+# Legitimate idioms, honest: a table computed by the top-level code (``"table"``), the same table computed by
+# ``main`` on a thread with a larger stack that the top-level code starts and joins (``"joined"``), or starts
+# and leaves to end on its own (``"unjoined"``, the idiom ``threading.Thread(target=main).start()``); each
+# call then uses the table.
+IDIOMS = SLOW_F + r'''
+import sys, threading
+
+PRE, HOW = {pre}, {how!r}
+TABLE = []
+
+
+def main():
+    sys.setrecursionlimit(10000)
+    TABLE.extend([f(PRE), f(PRE // 2)])
+
+
+if HOW == "table":
+    main()
+else:
+    threading.stack_size(64 << 20)
+    _thread = threading.Thread(target=main)
+    _thread.start()
+    if HOW == "joined":
+        _thread.join()
+
+
+def solve(n):
+    return f(n) + TABLE[0] * 0 + TABLE[1] * 0
+'''
+
+# What one call could leave for the next besides its memory: files (nested, in a directory it made unreadable,
+# a FIFO, a symbolic link), the scratch dir's mode, times and extended attributes, the state of its stdin's and
+# stdout's open files (flags, owner, a pipe's size); and bytes that pass through the session's process (its
+# output, its answer, a file's name), which a later call could find in the memory it inherits. ``look``
+# reports all of it, and every copy of a marker in its own memory.
+LEAVES_STATE = SCAN + r'''
+import fcntl, os
+
+
+def leave(tag):
+    print("LEAK" + "MARK-%s-out" % tag)
+    os.makedirs("a/b/c")
+    open("a/b/c/LEAK" + "MARK-%s-file" % tag, "w").write(tag)
+    os.chmod("a/b", 0)
+    os.mkfifo("fifo")
+    os.symlink("/proc/self", "link")
+    os.setxattr(".", "user.kept", tag.encode())
+    os.chmod(".", 0o751)
+    os.utime(".", (12345, 67890))
+    fcntl.fcntl(1, fcntl.F_SETFL, os.O_NONBLOCK | os.O_APPEND)
+    fcntl.fcntl(1, fcntl.F_SETPIPE_SZ, 1 << 20)
+    fcntl.fcntl(0, fcntl.F_SETOWN, os.getpid())
+    return ["LEAK" + "MARK-%s-answer" % tag, look()]
+
+
+def look():
+    st = os.stat(".")
+    flags = fcntl.fcntl(1, fcntl.F_GETFL) & (os.O_NONBLOCK | os.O_APPEND)
+    marks = sorted(set(m.decode() for m in scan(re.compile(rb"LEAK" + rb"MARK-[0-9a-f]{8}-[a-z]+"))))
+    return [sorted(os.listdir(".")), os.listxattr("."), st.st_mode & 0o7777, st.st_mtime_ns, flags,
+            fcntl.fcntl(1, fcntl.F_GETPIPE_SZ), fcntl.fcntl(0, fcntl.F_GETOWN), marks]
 '''

@@ -50,8 +50,8 @@ def test_call_many_returns_each_call_in_order_with_its_own_output(ex):
     with ex.session(ECHO) as s:
         outs = s.call_many("f", [[1], [2], [3]], timeout_s=5)
     assert [(o.status, o.value) for o in outs] == [("ok", 10), ("ok", 20), ("ok", 30)]
-    # The top-level code's output belongs to the first call only; each call has only its own print.
-    assert [o.stdout for o in outs] == [b"loaded\nout 1\n", b"out 2\n", b"out 3\n"]
+    # Each call is a process of its own that runs the top-level code, then that call: its output is both.
+    assert [o.stdout for o in outs] == [b"loaded\nout 1\n", b"loaded\nout 2\n", b"loaded\nout 3\n"]
     assert [o.stderr for o in outs] == [b"err 1\n", b"err 2\n", b"err 3\n"]
     assert all(o.error is None and o.wall_s > 0 for o in outs)
 
@@ -59,14 +59,15 @@ def test_call_many_returns_each_call_in_order_with_its_own_output(ex):
 COUNTER = "n = 0\ndef inc():\n    global n\n    n += 1\n    return n\n"
 
 
-def test_call_many_keeps_program_state_across_calls_and_later_calls(ex):
+def test_no_state_crosses_calls_in_a_batch_or_between_batches(ex):
     with ex.session(COUNTER) as s:
         first = s.call_many("inc", [[], [], []], timeout_s=5)
         single = s.call("inc", [], timeout_s=5)
         second = s.call_many("inc", [[], []], timeout_s=5)
-    assert [o.value for o in first] == [1, 2, 3]
-    assert (single.status, single.value) == ("ok", 4)
-    assert [o.value for o in second] == [5, 6]
+    # Every call is the program's first: its own process, from the template.
+    assert [o.value for o in first] == [1, 1, 1]
+    assert (single.status, single.value) == ("ok", 1)
+    assert [o.value for o in second] == [1, 1]
 
 
 def test_an_exception_in_one_call_is_its_own_error_and_the_rest_still_run(ex):
@@ -76,7 +77,7 @@ def test_an_exception_in_one_call_is_its_own_error_and_the_rest_still_run(ex):
         after = s.call("f", [4], timeout_s=5)
     assert [o.status for o in outs] == ["ok", "runtime_error", "ok"]
     assert outs[1].error.endswith("ValueError: neg -2\n") and outs[1].value is None
-    assert (outs[0].value, outs[2].value, after.value) == (1, 3, 4)  # the failing call ran too, in its turn
+    assert (outs[0].value, outs[2].value, after.value) == (1, 1, 1)  # each call sees its own argument only
 
 
 SLOW = (
@@ -134,11 +135,12 @@ def test_call_many_is_the_same_as_calling_one_by_one(ex):
     with ex.session(STATEFUL) as s:
         single = [s.call("f", a, timeout_s=5) for a in args]
     assert summary(batched) == summary(single)
-    # Independent expectations: errors at 3 and 6 keep the program, the exit at 8 ends it.
+    # Independent expectations: errors at 3 and 6 keep the session, the exit at 8 ends it; every call that ran
+    # started from a fresh program (its history holds its own argument only).
     assert [o.status for o in batched] == ["ok", "ok", "runtime_error", "ok", "runtime_error", "ok",
                                            "runtime_error", "runtime_error", "runtime_error"]
-    assert batched[5].value == (1 + 2 + 3 + 4 + 6 + 5, [1, 2, 3, 4, 6, 5])
-    assert batched[6].stdout == b"call 7\n" and batched[7].stdout == b""
+    assert batched[5].value == (5, [5])
+    assert [o.stdout for o in batched] == [b"call 1\n"] * 7 + [b""] * 2
 
 
 def test_empty_batch_starts_nothing_and_bad_requests_raise_before_running(ex):
@@ -231,9 +233,9 @@ def test_every_program_is_a_fresh_process(ex):
         if i % 2:
             with ex.session(FRESH) as s:
                 got = s.call("check", [], timeout_s=5)
-                again = s.call("check", [], timeout_s=5)  # the same program: its own state is kept
+                again = s.call("check", [], timeout_s=5)  # the same program, a fresh process again
             assert got.status == again.status == "ok"
-            assert again.value[0] is False
+            assert again.value[0] is True
             results.append(tuple(got.value))
         else:
             out = run(ex, FRESH, b"run")
@@ -241,8 +243,8 @@ def test_every_program_is_a_fresh_process(ex):
             fresh, pid = out.stdout.split()
             results.append((fresh == b"True", int(pid)))
     assert all(fresh for fresh, _ in results), results
-    if pid_ns:
-        assert {pid for _, pid in results} == {1}
+    if pid_ns:  # a run is PID 1 of its namespace; a call, the first child of its session's process there
+        assert [pid for _, pid in results] == [1, 2] * 15
 
 
 # ------------------------------------------------------------------------------------------- planned calls
@@ -281,28 +283,28 @@ def test_planned_call_args(code, names, expected):
 
 
 # ------------------------------------------------------------------------------------------ batched grading
-def test_functional_tests_call_a_stateful_program_once_each_in_test_order(ex):
+def test_functional_tests_each_call_a_fresh_program_with_their_own_arguments(ex):
     problem = Problem(id="count", prompt="", func_name="count", tests=[
-        ProblemTest(kind="functional", input=f'"{tag}"', output=str(i + 1)) for i, tag in enumerate("abcde")])
-    program = "calls = []\ndef count(tag):\n    calls.append(tag)\n    return len(calls) if calls == list('abcde'[:len(calls)]) else -1\n"
+        ProblemTest(kind="functional", input=f'"{tag}"', output=f'[1, "{tag}"]') for tag in "abcde"])
+    program = "calls = []\ndef count(tag):\n    calls.append(tag)\n    return [len(calls), calls[-1]]\n"
     verdict = Grader(ex, time_limit_s=2).grade_program(problem, program)
     assert verdict.verdict == "accepted", verdict.feedback
     assert [t.status for t in verdict.tests] == ["passed"] * 5
-    method = "class Solution:\n    n = 0\n    def count(self, tag):\n        Solution.n += 1\n        return Solution.n\n"
+    method = "class Solution:\n    n = 0\n    def count(self, tag):\n        Solution.n += 1\n        return [Solution.n, tag]\n"
     assert Grader(ex, time_limit_s=2).grade_program(problem, method).verdict == "accepted"
 
 
 STATEFUL_CHECK = Problem(id="next", prompt="", func_name="nxt", tests=[
     ProblemTest(kind="check", input="assert candidate('a') == (1, 'a')"),
-    ProblemTest(kind="check", input="assert nxt('b') == (2, 'b')"),
-    ProblemTest(kind="check", input="for tag in ['c']:\n    assert candidate(tag) == (3, tag)"),  # live
-    ProblemTest(kind="check", input="assert candidate('d') == (4, 'd')"),
-    ProblemTest(kind="check", input="assert candidate('e')[0] == 5"),
+    ProblemTest(kind="check", input="assert nxt('b') == (1, 'b')"),
+    ProblemTest(kind="check", input="for tag in ['c', 'cc']:\n    assert candidate(tag) == (1, tag)"),  # live
+    ProblemTest(kind="check", input="assert candidate('d') == (1, 'd')"),
+    ProblemTest(kind="check", input="assert candidate('e')[0] == 1"),
 ])
 NXT = "n = 0\ndef nxt(tag):\n    global n\n    n += 1\n    return (n, tag)\n"
 
 
-def test_check_tests_planned_and_live_call_a_stateful_program_once_each_in_order(ex):
+def test_check_tests_planned_and_live_call_a_fresh_program_each(ex):
     verdict = Grader(ex, time_limit_s=2).grade_program(STATEFUL_CHECK, NXT)
     assert verdict.verdict == "accepted", verdict.feedback
     assert verdict.tests_passed == 5
@@ -665,12 +667,14 @@ CLOSES_OR_EXITS = ("import os\ndef f(x):\n    if x == 'close':\n        os.close
                    "    if x == 'exit':\n        os._exit(0)\n    return x\n")
 
 
-def test_a_program_that_cuts_its_channel_or_exits_quietly_ends_its_session(ex):
-    # Closing the request channel ends the program at its next call; exiting without an answer (even with
-    # code 0) is a runtime error of that call, never "ok".
+def test_a_program_that_cuts_its_channel_loses_nothing_and_one_that_exits_quietly_ends_its_session(ex):
+    # A call's process has no request channel to close (its call was read by the session's process): trying
+    # is that call's own error, and the session goes on. Exiting without an answer (even with code 0) is a
+    # runtime error of that call, never "ok", and ends the session.
     with ex.session(CLOSES_OR_EXITS) as s:
         closed = s.call_many("f", [["a"], ["close"], ["b"]], timeout_s=5)
-    assert [(o.status, o.value) for o in closed] == [("ok", "a"), ("ok", "close"), ("runtime_error", None)]
+    assert [(o.status, o.value) for o in closed] == [("ok", "a"), ("runtime_error", None), ("ok", "b")]
+    assert closed[1].error.endswith("OSError: [Errno 9] Bad file descriptor\n"), closed[1].error
     with ex.session(CLOSES_OR_EXITS) as s:
         exited = s.call_many("f", [["a"], ["exit"], ["b"]], timeout_s=5)
     assert [(o.status, o.value) for o in exited] == [("ok", "a"), ("runtime_error", None), ("runtime_error", None)]

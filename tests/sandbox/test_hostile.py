@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import socket
+import threading
 import time
 import uuid
 
@@ -74,16 +75,24 @@ def test_orphans_die_with_the_program(ex):
     out = run(ex, H.ORPHAN, marker.encode())
     assert out.status == "ok"
     assert processes_named(marker) == []
-    # While a call session's program lives, its orphan exists (the check can see it) ...
+    # While a call runs, its orphan exists (the check can see it) ...
     marker = "orph" + uuid.uuid4().hex[:8]
-    with ex.session(H.ORPHAN) as s:
-        assert s.call("start", [marker], timeout_s=5).value == "started"
+    seen: list[int] = []
+
+    def watch() -> None:
         deadline = time.time() + 5
-        while not processes_named(marker) and time.time() < deadline:
+        while not seen and time.time() < deadline:
+            seen.extend(processes_named(marker))
             time.sleep(0.02)
-        assert len(processes_named(marker)) == 1
-    # ... and the end of the session takes it down.
-    assert processes_named(marker) == []
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with ex.session(H.ORPHAN + "def start_and_wait(marker):\n    orphan(marker)\n    time.sleep(1.5)\n    return 1\n") as s:
+        assert s.call("start_and_wait", [marker], timeout_s=5).value == 1
+        # ... and the end of the call takes it down (each call is a process of its own).
+        after = processes_named(marker)
+    watcher.join()
+    assert len(seen) == 1 and after == [], (seen, after)
 
 
 def test_pid_namespace_alone_kills_orphans_and_the_check_sees_survivors():
