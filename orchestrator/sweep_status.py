@@ -270,7 +270,10 @@ def status_table(state: SweepState, statuses: list[TrialStatus], *, elapsed: flo
             if needed(shown) <= width:
                 break
             shown.remove(name)
-    caption = "\n".join(guided_lines(state)) if state.guided is not None else None
+    from rich.markup import escape
+
+    # Escaped: a decision's reason and its intervals hold brackets, which rich would read as markup.
+    caption = escape("\n".join(guided_lines(state))) if state.guided is not None else None
     table = Table(title=title, title_justify="left", expand=False, caption=caption, caption_justify="left")
     for name in shown:
         # The trial id folds onto a second line rather than push the table past the terminal's width.
@@ -306,9 +309,10 @@ def guided_lines(state: SweepState) -> list[str]:
         predicted = (f"; predicted {p['predicted_improvement']:+.3f} [{p['pi_lo']:+.3f}, {p['pi_hi']:+.3f}]" if p
                      else "; no prediction yet (no line)")
         lines.append(f"decision {last['n']}: {last['reason']}{predicted}")
-        fits = "; ".join(f"{f}: slope {v['slope']:.3g}" + (f" [{v['slope_ci'][0]:.3g}, {v['slope_ci'][1]:.3g}]"
-                                                            if v.get("slope_ci") else "") + f" on {v['n_configs']}"
-                         for f, v in (log["decisions"][-1].get("fits") or {}).items())
+        def fit(family: str, v: dict) -> str:
+            ci = f" [{v['slope_ci'][0]:.3g}, {v['slope_ci'][1]:.3g}]" if v.get("slope_ci") else ""
+            return f"{family}: slope {v['slope']:.3g}{ci} on {v['n_configs']} configurations"
+        fits = "; ".join(fit(f, v) for f, v in (log["decisions"][-1].get("fits") or {}).items())
         if fits:
             lines.append(f"law so far: {fits}")
     if log.get("stopped"):
