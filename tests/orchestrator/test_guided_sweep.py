@@ -6,7 +6,7 @@ The tiny model is fitted to copy the solution it finds in the `llm_peer_hints` p
 stands out from the others'. The decisions of the resumed sweep are checked against the policy replayed on the
 same outcomes, one trial at a time: what a sweep that was never interrupted decides from them.
 
-Slow (about 10 minutes on 2 cores): `bash scripts/test.sh -m slow tests/orchestrator/test_guided_sweep.py`.
+Slow (half an hour on 2 shared cores): `bash scripts/test.sh -m slow tests/orchestrator/test_guided_sweep.py`.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ from orchestrator.sweep_state import SweepState, read_guided
 from tests.orchestrator.test_sweep_run import OPSD, attempts, trial_env
 from tests.trainer.copy_task import copy_problems, prefit_copier, write_problems
 
-pytestmark = pytest.mark.slow
+# Each real trial takes minutes here (an engine and DeepSpeed start): well past the default 900 s in all.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 SWEEP = f"guided-{os.getpid()}"
 CONTEXTS = ["none", "expert_preamble", "feedback", "llm_peer_hints", "own_solution_feedback",
             "peer_solution_feedback"]
-MAX_TRIALS = 4
+MAX_TRIALS = 3
 
 
 def sweep_file(root: Path, model: Path, data: Path) -> Path:
@@ -74,14 +75,14 @@ def guided_sweep(tmp_path_factory, tiny_model_dir) -> dict:
         driver = subprocess.Popen([*OPSD, "sweep", "run", str(path), "--num-cpus", "2"], stdout=log,
                                   stderr=subprocess.STDOUT, env=trial_env(), start_new_session=True)
     try:
-        # Killed once two trials have completed and the third (chosen after a refit) is running.
-        deadline = time.monotonic() + 1500
+        # Killed once the first trial has completed and the second (chosen after a refit) is running.
+        deadline = time.monotonic() + 2400
         while True:
             assert driver.poll() is None, (root / "run.log").read_text()[-3000:]
             assert time.monotonic() < deadline, (root / "run.log").read_text()[-3000:]
             running = [d for d in (sweep_dir / "trials").iterdir() if any(e["event"] == "pid" for e in attempts(d))
                        and not (d / "trial.json").exists()] if (sweep_dir / "trials").is_dir() else []
-            if len(completed(sweep_dir)) >= 2 and running:
+            if len(completed(sweep_dir)) >= 1 and running:
                 break
             time.sleep(0.5)
         killed_during = running[0].name
@@ -94,7 +95,7 @@ def guided_sweep(tmp_path_factory, tiny_model_dir) -> dict:
             driver.wait()
     with open(root / "resume.log", "w") as log:
         resumed = subprocess.run([*OPSD, "sweep", "resume", str(sweep_dir), "--num-cpus", "2"], stdout=log,
-                                 stderr=subprocess.STDOUT, env=trial_env(), timeout=1500)
+                                 stderr=subprocess.STDOUT, env=trial_env(), timeout=2400)
     status = subprocess.run([*OPSD, "sweep", "status", str(sweep_dir)], capture_output=True, text=True, timeout=120)
     analyze = subprocess.run([*OPSD, "analyze", str(sweep_dir), "--out", str(root / "report"), "--bootstrap", "0"],
                              capture_output=True, text=True, timeout=300)
@@ -136,7 +137,7 @@ def test_the_resumed_sweep_decided_as_one_never_interrupted(guided_sweep):
     log = read_guided(state.dir)
     # The kill came mid-way: decisions made before it are kept as they were, and the running trial was resumed.
     before = guided_sweep["decisions_at_kill"]
-    assert 3 <= len(before) < len(log["decisions"])
+    assert 2 <= len(before) < len(log["decisions"])
     assert [d["reason"] for d in log["decisions"][:len(before)]] == [d["reason"] for d in before]
     killed = [e for e in attempts(state.dir / "trials" / guided_sweep["killed_during"]) if e["event"] == "end"]
     assert any(e.get("lost") or e.get("interrupted") for e in killed), killed
