@@ -273,7 +273,9 @@ def decide(candidates: Sequence[Candidate], outcomes: Mapping[str, Outcome], in_
     members = {f: [c for c in configs.values() if c.family == f] for f in families}
     fits = {f: fit_family(f, members[f], confidence=policy.confidence, prior=_prior_line(prior, f))
             for f in families}
-    met = {f: policy.goal == "law" and fits[f] is not None and fits[f].predicts
+    # A fit without residual variance (every configuration on its line, e.g. equal improvements measured on few
+    # problems) has an interval of width 0 that says nothing: it does not count as a known law.
+    met = {f: policy.goal == "law" and fits[f] is not None and fits[f].predicts and fits[f].residual_var > 0
            and fits[f].n_configs >= MIN_CONFIGS and fits[f].width <= policy.slope_ci_width for f in families}
     summary = {f: {**fits[f].summary(), **({"met": bool(met[f])} if policy.goal == "law" else {})}
                for f in families if fits[f] is not None}

@@ -220,6 +220,16 @@ def test_a_prior_law_combines_with_the_sweeps_own_fit_by_precision():
     assert fit["slope_ci"] == pytest.approx([beta[1] - half, beta[1] + half])
 
 
+def test_a_fit_without_residual_variance_is_not_a_known_law():
+    candidates = grid()
+    # Three configurations that improved alike (quantized accuracies on few problems): the OLS interval has
+    # width 0, which must not stop the sweep.
+    outcomes = {t: Outcome(GAPS[t.split("-")[1]], 0.0) for t in ("m-c5-s0", "m-c0-s0", "m-c2-s0")}
+    decision = decide(candidates, outcomes, (), Policy("law", slope_ci_width=0.1))
+    assert decision.fits["fam"]["slope_ci"] == pytest.approx([0.0, 0.0]) and decision.fits["fam"]["met"] is False
+    assert decision.action == "train"
+
+
 def test_goal_law_needs_a_target():
     with pytest.raises(ValueError, match="slope_ci_width"):
         decide(grid(), {}, (), Policy("law"))
