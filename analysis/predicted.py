@@ -91,8 +91,8 @@ def predictions_section(raw_trials: pd.DataFrame, law: Law) -> str | None:
         hours = pd.to_numeric(raw_trials["planned_hours"], errors="coerce")
         ran = ~status.isin([SKIPPED, "pending"])
         spent, full = float(hours[ran].sum()), float(hours.sum())
-        measured = (f"; measured: {pd.to_numeric(completed['gpu_hours'], errors='coerce').sum():.3g}"
-                    if "gpu_hours" in completed.columns and completed["gpu_hours"].notna().any() else "")
+        gpu = pd.to_numeric(completed["gpu_hours"], errors="coerce").sum() if "gpu_hours" in completed.columns else 0
+        measured = f"; measured by the trials: {gpu:.3g} GPU-hours" if gpu > 0 else ""  # 0 on CPUs
         parts.append(f"Device-hours: **{spent:.3g} spent on {int(ran.sum())} trial(s), against {full:.3g} for the full "
                      f"grid of {len(raw_trials)}** ({spent / full:.0%}; the plan's estimates, the budget's unit"
                      f"{measured}).")
