@@ -52,20 +52,28 @@ def predict_improvement(law: Law | dict | str | Path, family: str,
     if not np.isfinite(g).all():
         raise AnalysisError(f"initial_gap is missing or not a number in row(s) "
                             f"{', '.join(map(str, np.flatnonzero(~np.isfinite(g))[:5]))}")
-    cov = np.asarray(line.coef_cov)
-    mean = line.intercept + line.slope * g
-    var_mean = cov[0, 0] + 2 * g * cov[0, 1] + g * g * cov[1, 1]
-    se_mean = np.sqrt(np.maximum(var_mean, 0.0))
-    se_obs = np.sqrt(np.maximum(var_mean, 0.0) + line.residual_var)
-    t = stats.t.ppf(0.5 + confidence / 2, line.df_resid)
     span = 1e-9 * max(1.0, abs(line.x_max))
     return frame.assign(
         initial_gap=g,
-        predicted_improvement=mean,
-        se_mean=se_mean, ci_lo=mean - t * se_mean, ci_hi=mean + t * se_mean,
-        se_obs=se_obs, pi_lo=mean - t * se_obs, pi_hi=mean + t * se_obs,
+        **line_prediction(line.intercept, line.slope, line.coef_cov, line.residual_var, line.df_resid, g,
+                          confidence=confidence),
         extrapolated=(g < line.x_min - span) | (g > line.x_max + span),
     )
+
+
+def line_prediction(intercept: float, slope: float, coef_cov, residual_var: float, df_resid: float, gaps,
+                    *, confidence: float) -> dict[str, np.ndarray]:
+    """The law's prediction at `gaps` (see law.py): predicted_improvement, se_mean, ci_lo, ci_hi (the line's
+    mean), se_obs, pi_lo, pi_hi (a new configuration's improvement). coef_cov is over (intercept, slope)."""
+    g = np.asarray(gaps, dtype=float)
+    cov = np.asarray(coef_cov, dtype=float)
+    mean = intercept + slope * g
+    var_mean = np.maximum(cov[0, 0] + 2 * g * cov[0, 1] + g * g * cov[1, 1], 0.0)
+    se_mean = np.sqrt(var_mean)
+    se_obs = np.sqrt(var_mean + residual_var)
+    t = stats.t.ppf(0.5 + confidence / 2, df_resid)
+    return {"predicted_improvement": mean, "se_mean": se_mean, "ci_lo": mean - t * se_mean,
+            "ci_hi": mean + t * se_mean, "se_obs": se_obs, "pi_lo": mean - t * se_obs, "pi_hi": mean + t * se_obs}
 
 
 def _check_can_predict(law: Law, family: str, line: LineLaw) -> None:

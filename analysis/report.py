@@ -74,9 +74,11 @@ def run_analysis(results: str | Path | Sequence[str | Path], out_dir: str | Path
         figures["fig3_scale"] = fig3_scale(fit, out, measure=measure)
 
     report_path = out / "report.md"
+    from analysis.predicted import predictions_section
+
     report = render_report(law, fit, figures, results=sources, n_all=len(raw_trials) + n_repeated,
                            n_repeated=n_repeated,
-                           decoding=decoding, left_out=left_out)
+                           decoding=decoding, left_out=left_out, predictions=predictions_section(raw_trials, law))
     if measure == "tests":  # said once, under the title: every accuracy below is a fraction of tests
         title, _, rest = report.partition("\n")
         report = f"{title}\n\nAccuracy measure: the fraction of tests passed (`*_test_frac`), not all tests passed.\n{rest}"
@@ -191,7 +193,7 @@ def _bootstrap_impossible(law: Law) -> bool:
 
 def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results: Path | Sequence[Path], n_all: int,
                   n_repeated: int = 0, decoding: dict[str, str | None] | None = None,
-                  left_out: Sequence[str] = ()) -> str:
+                  left_out: Sequence[str] = (), predictions: str | None = None) -> str:
     settings = law.settings
     unit = "configuration means" if settings["unit"] == "configuration" else "every seed as a point"
     sources = [results] if isinstance(results, Path) else list(results)
@@ -295,6 +297,9 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
                          fmt_num(r.cooks_d, 2) + flag, fmt_num(r.loo_prediction)])
     parts.append(_table(["family", "model", "context", "gap", "improvement", "fitted", "residual",
                          "stud. resid.", "leverage", "Cook's D", "LOO pred."], rows))
+
+    if predictions:  # a sweep screened first (analysis/predicted.py)
+        parts.append(predictions)
 
     parts.append("## Figures")
     two_point = any(not line.has_intervals for line in law.families.values())

@@ -28,8 +28,9 @@ LAWS = {"qwen3": (-0.003, 0.8), "olmo3": (0.005, 0.6)}  # family: (intercept, sl
 def make_trials(rng: np.random.Generator, *, models=MODELS, contexts=tuple(CONTEXT_GAPS), n_seeds: int = 3,
                 laws=LAWS, gap_noise: float = 0.01, improvement_noise: float = 0.015,
                 n_failed: int = 1) -> pd.DataFrame:
-    """One row per trial in the trials.parquet format, plus `n_failed` failed trials and an extra column
-    (gpu_hours) the analysis must ignore."""
+    """One row per trial in the trials.parquet format, plus `n_failed` failed trials and extra columns the
+    analysis must ignore: gpu_hours, and true_gap (the configuration's gap before measurement noise, so that
+    its true improvement is intercept + slope·true_gap of its family's law)."""
     rows = []
     for model, family, size in models:
         intercept, slope = laws[family]
@@ -46,7 +47,7 @@ def make_trials(rng: np.random.Generator, *, models=MODELS, contexts=tuple(CONTE
                     "initial_student_acc": student, "initial_student_acc_t1": student,
                     "initial_teacher_acc": student + gap, "initial_gap": gap,
                     "final_student_acc": student + improvement, "improvement": improvement,
-                    "status": "completed", "gpu_hours": 20.0,
+                    "status": "completed", "gpu_hours": 20.0, "true_gap": float(true_gap),
                 })
     for i in range(n_failed):
         failed = dict(rows[i % len(rows)], trial_id=f"failed-{i}", seed=1000 + i, status="failed")

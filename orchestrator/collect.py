@@ -5,7 +5,11 @@
   that has not finished, its status; plus the sweep, attempts, hosts, code version and resolved config, the
   sweep that trained it (`trained_in`: another one for a linked trial) and `config_key`, the digest of the
   settings that decide its results (orchestrator/shared_trials.py), by which `opsd analyze` keeps a trial
-  found in several sweeps' results once.
+  found in several sweeps' results once. A sweep screened first (a guided sweep, or a folder whose screen/
+  screen.json holds predictions) adds `screened_gap`, the prediction made before the trial trained
+  (`predicted_improvement`, `pi_lo`, `pi_hi`, `prediction_law`), a guided sweep also `planned_hours` (the
+  plan's device-hours, the budget's unit) and `guided_stopped` (why its searcher stopped), for `opsd analyze`'s
+  predicted-vs-realized section.
 - `steps.parquet`: every step row of every trial, each (trial, step, phase) exactly once (a resumed trial
   drops the rows past its checkpoint before it appends, and collect checks it), with the trial's grid
   coordinates so a reader needs no join.
@@ -23,7 +27,7 @@ import pyarrow.parquet as pq
 
 from orchestrator.errors import SweepError
 from orchestrator.shared_trials import linked_sweep, trial_file_key
-from orchestrator.sweep_state import SweepState, read_step_rows
+from orchestrator.sweep_state import SweepState, read_guided, read_step_rows
 from orchestrator.sweep_status import trial_status
 
 
@@ -32,6 +36,8 @@ def collect(state: SweepState, out_dir: Path | None = None) -> tuple[Path, Path,
     out_dir = Path(out_dir) if out_dir else state.dir
     out_dir.mkdir(parents=True, exist_ok=True)
     trial_rows, step_rows = [], []
+    screened = _screen_rows(state)
+    stopped = read_guided(state.dir).get("stopped") if state.guided is not None else None
     for trial_id, point in state.trials.items():
         files = state.trial_files(trial_id)
         status = trial_status(state, trial_id)
@@ -50,6 +56,9 @@ def collect(state: SweepState, out_dir: Path | None = None) -> tuple[Path, Path,
             "trained_in": linked_sweep(state.links[trial_id]) if trial_id in state.links else state.name,
             "config_key": trial_file_key(files.trial_file),
         }
+        row.update(_prediction(state, trial_id, point, screened))
+        if state.guided is not None:
+            row.update(planned_hours=(state.guided.get("hours") or {}).get(trial_id), guided_stopped=stopped)
         trial_rows.append(row)
         seen: set[tuple[int, str]] = set()
         for step_row in read_step_rows(files.steps):
@@ -71,6 +80,35 @@ def collect(state: SweepState, out_dir: Path | None = None) -> tuple[Path, Path,
     for row in trial_rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     return trials_path, steps_path, counts
+
+
+def _screen_rows(state: SweepState) -> dict[tuple[str, str], dict[str, Any]]:
+    """The screen's rows in the sweep folder by (model label or path, context); {} without a screen."""
+    path = state.dir / "screen" / "screen.json"
+    if not path.is_file():
+        return {}
+    rows = json.loads(path.read_text()).get("rows") or []
+    return {(r.get("model_label") or r["model"], r["context"]): r for r in rows}
+
+
+def _prediction(state: SweepState, trial_id: str, point: dict[str, Any],
+                screened: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    """The trial's screened gap and the prediction made before it trained: a guided sweep's prediction.json,
+    else the screen's own prediction (`opsd screen --law`) of its configuration."""
+    row = screened.get((point["model"], point["context"])) or screened.get((point["model_path"], point["context"]))
+    out: dict[str, Any] = {}
+    if row is not None:
+        out["screened_gap"] = row["initial_gap"]
+        if row.get("predicted_improvement") is not None:
+            out.update(predicted_improvement=row["predicted_improvement"], pi_lo=row["pi_lo"], pi_hi=row["pi_hi"],
+                       prediction_law=f"screen ({row.get('law')})")
+    path = state.trial_files(trial_id).dir / "prediction.json"
+    if state.guided is not None:
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        p = saved.get("prediction")
+        out.update(predicted_improvement=p and p["predicted_improvement"], pi_lo=p and p["pi_lo"],
+                   pi_hi=p and p["pi_hi"], prediction_law=p and p["law"])
+    return out
 
 
 def _write(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -108,13 +108,31 @@ def _run(args: argparse.Namespace) -> int:
     check_memory(Path(args.sweep_file), sweep, memory_estimates(sweep, points))  # before any GPU-hour is spent
     check_input_files(points)
     local, remote = sweep_location(sweep, args.storage)
+    hours = _guided_hours(sweep, points, remote) if sweep.guided is not None else None
     check_storage(local, remote)
     # The cluster is checked before the sweep folder holds anything: a refused sweep leaves no grid behind.
     with ray_session(local, remote, args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus):
         if not args.allow_pending:
             check_cluster_fits(sweep.trial_resources)
-        state = prepare_sweep_dir(sweep, points, local, Path(args.sweep_file), remote=remote)
+        state = prepare_sweep_dir(sweep, points, local, Path(args.sweep_file), remote=remote, hours=hours)
         return _drive(state)
+
+
+def _guided_hours(sweep, points, remote: str | None) -> dict[str, float | None]:
+    """Each trial's device-hours as `opsd sweep plan` estimates them (the budget's unit); refuses what a guided
+    sweep cannot do."""
+    from orchestrator.errors import SweepError
+    from orchestrator.plan import estimate
+
+    if remote is not None:
+        raise SweepError("guided: a guided sweep needs a local or shared (NFS) storage folder, not a URI: its "
+                         "searcher reads the trials' results from the sweep folder")
+    hours = {e.point.trial_id: e.device_hours for e in estimate(sweep, points, [])}
+    unknown = [t for t, h in hours.items() if h is None]
+    if unknown and sweep.guided.max_hours is not None:
+        raise SweepError(f"guided.max_hours: the cost of {unknown[0]} is unknown (its model's size); give "
+                         "models[].size_b")
+    return hours
 
 
 def _resume(args: argparse.Namespace) -> int:

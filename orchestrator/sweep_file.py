@@ -96,6 +96,29 @@ class CheckpointRetention(_Section):
         "state ('weights'), its last checkpoints whole ('full'), or nothing ('none').")
 
 
+class GuidedSettings(_Section):
+    """A law-guided sweep (analysis/guided.py): screen every configuration's gap first, then train only the
+    trials the policy chooses, until its goal or its budget stops it."""
+
+    goal: Literal["law", "best"] = Field(description="'law': stop when each family's slope interval is narrower "
+                                         "than slope_ci_width; 'best': stop when no untrained configuration's upper "
+                                         "prediction bound beats the best measured improvement.")
+    slope_ci_width: float | None = Field(None, gt=0, description="Goal law: the widest slope interval (its full "
+                                         "width, at `confidence`) that counts as known.")
+    max_trials: int | None = Field(None, ge=1, description="Never train more trials than this.")
+    max_hours: float | None = Field(None, gt=0, description="Never spend more device-hours (GPU-hours, or CPU-core-"
+                                    "hours without GPUs) than this, each trial costed as `opsd sweep plan` costs it.")
+    prior_law: str | None = Field(None, description="law.json of an earlier sweep (`opsd analyze`): its family "
+                                  "lines predict before this sweep has its own, and combine with them after.")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Level of the slope and prediction intervals.")
+
+    @model_validator(mode="after")
+    def _goal_needs_target(self) -> "GuidedSettings":
+        if self.goal == "law" and self.slope_ci_width is None:
+            raise ValueError("goal 'law' needs slope_ci_width: the slope interval's width at which to stop")
+        return self
+
+
 def check_seeds(seeds: list[int] | None) -> list[int] | None:
     negative = [s for s in seeds or [] if s < 0]
     if negative:
@@ -145,6 +168,8 @@ class SweepFile(_Section):
                          "trials read, which are read from the sweep file's folder.")
     wandb: WandbSettings = WandbSettings()
     checkpoints: CheckpointRetention = CheckpointRetention()
+    guided: GuidedSettings | None = Field(None, description="Make the sweep law-guided: screen first, then train "
+                                          "only what the policy chooses (see GuidedSettings).")
 
     @field_validator("name")
     @classmethod
@@ -300,6 +325,11 @@ def load_sweep(path: str | Path) -> tuple[SweepFile, list[GridPoint]]:
                                                                             f"models[{i}].path")})
               for i, model in enumerate(sweep.models)]
     sweep = sweep.model_copy(update={"models": models})
+    if sweep.guided is not None and sweep.guided.prior_law is not None:
+        prior = _file_path(sweep.guided.prior_law, base, where(("guided", "prior_law")) + "guided.prior_law")
+        if not Path(prior).is_file():
+            raise SweepError(f"{where(('guided', 'prior_law'))}guided.prior_law: {prior} does not exist")
+        sweep = sweep.model_copy(update={"guided": sweep.guided.model_copy(update={"prior_law": prior})})
     try:
         points = grid(sweep)
     except _GridPointInvalid as bad:

@@ -3,10 +3,16 @@
     sweep.yaml                the sweep file as given
     sweep.json                the resolved grid: trial ids with their model, context and seed; resources; W&B;
                               `links`: trials completed by another sweep in the same storage, not trained here
-                              (trial id -> their folder, relative to the storage folder; orchestrator/shared_trials.py)
+                              (trial id -> their folder, relative to the storage folder; orchestrator/shared_trials.py);
+                              `guided`: a guided sweep's settings and each trial's planned device-hours
+    screen/                   a guided sweep's screen: screen.json (one row per configuration: its initial gap), one
+                              folder per model with the screen's rollouts, screen.log (orchestrator/guided_screen.py)
+    guided.json               a guided sweep's decisions, each with its reason, its prediction and the fits it saw,
+                              and why it stopped (orchestrator/guided_search.py)
     trials/<trial id>/        one folder per grid point, the trial's `--out` folder:
         trial.yaml            its fully resolved trial settings (the input of `opsd trial`)
         config.json, steps.parquet, trial.json, progress.json, rollouts/, checkpoints/   (written by the trial)
+        prediction.json       a guided sweep's prediction of the trial's improvement, made before it trained
         attempts.jsonl        one line per attempt event: start (node, GPUs, driver run), pid, end (exit
                               code and a one-line reason, or interrupted/lost with the driver)
         processes.json        the running attempt's process tree, for clean-up after a hard failure
@@ -115,6 +121,8 @@ class SweepState:
     trials: dict[str, dict[str, Any]]  # trial id -> model, context, seed, model path, family, size
     remote: str | None = None  # the sweep's URI when its storage is s3://, gs://, ...; `dir` is then a mirror
     links: dict[str, str] = field(default_factory=dict)  # trial id -> another sweep's trial folder (storage-relative)
+    # A law-guided sweep: {"settings": the sweep file's `guided:`, "hours": trial id -> the plan's device-hours}
+    guided: dict[str, Any] | None = None
 
     @property
     def tune_dir(self) -> Path:
@@ -147,7 +155,8 @@ class SweepState:
         return cls(dir=Path(sweep_dir).resolve(), name=raw["name"], resources=Resources(**raw["resources"]),
                    wandb=WandbSettings(**raw["wandb"]), checkpoints=CheckpointRetention(**raw["checkpoints"]),
                    max_failures=raw["max_failures"], max_concurrent_trials=raw["max_concurrent_trials"],
-                   trials=raw["trials"], remote=raw.get("remote"), links=raw.get("links") or {})
+                   trials=raw["trials"], remote=raw.get("remote"), links=raw.get("links") or {},
+                   guided=raw.get("guided"))
 
     def remote_sweep(self) -> "RemoteSweep | None":
         return RemoteSweep(self.remote, self.dir) if self.remote else None
@@ -194,13 +203,14 @@ def check_storage(sweep_dir: Path, remote: str | None = None) -> None:
 
 
 def prepare_sweep_dir(sweep: SweepFile, points: list[GridPoint], sweep_dir: Path, source: Path,
-                      remote: str | None = None) -> SweepState:
+                      remote: str | None = None, hours: dict[str, float | None] | None = None) -> SweepState:
     """Create (or check) the sweep folder: the resolved grid and one trial file per grid point.
 
     Re-running the same sweep file continues its folder. Once a trial has started, a different grid or other
     settings in the same folder are refused, so results of two sweeps never mix; before any trial started
     (a sweep refused before it ran, or stopped while every trial was pending) the folder takes the new grid.
-    With `remote`, `sweep_dir` mirrors the sweep's URI."""
+    With `remote`, `sweep_dir` mirrors the sweep's URI. A guided sweep records its settings and each trial's
+    planned device-hours (`hours`, the budget's unit); its settings cannot change once a trial has started."""
     check_storage(sweep_dir, remote)
     mirror = RemoteSweep(remote, sweep_dir) if remote else None
     if mirror is not None:
@@ -219,8 +229,16 @@ def prepare_sweep_dir(sweep: SweepFile, points: list[GridPoint], sweep_dir: Path
     state = {"format": STATE_FORMAT, "name": sweep.name, "resources": sweep.trial_resources.model_dump(),
              "wandb": sweep.wandb.model_dump(), "checkpoints": sweep.checkpoints.model_dump(),
              "max_failures": sweep.max_failures, "max_concurrent_trials": sweep.max_concurrent_trials,
-             "trials": trials, "remote": remote, "links": links}
+             "trials": trials, "remote": remote, "links": links,
+             "guided": ({"settings": sweep.guided.model_dump(mode="json"), "hours": hours or {}}
+                        if sweep.guided is not None else None)}
+    old_guided = previous.get("guided")
+    if old_guided and state["guided"] and old_guided["settings"] == state["guided"]["settings"]:
+        state["guided"]["hours"] = old_guided["hours"]  # the budget's costs stay those the decisions used
     if previous:
+        if started and old_guided != state["guided"]:
+            raise SweepError(f"{sweep_dir} ran with other guided: settings (its decisions depend on them); give this "
+                             "sweep another name or storage")
         if started and previous.get("trials") != trials:
             raise SweepError(f"{sweep_dir} holds another sweep's grid, whose trials have run; give this sweep "
                              "another name or storage")
@@ -256,6 +274,17 @@ def _forget_unstarted_grid(sweep_dir: Path, keep: set[str], mirror: RemoteSweep 
     shutil.rmtree(sweep_dir / "tune", ignore_errors=True)
     if mirror is not None:
         mirror.delete("tune")
+
+
+GUIDED_FILE = "guided.json"
+
+
+def read_guided(sweep_dir: Path) -> dict[str, Any]:
+    """A guided sweep's guided.json: {"decisions": [...], "failed": [trial ids], "stopped": reason or null}."""
+    path = Path(sweep_dir) / GUIDED_FILE
+    if not path.is_file():
+        return {"decisions": [], "failed": [], "stopped": None}
+    return json.loads(path.read_text())
 
 
 def read_progress(path: Path) -> dict[str, Any]:

@@ -10,7 +10,8 @@ A trial is
 - `completed` once its trial.json is written;
 - `retrying` after a failed attempt while retries remain;
 - `failed` when the last allowed attempt failed, or at once when an attempt exited with the configuration
-  error code (a retry would fail the same way).
+  error code (a retry would fail the same way);
+- `skipped`, in a guided sweep that has stopped, when its searcher never chose it.
 A trial linked from another sweep (orchestrator/shared_trials.py) shows that sweep's trial, and names the
 sweep.
 """
@@ -33,11 +34,12 @@ from orchestrator.sweep_state import (
     StepsUnreadable,
     SweepState,
     latest_metrics,
+    read_guided,
     read_progress,
     read_step_rows,
 )
 
-STATES = ("completed", "failed", "running", "retrying", "interrupted", "pending")
+STATES = ("completed", "failed", "running", "retrying", "interrupted", "pending", "skipped")
 
 
 @dataclass
@@ -87,6 +89,10 @@ def trial_status(state: SweepState, trial_id: str, *, now: float | None = None,
         status.state, status.step, status.phase = "completed", steps, None
         return status
     if not attempts:
+        if state.guided is not None:
+            log = read_guided(state.dir)
+            if log.get("stopped") and trial_id not in {d.get("trial_id") for d in log["decisions"]}:
+                status.state = "skipped"
         return status
     last = attempts[-1]
     failed = [a for a in attempts if "ended" in a and a.get("exit_code") not in (0, None)]
@@ -146,8 +152,8 @@ def counts(statuses: list[TrialStatus]) -> dict[str, int]:
 
 
 def unfinished(statuses: list[TrialStatus]) -> int:
-    """Trials that have neither completed nor failed for good."""
-    return sum(1 for s in statuses if s.state not in ("completed", "failed"))
+    """Trials that have neither completed nor failed for good (nor been skipped by a guided sweep)."""
+    return sum(1 for s in statuses if s.state not in ("completed", "failed", "skipped"))
 
 
 def estimated_remaining(statuses: list[TrialStatus], concurrency: int) -> float | None:
@@ -204,7 +210,7 @@ def clock(seconds: float | None) -> str:
 
 
 _STYLE = {"completed": "green", "running": "cyan", "retrying": "yellow", "failed": "red", "pending": "dim",
-          "interrupted": "magenta"}
+          "interrupted": "magenta", "skipped": "dim"}
 # Phases as the table shows them (trainer/records.py `Progress` names them); at most 11 characters.
 _PHASES = {"setup": "setup", "resume": "resume", "initial_eval": "eval", "rollout": "rollout", "sandbox": "grading",
            "teacher_context": "contexts", "old_logps": "old logps", "teacher_forward": "teacher fwd",
@@ -221,7 +227,7 @@ def status_table(state: SweepState, statuses: list[TrialStatus], *, elapsed: flo
     least useful first (node, KL, teacher accuracy, loss, ...)."""
     n = counts(statuses)
     title = f"sweep {state.name}: {n['completed']}/{len(statuses)} done" + "".join(
-        f", {n[k]} {k}" for k in ("running", "pending", "retrying", "interrupted", "failed") if n[k])
+        f", {n[k]} {k}" for k in ("running", "pending", "retrying", "interrupted", "failed", "skipped") if n[k])
     if elapsed is not None:
         remaining = estimated_remaining(statuses, concurrency)
         title += f" | elapsed {clock(elapsed)}, " + (
@@ -264,7 +270,11 @@ def status_table(state: SweepState, statuses: list[TrialStatus], *, elapsed: flo
             if needed(shown) <= width:
                 break
             shown.remove(name)
-    table = Table(title=title, title_justify="left", expand=False)
+    from rich.markup import escape
+
+    # Escaped: a decision's reason and its intervals hold brackets, which rich would read as markup.
+    caption = escape("\n".join(guided_lines(state))) if state.guided is not None else None
+    table = Table(title=title, title_justify="left", expand=False, caption=caption, caption_justify="left")
     for name in shown:
         # The trial id folds onto a second line rather than push the table past the terminal's width.
         table.add_column(name, justify="left" if name in _LEFT else "right", no_wrap=name != "trial",
@@ -272,3 +282,39 @@ def status_table(state: SweepState, statuses: list[TrialStatus], *, elapsed: flo
     for i in range(len(statuses)):
         table.add_row(*(columns[name][i] for name in shown))
     return table
+
+
+def guided_lines(state: SweepState) -> list[str]:
+    """What a guided sweep's searcher did: its goal and budget, the screen, its last decision, why it stopped."""
+    import json
+
+    settings = state.guided["settings"]
+    goal = (f"goal law (slope interval narrower than {settings['slope_ci_width']:g})" if settings["goal"] == "law"
+            else "goal best (stop when no untrained configuration can beat the best measured)")
+    budget = [f"{settings['max_trials']} trials" if settings.get("max_trials") else None,
+              f"{settings['max_hours']:g} device-hours" if settings.get("max_hours") else None]
+    lines = [f"guided: {goal}" + (f", at most {' and '.join(b for b in budget if b)}" if any(budget) else "")]
+    screen = state.dir / "screen" / "screen.json"
+    if screen.is_file():
+        rows = json.loads(screen.read_text())["rows"]
+        gaps = ", ".join(f"{r['model_label']}/{r['context']} {r['initial_gap']:+.3f}" for r in rows)
+        lines.append(f"screen: {len(rows)} configurations, initial gap {gaps} ({screen})")
+    else:
+        lines.append("screen: not measured yet (it runs before the first trial)")
+    log = read_guided(state.dir)
+    trained = [d for d in log["decisions"] if d["action"] == "train"]
+    if trained:
+        last = trained[-1]
+        p = last.get("prediction")
+        predicted = (f"; predicted {p['predicted_improvement']:+.3f} [{p['pi_lo']:+.3f}, {p['pi_hi']:+.3f}]" if p
+                     else "; no prediction yet (no line)")
+        lines.append(f"decision {last['n']}: {last['reason']}{predicted}")
+        def fit(family: str, v: dict) -> str:
+            ci = f" [{v['slope_ci'][0]:.3g}, {v['slope_ci'][1]:.3g}]" if v.get("slope_ci") else ""
+            return f"{family}: slope {v['slope']:.3g}{ci} on {v['n_configs']} configurations"
+        fits = "; ".join(fit(f, v) for f, v in (log["decisions"][-1].get("fits") or {}).items())
+        if fits:
+            lines.append(f"law so far: {fits}")
+    if log.get("stopped"):
+        lines.append(f"stopped after {len(trained)} trials: {log['stopped']}")
+    return lines

@@ -126,10 +126,17 @@ def build_tuner(state: SweepState):
         failure_config=tune.FailureConfig(max_failures=state.max_failures),
         # Our trials keep their own checkpoints in the sweep folder; Tune keeps only its experiment state.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
-    tune_config = tune.TuneConfig(
-        num_samples=1, max_concurrent_trials=state.max_concurrent_trials,
-        trial_name_creator=lambda trial: trial.config["trial_id"],
-        trial_dirname_creator=lambda trial: trial.config["trial_id"])
+    names = dict(trial_name_creator=lambda trial: trial.config["trial_id"],
+                 trial_dirname_creator=lambda trial: trial.config["trial_id"])
+    if state.guided is not None:
+        from orchestrator.guided_search import GuidedSearcher
+
+        # The searcher chooses each trial and ends the search itself (FINISHED): samples without limit.
+        tune_config = tune.TuneConfig(search_alg=GuidedSearcher(str(state.dir)), num_samples=-1,
+                                      max_concurrent_trials=state.max_concurrent_trials, **names)
+        param_space = {"sweep_dir": str(state.dir), "sweep_uri": state.remote}
+        return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), False
+    tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=state.max_concurrent_trials, **names)
     param_space = {"sweep_dir": str(state.dir), "sweep_uri": state.remote,
                    "trial_id": tune.grid_search(state.trials_to_train)}  # linked trials are not run again
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config), False
@@ -145,6 +152,10 @@ def run_sweep(state: SweepState, *, driver: DriverRecord, console: Console | Non
                       f"storage are linked, not trained again: " + ", ".join(sorted(state.links)))
     if not state.trials_to_train:
         return
+    if state.guided is not None:
+        from orchestrator.guided_screen import screen_sweep
+
+        screen_sweep(state, console)
     tuner, restored = build_tuner(state)
     concurrency, cluster = _concurrency(state)
     need = f"{state.resources.cpus} CPUs" + (f" and {state.resources.gpus} GPUs" if state.resources.gpus else "")

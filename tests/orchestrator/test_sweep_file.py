@@ -390,3 +390,18 @@ def test_the_readmes_sweep_example_is_a_file_that_runs_here_as_written():
     assert all(p.config.data.max_val_problems and p.config.eval.n_samples == 1 for p in points)
     assert sweep.trial_resources == RESOURCE_PRESETS["cpu"]
     assert re.search(r"`opsd sweep run sweeps/first\.yaml`, from the repository root, took \d+ min", section)
+
+
+def test_guided_section_is_validated_and_its_prior_law_read_from_the_sweep_files_folder(tmp_path):
+    sweep, _ = load_sweep(write(tmp_path, base(tmp_path) + "guided: {goal: best, max_trials: 4}\n"))
+    assert sweep.guided.goal == "best" and sweep.guided.max_trials == 4 and sweep.guided.confidence == 0.95
+    with pytest.raises(SweepError, match=r"sweep.yaml:19: guided: goal 'law' needs slope_ci_width"):
+        load_sweep(write(tmp_path, base(tmp_path) + "guided:\n  goal: law\n"))
+    with pytest.raises(SweepError, match=r"sweep.yaml:20: guided.goal: Input should be 'law' or 'best'"):
+        load_sweep(write(tmp_path, base(tmp_path) + "guided:\n  goal: cheapest\n"))
+    with pytest.raises(SweepError, match=r"sweep.yaml:20: guided.prior_law: .*old/law.json does not exist"):
+        load_sweep(write(tmp_path, base(tmp_path) + "guided:\n  prior_law: old/law.json\n  goal: best\n"))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "law.json").write_text("{}")
+    sweep, _ = load_sweep(write(tmp_path, base(tmp_path) + "guided:\n  prior_law: old/law.json\n  goal: best\n"))
+    assert sweep.guided.prior_law == str(tmp_path / "old" / "law.json")
