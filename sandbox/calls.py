@@ -41,7 +41,7 @@ import select
 import signal
 import struct
 
-from sandbox.confine import PR_SET_CHILD_SUBREAPER, _check, libc
+from sandbox.confine import PR_SET_CHILD_SUBREAPER, check_syscall, libc
 from sandbox.program import SETUP_FAILED, compile_program, format_error, run_call
 from sandbox.wire import MAX_PROGRAM_FRAME, pack_frame, read_frame, write_all
 
@@ -90,7 +90,7 @@ def serve_calls(code, cfg, scratch):
     what it writes and reports on fd 4. Never returns."""
     c = libc()
     if not cfg["pidns"]:  # orphans of a call become B's children, not the fork server's
-        _check(c.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "PR_SET_CHILD_SUBREAPER")
+        check_syscall(c.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "PR_SET_CHILD_SUBREAPER")
     # No handler of B's ever runs a signal a call's process sends (without a PID namespace it can signal B).
     program_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     buf = _Buffer()

@@ -34,7 +34,7 @@ def libc():
     return _libc
 
 
-def _check(res, what):
+def check_syscall(res, what):
     if res != 0:
         err = ctypes.get_errno()
         raise OSError(err, "%s: %s" % (what, os.strerror(err)))
@@ -80,13 +80,13 @@ def drop_inheritable_capabilities(prepared):
 
 def _drop_capabilities(prepared):
     """Empty the effective, permitted and inheritable sets (the bounding and ambient sets are empty already)."""
-    _check(libc().capset(ctypes.byref(prepared.cap_header), prepared.cap_data), "capset")
+    check_syscall(libc().capset(ctypes.byref(prepared.cap_header), prepared.cap_data), "capset")
 
 
 def _load_seccomp(prepared):
     c, zero = libc(), ctypes.c_ulong(0)
-    _check(c.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), zero, zero, zero), "no_new_privs")
-    _check(c.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(prepared.bpf_prog), zero, zero), "seccomp")
+    check_syscall(c.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), zero, zero, zero), "no_new_privs")
+    check_syscall(c.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(prepared.bpf_prog), zero, zero), "seccomp")
 
 
 def _set_rlimits(limits):
@@ -118,14 +118,14 @@ def enter_program(cfg, limits, fds, scratch):
         if cfg.get("host_root"):
             # A copy of the host's mounts (no bubblewrap): private first, so nothing mounted here reaches the
             # host; the host's world-writable directories other than the scratch dir become read-only.
-            _check(c.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None), "make / private")
+            check_syscall(c.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_PRIVATE), None), "make / private")
             for shared in (b"/dev/shm", b"/var/tmp"):
                 if os.path.isdir(shared):
-                    _check(c.mount(b"tmpfs", shared, b"tmpfs", ctypes.c_ulong(MS_RDONLY | MS_NOSUID | MS_NODEV), b"size=4k"),
+                    check_syscall(c.mount(b"tmpfs", shared, b"tmpfs", ctypes.c_ulong(MS_RDONLY | MS_NOSUID | MS_NODEV), b"size=4k"),
                            "mount %s" % shared.decode())
-        _check(c.mount(b"proc", b"/proc", b"proc", ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC), None), "mount /proc")
+        check_syscall(c.mount(b"proc", b"/proc", b"proc", ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC), None), "mount /proc")
         size = ("size=%d,mode=0700" % max(16 << 20, 4 * limits["file_bytes"])).encode()
-        _check(c.mount(b"tmpfs", scratch.encode(), b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV), size), "mount scratch")
+        check_syscall(c.mount(b"tmpfs", scratch.encode(), b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV), size), "mount scratch")
         if cfg.get("host_root"):
             os.chown(scratch, NOBODY, NOBODY)  # the program's uid owns its scratch dir
     import fcntl

@@ -11,7 +11,7 @@ import os
 import sys
 
 from sandbox.codec import PlainDataError, decode_value, encode_value
-from sandbox.confine import CLONE_NEWIPC, CLONE_NEWNS, _check, enter_program, libc, limit_file_size
+from sandbox.confine import CLONE_NEWIPC, CLONE_NEWNS, check_syscall, enter_program, libc, limit_file_size
 from sandbox.wire import pack_frame, read_frame, write_all
 
 SOLUTION_FILE = "<solution>"
@@ -185,7 +185,7 @@ def become_program(cfg, header, fds):
             # denies creating them; without it, the program gets its own IPC namespace.
             flags = (0 if cfg["bpf"] else CLONE_NEWIPC) | (CLONE_NEWNS if cfg["mounts"] else 0)
             if flags:
-                _check(libc().unshare(flags), "unshare")
+                check_syscall(libc().unshare(flags), "unshare")
         enter_program(cfg, limits, fds, header["scratch"])
         limit_file_size(limits["file_bytes"])
     except BaseException as e:

@@ -42,7 +42,7 @@ import signal
 import sys
 import time
 
-from sandbox.confine import NOBODY, PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, STACK_BYTES, Prepared, _check, libc, prepare_streams
+from sandbox.confine import NOBODY, PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, STACK_BYTES, Prepared, check_syscall, libc, prepare_streams
 from sandbox.template import Template, TemplateGone
 from sandbox.wire import (
     MAX_PROGRAM_FRAME,
@@ -600,7 +600,7 @@ def serve():
     del request, header, blobs
     # Its memory will hold every request: no process of its uid (a program without a PID namespace or a uid
     # drop) may read it, nor open its descriptors, through /proc. The template (and every program) inherit it.
-    _check(c.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "PR_SET_DUMPABLE")
+    check_syscall(c.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "PR_SET_DUMPABLE")
     server = ForkServer(cfg)  # forks the template: nothing of any request is in memory yet
     write_all(1, pack_frame({"ready": True, "layers": server.self_test()}))
     while True:
