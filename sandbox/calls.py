@@ -41,6 +41,8 @@ import select
 import signal
 import struct
 
+import _signal
+
 from sandbox.confine import PR_SET_CHILD_SUBREAPER, check_syscall, libc
 from sandbox.program import SETUP_FAILED, compile_program, format_error, run_call
 from sandbox.wire import MAX_PROGRAM_FRAME, pack_frame, read_frame, write_all
@@ -93,6 +95,7 @@ def serve_calls(code, cfg, scratch):
         check_syscall(c.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "PR_SET_CHILD_SUBREAPER")
     # No handler of B's ever runs a signal a call's process sends (without a PID namespace it can signal B).
     program_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    max_fds = _max_fds()
     buf = _Buffer()
     around = cfg["scratch_root"] if not cfg["mounts"] and cfg.get("wipe_scratch_root") else None
     compiled = None
@@ -109,7 +112,7 @@ def serve_calls(code, cfg, scratch):
             except BaseException as e:
                 write_all(4, pack_frame({"done": 1, "status": "runtime_error", "error": format_error(e), "fatal": True}))
                 os._exit(1)
-        done = _one_call(compiled, request[0], program_mask, cfg["pidns"], buf)
+        done = _one_call(compiled, request[0], program_mask, cfg["pidns"], buf, max_fds)
         try:
             _reset_scratch(scratch, around, buf)
         except OSError as e:  # what a call left could reach the next: the session ends
@@ -120,7 +123,7 @@ def serve_calls(code, cfg, scratch):
         buf.flush()
 
 
-def _one_call(compiled, header, program_mask, pidns, buf):
+def _one_call(compiled, header, program_mask, pidns, buf, max_fds):
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     resp_r, resp_w = os.pipe()
@@ -131,8 +134,10 @@ def _one_call(compiled, header, program_mask, pidns, buf):
             for fd, target in ((null, 0), (out_w, 1), (err_w, 2), (resp_w, 4)):
                 os.dup2(fd, target)
             os.close(3)
-            os.closerange(5, _max_fds())
-            signal.pthread_sigmask(signal.SIG_SETMASK, program_mask)
+            os.closerange(5, max_fds)
+            # (not signal.pthread_sigmask: it turns the old mask into Signals members, an exception raised for
+            # each real-time signal, a large share of a call's process's start-up)
+            _signal.pthread_sigmask(signal.SIG_SETMASK, program_mask)
         except BaseException:
             os._exit(SETUP_FAILED)
         try:

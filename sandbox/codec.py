@@ -78,7 +78,7 @@ def encode_value(value):
             return {"b": base64.b64encode(x).decode("ascii")}
         raise PlainDataError("returned a %s object, not plain data" % _type_name(t))
 
-    text = json.dumps(enc(value, 0), allow_nan=False, separators=(",", ":"))
+    text = _ENCODER.encode(enc(value, 0))
     if len(text) > MAX_ENCODED_BYTES:
         raise PlainDataError("value is larger than %d bytes once encoded" % MAX_ENCODED_BYTES)
     return text
@@ -97,7 +97,7 @@ def decode_value(text):
     if len(text) > MAX_ENCODED_BYTES:
         raise PlainDataError("encoded value is too large")
     try:
-        raw = json.loads(text, parse_constant=_reject_constant)
+        raw = _DECODER.decode(text)
     except (RecursionError, ValueError) as e:
         raise PlainDataError("malformed encoded value: %s" % e) from None
     budget = [MAX_NODES]
@@ -225,3 +225,9 @@ def _collision_cost(items, shapes, what):
 
 def _reject_constant(name):
     raise PlainDataError("bare %s in encoded value" % name)
+
+
+# Made once (json.dumps and json.loads with options build a new one per call): a call's process in a session
+# encodes and decodes with what it inherits, touching fewer of its parent's pages (each a copy-on-write fault).
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)

@@ -18,11 +18,12 @@ MAX_PROGRAM_FRAME = (16 << 20) + (64 << 10)
 # A run or call is stopped at its CPU-time limit; its wall clock only backs that up (a program that waits
 # instead of computing, or whose child processes compute) at this multiple of the limit.
 WALL_FACTOR = 2.0
+_FRAME_ENCODER = json.JSONEncoder(separators=(",", ":"))  # (made once: json.dumps with options makes one per call)
 
 
 def pack_frame(header, blobs=()):
     header = dict(header, blobs=[len(b) for b in blobs])
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = _FRAME_ENCODER.encode(header).encode()
     return struct.pack(">I", len(head)) + head + b"".join(blobs)
 
 
