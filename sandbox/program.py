@@ -175,9 +175,11 @@ def _join_threads():
             thread.join()
 
 
-def become_program(cfg, header, fds):
+def become_program(cfg, header, fds, serve_calls):
     """In a fresh clone of the template: confine this process (B), then read the program and run it. Never
-    returns. ``fds``: stdin, stdout, stderr, request channel, response channel (they become fds 0 to 4)."""
+    returns. ``fds``: stdin, stdout, stderr, request channel, response channel (they become fds 0 to 4);
+    ``serve_calls``: the call session's loop (``sandbox/calls.py``, which imports this module: passed in by the
+    template, not imported here)."""
     limits = header["limits"]
     try:
         if cfg["pidns"]:
@@ -202,8 +204,6 @@ def become_program(cfg, header, fds):
         if header["mode"] == "run":
             program_run(code)
         else:
-            from sandbox.calls import serve_calls
-
             serve_calls(code, cfg, header["scratch"])
     except BaseException:  # e.g. the program closed its request channel: never back into the template's code
         os._exit(1)

@@ -12,6 +12,7 @@ import signal
 import socket
 
 from sandbox.confine import PR_SET_PDEATHSIG, clone_for_parent, drop_inheritable_capabilities, libc
+from sandbox.calls import serve_calls
 from sandbox.program import become_program
 
 
@@ -39,7 +40,7 @@ def _template_loop(sock, cfg):
         except OSError as e:
             pid = -(e.errno or 1)
         if pid == 0:
-            become_program(cfg, header, fds)
+            become_program(cfg, header, fds, serve_calls)
         for fd in fds:
             os.close(fd)
         del header, msg, fds
