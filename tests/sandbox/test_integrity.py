@@ -101,7 +101,7 @@ def test_a_call_program_sees_no_later_arguments_and_cannot_pool_time(ex):
     problem = Problem(id="future", prompt="", func_name="solve", tests=[
         ProblemTest(kind="functional", input=str(n), output=str(f(n))) for n in (1000, 2000, 3000, 4000, HARD)])
     grader = Grader(ex, time_limit_s=limit)
-    honest = grader.grade_program(problem, A.HONEST_F.replace("def f(", "def solve("))
+    honest = grader.grade_program(problem, HONEST_SOLVE)
     assert honest.verdict == "time_limit" and honest.tests_passed == 4, honest.feedback
     attack = grader.grade_program(problem, A.FUTURE_CALLS.format(stall=0.85 * limit))
     assert attack.verdict == "time_limit" and attack.tests_passed == 4, attack.feedback
@@ -128,13 +128,20 @@ def test_a_stdin_run_sees_no_later_input_and_has_no_parent_to_forge(ex):
         assert set(json.loads(seen)) <= {n} if test.input.startswith("HARD") else json.loads(seen) == [], test.stderr
 
 
+def pooling_problem(problem_id: str, easy: list[int]) -> Problem:
+    """A problem of `solve(n) = f(n)` whose tests are the easy inputs, then HARD: the pooling attacks' target."""
+    return Problem(id=problem_id, prompt="", func_name="solve", tests=[
+        ProblemTest(kind="functional", input=str(n), output=str(f(n))) for n in [*easy, HARD]])
+
+
+HONEST_SOLVE = A.HONEST_F.replace("def f(", "def solve(")  # f itself, too slow for HARD within its limit
+
+
 def test_cpu_time_cannot_be_pooled_across_calls_by_a_thread_left_running(ex):
     limit = _calibrated(ex, HARD)
-    easy = [1000, 2000, 3000, 4000, 5000]
-    problem = Problem(id="pool", prompt="", func_name="solve", tests=[
-        ProblemTest(kind="functional", input=str(n), output=str(f(n))) for n in easy + [HARD]])
+    problem = pooling_problem("pool", [1000, 2000, 3000, 4000, 5000])
     grader = Grader(ex, time_limit_s=limit)
-    honest = grader.grade_program(problem, A.HONEST_F.replace("def f(", "def solve("))
+    honest = grader.grade_program(problem, HONEST_SOLVE)
     assert honest.verdict == "time_limit" and honest.tests_passed == 5, honest.feedback
     # The thread started by the top-level code ends with each call's process: the hard call's process computes
     # the answer from its start, within the hard test's own limit, or not at all. (An easy call, which waits
@@ -153,11 +160,9 @@ def test_cpu_time_cannot_be_pooled_across_calls_by_a_thread_left_running(ex):
 
 def test_cpu_time_cannot_be_pooled_across_calls_by_a_program_serving_its_own_calls(ex):
     limit = _calibrated(ex, HARD)
-    easy = [1000, 2000, 3000, 4000, 5000]
-    problem = Problem(id="hijack", prompt="", func_name="solve", tests=[
-        ProblemTest(kind="functional", input=str(n), output=str(f(n))) for n in easy + [HARD]])
+    problem = pooling_problem("hijack", [1000, 2000, 3000, 4000, 5000])
     grader = Grader(ex, time_limit_s=limit)
-    honest = grader.grade_program(problem, A.HONEST_F.replace("def f(", "def solve("))
+    honest = grader.grade_program(problem, HONEST_SOLVE)
     assert [t.status for t in honest.tests] == ["passed"] * 5 + ["time_limit"], honest.feedback
     # One thread, its own request loop: each call's window holds at most 0.6 of a limit, and the hard test's
     # answer (1.7 limits of CPU) is spread over the easy calls. Each call is a process of its own, which serves
@@ -169,11 +174,9 @@ def test_cpu_time_cannot_be_pooled_across_calls_by_a_program_serving_its_own_cal
 @pytest.mark.parametrize("keep", ["global", "file", "orphan"])
 def test_cpu_time_cannot_be_pooled_in_what_a_call_leaves(ex, keep):
     limit = _calibrated(ex, HARD)
-    easy = [1000 * k for k in range(1, 9)]
-    problem = Problem(id="chunks", prompt="", func_name="solve", tests=[
-        ProblemTest(kind="functional", input=str(n), output=str(f(n))) for n in easy + [HARD]])
+    problem = pooling_problem("chunks", [1000 * k for k in range(1, 9)])
     grader = Grader(ex, time_limit_s=limit)
-    honest = grader.grade_program(problem, A.HONEST_F.replace("def f(", "def solve("))
+    honest = grader.grade_program(problem, HONEST_SOLVE)
     assert [t.status for t in honest.tests] == ["passed"] * 8 + ["time_limit"], honest.feedback
     # Each easy call computes 0.3 of a limit of the hard answer (1.7 limits in all, 2.4 in the easy calls) and
     # keeps where it got to: in a global, a file, or a process left sleeping. Every call starts from the state
@@ -202,9 +205,7 @@ def test_cpu_time_cannot_be_pooled_through_the_command_line(ex, tmp_path, keep):
     from tests.sandbox.test_cli import opsd, write
 
     limit = _calibrated(ex, HARD)
-    problem = write(tmp_path / "p.json", Problem(id="chunks", prompt="", func_name="solve", tests=[
-        ProblemTest(kind="functional", input=str(n), output=str(f(n)))
-        for n in [1000 * k for k in range(1, 9)] + [HARD]]).model_dump_json())
+    problem = write(tmp_path / "p.json", pooling_problem("chunks", [1000 * k for k in range(1, 9)]).model_dump_json())
     attack = write(tmp_path / "attack.py", A.CHUNKED.format(hard=HARD, chunk=0.3 * limit, keep=keep))
     res = opsd("check", problem, attack, "--json", "--time-limit", "%.3f" % limit)
     assert res.returncode == 0, res.stderr[-2000:]
