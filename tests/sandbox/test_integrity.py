@@ -85,12 +85,13 @@ def test_no_other_programs_source_input_or_arguments_in_a_programs_memory(ex):
 
 # --------------------------------------------------------------------------------------- the future, time pooling
 def _calibrated(ex, hard: int) -> float:
-    """A time limit the honest solution misses on ``hard`` by a wide margin (0.6 of its CPU time here)."""
+    """A time limit the honest solution misses on ``hard`` by a wide margin (0.6 of its CPU time here): its
+    fastest of three runs, since a run slowed by another process would set a limit the honest solution meets."""
     timed = A.HONEST_F + "import time\ndef cpu(n):\n    t = time.process_time()\n    f(n)\n    return time.process_time() - t\n"
     with ex.session(timed) as s:
-        took = s.call("cpu", [hard], timeout_s=30)
-    assert took.status == "ok"
-    return took.value * 0.6
+        took = [s.call("cpu", [hard], timeout_s=30) for _ in range(3)]
+    assert all(t.status == "ok" for t in took), took
+    return min(t.value for t in took) * 0.6
 
 
 HARD = 6_000_000
