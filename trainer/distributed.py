@@ -84,6 +84,8 @@ def init_distributed(device: Device = "cpu", *, collective_timeout_s: float = DE
     import torch
     import torch.distributed as torch_dist
 
+    from trainer.build_locks import clear_stale_build_locks
+
     global _main_wait_group
     set_single_process_env()
     backend = backend_for(device)
@@ -91,6 +93,7 @@ def init_distributed(device: Device = "cpu", *, collective_timeout_s: float = DE
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     if not torch_dist.is_initialized():
+        clear_stale_build_locks()  # else a build stopped in an earlier run makes this wait forever
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=collective_timeout_s))
         if torch_dist.get_world_size() > 1:
