@@ -60,7 +60,7 @@ def train_steps(student: Student, teacher: EmaTeacher, sampler: np.random.Genera
                 ce = F.nll_loss(student_logps[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
                 loss = (ce + weight * kl) * len(micro) / (4 // world_size)
                 student.backward(loss)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
             student.step()
         teacher.update(student.named_full_parameters())
     return losses
