@@ -74,22 +74,6 @@ def code_blocks(response: str) -> list[str]:
             blocks.append(body)
 
 
-def _defines_entry(code: str, name: str) -> bool:
-    """Whether ``code`` parses and defines ``name`` (its last dotted part) as a top-level function or as a
-    method of a top-level class."""
-    name = name.rsplit(".", 1)[-1]
-    if not re.search(r"\bdef[\s\\]+%s\b" % re.escape(name), code):
-        return False  # (no parse needed)
-    try:
-        tree = ast.parse(code)
-    except SyntaxError:
-        return False
-    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
-    return any((isinstance(n, functions) and n.name == name) or
-               (isinstance(n, ast.ClassDef) and any(isinstance(m, functions) and m.name == name for m in n.body))
-               for n in tree.body)
-
-
 def _parses(code: str) -> bool:
     try:
         ast.parse(code)
@@ -108,7 +92,7 @@ def extract_code(response: str, *, mode: CodeBlockMode = "longest", problem: Pro
         return None
     candidates = []
     if problem is not None and problem.func_name:
-        candidates = [b for b in blocks if _defines_entry(b, problem.func_name)]
+        candidates = [b for b in blocks if defines_function(b, problem.func_name, methods=True)]
     if not candidates:
         candidates = [b for b in blocks if _parses(assemble_program(problem, b) if problem is not None else b)]
     candidates = candidates or blocks
@@ -117,16 +101,22 @@ def extract_code(response: str, *, mode: CodeBlockMode = "longest", problem: Pro
     return candidates[-1]
 
 
-def defines_function(code: str, name: str) -> bool:
-    """Whether `code` parses and defines `name` at top level (a function, or a class with a method `name`
-    does not count: HumanEval calls a function)."""
+def defines_function(code: str, name: str, *, methods: bool = False) -> bool:
+    """Whether `code` parses and defines `name` (its last dotted part) as a top-level function; with `methods`,
+    a method of a top-level class counts too (a block that holds a LeetCode-style `Solution` class). HumanEval
+    calls a function, so its program assembly asks without `methods`."""
+    name = name.rsplit(".", 1)[-1]
     if not re.search(r"\bdef[\s\\]+%s\b" % re.escape(name), code):
         return False  # (no parse needed)
     try:
         tree = ast.parse(code)
     except SyntaxError:
         return False
-    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name for n in tree.body)
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+    return any((isinstance(n, functions) and n.name == name) or
+               (methods and isinstance(n, ast.ClassDef)
+                and any(isinstance(m, functions) and m.name == name for m in n.body))
+               for n in tree.body)
 
 
 @functools.lru_cache(maxsize=1024)  # a problem's prompt, stripped for each of its many responses

@@ -118,6 +118,9 @@ def test_defines_function_only_at_top_level():
     assert defines_function("def entry():\n    pass\n", "entry")
     assert not defines_function("class A:\n    def entry(self):\n        pass\n", "entry")
     assert not defines_function("def entry(:\n", "entry")
+    method = "class Solution:\n    def entry(self):\n        pass\n"
+    assert defines_function(method, "Solution.entry", methods=True)  # how a LeetCode-style entry point is named
+    assert not defines_function(method, "Solution.entry")
 
 
 def test_extract_program_gives_the_program_or_the_format_error_text():
