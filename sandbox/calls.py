@@ -42,6 +42,7 @@ once (``ended``: C's exit code when it ended without a whole answer; ``maxrss``:
 
 import ctypes
 import errno
+import mmap
 import os
 import select
 import signal
@@ -64,7 +65,8 @@ class _Buffer:
     """B's one buffer for what calls write (their output, answers, file names), zeroed after each call."""
 
     def __init__(self):
-        self.data = bytearray(BUFFER_BYTES)
+        # Its own pages, emptied by dropping them (``zero``): a call touches only the pages it uses, each zero.
+        self.data = mmap.mmap(-1, BUFFER_BYTES)
         self.view = memoryview(self.data)
         self.c_array = (ctypes.c_char * BUFFER_BYTES).from_buffer(self.data)
         self.addr = ctypes.addressof(self.c_array)
@@ -74,7 +76,7 @@ class _Buffer:
         self.pending, self.n_pending = bytearray(BUFFER_BYTES), 0
 
     def zero(self):
-        self.view[:] = self.zeros
+        self.data.madvise(mmap.MADV_DONTNEED)
 
     def send(self, data):
         """Queue ``data`` (bytes-like) for fd 4."""
@@ -436,7 +438,7 @@ def _drop_xattrs(fd, buf):
         raise OSError(err, os.strerror(err))
     pos = 0
     while pos < n:
-        end = buf.data.index(0, pos, n)
+        end = buf.data.find(b"\0", pos, n)
         if c.fremovexattr(fd, ctypes.c_void_p(buf.addr + pos)) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
