@@ -32,7 +32,7 @@ CPU time must be nil (``IDLE_CPU_S``, else the session ends). The top-level code
 against every call or test (module-level precomputation runs again in each). Every reading of the program's
 CPU time fails closed (``Program.cpu``).
 
-Why one module of ~590 lines: the request loop, the bookkeeping of B's processes and pipes and the CPU-time
+Why one module of ~700 lines: the request loop, the bookkeeping of B's processes and pipes and the CPU-time
 accounting share the server's state at every step of a call; the parts that stand alone (frames, confinement,
 the program's side, the template) are their own modules already.
 """
