@@ -363,10 +363,14 @@ class SharedLimit:
 
     def call(self, target: str, args: list) -> CallOutcome:
         """Call ``target`` as ``Session.call`` does, billed to the shared limit."""
+        return self.call_many(target, [args])[0]
+
+    def call_many(self, target: str, args_list: list[list]) -> list[CallOutcome]:
+        """Several calls, one request to the worker (as ``Session.call_many``), billed to the shared limit."""
         if self._session._test is not self:
             raise ExecutorError("a call of a shared time limit after it ended")
-        self._started = True
-        return self._session._call_many(target, [args], timeout_s=self.timeout_s, test=self._id)[0]
+        self._started = self._started or bool(args_list)
+        return self._session._call_many(target, args_list, timeout_s=self.timeout_s, test=self._id)
 
     def _end(self) -> None:
         self.end_status = self._session._end_test(self)

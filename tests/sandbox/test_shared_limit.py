@@ -60,7 +60,7 @@ def test_the_calls_of_a_shared_limit_run_in_one_process_and_the_next_starts_fres
             first, second = test.call("note", [1]), test.call("note", [2])
             child = test.call("spawn", [])
             failed = test.call("fail", [])  # an exception is that call's error; the process serves on
-            third = test.call("note", [3])
+            third, batched = test.call_many("note", [[3], [3.5]])  # a batch of the same test: the same process
             child_alive = test.call("alive", [child.value])
         with s.shared_limit(timeout_s=5) as again:
             fourth = again.call("note", [4])
@@ -69,7 +69,8 @@ def test_the_calls_of_a_shared_limit_run_in_one_process_and_the_next_starts_fres
     pid = first.value[0]
     assert first.value == [pid, [1], 1] and second.value == [pid, [1, 2], 1]
     assert (failed.status, failed.error.splitlines()[-1]) == ("runtime_error", "ValueError: no")
-    assert third.value == [pid, [1, 2, 3], 2] and child_alive.value is True  # the thread and child it started
+    assert third.value == [pid, [1, 2, 3], 2] and batched.value == [pid, [1, 2, 3, 3.5], 2]
+    assert child_alive.value is True  # the thread and the child it started
     assert test.end_status is None and again.end_status is None
     # The top-level code ran once per process; each call's output is its own.
     assert (first.stderr, second.stderr, first.stdout, second.stdout) == (b"top-level code\n", b"", b"note 1\n", b"note 2\n")
