@@ -1,24 +1,28 @@
-"""A call session's process B (inside the sandbox, standard library only): one fresh child per call.
+"""A call session's process B (inside the sandbox, standard library only): one fresh child per test.
 
 B is confined like every program's process (``sandbox/confine.py``) and holds the program's compiled code, but
-never runs any of it: for each call it forks a child C, which runs the top-level code, then that one call,
-writes its answer and ends (``sandbox/program.py:run_call``). So every call starts from the same state, B's,
-which no call can change: nothing a call computes (in a global, a thread, a process, a file) is there for the
-next one, and no CPU time can be pooled across calls. The program could not be trusted to give control back
+never runs any of it: for each call, or for the calls of one test (which share one time limit: a check test's
+calls), it forks a child C, which runs the top-level code, then that call, or the test's calls one after another
+as they come (``sandbox/program.py:run_call``), and ends with the test. So every test starts from the same state,
+B's, which no test can change: nothing a test computes (in a global, a thread, a process, a file) is there for
+the next, and no CPU time can be pooled across tests, nor across calls that have limits of their own. Within a
+test, its calls share C as they share its limit: C's CPU time from its start to its end, between and after the
+calls included, is the test's (``sandbox/runner.py``). The program could not be trusted to give control back
 after its top-level code (it may never return, or rewrite the interpreter's memory through ctypes): a copy of
 the process taken after it ran would be the program's, serving its own calls.
 
 What C could share with a later C, and how it is closed:
-- C's processes: B is PID 1 of the program's PID namespace (else a child subreaper): after each call it kills
-  every other process there and reaps them, so B is alone (one thread, no process below it) between calls.
-- C's descriptors: its stdin (a fresh /dev/null), stdout, stderr and answer channel are pipes made for that
-  call, which B relays to the fork server; C holds no descriptor of B's, so no state of an open file (flags,
-  owner, locks, a pipe's size) outlives the call.
+- C's processes: B is PID 1 of the program's PID namespace (else a child subreaper): after each call (a test's
+  last) it kills every other process there and reaps them, so B is alone (one thread, no process below it)
+  between tests.
+- C's descriptors: its stdin (a fresh /dev/null), stdout, stderr, answer channel and, in a test, the channel of
+  its next calls (fd 3) are pipes made for that C, which B relays to and from the fork server; C holds no
+  descriptor of B's, so no state of an open file (flags, owner, locks, a pipe's size) outlives the test.
 - B's memory, which every C inherits: no byte a call writes becomes a Python object in B. Output and answers
   pass through one buffer, zeroed after each call; the scratch dir is emptied with getdents64/unlinkat on
   that buffer, and its mode, times and extended attributes are reset. What is left of a call in B are
   integers (lengths, pids, exit statuses), like the timing that every design leaves.
-- The scratch dir (/tmp: its own tmpfs with mounts, else a directory of the worker's): emptied after each call
+- The scratch dir (/tmp: its own tmpfs with mounts, else a directory of the worker's): emptied after each C
   (with bubblewrap and no mounts, the worker's /tmp around it too). With mounts it is the only place a
   program can write; without them, a program may write wherever its uid may, and calls share that as
   separate programs do (those set-ups lack other layers too: ``sandbox/isolation.py``).
@@ -26,16 +30,19 @@ What C could share with a later C, and how it is closed:
   without it, a session's calls share the program's IPC namespace.
 - Kernel counters (the next pid in the program's namespace, inode numbers) move with what a call creates and
   can be read by a later call: a covert channel whose every bit costs the sending call about twice the work
-  of the bit before (2**k processes or files for k bits), billed to it; not closed.
+  of the bit before (2**k processes or files for k bits), billed to its test; not closed.
 
 Per call B writes on fd 4: the answer, if C gave one (a frame ``{"answer": 1}`` followed by C's own frame,
 length prefix and header, relayed byte for byte without being parsed: the fork server reads it as untrusted),
-then ``{"done": 1, ...}`` once it is alone again (``ended``: C's exit code when it ended without a whole
-answer; ``maxrss``: its peak memory). B's own CPU time between calls is nil: the fork server checks it.
+then ``{"done": 1, ...}`` once it is alone again, or, for a call of a test whose C answered and lives on, at
+once (``ended``: C's exit code when it ended without a whole answer; ``maxrss``: its peak memory). A request
+``{"end": 1}`` ends the test's C (what it wrote since its last answer goes out as output, never as an answer);
+``{"done": 1}`` follows once B is alone. B's own CPU time between tests is nil: the fork server checks it.
 """
 
 import ctypes
 import errno
+import mmap
 import os
 import select
 import signal
@@ -58,7 +65,8 @@ class _Buffer:
     """B's one buffer for what calls write (their output, answers, file names), zeroed after each call."""
 
     def __init__(self):
-        self.data = bytearray(BUFFER_BYTES)
+        # Its own pages, emptied by dropping them (``zero``): a call touches only the pages it uses, each zero.
+        self.data = mmap.mmap(-1, BUFFER_BYTES)
         self.view = memoryview(self.data)
         self.c_array = (ctypes.c_char * BUFFER_BYTES).from_buffer(self.data)
         self.addr = ctypes.addressof(self.c_array)
@@ -68,7 +76,7 @@ class _Buffer:
         self.pending, self.n_pending = bytearray(BUFFER_BYTES), 0
 
     def zero(self):
-        self.view[:] = self.zeros
+        self.data.madvise(mmap.MADV_DONTNEED)
 
     def send(self, data):
         """Queue ``data`` (bytes-like) for fd 4."""
@@ -88,8 +96,10 @@ class _Buffer:
 
 
 def serve_calls(code, cfg, scratch):
-    """B, call mode: per request on fd 3 (a call's target and arguments), a fresh child runs the call; B relays
-    what it writes and reports on fd 4. Never returns."""
+    """B, call mode: per request on fd 3 (a call's target and arguments), a child runs the call; B relays what it
+    writes and reports on fd 4. A call marked ``keep`` (a call of one test, whose calls share its time limit)
+    goes to the test's child, started by its first call and kept until a request ``{"end": 1}``; any other call
+    is a child of its own. Never returns."""
     c = libc()
     if not cfg["pidns"]:  # orphans of a call become B's children, not the fork server's
         check_syscall(c.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "PR_SET_CHILD_SUBREAPER")
@@ -99,85 +109,111 @@ def serve_calls(code, cfg, scratch):
     buf = _Buffer()
     around = cfg["scratch_root"] if not cfg["mounts"] and cfg.get("wipe_scratch_root") else None
     compiled = None
+    kept = None  # the child serving the current test's calls
     while True:
         request = read_frame(3)
         if request is None:
             os._exit(0)
-        if compiled is None:
+        header = request[0]
+        if header.get("end"):  # the test's last call was made: its child ends with everything it started
+            done = kept.end() if kept is not None else {"done": 1}
+            kept = None
+        else:
+            if compiled is None:
+                try:
+                    compiled = compile_program(code)
+                except MemoryError:
+                    write_all(4, pack_frame({"done": 1, "status": "memory_limit", "error": "MemoryError"}))
+                    os._exit(1)
+                except BaseException as e:
+                    write_all(4, pack_frame({"done": 1, "status": "runtime_error", "error": format_error(e), "fatal": True}))
+                    os._exit(1)
+            keep = bool(header.get("keep"))
+            if kept is not None and (not keep or kept.exited()):  # (one that ended after its answer: a fresh one)
+                kept.end()
+                kept = None
+            if kept is None:
+                call = _Call(compiled, header, program_mask, pidns=cfg["pidns"], buf=buf, max_fds=max_fds, keep=keep)
+            else:
+                call = kept
+                call.send(header)
+            done = call.relay()
+            kept = call if keep and call.alive else None
+        if kept is None:
             try:
-                compiled = compile_program(code)
-            except MemoryError:
-                write_all(4, pack_frame({"done": 1, "status": "memory_limit", "error": "MemoryError"}))
-                os._exit(1)
-            except BaseException as e:
-                write_all(4, pack_frame({"done": 1, "status": "runtime_error", "error": format_error(e), "fatal": True}))
-                os._exit(1)
-        done = _one_call(compiled, request[0], program_mask, cfg["pidns"], buf, max_fds)
-        try:
-            _reset_scratch(scratch, around, buf)
-        except OSError as e:  # what a call left could reach the next: the session ends
-            done = {"done": 1, "status": "runtime_error", "fatal": True,
-                    "error": "the program's scratch dir could not be emptied (%s)" % (errno.errorcode.get(e.errno, e.errno),)}
+                _reset_scratch(scratch, around, buf)
+            except OSError as e:  # what a call left could reach the next: the session ends
+                done = {"done": 1, "status": "runtime_error", "fatal": True,
+                        "error": "the program's scratch dir could not be emptied (%s)" % (errno.errorcode.get(e.errno, e.errno),)}
         buf.zero()
         buf.send(pack_frame(done))
         buf.flush()
 
 
-def _one_call(compiled, header, program_mask, pidns, buf, max_fds):
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    resp_r, resp_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+class _Call:
+    """C, the child that runs one call (or, with ``keep``, the calls of one test), and B's ends of its pipes."""
+
+    def __init__(self, compiled, header, program_mask, pidns, buf, max_fds, keep):
+        self.pidns, self.buf = pidns, buf
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        resp_r, resp_w = os.pipe()
+        call_r, self.call_w = os.pipe() if keep else (None, None)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                null = os.open(os.devnull, os.O_RDONLY)
+                for fd, target in ((null, 0), (out_w, 1), (err_w, 2), (resp_w, 4)):
+                    os.dup2(fd, target)
+                if call_r is not None:  # its next calls' requests
+                    os.dup2(call_r, 3)
+                else:
+                    os.close(3)
+                os.closerange(5, max_fds)
+                # (not signal.pthread_sigmask: it turns the old mask into Signals members, an exception raised for
+                # each real-time signal, a large share of a call's process's start-up)
+                _signal.pthread_sigmask(signal.SIG_SETMASK, program_mask)
+            except BaseException:
+                os._exit(SETUP_FAILED)
+            try:
+                run_call(compiled, header, more=keep)
+            finally:  # (it ends the process itself; never back into B's loop, whatever happened)
+                os._exit(1)
+        for fd in (out_w, err_w, resp_w, call_r):
+            if fd is not None:
+                os.close(fd)
+        self.pid, self.pidfd = pid, os.pidfd_open(pid)
+        self.out_r, self.err_r, self.resp_r = out_r, err_r, resp_r
+        self.alive = True  # C has not ended (as far as B has seen)
+
+    def send(self, header):
+        """The test's next call, to C (blocks while C does not read: the fork server's wall clock ends that)."""
         try:
-            null = os.open(os.devnull, os.O_RDONLY)
-            for fd, target in ((null, 0), (out_w, 1), (err_w, 2), (resp_w, 4)):
-                os.dup2(fd, target)
-            os.close(3)
-            os.closerange(5, max_fds)
-            # (not signal.pthread_sigmask: it turns the old mask into Signals members, an exception raised for
-            # each real-time signal, a large share of a call's process's start-up)
-            _signal.pthread_sigmask(signal.SIG_SETMASK, program_mask)
-        except BaseException:
-            os._exit(SETUP_FAILED)
-        try:
-            run_call(compiled, header)
-        finally:  # (it ends the process itself; never back into B's loop, whatever happened)
-            os._exit(1)
-    for fd in (out_w, err_w, resp_w):
-        os.close(fd)
-    try:
-        return _relay(pid, out_r, err_r, resp_r, pidns, buf)
-    finally:
-        for fd in (out_r, err_r, resp_r):
-            os.close(fd)
+            write_all(self.call_w, pack_frame(header))
+        except OSError:  # C has ended: ``relay`` reports it
+            pass
 
+    def exited(self):
+        return bool(select.select([self.pidfd], [], [], 0)[0])
 
-def _max_fds():
-    import resource
-
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # (no descriptor of B's is above it)
-
-
-def _relay(pid, out_r, err_r, resp_r, pidns, buf):
-    """Relay C's output to fds 1 and 2 and its answer (one frame) to fd 4 until the answer is whole or C has
-    ended; then end every process below B and relay what is left. Returns the ``done`` report."""
-    view = buf.view
-    pidfd = os.pidfd_open(pid)
-    poller = select.poll()
-    for fd in (out_r, err_r, resp_r, pidfd):
-        poller.register(fd, select.POLLIN)
-    sinks = {out_r: 1, err_r: 2}
-    state = _Answer(buf)
-    exited = False
-    try:
+    def relay(self):
+        """Relay C's output to fds 1 and 2 and its answer (one frame) to fd 4 until the answer is whole or C has
+        ended. C is then ended with every process below B, and what is left relayed, unless it is kept (a call of
+        a test, answered) and still running. Returns the ``done`` report."""
+        view = self.buf.view
+        poller = select.poll()
+        for fd in (self.out_r, self.err_r, self.resp_r, self.pidfd):
+            poller.register(fd, select.POLLIN)
+        sinks = {self.out_r: 1, self.err_r: 2}
+        state = _Answer(self.buf)
+        exited = False
         while not exited and not state.whole:
             for fd, _ in poller.poll():
-                if fd == pidfd:
+                if fd == self.pidfd:
                     exited = True
                     continue
-                if fd == resp_r:
-                    if not state.relay(resp_r):
+                if fd == self.resp_r:
+                    if not state.relay(self.resp_r):
                         poller.unregister(fd)
                     continue
                 n = os.readv(fd, [view])
@@ -185,26 +221,67 @@ def _relay(pid, out_r, err_r, resp_r, pidns, buf):
                     write_all(sinks[fd], view[:n])
                 else:
                     poller.unregister(fd)
-    finally:
-        os.close(pidfd)
-    report = {"done": 1}
-    if exited and not state.whole:  # C ended by itself, maybe before its answer was read: its status, peak memory
-        _, status, rusage = os.wait4(pid, 0)
-        report.update(ended=os.waitstatus_to_exitcode(status), maxrss=rusage.ru_maxrss)
-    _end_all_below(pidns)
-    # Every writer has ended: what is left in the pipes is all there is.
-    for fd, sink in sinks.items():
-        while True:
-            n = os.readv(fd, [view])
-            if not n:
-                break
-            write_all(sink, view[:n])
-    while not state.whole and state.relay(resp_r):
-        pass
-    if state.whole:  # answered (C's exit after its answer is no failure)
+        if state.whole and self.call_w is not None and not exited:
+            # Kept for the test's next call: what C wrote before its answer is in the pipes already.
+            for fd, sink in sinks.items():
+                os.set_blocking(fd, False)
+                try:
+                    while True:
+                        n = os.readv(fd, [view])
+                        if not n:
+                            break
+                        write_all(sink, view[:n])
+                except BlockingIOError:
+                    pass
+                finally:
+                    os.set_blocking(fd, True)
+            return {"done": 1}
         report = {"done": 1}
-    state.pad()
-    return report
+        if exited and not state.whole:  # C ended by itself, maybe before its answer was read: its status, peak memory
+            _, status, rusage = os.wait4(self.pid, 0)
+            report.update(ended=os.waitstatus_to_exitcode(status), maxrss=rusage.ru_maxrss)
+        self._end_all(sinks)
+        while not state.whole and state.relay(self.resp_r):
+            pass
+        if state.whole:  # answered (C's exit after its answer is no failure)
+            report = {"done": 1}
+        state.pad()
+        self._close()
+        return report
+
+    def end(self):
+        """End C and every process below B (what it wrote since its last answer is relayed as output, never as an
+        answer). Returns the ``done`` report."""
+        self._end_all({self.out_r: 1, self.err_r: 2})
+        view = self.buf.view
+        while os.readv(self.resp_r, [view]):
+            pass
+        self._close()
+        return {"done": 1}
+
+    def _end_all(self, sinks):
+        _end_all_below(self.pidns)
+        self.alive = False
+        # Every writer has ended: what is left in the pipes is all there is.
+        view = self.buf.view
+        for fd, sink in sinks.items():
+            while True:
+                n = os.readv(fd, [view])
+                if not n:
+                    break
+                write_all(sink, view[:n])
+
+    def _close(self):
+        for fd in (self.pidfd, self.out_r, self.err_r, self.resp_r, self.call_w):
+            if fd is not None:
+                os.close(fd)
+        self.pidfd = self.out_r = self.err_r = self.resp_r = self.call_w = None
+
+
+def _max_fds():
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # (no descriptor of B's is above it)
 
 
 class _Answer:
@@ -361,7 +438,7 @@ def _drop_xattrs(fd, buf):
         raise OSError(err, os.strerror(err))
     pos = 0
     while pos < n:
-        end = buf.data.index(0, pos, n)
+        end = buf.data.find(b"\0", pos, n)
         if c.fremovexattr(fd, ctypes.c_void_p(buf.addr + pos)) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))

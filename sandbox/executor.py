@@ -17,11 +17,14 @@ its wall clock is cut at ``WALL_FACTOR`` times that.
 Call sessions: each ``call`` is a fresh child of the session's process, which holds the program's code and
 never runs it: the child runs the top-level code (and waits for the threads it started that are not daemons),
 then that one call, and ends with everything it started; its scratch dir is emptied before the next call. No
-state, thread, process or file crosses calls, so no CPU time is pooled across them (``sandbox/calls.py``). An
-exception raised by the called function is that call's ``runtime_error`` and the session goes on. A call that
-ends the program (time, memory or output limit, an exit, an error in the top-level code, a crash) ends the
-session for good: every later call of the session returns that same status at once, without running
-anything. ``run_stdin`` always starts a fresh program and is not affected.
+state, thread, process or file crosses calls, so no CPU time is pooled across them (``sandbox/calls.py``).
+Calls that share one time limit (the calls of one test: ``with s.shared_limit(timeout_s=2.0) as t:
+t.call(...)``) run one after another in one such child, the top-level code once before the first, and are
+billed together all the CPU time it spends from its start to its end; it ends with the block. An exception
+raised by the called function is that call's ``runtime_error`` and the session goes on. A call that ends the
+program (time, memory or output limit, an exit, an error in the top-level code, a crash) ends the session for
+good: every later call of the session returns that same status at once, without running anything.
+``run_stdin`` always starts a fresh program and is not affected.
 """
 
 from __future__ import annotations
@@ -150,6 +153,8 @@ class Session:
         self._failure: CallOutcome | None = None
         self._ooms: int | None = None  # the worker cgroup's OOM-kill count when last read (None: unread)
         self._ended = False  # the worker ended the program with the session's last calls
+        self._test: SharedLimit | None = None  # the shared limit whose calls are being made
+        self._n_tests = 0
         self.worker_died = False
 
     def _request(self, header: dict, blobs: list[bytes], timeout_s: float) -> tuple[dict | None, bool]:
@@ -236,6 +241,47 @@ class Session:
         once), in one request to the worker: a test suite costs one round trip instead of one per test.
         ``last``: no call of this session follows; the worker ends the program with the same request (later
         calls answer runtime_error without running)."""
+        if self._test is not None:
+            raise ExecutorError("a call outside the calls of a shared time limit before it ended")
+        return self._call_many(target, args_list, timeout_s=timeout_s, last=last)
+
+    @contextlib.contextmanager
+    def shared_limit(self, *, timeout_s: float) -> Iterator["SharedLimit"]:
+        """Calls that share one time limit (the calls of one test): ``SharedLimit.call`` makes them one after
+        another in ONE fresh process of the program (its top-level code runs once, before the first), billed
+        together the CPU time of all its threads and processes from its start to its end, that after the last
+        call included; their summed wall-clock time is cut at ``WALL_FACTOR`` times the limit. The process ends
+        with everything it started when the block is left; ``SharedLimit.end_status`` then says whether the
+        whole stayed within the limit. No other call of the session may be made meanwhile."""
+        if self._test is not None:
+            raise ExecutorError("shared time limits do not nest")
+        self._n_tests += 1
+        shared = SharedLimit(self, self._n_tests, float(timeout_s))
+        self._test = shared
+        try:
+            yield shared
+        finally:
+            self._test = None
+            shared._end()
+
+    def _end_test(self, shared: "SharedLimit") -> CallOutcome | None:
+        """End a shared limit's process; the failure found then (None: within the limit)."""
+        if not shared._started or self._failure is not None:
+            return None
+        reply, oom_killed = self._request({"op": "end_test", "test": shared._id, "limits": self._limits_dict}, [],
+                                          WALL_FACTOR * shared.timeout_s)
+        if reply is None:
+            return self._fail(CallOutcome("runtime_error", None, b"", b"", 0.0, "the sandbox worker died during the call"))
+        status = reply.get("status") if reply.get("status") in STATUSES else "runtime_error"
+        error = _text(reply.get("error"))
+        if oom_killed:
+            status, error = "memory_limit", _OOM_ERROR
+        if status == "ok":
+            return None
+        return self._fail(CallOutcome(status, None, b"", b"", 0.0, error))
+
+    def _call_many(self, target: str, args_list: list[list], *, timeout_s: float, last: bool = False,
+                   test: int | None = None) -> list[CallOutcome]:
         if not _TARGET.match(target):
             raise ValueError("call target must be 'name' or 'Class.name', got %r" % (target,))
         try:
@@ -250,6 +296,8 @@ class Session:
             timeout = min(float(timeout_s), left)
             header = {"op": "call", "calls": [{"target": target, "args": a, "timeout": timeout} for a in args_texts],
                       "budget": left, "limits": self._limits_dict}
+            if test is not None:
+                header["test"] = test
             if not self._started:  # the worker keeps the program's code for the session's later calls
                 header["code"] = self._code
             self._started = True
@@ -303,6 +351,29 @@ class Session:
                 self._worker.request({"op": "end"}, [], timeout_s=_WORKER_GRACE_S)
             except WorkerDied:
                 self.worker_died = True
+
+
+class SharedLimit:
+    """Calls of a session's program that share one time limit (``Session.shared_limit``)."""
+
+    def __init__(self, session: Session, test_id: int, timeout_s: float):
+        self._session, self._id, self.timeout_s = session, test_id, timeout_s
+        self._started = False  # a call was sent
+        self.end_status: CallOutcome | None = None  # set when the block is left: the failure found at the end
+
+    def call(self, target: str, args: list) -> CallOutcome:
+        """Call ``target`` as ``Session.call`` does, billed to the shared limit."""
+        return self.call_many(target, [args])[0]
+
+    def call_many(self, target: str, args_list: list[list]) -> list[CallOutcome]:
+        """Several calls, one request to the worker (as ``Session.call_many``), billed to the shared limit."""
+        if self._session._test is not self:
+            raise ExecutorError("a call of a shared time limit after it ended")
+        self._started = self._started or bool(args_list)
+        return self._session._call_many(target, args_list, timeout_s=self.timeout_s, test=self._id)
+
+    def _end(self) -> None:
+        self.end_status = self._session._end_test(self)
 
 
 class Executor:

@@ -5,7 +5,8 @@ comparison, and the trusted test code of `check` tests, runs here. Comparison ru
 - stdin: the output's lines against the expected lines, numbers as ASCII decimals;
 - functional: each input line is one JSON argument; the returned value against the JSON-decoded expected
   output;
-- check (planning their calls: ``sandbox/checks.py``): the trusted test code runs with `candidate` (and the entry point's own name) calling the program;
+- check (planning their calls: ``sandbox/checks.py``): the trusted test code runs with `candidate` (and the entry point's own name) calling the program
+  (a test's calls in one process of it, one after another: they share the test's state and time limit);
   AssertionError (or another exception raised by the test code after a call) is a wrong answer, a failed call
   has the call's status. Feedback shows the last call, its returned value and, for `assert candidate(..) == X`,
   the value of X, as Python reprs (functional tests show JSON, as their tests are written).
@@ -17,6 +18,7 @@ limit, memory limit, output limit, wrong answer (the order in which feedback rep
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import json
 import os
@@ -197,7 +199,12 @@ def _session_budget(limits: Any, time_limit_s: float, n_tests: int) -> Any:
 class Grader:
     """Grades responses on an executor (`sandbox.executor.Executor`): one session per response.
 
-    time_limit_s: per run of a stdin test, per call of a functional test, per check test (all its calls).
+    time_limit_s: per run of a stdin test, per call of a functional test, per check test (all its calls). Each
+      run, functional call and check test is a fresh process of the program (its top-level code run again), so
+      no CPU time is pooled across tests; a check test's calls run one after another in its one process
+      (``Session.shared_limit``), which is billed all the CPU time of its threads and processes from its start
+      to its end (what they spend after the last call included: over the limit, the test is ``time_limit``),
+      and the calls' summed wall-clock time may not reach the limit before a call is made.
     stop_at_first_failure: skip the remaining tests after the first failure (they count as not passed).
     stop_after_time_limit: skip the remaining tests after a time or memory limit (each would likely cost the
       full limit again); they count as not passed.
@@ -352,7 +359,25 @@ class Grader:
     def _check_test(self, session: Any, index: int, test: ProblemTest, problem: Problem, target: str,
                     made: tuple[list[Any], Any] | None) -> TestResult:
         """``made``: (arguments, outcome) of this test's planned call, made ahead; used when the test's call has
-        exactly those arguments (as plain data, types included), else the call is made live."""
+        exactly those arguments (as plain data, types included), else the calls are made live, all in one
+        process of the program that ends with the test (``Session.shared_limit``)."""
+        shared: list[Any] = []  # the test's shared limit, opened by its first live call
+        with contextlib.ExitStack() as stack:
+            def live_call(args: list[Any]) -> Any:
+                if not shared:
+                    shared.append(stack.enter_context(session.shared_limit(timeout_s=self.time_limit_s)))
+                return shared[0].call(target, args)
+
+            result = self._check_test_calls(index, test, problem, target, made, live_call)
+        if shared and shared[0].end_status is not None and result.status in ("passed", "wrong_answer"):
+            # Its processes spent more than the test's limit in all, what they spent after its last call included.
+            failure = shared[0].end_status
+            result = result.model_copy(update={"status": failure.status, "error": failure.error, "output": None,
+                                                "expected": None})
+        return result
+
+    def _check_test_calls(self, index: int, test: ProblemTest, problem: Problem, target: str,
+                          made: tuple[list[Any], Any] | None, live_call: Any) -> TestResult:
         calls: list[tuple[list[Any], Any]] = []  # (arguments, returned value) of each call, in order
         stderr_parts: list[str] = []
         wall = 0.0
@@ -369,7 +394,7 @@ class Grader:
             if made is not None and not calls and same_plain_data(list(args), made[0]):
                 outcome = made[1]
             else:
-                outcome = session.call(target, list(args), timeout_s=left)
+                outcome = live_call(list(args))
             wall += outcome.wall_s
             stderr_parts.append(_decode(outcome.stderr)[0])
             calls.append((list(args), outcome.value if outcome.status == "ok" else None))

@@ -129,40 +129,49 @@ def _resolve(module, target):
     raise ValueError("bad call target %r" % target)
 
 
-def run_call(compiled, header):
+def run_call(compiled, header, more=False):
     """C, a call's own process (``sandbox/calls.py``): the top-level code in a fresh module (and the threads it
-    starts that are not daemons, as at a program's exit), then the call ``header`` names; its answer goes to fd 4
-    and the process ends. An exception raised by the call is its runtime_error; one in the top-level code, an
-    exit or a MemoryError also ends the session ("fatal")."""
-    loading = True
-    try:
-        module = _new_main()
-        exec(compiled, module.__dict__)
-        _join_threads()
-        loading = False
-        fn = _resolve(module, header["target"])
-        args = decode_value(header["args"])
-        value = fn(*args)
+    starts that are not daemons, as at a program's exit), then the call ``header`` names; its answer goes to fd 4.
+    With ``more`` (the calls of one test, which share its time limit), each next call of the test is read from
+    fd 3 and made in the same module, until fd 3 is closed; else the process ends after its answer. An exception
+    raised by a call is its runtime_error; one in the top-level code, an exit or a MemoryError also ends the
+    session ("fatal")."""
+    module = None  # once the top-level code has run
+    while True:
         try:
-            response = {"status": "ok", "value": encode_value(value)}
-        except PlainDataError as e:
-            response = {"status": "runtime_error", "error": str(e)}
-        except RecursionError:
-            response = {"status": "runtime_error", "error": "returned a value nested too deeply"}
-    except MemoryError:
+            if module is None:
+                loading = _new_main()
+                exec(compiled, loading.__dict__)
+                _join_threads()
+                module = loading
+            fn = _resolve(module, header["target"])
+            args = decode_value(header["args"])
+            value = fn(*args)
+            try:
+                response = {"status": "ok", "value": encode_value(value)}
+            except PlainDataError as e:
+                response = {"status": "runtime_error", "error": str(e)}
+            except RecursionError:
+                response = {"status": "runtime_error", "error": "returned a value nested too deeply"}
+        except MemoryError:
+            _flush_std()
+            write_all(4, _MEMORY_FRAME)
+            os._exit(1)
+        except SystemExit as e:
+            _flush_std()
+            error = "the program exited (code %s) during the call" % (_exit_code(e),)
+            write_all(4, pack_frame({"status": "runtime_error", "fatal": True, "error": error}))
+            os._exit(1)
+        except BaseException as e:
+            response = {"status": "runtime_error", "error": format_error(e), "fatal": module is None}
         _flush_std()
-        write_all(4, _MEMORY_FRAME)
-        os._exit(1)
-    except SystemExit as e:
-        _flush_std()
-        error = "the program exited (code %s) during the call" % (_exit_code(e),)
-        write_all(4, pack_frame({"status": "runtime_error", "fatal": True, "error": error}))
-        os._exit(1)
-    except BaseException as e:
-        response = {"status": "runtime_error", "error": format_error(e), "fatal": loading}
-    _flush_std()
-    write_all(4, pack_frame(response))
-    os._exit(0)
+        write_all(4, pack_frame(response))
+        if not more or response.get("fatal"):
+            os._exit(0)
+        request = read_frame(3)
+        if request is None:
+            os._exit(0)
+        header = request[0]
 
 
 def _join_threads():

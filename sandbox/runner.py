@@ -18,17 +18,21 @@ enforces the output cap, the cap on B's response frames, and each run's or call'
 program spends in it, with the wall clock as a backstop (``WALL_FACTOR``). Nothing it sends back is trusted
 by the executor.
 
-A call's CPU time is its own. A session's B holds the program's code but never runs it: each call is a fresh
-child of B that runs the top-level code, then that call, and ends (``sandbox/calls.py``); B then kills and
-reaps whatever the call left and empties the scratch dir before it reports the call done. So nothing a call
-computed (in a global, a file, a thread, a process) is there for the next, and the only way to pass a hard
-test is to solve it within its limit. A call is billed the CPU time of B's whole tree (B, its children, what
-they waited for) from the end of the last call to B's report, read once B is alone again (one thread, no
-process below it; a report with B not alone ends the session); B's own CPU time between calls must be nil
-(``IDLE_CPU_S``, else the session ends). The top-level code's CPU time counts against every call (module-level
-precomputation runs again in each). Every reading of the program's CPU time fails closed (``Program.cpu``).
+A test's CPU time is its own. A session's B holds the program's code but never runs it: each call, or the calls
+of one test (``test``: a check test's calls share one time limit), is a fresh child of B that runs the
+top-level code, then the call or the test's calls, and ends; B then kills and reaps whatever it left and
+empties the scratch dir before it reports the call (the test's end) done (``sandbox/calls.py``). So nothing a
+test computed (in a global, a file, a thread, a process) is there for the next, and the only way to pass a
+hard test is to solve it within its limit. A call is billed the CPU time of B's whole tree (B, its children,
+what they waited for) from the end of the last call to B's report, read once B is alone again (one thread, no
+process below it; a report with B not alone ends the session); the calls of a test are billed together, each
+against the test's one limit, the CPU time since the test started, and the test's end (``do_end_test``) bills
+what its processes spent after its last call too (over the limit: ``time_limit``). Between tests, B's own
+CPU time must be nil (``IDLE_CPU_S``, else the session ends). The top-level code's CPU time counts
+against every call or test (module-level precomputation runs again in each). Every reading of the program's
+CPU time fails closed (``Program.cpu``).
 
-Why one module of ~590 lines: the request loop, the bookkeeping of B's processes and pipes and the CPU-time
+Why one module of ~700 lines: the request loop, the bookkeeping of B's processes and pipes and the CPU-time
 accounting share the server's state at every step of a call; the parts that stand alone (frames, confinement,
 the program's side, the template) are their own modules already.
 """
@@ -189,6 +193,15 @@ GARBLED = {"status": "runtime_error", "error": "garbled response from the progra
 _LAST_PID_FD = None  # /proc/sys/kernel/ns_last_pid, opened by the fork server (``ForkServer.__init__``)
 
 
+class _Test:
+    """A test whose calls share one time limit (``ForkServer.do_call``)."""
+
+    def __init__(self, test_id, limit):
+        self.id, self.limit = test_id, limit
+        self.wall = 0.0  # the wall-clock time of its calls so far
+        self.billed = 0.0  # the CPU time billed to it at its last call
+
+
 def _program_answer(raw):
     """A call's answer, the header of the frame the program wrote: a JSON object (and no blobs), else garbled."""
     try:
@@ -255,6 +268,7 @@ class ForkServer:
             pass
         self.session = None  # Program of the current call session
         self.session_failure = None
+        self.test = None  # _Test whose calls are being made (``do_call``)
         self.n_scratch = 0  # scratch dirs made (their names, without mounts)
 
     # --- scratch dirs: a tmpfs in the program's own mount namespace, or a directory removed afterwards
@@ -324,9 +338,10 @@ class ForkServer:
             os.set_blocking(fd, False)
         return prog
 
-    def pump(self, prog, timeout, wall, cap, out, err, want_frame):
+    def pump(self, prog, timeout, wall, cap, out, err, want_frame, spent=0.0):
         """Read B's pipes until a response frame (want_frame), B's exit, the program's CPU time since
-        ``prog.cpu_mark`` reaches ``timeout``, ``wall`` seconds pass, or the output cap.
+        ``prog.cpu_mark`` reaches ``timeout``, ``wall`` seconds pass, or the output cap. ``spent``: the CPU time
+        since the mark at its last reading (a test's earlier calls).
 
         Returns "frame", "exit", "timeout" or "output"; the first frame B sent is left in ``self.frame``."""
         self.frame = self.answer = None
@@ -339,7 +354,7 @@ class ForkServer:
         exited = False
         # The program's CPU time is read (a walk of its processes) only when it could have used up its limit:
         # at most n_cpus seconds of it per second. The caller bills what it used in the end.
-        next_check = time.monotonic() + timeout / n_cpus
+        next_check = time.monotonic() + max(0.0, timeout - spent) / n_cpus
         while True:
             now = time.monotonic()
             if now >= deadline:
@@ -452,7 +467,7 @@ class ForkServer:
                 error = "the session's wall-clock budget is used up"
                 self.end_session(failure={"status": "time_limit", "error": error, "exit_code": None})
             result, out, err = self.do_call(limits, req.get("code"), call["target"], call["args"],
-                                            call["timeout"], budget)
+                                            call["timeout"], budget, req.get("test"))
             budget -= result["wall_s"]
             results.append(result)
             out_blobs += [out, err]
@@ -462,29 +477,43 @@ class ForkServer:
             self.end_session()
         return {"results": results}, out_blobs
 
-    def do_call(self, limits, code, target, args, timeout, budget):
+    def do_call(self, limits, code, target, args, timeout, budget, test=None):
+        """One call; ``test`` (a number the caller gives) marks a call of a test whose calls share one time limit
+        (the first call's ``timeout``): its first call starts the test, every call until ``do_end_test`` runs in
+        the same child of B and is billed the CPU time of B's whole tree since the test started."""
         started = time.monotonic()
         if self.session_failure is not None:
             return dict(self.session_failure, value=None, wall_s=0.0, ended=True), b"", b""
+        if self.test is not None and self.test.id != test:
+            raise ValueError("a call outside test %s before it ended" % (self.test.id,))
         if self.session is None:
             if code is None:
                 raise ValueError("call without a program: the session's program was already ended")
             self.session = self.spawn(limits, "session", code)
-        elif self.session.cpu() - self.session.cpu_mark > IDLE_CPU_S:  # B ran between calls: it must not
+        elif self.test is None and self.session.cpu() - self.session.cpu_mark > IDLE_CPU_S:
+            # B ran between calls (a test's calls aside, which are billed to the test): it must not
             error = "the program used CPU time between calls"
             self.end_session(failure={"status": "runtime_error", "error": error, "exit_code": None})
             return dict(self.session_failure, value=None, wall_s=time.monotonic() - started, ended=True), b"", b""
         prog = self.session
+        if test is not None and self.test is None:
+            self.test = _Test(test, timeout)
+        shared = self.test
         out, err = bytearray(), bytearray()
+        request = {"target": target, "args": args}
+        if shared is not None:
+            request["keep"] = 1
+            timeout = shared.limit
         try:
-            write_all(prog.req_fd, pack_frame({"target": target, "args": args}))
+            write_all(prog.req_fd, pack_frame(request))
         except OSError:
             pass  # B is gone: pump reports its exit
-        wall = min(WALL_FACTOR * timeout, budget)
-        reason = self.pump(prog, timeout, wall, limits["output_bytes"], out, err, want_frame=True)
+        wall = min(WALL_FACTOR * timeout - (shared.wall if shared else 0.0), budget)
+        reason = self.pump(prog, timeout, wall, limits["output_bytes"], out, err, want_frame=True,
+                           spent=shared.billed if shared else 0.0)
         value = None
         if reason == "frame":
-            status, error, value, fatal = self._call_end(prog, self.frame, self.answer, limits, timeout)
+            status, error, value, fatal = self._call_end(prog, self.frame, self.answer, limits, timeout, shared)
             if fatal or status in ("memory_limit", "time_limit"):
                 self.end_session(failure={"status": status, "error": error, "exit_code": None})
         else:
@@ -495,22 +524,30 @@ class ForkServer:
                 error = "the program ended during the call (exit code %s)" % (code,)
             self.end_session(failure={"status": status, "error": error, "exit_code": code})
         cap = limits["output_bytes"]
-        result = {"status": status, "error": error, "value": value, "wall_s": time.monotonic() - started,
-                  "ended": self.session is None}
+        wall_s = time.monotonic() - started
+        if shared is not None:
+            shared.wall += wall_s
+        result = {"status": status, "error": error, "value": value, "wall_s": wall_s, "ended": self.session is None}
         return (result, *capped(out, err, cap))
 
     @staticmethod
-    def _call_end(prog, final, answer, limits, timeout):
+    def _call_end(prog, final, answer, limits, timeout, shared=None):
         """(status, error, value, fatal) of a call B reported on: ``final`` its last word (done, or its set-up
         failed), ``answer`` what the program answered. The call is billed the CPU time of B's whole tree since
-        the last call ended, read now that B is alone again: the CPU time of every process the call made."""
+        the last call ended, read now that B is alone again: the CPU time of every process the call made. A call
+        of a test (``shared``) is billed, with the test's earlier calls, the CPU time since the test started: its
+        process lives on for the test's next call."""
         cpu = prog.cpu()
-        used, prog.cpu_mark = cpu - prog.cpu_mark, cpu
+        used = cpu - prog.cpu_mark
+        if shared is None:
+            prog.cpu_mark = cpu
+        else:
+            shared.billed = used
         if "setup_error" in final:
             return "runtime_error", "sandbox setup failed: %s" % (final["setup_error"],), None, True
         if not final.get("done"):  # the channel was garbled
             return "runtime_error", final.get("error"), None, True
-        if not prog.alone:  # B reaps every process of the call before it reports: never, unless it failed
+        if not prog.alone and shared is None:  # B reaps every process of the call before it reports: never, unless it failed
             return "runtime_error", "the program's processes outlived its call", None, True
         if "status" in final:  # B's own report on the code (it does not compile)
             status = final["status"] if final["status"] in STATUSES else "runtime_error"
@@ -530,7 +567,42 @@ class ForkServer:
         status = answer.get("status") if answer.get("status") in STATUSES else "runtime_error"
         return status, answer.get("error"), answer.get("value"), bool(answer.get("fatal"))
 
+    def do_end_test(self, req):
+        """End the test whose calls share one time limit (``do_call``): B ends its child and every process below
+        B. The test is billed the CPU time of B's whole tree from its start until B is alone again, what its
+        processes spent after its last call included: over the limit, the test's status is ``time_limit`` (and
+        the session ends, as after any time limit). What they wrote since the last call is dropped."""
+        shared, prog = self.test, self.session
+        if shared is None or prog is None:  # no call of the test was made, or the session ended since
+            return {"status": "ok", "error": None, "ended": prog is None}, []
+        if shared.id != req.get("test"):
+            raise ValueError("end of test %s while test %s is open" % (req.get("test"), shared.id))
+        self.test = None
+        try:
+            write_all(prog.req_fd, pack_frame({"end": 1}))
+        except OSError:
+            pass  # B is gone: pump reports its exit
+        out, err = bytearray(), bytearray()
+        reason = self.pump(prog, shared.limit, WALL_FACTOR * shared.limit, req["limits"]["output_bytes"], out, err,
+                           want_frame=True, spent=shared.billed)
+        status, error = "ok", None
+        if reason == "frame":
+            cpu = prog.cpu()
+            used, prog.cpu_mark = cpu - prog.cpu_mark, cpu
+            if not self.frame.get("done") or "status" in self.frame or not prog.alone:
+                status, error = "runtime_error", "the program's processes outlived its test"
+            elif used > shared.limit:
+                status = "time_limit"
+        elif reason == "exit":
+            status, error = "runtime_error", "the program ended after its test's last call"
+        else:
+            status = "time_limit" if reason == "timeout" else "output_limit"
+        if status != "ok":
+            self.end_session(failure={"status": status, "error": error, "exit_code": None})
+        return {"status": status, "error": error, "ended": self.session is None}, []
+
     def end_session(self, failure=None):
+        self.test = None
         if self.session is not None:
             self.session.close(self)
             self.session = None
@@ -614,6 +686,8 @@ def serve():
                 reply, out_blobs = server.do_runs(header, blobs)
             elif op == "call":
                 reply, out_blobs = server.do_calls(header, blobs)
+            elif op == "end_test":
+                reply, out_blobs = server.do_end_test(header)
             elif op == "end":
                 server.end_session()
                 reply, out_blobs = {"ended": True}, []

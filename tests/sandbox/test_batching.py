@@ -297,9 +297,11 @@ def test_functional_tests_each_call_a_fresh_program_with_their_own_arguments(ex)
 STATEFUL_CHECK = Problem(id="next", prompt="", func_name="nxt", tests=[
     ProblemTest(kind="check", input="assert candidate('a') == (1, 'a')"),
     ProblemTest(kind="check", input="assert nxt('b') == (1, 'b')"),
-    ProblemTest(kind="check", input="for tag in ['c', 'cc']:\n    assert candidate(tag) == (1, tag)"),  # live
+    # live: the test's calls, one after another in one process of the program, share its state
+    ProblemTest(kind="check", input="for i, tag in enumerate(['c', 'cc', 'ccc']):\n    assert candidate(tag) == (i + 1, tag)"),
     ProblemTest(kind="check", input="assert candidate('d') == (1, 'd')"),
     ProblemTest(kind="check", input="assert candidate('e')[0] == 1"),
+    ProblemTest(kind="check", input="x = 'f'\nassert candidate(x) == (1, x)"),  # live, one call
 ])
 NXT = "n = 0\ndef nxt(tag):\n    global n\n    n += 1\n    return (n, tag)\n"
 
@@ -307,7 +309,7 @@ NXT = "n = 0\ndef nxt(tag):\n    global n\n    n += 1\n    return (n, tag)\n"
 def test_check_tests_planned_and_live_call_a_fresh_program_each(ex):
     verdict = Grader(ex, time_limit_s=2).grade_program(STATEFUL_CHECK, NXT)
     assert verdict.verdict == "accepted", verdict.feedback
-    assert verdict.tests_passed == 5
+    assert verdict.tests_passed == 6
 
 
 DOUBLE = Problem(id="double", prompt="", func_name="double", tests=[
@@ -344,6 +346,42 @@ def test_a_time_limit_in_a_batch_stops_the_tests_after_it(ex):
         ProblemTest(kind="functional", input=str(x), output=str(2 * x)) for x in (1, -1, 2, 3)])
     verdict = Grader(ex, time_limit_s=0.4, stop_after_time_limit=True).grade_program(functional, program)
     assert [t.status for t in verdict.tests] == ["passed", "time_limit", "not_run", "not_run"]
+
+
+CHECK_LOOPS = Problem(id="loops", prompt="", func_name="double", tests=[
+    ProblemTest(kind="check", input="for i in (1, 2, 3):\n    assert candidate(i) == 2 * i"),
+    ProblemTest(kind="check", input="for i in (4, 5, 6):\n    assert candidate(i) == 2 * i"),
+    ProblemTest(kind="check", input="for i in (7, 8, 9):\n    assert candidate(i) == 2 * i"),
+    ProblemTest(kind="check", input="for i in (10, -1, 11):\n    assert candidate(i) == 2 * i"),
+])
+LOOPS_PROGRAM = (
+    "import sys\n"
+    "def double(x):\n"
+    "    sys.stderr.write('x=%d\\n' % x)\n"
+    "    if x == 5:\n"
+    "        return 11\n"
+    "    if x == 8:\n"
+    "        raise KeyError(x)\n"
+    "    while x < 0:\n"
+    "        pass\n"
+    "    return 2 * x\n"
+)
+
+
+def test_which_call_of_a_check_test_failed_and_its_feedback(ex):
+    # The calls of a test share one process; what each test reports is what it reported when every call was a
+    # process of its own: the call that failed, its value or error, the standard error of the test's calls.
+    verdict = Grader(ex, time_limit_s=0.5, stop_after_time_limit=False).grade_program(CHECK_LOOPS, LOOPS_PROGRAM)
+    got = [(t.status, t.input, t.output, t.expected, t.error, t.stderr) for t in verdict.tests]
+    assert got == [
+        ("passed", "double(3)", "6", None, None, "x=1\nx=2\nx=3\n"),
+        ("wrong_answer", "double(5)", "11", CHECK_LOOPS.tests[1].input, None, "x=4\nx=5\n"),
+        ("runtime_error", "double(8)", None, None,
+         'Traceback (most recent call last):\n  File "<solution>", line 7, in double\n    raise KeyError(x)\n'
+         "KeyError: 8\n", "x=7\nx=8\n"),
+        ("time_limit", "double(-1)", None, None, None, "x=10\nx=-1\n"),
+    ]
+    assert verdict.verdict == "runtime_error" and verdict.feedback.startswith("Runtime Error")
 
 
 def test_a_planned_argument_that_is_not_plain_data_is_a_problem_error(ex):

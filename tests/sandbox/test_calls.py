@@ -54,7 +54,7 @@ class _Session:
 
 def test_cpu_time_spent_between_calls_ends_the_session():
     server = object.__new__(runner.ForkServer)
-    server.session, server.session_failure = _Session(idle=0.5), None
+    server.session, server.session_failure, server.test = _Session(idle=0.5), None, None
     result, out, err = server.do_call({"output_bytes": 100}, None, "f", "[]", 1.0, 10.0)
     assert (result["status"], result["error"], result["ended"]) == (
         "runtime_error", "the program used CPU time between calls", True)

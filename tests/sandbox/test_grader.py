@@ -33,9 +33,28 @@ class Call:
     error: str | None = None
 
 
+class FakeShared:
+    """As the executor's ``SharedLimit``: the calls of one test."""
+
+    def __init__(self, session: FakeSession, timeout_s: float):
+        self.session, self.timeout_s, self.end_status = session, timeout_s, None
+
+    def call(self, target: str, args: list) -> Call:
+        return self.session.call(target, args, timeout_s=self.timeout_s)
+
+
 class FakeSession:
-    def __init__(self, on_stdin, on_call, log):
-        self.on_stdin, self.on_call, self.log = on_stdin, on_call, log
+    def __init__(self, on_stdin, on_call, log, on_end=None):
+        self.on_stdin, self.on_call, self.log, self.on_end = on_stdin, on_call, log, on_end
+
+    @contextlib.contextmanager
+    def shared_limit(self, *, timeout_s: float):
+        """As the executor's: ``end_status`` is what ``on_end`` says when the block is left."""
+        shared = FakeShared(self, timeout_s)
+        try:
+            yield shared
+        finally:
+            shared.end_status = self.on_end() if self.on_end else None
 
     def run_stdin(self, stdin: bytes, *, timeout_s: float) -> Run:
         self.log.append(("stdin", stdin))
@@ -69,9 +88,10 @@ class FakeExecutor:
     n_workers = 2
 
     def __init__(self, on_stdin: Callable[[bytes], Run] | None = None,
-                 on_call: Callable[[str, list], Call] | None = None):
+                 on_call: Callable[[str, list], Call] | None = None, on_end: Callable[[], Call | None] | None = None):
         self.on_stdin = on_stdin or (lambda stdin: Run())
         self.on_call = on_call or (lambda target, args: Call())
+        self.on_end = on_end
         self.log: list = []
         self.programs: list[str] = []
         self.lock = threading.Lock()
@@ -80,7 +100,7 @@ class FakeExecutor:
     def session(self, code: str, *, limits=None):
         with self.lock:
             self.programs.append(code)
-        yield FakeSession(self.on_stdin, self.on_call, self.log)
+        yield FakeSession(self.on_stdin, self.on_call, self.log, self.on_end)
 
 
 ADD = Problem(id="add", prompt="Print a+b.", tests=[
@@ -329,6 +349,18 @@ def test_a_failing_call_gives_its_status():
     verdict = Grader(ex).grade(CHECK, respond("def sq(x):\n    while True: pass\n"))
     assert verdict.verdict == "time_limit"
     assert verdict.feedback == "Time Limit Exceeded\n\nLast Executed Input\nsq(3)"
+
+
+def test_a_check_test_over_its_limit_after_its_last_call_is_a_time_limit():
+    # The test's process spent more than the limit in all, after its last call (what the executor finds when it
+    # ends the test's process): the test is time_limit whatever its calls answered, and the tests after it
+    # are not run. Test 1 is planned (its one call made ahead, in a process of its own): no shared limit.
+    ended = []
+    ex = FakeExecutor(on_call=lambda t, args: Call(value=args[0] ** 2),
+                      on_end=lambda: ended.append(1) or Call(status="time_limit"))
+    verdict = Grader(ex, time_limit_s=2.0).grade(CHECK, respond("def sq(x):\n    return x * x\n"))
+    assert [t.status for t in verdict.tests] == ["passed", "time_limit", "not_run"] and len(ended) == 1
+    assert verdict.verdict == "time_limit" and verdict.feedback == "Time Limit Exceeded\n\nLast Executed Input\nsq(4)"
 
 
 def test_body_only_response_is_assembled_with_the_prompt():

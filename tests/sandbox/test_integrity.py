@@ -5,9 +5,10 @@ whose verdict is the same as ever.
 - copying a sibling: a program's process holds no earlier program's source or input;
 - seeing the future: it holds no later test's input (a call's arguments, a run's stdin), so nothing can be
   computed ahead; a run has no parent in its namespace whose reports it could forge;
-- pooling time: every call is a fresh child of a process that never runs the program's code, so nothing
-  computed during one call (in a global, a file, a process or a thread left behind, or by a program that
-  serves its own calls) is there for the next;
+- pooling time: every call (every check test, whose calls share its limit) is a fresh child of a process that
+  never runs the program's code, so nothing computed during one call or test (in a global, a file, a process
+  or a thread left behind, or by a program that serves its own calls) is there for the next; a check test is
+  billed every thread of its process;
 - stalling the trusted process: a value built to be slow to decode (colliding hashes) is refused at once, a
   flood on the response channel is capped in the fork server without the cgroup layer;
 - moving to another CPU is denied;
@@ -170,6 +171,43 @@ def test_cpu_time_cannot_be_pooled_across_calls_by_a_program_serving_its_own_cal
     # that call alone: the hard test is computed within its own limit, or not at all.
     attack = grader.grade_program(problem, A.HIJACK.format(hard=HARD, stall=0.6 * limit))
     assert [t.status for t in attack.tests] == ["passed"] * 5 + ["time_limit"], attack.feedback
+
+
+def live_pooling_problem(problem_id: str, easy: list[int]) -> Problem:
+    """``pooling_problem`` as check tests whose one call is made live (not planned ahead): each test its own
+    process of the program, and its own limit."""
+    return Problem(id=problem_id, prompt="", func_name="solve", tests=[
+        ProblemTest(kind="check", input="n = %d\nassert candidate(n) == %d\n" % (n, f(n))) for n in [*easy, HARD]])
+
+
+@pytest.mark.parametrize("attack", ["thread", "self-serving"])
+def test_cpu_time_cannot_be_pooled_across_check_tests(ex, attack):
+    # The hard test takes 2.8 limits (a margin for a loaded machine, where one run's CPU time per step can be
+    # 1.5 times another's).
+    limit = 0.6 * _calibrated(ex, HARD)
+    problem = live_pooling_problem("pool-check", [1000, 2000, 3000, 4000, 5000])
+    grader = Grader(ex, time_limit_s=limit)
+    honest = grader.grade_program(problem, HONEST_SOLVE)
+    assert [t.status for t in honest.tests] == ["passed"] * 5 + ["time_limit"], honest.feedback
+    # A thread started by the top-level code, or a program that answers the call itself and computes on before
+    # it reads the next call from its channel: each test's process ends with the test, so the hard test starts
+    # from nothing again.
+    code = (A.POOLING.format(hard=HARD, stall=0.85 * limit) if attack == "thread" else
+            A.HIJACK.format(hard=HARD, stall=0.6 * limit))
+    verdict = grader.grade_program(problem, code)
+    assert verdict.verdict == "time_limit" and verdict.tests[-1].status in ("time_limit", "not_run"), verdict.feedback
+
+
+def test_the_calls_of_one_check_test_are_billed_every_thread_of_its_process(ex):
+    # One test whose calls share its limit: the thread's CPU time, spent while the easy calls wait, is the test's.
+    limit = _calibrated(ex, HARD)
+    cases = ", ".join("(%d, %d)" % (n, f(n)) for n in (1000, 2000, HARD))
+    problem = Problem(id="pool-one-test", prompt="", func_name="solve", tests=[
+        ProblemTest(kind="check", input="for n, want in [%s]:\n    assert candidate(n) == want\n" % cases)])
+    grader = Grader(ex, time_limit_s=limit)
+    assert grader.grade_program(problem, HONEST_SOLVE).verdict == "time_limit"
+    verdict = grader.grade_program(problem, A.POOLING.format(hard=HARD, stall=0.3 * limit))
+    assert verdict.verdict == "time_limit", verdict.feedback
 
 
 @pytest.mark.parametrize("keep", ["global", "file", "orphan"])
