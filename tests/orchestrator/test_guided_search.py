@@ -147,7 +147,7 @@ def test_status_collect_and_report_of_a_stopped_guided_sweep(tmp_path):
     assert {s.state for s in statuses if s.trial_id not in trained} == {"skipped"}
     assert unfinished(statuses) == 0  # a stopped guided sweep is finished, not interrupted
     lines = guided_lines(state)
-    assert lines[0].startswith("guided: goal law (slope interval narrower than 0.3), at most 7 trials")
+    assert lines[0].startswith("guided: goal law (slope interval expected narrower than 0.3), at most 7 trials")
     assert lines[1].startswith("screen: 6 configurations, initial gap m/none ")
     assert lines[-1] == f"stopped after {len(trained)} trials: {log['stopped']}"
     assert "skipped" in status_table(state, statuses).title
