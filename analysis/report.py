@@ -31,6 +31,12 @@ class AnalysisOutput:
     figures: dict[str, dict] = field(default_factory=dict)  # fig name → what the figure function returned
 
 
+def _fit_method(settings: dict) -> str:
+    if settings["weighted"]:
+        return "WLS, weighted by the inverse seed variance of each configuration"
+    return "WLS, each configuration weighted by its seed count" if settings.get("by_seeds") else "OLS"
+
+
 def run_analysis(results: str | Path | Sequence[str | Path], out_dir: str | Path, *, unit: Unit = "configuration",
                  weighted: bool = False, by_seeds: bool = False, n_bootstrap: int = 1000, seed: int = 0,
                  confidence: float = 0.95,
@@ -208,8 +214,7 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
         "# The predictive law: improvement = a + b · initial gap",
         f"Results: {', '.join(f'`{s}`' for s in sources)} — {len(fit.configs)} configurations, "
         f"{int(fit.configs['n_seeds'].sum())} completed trials (of {n_all} rows{repeated}). Fit on {unit} by "
-        f"{'WLS, weighted by the inverse seed variance of each configuration' if settings['weighted'] else
-           'WLS, each configuration weighted by its seed count' if settings.get('by_seeds') else 'OLS'}; "
+        f"{_fit_method(settings)}; "
         f"intervals at "
         f"{100 * settings['confidence']:g}%; "
         + (f"seed bootstrap with {settings['bootstrap']} resamples (seed {settings['seed']})."
