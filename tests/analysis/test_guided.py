@@ -162,8 +162,8 @@ def test_goal_law_stops_when_the_slope_interval_is_expected_to_be_narrow_enough(
 
 def test_goal_law_stops_honestly_its_intervals_cover_the_slope_as_often_as_they_say():
     # Stopping the first time the realized interval is narrow enough picks intervals that happen to be
-    # narrow (86% of 200 such sweeps covered); planned from the seed noise, the stop leaves the interval's
-    # coverage at its level (95% ± 1.5% over 200 sweeps).
+    # narrow (the previous policy's covered in 86% of these 200 sweeps); planned from the seed noise, the stop
+    # leaves the interval's coverage at its level (95% of them; 200 sweeps give about ±1.5%).
     rng = np.random.default_rng(11)
     candidates = grid()
     covered = []
