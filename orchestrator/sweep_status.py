@@ -289,7 +289,8 @@ def guided_lines(state: SweepState) -> list[str]:
     import json
 
     settings = state.guided["settings"]
-    goal = (f"goal law (slope interval expected narrower than {settings['slope_ci_width']:g})" if settings["goal"] == "law"
+    goal = (f"goal law (slope interval expected narrower than {settings['slope_ci_width']:g})"
+            if settings["goal"] == "law"
             else "goal best (stop when no untrained configuration can beat the best measured)")
     budget = [f"{settings['max_trials']} trials" if settings.get("max_trials") else None,
               f"{settings['max_hours']:g} device-hours" if settings.get("max_hours") else None]
