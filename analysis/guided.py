@@ -10,18 +10,20 @@ any training; `decide` then looks at the trials completed so far and returns one
    configuration with the most leverage (gap farthest from the mean) gets its second seed: without a seed
    variance, extra seeds cannot be weighed against new configurations.
 3. **Goal.**
-   - `law`: the interval aimed at is the slope's interval of an OLS on configuration means (what `opsd
-     analyze` reports). With k configurations at gaps x_i and n_i seeds its expected width is
-     2·t(k−2)·sqrt(Σ(x_i − x̄)²(τ² + s²/n_i))/Sxx (`expected_width`), where s² is the seed noise of one
-     trial's improvement − slope·gap (`seed_noise`: the improvement's seed variance and the measured gap's
-     own noise, errors in x, together) and τ² the configurations' scatter about the law beyond it
-     (`config_scatter`). For each family still short of the target, `_plan` finds the cheapest set of further
-     trials expected to meet it: the slope's variance falls most by spread (Sxx, the ends of the screened gap
-     range) and by seeds where the leverage (x_i − x̄)² is, while t(k−2) needs configurations; the plan's next
-     trial is trained, the family furthest from its target first. Stop when every family's expected width is
-     narrower than the target. The stop is planned from the seed noise, measured within configurations, not
-     from the fit's own residual variance: stopping when the realized interval is first narrow enough picks
-     the intervals that happen to be narrow, and they then cover the slope less often than they say.
+   - `law`: the interval aimed at is the slope's interval of a fit on configuration means weighted by their
+     seed counts (what `opsd analyze --by-seeds` reports: a guided sweep's configurations have unequal seeds).
+     With k configurations at gaps x_i and n_i seeds its expected width is 2·t(k−2)·sqrt(var), var =
+     Σ n_i²·d_i²·(τ² + s²/n_i)/(Σ n_i·d_i²)² with d_i = x_i − x̄ (`expected_width`), where s² is the seed
+     noise of one trial's improvement − slope·gap (`seed_noise`: the improvement's seed variance and the
+     measured gap's own noise, errors in x, together) and τ² the configurations' scatter about the law beyond
+     it (`config_scatter`). For each family still short of the target, `_plan` finds the cheapest set of
+     further trials expected to meet it: the slope's variance falls with the seeds' spread Σ n_i·d_i² (the
+     ends of the screened gap range), while t(k−2) needs configurations; the plan's next trial is trained,
+     the family furthest from its target first. Stop when every family's expected width is narrower than the
+     target, its seed noise measured on at least MIN_NOISE_DF degrees of freedom. The stop is planned from
+     the seed noise, measured within configurations, not from the fit's own residual variance: stopping when
+     the fitted interval is first narrow enough picks the intervals that happen to be narrow, and they then
+     cover the slope less often than they say.
    - `best`: train the untrained configuration with the highest upper prediction bound; when no untrained
      configuration's upper bound beats the best measured improvement, confirm that best with its further
      seeds of the grid (the lead may pass to another configuration, confirmed in turn), then stop.
