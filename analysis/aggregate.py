@@ -68,14 +68,20 @@ def fit_weights(improvement_sd: np.ndarray, n_seeds: np.ndarray) -> np.ndarray:
 
 
 def fit_points(trials: pd.DataFrame, *, unit: Unit = "configuration", weighted: bool = False,
-               configs: pd.DataFrame | None = None) -> pd.DataFrame:
+               by_seeds: bool = False, configs: pd.DataFrame | None = None) -> pd.DataFrame:
     """The points a law is fitted on: columns CONFIG_KEYS, config (model|context), gap, improvement, weight.
 
     unit "configuration": one point per configuration (means over seeds); "seed": one point per trial, and a
-    weighted fit gives each trial its configuration's weight divided by its seed count.
+    weighted fit gives each trial its configuration's weight divided by its seed count. `by_seeds` weights a
+    configuration mean by its seed count (its variance is the seed noise over n when the configurations' own
+    scatter about the law is small): for configurations with unequal seeds, as a guided sweep trains them.
     """
+    if weighted and by_seeds:
+        raise AnalysisError("choose one weighting: by the seed variance (--weighted) or by the seed count "
+                            "(--by-seeds)")
     configs = aggregate_configs(trials) if configs is None else configs
-    weights = fit_weights(configs["improvement_sd"], configs["n_seeds"]) if weighted else np.ones(len(configs))
+    weights = (fit_weights(configs["improvement_sd"], configs["n_seeds"]) if weighted
+               else configs["n_seeds"].to_numpy(dtype=float) if by_seeds else np.ones(len(configs)))
     configs = configs.assign(weight=weights, config=configs["model"] + "|" + configs["context"])
     if unit == "configuration":
         points = configs.rename(columns={"gap_mean": "gap", "improvement_mean": "improvement"})

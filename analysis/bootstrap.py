@@ -38,7 +38,7 @@ def bootstrap_draws(trials: pd.DataFrame, fit: FitResult, *, n_resamples: int, s
     if n_resamples < 1:
         raise AnalysisError(f"bootstrap needs at least 1 resample, got {n_resamples}")
     settings = fit.law.settings
-    unit, weighted = settings["unit"], settings["weighted"]
+    unit, weighted, by_seeds = settings["unit"], settings["weighted"], settings.get("by_seeds", False)
     fitted = list(fit.law.families)
     frame = trials[trials["model_family"].isin(fitted)].sort_values(["model", "context", "seed"])
     config_keys = frame["model"] + "|" + frame["context"]
@@ -72,7 +72,7 @@ def bootstrap_draws(trials: pd.DataFrame, fit: FitResult, *, n_resamples: int, s
                 continue
         if unit == "configuration":
             x_all, y_all = mean_g, mean_y
-            w_all = config_w if weighted else np.ones(len(labels))
+            w_all = config_w if weighted else counts.astype(float) if by_seeds else np.ones(len(labels))
         else:
             x_all, y_all = g, y
             w_all = (config_w / counts)[code] if weighted else np.ones(len(frame))

@@ -15,6 +15,7 @@ examples:
   opsd analyze runs/sweep --out report/                      configuration means, 1000 bootstrap resamples
   opsd analyze runs/sweep/trials.parquet --out report/ --seed-level --bootstrap 0
   opsd analyze runs/sweep --out report/ --weighted --bootstrap 2000 --seed 7
+  opsd analyze runs/guided-sweep --out report/ --by-seeds    unequal seeds per configuration
   opsd analyze /shared/opsd-sweeps/paper-fig1 /shared/opsd-sweeps/paper-fig3 --out report/
 
 RESULTS is a folder holding trials.parquet (and optionally steps.parquet for Fig. 2) or the trials file; give
@@ -36,6 +37,9 @@ def register(subparsers) -> None:
                          help="fit every seed as a point instead of configuration means")
     analyze.add_argument("--weighted", action="store_true",
                          help="weight configurations by the inverse variance of their mean over seeds")
+    analyze.add_argument("--by-seeds", action="store_true",
+                         help="weight configurations by their seed counts (for unequal seeds, as a guided sweep "
+                              "trains them)")
     analyze.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                          help="seed-bootstrap resamples (0 = none; default 1000)")
     analyze.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of the bootstrap (default 0)")
@@ -78,8 +82,8 @@ def _analyze(args: argparse.Namespace) -> int:
     progress = _DelayedProgress("bootstrap over seeds")
     try:
         output = run_analysis(args.results, args.out, unit="seed" if args.seed_level else "configuration",
-                              weighted=args.weighted, n_bootstrap=args.bootstrap, seed=args.seed,
-                              confidence=args.confidence, progress=progress, measure=args.measure)
+                              weighted=args.weighted, by_seeds=args.by_seeds, n_bootstrap=args.bootstrap,
+                              seed=args.seed, confidence=args.confidence, progress=progress, measure=args.measure)
     finally:
         progress.close()
     for name, line in output.law.families.items():

@@ -165,7 +165,7 @@ def interaction_test(points: pd.DataFrame, *, confidence: float = 0.95) -> dict 
 
 
 def fit_law(trials: pd.DataFrame, *, unit: Unit = "configuration", weighted: bool = False,
-            confidence: float = 0.95) -> FitResult:
+            by_seeds: bool = False, confidence: float = 0.95) -> FitResult:
     """Fit the law on completed trials (see results.completed_trials).
 
     One line per family with at least 2 configurations of different gaps (others are listed in
@@ -178,11 +178,11 @@ def fit_law(trials: pd.DataFrame, *, unit: Unit = "configuration", weighted: boo
     if not 0 < confidence < 1:
         raise AnalysisError(f"confidence must lie in (0, 1), got {confidence}")
     configs = aggregate_configs(trials)
-    points = fit_points(trials, unit=unit, weighted=weighted, configs=configs)
+    points = fit_points(trials, unit=unit, weighted=weighted, by_seeds=by_seeds, configs=configs)
     why = _why_not_fittable(points)
     if why:
         raise AnalysisError(f"cannot fit the law: {why}")
-    weights = points["weight"].to_numpy() if weighted else None
+    weights = points["weight"].to_numpy() if weighted or by_seeds else None
 
     families: dict[str, LineLaw] = {}
     skipped: dict[str, str] = {}
@@ -258,7 +258,8 @@ def fit_law(trials: pd.DataFrame, *, unit: Unit = "configuration", weighted: boo
     pooled = replace(pooled, families=tuple(families), leave_one_family_out=by_family, interaction_test=test,
                      not_computed=not_computed)
 
-    settings = {"unit": unit, "weighted": weighted, "confidence": confidence, "bootstrap": 0, "seed": None}
+    settings = {"unit": unit, "weighted": weighted, "by_seeds": by_seeds, "confidence": confidence, "bootstrap": 0,
+                "seed": None}
     law = Law(settings=settings, families=families, pooled=pooled, skipped=skipped)
     points = points.assign(family_fitted=fitted_mask, **columns)
     return FitResult(law=law, configs=configs, points=points, models=models)

@@ -10,17 +10,23 @@ any training; `decide` then looks at the trials completed so far and returns one
    configuration with the most leverage (gap farthest from the mean) gets its second seed: without a seed
    variance, extra seeds cannot be weighed against new configurations.
 3. **Goal.**
-   - `law`: for each family whose slope interval is still wider than the target, every affordable action (a
-     new configuration, or the next seed of one already chosen) is scored by how much it is expected to
-     narrow the interval per device-hour, and the best is trained. The expected width of an OLS on
-     configuration means (what `opsd analyze` reports) with k configurations at gaps x_i and n_i seeds is
-     2·t(k−2)·sqrt(Σ(x_i − x̄)²(τ² + s²/n_i))/Sxx (`expected_width`): s² is the seed variance of the
-     improvement pooled over configurations with several seeds, τ² the rest of the fit's residual variance
-     (the configurations' scatter about the law). A new configuration adds a degree of freedom and spread; an
-     extra seed lowers its configuration's noise, most where the leverage is. Stop when every family's
-     interval is narrower than the target.
-   - `best`: train the untrained configuration with the highest upper prediction bound; stop when no
-     untrained configuration's upper bound beats the best measured improvement.
+   - `law`: the interval aimed at is the slope's interval of a fit on configuration means weighted by their
+     seed counts (what `opsd analyze --by-seeds` reports: a guided sweep's configurations have unequal seeds).
+     With k configurations at gaps x_i and n_i seeds its expected width is 2·t(k−2)·sqrt(var), var =
+     Σ n_i²·d_i²·(τ² + s²/n_i)/(Σ n_i·d_i²)² with d_i = x_i − x̄ (`expected_width`), where s² is the seed
+     noise of one trial's improvement − slope·gap (`seed_noise`: the improvement's seed variance and the
+     measured gap's own noise, errors in x, together) and τ² the configurations' scatter about the law beyond
+     it (`config_scatter`). For each family still short of the target, `_plan` finds the cheapest set of
+     further trials expected to meet it: the slope's variance falls with the seeds' spread Σ n_i·d_i² (the
+     ends of the screened gap range), while t(k−2) needs configurations; the plan's next trial is trained,
+     the family furthest from its target first. Stop when every family's expected width is narrower than the
+     target, its seed noise measured on at least MIN_NOISE_DF degrees of freedom. The stop is planned from
+     the seed noise, measured within configurations, not from the fit's own residual variance: stopping when
+     the fitted interval is first narrow enough picks the intervals that happen to be narrow, and they then
+     cover the slope less often than they say.
+   - `best`: train the untrained configuration with the highest upper prediction bound; when no untrained
+     configuration's upper bound beats the best measured improvement, confirm that best with its further
+     seeds of the grid (the lead may pass to another configuration, confirmed in turn), then stop.
 4. **Budget.** An action whose cost would take the sweep past `max_trials` or `max_hours` (completed, failed
    and running trials counted) is never taken; when none is left the sweep stops and says so.
 
@@ -47,6 +53,10 @@ from analysis.law import MIN_CONFIGS, Law, LineLaw
 from analysis.predict import line_prediction
 
 Goal = Literal["law", "best"]
+# The seed noise plans the law goal's stop; measured with fewer degrees of freedom (seeds beyond the first,
+# summed over configurations) it is too often far too small, and a sweep would stop on that luck with an
+# interval much wider than its target.
+MIN_NOISE_DF = 4
 
 
 @dataclass(frozen=True)
@@ -182,14 +192,16 @@ def _configs(candidates: Sequence[Candidate], outcomes: Mapping[str, Outcome],
 
 def fit_family(family: str, configs: Sequence[_Config], *, confidence: float,
                prior: LineLaw | None = None) -> FamilyFit | None:
-    """The family's line on its completed configurations' means (analysis.fit.fit_line, as `opsd analyze`),
-    combined with `prior` where both have intervals; None when neither gives a line."""
+    """The family's line on its completed configurations' means weighted by their seed counts
+    (analysis.fit.fit_line, as `opsd analyze --by-seeds`: a guided sweep's configurations have unequal seeds),
+    combined with `prior` where both have intervals; None when neither gives a line. Its residual variance is
+    that of a configuration trained with one seed, what a prediction for the next new configuration needs."""
     done = [c for c in configs if c.done]
     own = None
     x = np.array([c.x for c in done])
     if len(done) >= 2 and np.ptp(x) > 1e-12:
         y = np.array([np.mean([o.improvement for o in c.done]) for c in done])
-        res = fit_line(x, y)
+        res = fit_line(x, y, weights=[len(c.done) for c in done])
         if len(done) >= MIN_CONFIGS:
             own = FamilyFit(family, len(done), float(res.params[0]), float(res.params[1]),
                             _tuple(np.asarray(res.cov_params())), float(res.scale), float(res.df_resid), "sweep",
@@ -216,30 +228,82 @@ def _tuple(matrix: np.ndarray) -> tuple:
     return tuple(tuple(float(v) for v in row) for row in matrix)
 
 
-def seed_variance(configs: Mapping[str, _Config]) -> float | None:
-    """The improvement's variance between seeds of one configuration, pooled over configurations with two or
-    more completed seeds; None without any."""
+def seed_noise(configs: Sequence[_Config], slope: float) -> tuple[float, int] | None:
+    """(variance, degrees of freedom) of one trial's improvement − slope·gap about its configuration's mean,
+    pooled over configurations with two or more completed seeds; None without any.
+
+    A configuration mean's residual about the law is ē − slope·ū (ē, ū: the mean seed errors of its
+    improvement and of its measured gap), so its variance is this noise over the seed count: the seed noise
+    of the improvement and the gap's own measurement noise (errors in x) in one number. It is pure error,
+    measured within configurations, and so independent of where the configuration means lie about the line."""
     ss, df = 0.0, 0
-    for c in configs.values():
+    for c in configs:
         if len(c.done) >= 2:
-            y = np.array([o.improvement for o in c.done])
-            ss += float(np.sum((y - y.mean()) ** 2))
-            df += len(y) - 1
-    return ss / df if df else None
+            r = np.array([o.improvement - slope * o.gap for o in c.done])
+            ss += float(np.sum((r - r.mean()) ** 2))
+            df += len(r) - 1
+    return (ss / df, df) if df else None
 
 
-def expected_width(x: Sequence[float], n: Sequence[int], *, tau2: float, s2: float, confidence: float) -> float:
-    """Expected width of the slope's interval of an OLS on configuration means at gaps `x` with `n` seeds each:
-    2·t(k−2)·sqrt(Σ(x_i − x̄)²·(τ² + s²/n_i)) / Sxx, the slope's standard error when configuration i's mean
-    has variance τ² + s²/n_i (equal variances make it the textbook sqrt(σ²/Sxx)); infinite below MIN_CONFIGS
-    configurations or without spread."""
-    x, n = np.asarray(x, dtype=float), np.asarray(n, dtype=float)
-    k = len(x)
-    dev2 = (x - x.mean()) ** 2 if k else x
-    sxx = float(np.sum(dev2))
-    if k < MIN_CONFIGS or sxx <= 1e-12:
+def expected_width(x: Sequence[float], n: Sequence[int], *, tau2: float, s2: float, confidence: float,
+                   prior: tuple[float, float] | None = None) -> float:
+    """Expected width of the slope's interval of a fit on configuration means at gaps `x`, each weighted by
+    its seed count `n` (WLS, what `opsd analyze --by-seeds` reports): 2·t(k−2)·sqrt(var) with
+    var = Σ n_i²·d_i²·(τ² + s²/n_i) / (Σ n_i·d_i²)², d_i = x_i − x̄ (x̄ the seed-weighted mean gap), the
+    slope's variance when configuration i's mean has variance τ² + s²/n_i; with τ² = 0 it is the textbook
+    s²/Σ n_i·d_i², every seed a point at its configuration's gap. Infinite below MIN_CONFIGS configurations or
+    without spread. `prior` (slope variance, degrees of freedom) of a prior law combines by precision, as
+    `fit_family` combines the lines."""
+    if len(x) < MIN_CONFIGS:
         return float("inf")
-    return 2 * _t(confidence, k - 2) * np.sqrt(float(np.sum(dev2 * (tau2 + s2 / n)))) / sxx
+    return _width(_slope_var([float(v) for v in x], [float(v) for v in n], tau2, s2), len(x), confidence, prior)
+
+
+def _slope_var(x: list[float], n: list[float], tau2: float, s2: float) -> float:
+    # Plain floats: the plan calls this thousands of times per decision, on a handful of configurations.
+    total = sum(n)
+    mean = sum(ni * xi for ni, xi in zip(n, x)) / total
+    dev2 = [(xi - mean) ** 2 for xi in x]
+    sxx = sum(ni * d for ni, d in zip(n, dev2))
+    if sxx <= 1e-12:
+        return float("inf")
+    return sum(ni * d * (ni * tau2 + s2) for ni, d in zip(n, dev2)) / sxx ** 2
+
+
+def _width(var: float, k: int, confidence: float, prior: tuple[float, float] | None) -> float:
+    df = k - 2
+    if prior is not None:
+        var = 1 / (1 / var + 1 / prior[0]) if var > 0 else 0.0
+        df += prior[1]
+    return 2 * _t(confidence, df) * float(np.sqrt(var))
+
+
+def config_scatter(fit: FamilyFit | None, done: Sequence[_Config], noise: tuple[float, int] | None,
+                   confidence: float) -> float:
+    """τ²: the variance of configurations about the law beyond their seed noise, counted only where the fit's
+    residual variance is significantly larger than the seed noise predicts (a lack-of-fit F test at
+    `confidence`); else 0.
+
+    Why gated: a decision that depended on the residual variance of the configuration means would stop most
+    often when that variance happened to be small, and the sweep's own interval, made from the same residuals,
+    would cover the slope less often than it says. The seed noise is measured within configurations and is
+    independent of those residuals (for normal errors), so decisions made from it leave the final interval
+    honest; the configurations' own scatter enters only when the data show it."""
+    df = len(done) - 2  # the sweep's own residual degrees of freedom (a prior adds its own to fit.df_resid)
+    if fit is None or not fit.predicts or fit.source == "prior" or noise is None or df < 1:
+        return 0.0
+    # The fit weights configuration i by its n_i seeds: its residual variance estimates s² + n̄·τ².
+    mean_n = float(np.mean([len(c.done) for c in done]))
+    if noise[0] <= 0:
+        return fit.residual_var / mean_n
+    if fit.residual_var / noise[0] <= _f(confidence, df, noise[1]):
+        return 0.0
+    return (fit.residual_var - noise[0]) / mean_n
+
+
+@lru_cache(maxsize=256)
+def _f(confidence: float, df_num: float, df_den: float) -> float:
+    return float(stats.f.ppf(confidence, df_num, df_den))
 
 
 @lru_cache(maxsize=256)
@@ -273,11 +337,23 @@ def decide(candidates: Sequence[Candidate], outcomes: Mapping[str, Outcome], in_
     members = {f: [c for c in configs.values() if c.family == f] for f in families}
     fits = {f: fit_family(f, members[f], confidence=policy.confidence, prior=_prior_line(prior, f))
             for f in families}
-    # A fit without residual variance (every configuration on its line, e.g. equal improvements measured on few
-    # problems) has an interval of width 0 that says nothing: it does not count as a known law.
-    met = {f: policy.goal == "law" and fits[f] is not None and fits[f].predicts and fits[f].residual_var > 0
-           and fits[f].n_configs >= MIN_CONFIGS and fits[f].width <= policy.slope_ci_width for f in families}
-    summary = {f: {**fits[f].summary(), **({"met": bool(met[f])} if policy.goal == "law" else {})}
+    # The law goal's interval, as planned from the seed noise (see config_scatter for why not from the fit's
+    # own residual variance): the expected width of the completed configurations' interval.
+    noise = _noises(families, members, fits) if policy.goal == "law" else {}
+    tau2 = {f: config_scatter(fits[f], [c for c in members[f] if c.done], noise[f], policy.confidence)
+            for f in noise}
+    expected = {f: expected_width([c.x for c in members[f] if c.done], [len(c.done) for c in members[f] if c.done],
+                                  tau2=tau2[f], s2=noise[f][0] if noise[f] else 0.0, confidence=policy.confidence,
+                                  prior=_prior_slope(_prior_line(prior, f)))
+                for f in noise}
+    # Without seed noise, or with none and no scatter (configurations that improved alike, e.g. equal
+    # improvements measured on few problems), an interval of width 0 says nothing: not a known law.
+    met = {f: policy.goal == "law" and fits[f] is not None and fits[f].predicts and fits[f].source != "prior"
+           and fits[f].n_configs >= MIN_CONFIGS and noise[f] is not None and noise[f][1] >= MIN_NOISE_DF
+           and (noise[f][0] > 0 or tau2[f] > 0) and expected[f] <= policy.slope_ci_width for f in families}
+    summary = {f: {**fits[f].summary(),
+                   **({"expected_width": expected[f] if np.isfinite(expected[f]) else None, "met": bool(met[f])}
+                      if policy.goal == "law" else {})}
                for f in families if fits[f] is not None}
 
     def done(action: str, reason: str, chosen: Candidate | None = None) -> Decision:
@@ -294,17 +370,29 @@ def decide(candidates: Sequence[Candidate], outcomes: Mapping[str, Outcome], in_
     # The goal, from completed trials only (running ones finish whatever is decided).
     best = _best_measured(configs)
     if policy.goal == "law" and all(met.values()):
-        widths = ", ".join(f"{f} {fits[f].width:.3g}" for f in families)
-        return done("stop", f"goal reached: every family's slope interval is narrower than "
-                            f"{policy.slope_ci_width:g} ({widths})")
+        widths = ", ".join(f"{f} {expected[f]:.3g} (this fit's {fits[f].width:.3g})" for f in families)
+        return done("stop", f"goal reached: every family's slope interval is expected to be narrower than "
+                            f"{policy.slope_ci_width:g}, from its seed noise and design: {widths}")
     if policy.goal == "best" and best is not None and all(fits[f] is not None and fits[f].predicts for f in families):
         bounds = [(float(fits[c.family].predict([c.gap])["pi_hi"][0]), key) for key, c in configs.items()
                   if not c.chosen and c.untried]
         top = max(bounds, default=None)
         if top is None or top[0] <= best[0]:
+            # Confirm the apparent best first: one lucky seed must not end the sweep. Its further seeds of the
+            # grid are trained (the best measured mean may move to another configuration, which is then
+            # confirmed in turn) before the stop.
+            leader = configs[best[1]]
+            if leader.running:
+                return done("wait", f"{best[1]}, the best measured configuration, has a confirmation seed running")
+            if leader.untried and affordable(leader.untried[0]):
+                return done("train", f"{leader.untried[0].trial_id} confirms the best measured configuration "
+                                     f"({best[1]}, {best[0]:+.3f} over {len(leader.done)} seed(s)) before the stop: "
+                                     f"no untrained configuration's upper prediction bound beats it",
+                            leader.untried[0])
             beyond = f"the highest is {top[0]:+.3f} ({top[1]})" if top else "none is left"
+            seeds = f" over {len(leader.done)} seeds" if len(leader.done) > 1 else ""
             return done("stop", f"goal reached: no untrained configuration's upper prediction bound beats the best "
-                                f"measured improvement {best[0]:+.3f} ({best[1]}): {beyond}")
+                                f"measured improvement {best[0]:+.3f} ({best[1]}{seeds}): {beyond}")
 
     wanted: list[tuple[str, Candidate]] = []  # what the policy would train, affordable or not, best first
     # 1. Design: spread each family that cannot predict yet (the law goal needs the sweep's own line).
@@ -314,11 +402,10 @@ def decide(candidates: Sequence[Candidate], outcomes: Mapping[str, Outcome], in_
         if pick is not None:
             wanted.append((f"spreads {f}'s screened gaps ({sum(1 for c in members[f] if c.chosen) + 1} of at least "
                            f"{MIN_CONFIGS} configurations, every model)", pick))
-    s2 = seed_variance(configs)
     if policy.goal == "law":
         unmet = [f for f in families if not met[f] and f not in needs_design]
         # 2. Seed noise, once: the most leveraged configuration's second seed.
-        if s2 is None and not any(c.chosen >= 2 for c in configs.values()):
+        if all(noise[f] is None for f in families) and not any(c.chosen >= 2 for c in configs.values()):
             for f in unmet:
                 chosen = [c for c in members[f] if c.chosen and c.untried]
                 if chosen:
@@ -326,14 +413,17 @@ def decide(candidates: Sequence[Candidate], outcomes: Mapping[str, Outcome], in_
                     top = max(chosen, key=lambda c: abs(c.x - xs.mean()))
                     wanted.append((f"measures the seed noise: a second seed of {f}'s configuration farthest from "
                                    f"its mean gap", top.untried[0]))
-        # 3. The action that narrows an unmet family's slope interval most per device-hour.
-        scored = []
+        # 3. The cheapest plan to the target, the family furthest from it first.
+        plans = []
         for f in unmet:
-            scored += _law_actions(f, members[f], fits[f], s2, policy.confidence)
-        scored.sort(key=lambda item: -item[0])
-        for gain, reason, c in scored:
-            if gain > 0:
-                wanted.append((reason, c))
+            if noise[f] is None or fits[f] is None or fits[f].source == "prior":
+                continue
+            steps, now = _plan(f, members[f], s2=noise[f][0], tau2=tau2[f], target=policy.slope_ci_width,
+                               confidence=policy.confidence, prior=_prior_slope(_prior_line(prior, f)),
+                               noise_df=noise[f][1])
+            plans.append((-now / policy.slope_ci_width, families.index(f), steps))
+        for _, _, steps in sorted(plans, key=lambda p: p[:2]):
+            wanted += steps
     else:
         # 3. The untrained configuration with the highest upper prediction bound.
         bounds = []
@@ -362,14 +452,30 @@ def decide(candidates: Sequence[Candidate], outcomes: Mapping[str, Outcome], in_
     if unmet and exhausted == unmet:
         return done("stop", f"grid exhausted for {', '.join(unmet)}: every trial of "
                             f"{'its' if len(unmet) == 1 else 'their'} grid has run, and the slope's interval is still "
-                            f"wider than {policy.slope_ci_width:g} ("
-                            + ", ".join(f"{f} {fits[f].width:.3g}" for f in unmet) + ")")
+                            f"expected to be wider than {policy.slope_ci_width:g} ("
+                            + ", ".join(f"{f} {expected.get(f, float('inf')):.3g}" for f in unmet) + ")")
     return done("stop", f"no trial left is expected to narrow the slope's interval of {', '.join(unmet)}"
                 if unmet else "no trial left to choose")
 
 
 def _prior_line(prior: Law | None, family: str) -> LineLaw | None:
     return prior.families.get(family) if prior is not None else None
+
+
+def _prior_slope(line: LineLaw | None) -> tuple[float, float] | None:
+    """(slope variance, residual degrees of freedom) of a prior line with intervals, for `expected_width`."""
+    return (float(line.coef_cov[1][1]), float(line.df_resid)) if line is not None and line.has_intervals else None
+
+
+def _noises(families: Sequence[str], members: Mapping[str, Sequence[_Config]],
+            fits: Mapping[str, FamilyFit | None]) -> dict[str, tuple[float, int] | None]:
+    """Each family's seed noise (`seed_noise`, with its own slope) once it has MIN_NOISE_DF degrees of
+    freedom, before that the noise pooled over every family's seeds."""
+    own = {f: seed_noise(members[f], fits[f].slope if fits[f] is not None else 0.0) for f in families}
+    known = [v for v in own.values() if v is not None]
+    pooled = (sum(v * df for v, df in known) / sum(df for _, df in known), sum(df for _, df in known)) \
+        if known else None
+    return {f: own[f] if own[f] is not None and own[f][1] >= MIN_NOISE_DF else pooled for f in families}
 
 
 def _needs_design(family: str, members: Sequence[_Config], fit: FamilyFit | None, goal: Goal) -> bool:
@@ -398,35 +504,70 @@ def _design_pick(members: Sequence[_Config]) -> Candidate | None:
     return max(pool, key=lambda c: round(float(np.min(np.abs(gaps - c.gap))), 12)).untried[0]
 
 
-def _law_actions(family: str, members: Sequence[_Config], fit: FamilyFit | None, s2: float | None,
-                 confidence: float) -> list[tuple[float, str, Candidate]]:
-    """(narrowing of the expected slope interval per device-hour, reason, candidate) for every next trial."""
-    design = [c for c in members if c.chosen]
-    x = [c.x for c in design]
-    n = [c.chosen for c in design]
-    resid = fit.residual_var if fit is not None and fit.predicts and fit.source != "prior" else None
-    if resid is None:
-        return []
-    s2 = s2 or 0.0
-    tau2 = max(resid - float(np.mean([s2 / max(len(c.done), 1) for c in design])), 0.0)
-    now = expected_width(x, n, tau2=tau2, s2=s2, confidence=confidence)
-    out = []
-    for c in members:
-        if not c.untried:
+def _plan(family: str, members: Sequence[_Config], *, s2: float, tau2: float, target: float, confidence: float,
+          prior: tuple[float, float] | None, noise_df: int = MIN_NOISE_DF) -> tuple[list[tuple[str, Candidate]], float]:
+    """The cheapest set of further trials of the family expected to narrow its slope interval below `target`
+    (or, where the grid cannot, the narrowest), in the order to train them, and the expected width now.
+
+    The expected width (`expected_width`) needs configurations for its t(k−2) and falls with the seeds'
+    spread Σ n_i·(x_i − x̄)²: seeds count most at the ends of the gap range. So for each set of configurations
+    (those chosen, then one more at a time, each the one whose first seed narrows the width most: the ends of
+    the screened gaps first) seeds are added one at a time, each where it narrows the width most per
+    device-hour, until the target is met and the seed noise has MIN_NOISE_DF degrees of freedom (each seed of
+    a configuration already trained adds one); the cheapest set that meets it wins. Its new configurations
+    come first (they add degrees of freedom and spread), then its seeds."""
+    chosen = [c for c in members if c.chosen]
+    x0, n0 = [c.x for c in chosen], [c.chosen for c in chosen]
+    now = expected_width(x0, n0, tau2=tau2, s2=s2, confidence=confidence, prior=prior)
+    open_ = [c for c in members if not c.chosen and c.untried]
+    sets: list[list[_Config]] = [[]]
+    while len(sets[-1]) < len(open_):
+        added = sets[-1]
+        rest = [c for c in open_ if all(c is not a for a in added)]
+        widths = [expected_width([*x0, *(a.gap for a in added), c.gap], [*n0, *([1] * len(added)), 1], tau2=tau2,
+                                 s2=s2, confidence=confidence, prior=prior) for c in rest]
+        sets.append([*added, rest[int(np.argmin(np.round(widths, 12)))]])
+    best: tuple | None = None  # (key, width, steps)
+    for added in sets:
+        configs = [*chosen, *added]
+        x = [*x0, *(a.gap for a in added)]
+        n = [float(v) for v in (*n0, *([1] * len(added)))]
+        k = len(x)
+        steps = [("a new configuration", a.untried[0]) for a in added]
+        cost = sum(a.untried[0].cost for a in added)
+        left = [list(c.untried[1:] if i >= len(chosen) else c.untried) for i, c in enumerate(configs)]
+        width = expected_width(x, n, tau2=tau2, s2=s2, confidence=confidence, prior=prior)
+        if not np.isfinite(width):
             continue
-        nxt = c.untried[0]
-        if c.chosen:
-            i = design.index(c)
-            after = expected_width(x, [m + (j == i) for j, m in enumerate(n)], tau2=tau2, s2=s2,
-                                   confidence=confidence)
-            what = f"seed {c.chosen + 1} of its configuration"
-        else:
-            after = expected_width([*x, c.gap], [*n, 1], tau2=tau2, s2=s2, confidence=confidence)
-            what = "a new configuration"
-        gain = (now - after) / max(nxt.cost, 1e-12)
-        out.append((gain, f"({what}) narrows {family}'s expected slope interval most per device-hour: "
-                          f"{now:.3g} -> {after:.3g}", nxt))
-    return out
+        df = noise_df
+        while (width > target or df < MIN_NOISE_DF) and s2 > 0:  # a seed averages seed noise away, nothing else
+            # The seed that narrows the width most per device-hour (the weighted mean moves with each seed, so
+            # every candidate is computed whole).
+            gains = {}
+            for i in range(k):
+                if left[i]:
+                    after = expected_width(x, [m + (j == i) for j, m in enumerate(n)], tau2=tau2, s2=s2,
+                                           confidence=confidence, prior=prior)
+                    gains[i] = ((width - after) / max(left[i][0].cost, 1e-12), after)
+            if not gains:
+                break
+            i = max(gains, key=lambda j: gains[j][0])
+            if gains[i][0] <= 1e-15 and width > target:
+                break
+            df += 1
+            n[i] += 1
+            nxt = left[i].pop(0)
+            steps.append((f"seed {int(n[i])} of its configuration", nxt))
+            cost += nxt.cost
+            width = gains[i][1]
+        key = (0, cost) if width <= target and df >= MIN_NOISE_DF else (1, width, cost)
+        if best is None or key < best[0]:
+            best = (key, width, steps)
+    if best is None:
+        return [], now
+    _, width, steps = best
+    return [(f"({what}) is one of the {len(steps)} trial(s) expected, at the least device-hours, to narrow "
+             f"{family}'s slope interval from {now:.3g} to {width:.3g}", c) for what, c in steps], now
 
 
 def _best_measured(configs: Mapping[str, _Config]) -> tuple[float, str] | None:

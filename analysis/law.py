@@ -3,7 +3,7 @@
 Schema (version 1); intervals are [lo, hi] lists, missing values are null:
 {
   "schema_version": 1,
-  "settings": {"unit": "configuration"|"seed", "weighted": bool, "confidence": 0.95,
+  "settings": {"unit": "configuration"|"seed", "weighted": bool, "by_seeds": bool, "confidence": 0.95,
                "bootstrap": N, "seed": S},
   "families": {FAMILY: LAW, ...},
   "pooled": LAW + {"families": [...], "leave_one_family_out": CV|null, "interaction_test": {...}|null},

@@ -31,8 +31,15 @@ class AnalysisOutput:
     figures: dict[str, dict] = field(default_factory=dict)  # fig name → what the figure function returned
 
 
+def _fit_method(settings: dict) -> str:
+    if settings["weighted"]:
+        return "WLS, weighted by the inverse seed variance of each configuration"
+    return "WLS, each configuration weighted by its seed count" if settings.get("by_seeds") else "OLS"
+
+
 def run_analysis(results: str | Path | Sequence[str | Path], out_dir: str | Path, *, unit: Unit = "configuration",
-                 weighted: bool = False, n_bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95,
+                 weighted: bool = False, by_seeds: bool = False, n_bootstrap: int = 1000, seed: int = 0,
+                 confidence: float = 0.95,
                  progress: Callable[[int, int], None] | None = None, measure: str = "all_pass") -> AnalysisOutput:
     """Fit the law from RESULTS (folder with trials.parquet [+ steps.parquet], or the trials file; or several,
     each trial kept once: results.load_all_results) and write out_dir/law.json, out_dir/report.md and the
@@ -43,7 +50,7 @@ def run_analysis(results: str | Path | Sequence[str | Path], out_dir: str | Path
     raw_trials, raw_steps, n_repeated = load_all_results(sources)
     raw_trials, raw_steps = use_measure(raw_trials, measure), use_measure(raw_steps, measure)
     trials = completed_trials(raw_trials)
-    fit = fit_law(trials, unit=unit, weighted=weighted, confidence=confidence)
+    fit = fit_law(trials, unit=unit, weighted=weighted, by_seeds=by_seeds, confidence=confidence)
     law = fit.law
     if n_bootstrap:
         obstacles = bootstrap_obstacles(fit)
@@ -207,7 +214,7 @@ def render_report(law: Law, fit: FitResult, figures: dict[str, dict], *, results
         "# The predictive law: improvement = a + b · initial gap",
         f"Results: {', '.join(f'`{s}`' for s in sources)} — {len(fit.configs)} configurations, "
         f"{int(fit.configs['n_seeds'].sum())} completed trials (of {n_all} rows{repeated}). Fit on {unit} by "
-        f"{'WLS, weighted by the inverse seed variance of each configuration' if settings['weighted'] else 'OLS'}; "
+        f"{_fit_method(settings)}; "
         f"intervals at "
         f"{100 * settings['confidence']:g}%; "
         + (f"seed bootstrap with {settings['bootstrap']} resamples (seed {settings['seed']})."

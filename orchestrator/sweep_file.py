@@ -100,11 +100,13 @@ class GuidedSettings(_Section):
     """A law-guided sweep (analysis/guided.py): screen every configuration's gap first, then train only the
     trials the policy chooses, until its goal or its budget stops it."""
 
-    goal: Literal["law", "best"] = Field(description="'law': stop when each family's slope interval is narrower "
-                                         "than slope_ci_width; 'best': stop when no untrained configuration's upper "
-                                         "prediction bound beats the best measured improvement.")
-    slope_ci_width: float | None = Field(None, gt=0, description="Goal law: the widest slope interval (its full "
-                                         "width, at `confidence`) that counts as known.")
+    goal: Literal["law", "best"] = Field(description="'law': stop when each family's slope interval is expected "
+                                         "(from the seed noise and the design) to be narrower than slope_ci_width; "
+                                         "'best': stop when no untrained configuration's upper prediction bound "
+                                         "beats the best measured improvement, once that best is confirmed by its "
+                                         "further seeds.")
+    slope_ci_width: float | None = Field(None, gt=0, description="Goal law: the widest expected slope interval (its "
+                                         "full width, at `confidence`) that counts as known.")
     max_trials: int | None = Field(None, ge=1, description="Never train more trials than this.")
     max_hours: float | None = Field(None, gt=0, description="Never spend more device-hours (GPU-hours, or CPU-core-"
                                     "hours without GPUs) than this, each trial costed as `opsd sweep plan` costs it.")

@@ -289,7 +289,8 @@ def guided_lines(state: SweepState) -> list[str]:
     import json
 
     settings = state.guided["settings"]
-    goal = (f"goal law (slope interval narrower than {settings['slope_ci_width']:g})" if settings["goal"] == "law"
+    goal = (f"goal law (slope interval expected narrower than {settings['slope_ci_width']:g})"
+            if settings["goal"] == "law"
             else "goal best (stop when no untrained configuration can beat the best measured)")
     budget = [f"{settings['max_trials']} trials" if settings.get("max_trials") else None,
               f"{settings['max_hours']:g} device-hours" if settings.get("max_hours") else None]
@@ -311,7 +312,9 @@ def guided_lines(state: SweepState) -> list[str]:
         lines.append(f"decision {last['n']}: {last['reason']}{predicted}")
         def fit(family: str, v: dict) -> str:
             ci = f" [{v['slope_ci'][0]:.3g}, {v['slope_ci'][1]:.3g}]" if v.get("slope_ci") else ""
-            return f"{family}: slope {v['slope']:.3g}{ci} on {v['n_configs']} configurations"
+            expected = (f", interval expected {v['expected_width']:.3g} wide" if v.get("expected_width") is not None
+                        else "")
+            return f"{family}: slope {v['slope']:.3g}{ci} on {v['n_configs']} configurations{expected}"
         fits = "; ".join(fit(f, v) for f, v in (log["decisions"][-1].get("fits") or {}).items())
         if fits:
             lines.append(f"law so far: {fits}")

@@ -30,10 +30,11 @@ def test_same_seed_same_draws_other_seed_other_draws(fitted):
         assert not np.allclose(a[name]["slope"], c[name]["slope"])
 
 
-@pytest.mark.parametrize("unit,weighted", [("configuration", False), ("seed", False), ("configuration", True)])
-def test_intervals_contain_the_point_estimates(rng, unit, weighted):
+@pytest.mark.parametrize("unit,weighted,by_seeds", [("configuration", False, False), ("seed", False, False),
+                                                    ("configuration", True, False), ("configuration", False, True)])
+def test_intervals_contain_the_point_estimates(rng, unit, weighted, by_seeds):
     trials = completed_trials(noisy_trials(rng))
-    fit = fit_law(trials, unit=unit, weighted=weighted)
+    fit = fit_law(trials, unit=unit, weighted=weighted, by_seeds=by_seeds)
     law = attach_bootstrap(fit.law, bootstrap_draws(trials, fit, n_resamples=300, seed=0), seed=0)
     assert law.settings["bootstrap"] == 300 and law.settings["seed"] == 0
     for line in [*law.families.values(), law.pooled]:

@@ -47,7 +47,7 @@ def test_analyze_writes_law_figures_and_report(analyzed):
                  "fig2_dynamics.pdf", "fig3_scale.png", "fig3_scale.pdf"):
         assert (out / name).stat().st_size > 1000, name
     law = json.loads((out / "law.json").read_text())
-    assert law["settings"] == {"unit": "configuration", "weighted": False, "confidence": 0.95,
+    assert law["settings"] == {"unit": "configuration", "weighted": False, "by_seeds": False, "confidence": 0.95,
                                "bootstrap": 200, "seed": 9}
     assert set(law["families"]) == {"qwen3", "olmo3"}
     for entry in [*law["families"].values(), law["pooled"]]:

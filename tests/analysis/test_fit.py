@@ -161,6 +161,26 @@ def test_weighted_fit_is_inverse_variance_least_squares(rng):
     assert line.loo_r2 == pytest.approx(loo_r2, rel=1e-10)
 
 
+def test_by_seeds_weights_each_configuration_by_its_seed_count(rng):
+    trials = completed_trials(noisy_trials(rng))
+    # Unequal seeds, as a guided sweep leaves them: drop some seeds of fam_b's configurations.
+    fam_b = trials[trials["model_family"] == "fam_b"]
+    drop = fam_b.groupby("context").head(1).index[::2]
+    trials = trials.drop(index=drop)
+    line = fit_law(trials, by_seeds=True).law.families["fam_b"]
+    sub = aggregate_configs(trials).query("model_family == 'fam_b'")
+    assert sub["n_seeds"].nunique() > 1
+    ref = ols_reference(sub["gap_mean"], sub["improvement_mean"], sub["n_seeds"].to_numpy(dtype=float))
+    assert [line.intercept, line.slope] == pytest.approx(ref["coef"], rel=1e-10)
+    assert [line.intercept_se, line.slope_se] == pytest.approx(ref["se"], rel=1e-10)
+    # The point estimate is that of every seed a point at its configuration's mean gap.
+    rows = sub.loc[sub.index.repeat(sub["n_seeds"])]
+    slope = np.polyfit(rows["gap_mean"], rows["improvement_mean"], 1)[0]
+    assert line.slope == pytest.approx(slope, rel=1e-10)
+    with pytest.raises(AnalysisError, match="choose one weighting"):
+        fit_law(trials, weighted=True, by_seeds=True)
+
+
 def test_interaction_test_is_the_f_test_of_separate_against_common_slopes(rng):
     trials = completed_trials(noisy_trials(rng))
     test = fit_law(trials).law.pooled.interaction_test

@@ -147,7 +147,7 @@ def test_status_collect_and_report_of_a_stopped_guided_sweep(tmp_path):
     assert {s.state for s in statuses if s.trial_id not in trained} == {"skipped"}
     assert unfinished(statuses) == 0  # a stopped guided sweep is finished, not interrupted
     lines = guided_lines(state)
-    assert lines[0].startswith("guided: goal law (slope interval narrower than 0.3), at most 7 trials")
+    assert lines[0].startswith("guided: goal law (slope interval expected narrower than 0.3), at most 7 trials")
     assert lines[1].startswith("screen: 6 configurations, initial gap m/none ")
     assert lines[-1] == f"stopped after {len(trained)} trials: {log['stopped']}"
     assert "skipped" in status_table(state, statuses).title
@@ -170,6 +170,13 @@ def test_status_collect_and_report_of_a_stopped_guided_sweep(tmp_path):
     assert f"RMSE {np.sqrt(np.mean(error ** 2)):.3f}" in section
     assert f"stopped: {log['stopped']}" in section
     assert f"Device-hours: **{2.0 * len(trained):.3g} spent on {len(trained)} trial(s), against 24 for the full grid of 12**" in section
+    # Unequal seeds: the unweighted fit says so and names the fit the policy uses, which then says nothing.
+    seeds = table[table["status"] == "completed"].groupby("context").size()
+    assert seeds.nunique() > 1
+    assert "`opsd analyze --by-seeds` weights each configuration by its seeds" in section
+    weighted = run_analysis(state.dir, tmp_path / "report_by_seeds", n_bootstrap=0, by_seeds=True)
+    text = weighted.report_path.read_text()
+    assert "--by-seeds` weights" not in text and "WLS, each configuration weighted by its seed count" in text
 
 
 def test_the_report_predicts_the_configurations_never_trained(tmp_path):
