@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from analysis.guided import decide
+from analysis.predicted import check_predictions
 from orchestrator.guided_search import candidates_and_outcomes
 from orchestrator.guided_screen import screened_gaps
 from orchestrator.sweep_state import SweepState, read_guided
@@ -35,7 +36,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 SWEEP = f"guided-{os.getpid()}"
 CONTEXTS = ["none", "expert_preamble", "feedback", "llm_peer_hints", "own_solution_feedback",
             "peer_solution_feedback"]
-MAX_TRIALS = 3
+# The first three configurations set a line; the fourth is trained with a prediction made before it, which the
+# report checks against its outcome.
+MAX_TRIALS = 4
 
 
 def sweep_file(root: Path, model: Path, data: Path) -> Path:
@@ -154,6 +157,10 @@ def test_the_report_checks_predictions_and_counts_the_hours(guided_sweep):
     assert analyze.returncode == 0, analyze.stderr[-3000:]
     report = (guided_sweep["root"] / "report" / "report.md").read_text()
     assert "## Predictions checked against outcomes" in report
+    predicted = check_predictions(pd.read_parquet(guided_sweep["dir"] / "trials.parquet"), confidence=0.95)
+    assert predicted is not None and predicted["n"] >= 1, report
+    for row in predicted["rows"].itertuples():  # each predicted trial's row: its interval, its realized improvement
+        assert f"{row.predicted_improvement:+.3f} [{row.pi_lo:+.3f}, {row.pi_hi:+.3f}] | {row.improvement:+.3f}" in report
     trials = pd.read_parquet(guided_sweep["dir"] / "trials.parquet")
     hours = trials["planned_hours"]
     spent = hours[trials["status"].eq("completed")].sum()
