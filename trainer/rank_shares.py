@@ -40,11 +40,12 @@ class RankBudget:
     cores: tuple[int, ...] | None  # the CPU cores it is pinned to; None: not pinned (the process's CPUs)
 
     def describe(self) -> str:
+        """What the rank gets, in words (without its number)."""
         where = f"cores {core_list(self.cores)}" if self.cores is not None else "not pinned"
         work = (f"vLLM engine{' bound to the same cores' if self.cores is not None else ''}, "
                 f"{self.sandbox_workers} sandbox worker{'s' * (self.sandbox_workers != 1)}"
                 if self.engine else "no engine")
-        return f"rank {self.rank}: {where}, {self.torch_threads} torch thread{'s' * (self.torch_threads != 1)}, {work}"
+        return f"{where}, {self.torch_threads} torch thread{'s' * (self.torch_threads != 1)}, {work}"
 
 
 def rank_budgets(cpus: int | Sequence[int], *, world_size: int, engines: Engines, sandbox_workers: int,
@@ -82,8 +83,16 @@ def budget_line(budgets: list[RankBudget], *, cpus: int, engines: Engines) -> st
     """The budget in one line, as a trial prints it at start and `opsd sweep plan` shows it."""
     n = len(budgets)
     owner = "" if n == 1 else ", an engine on every rank" if engines == "every_rank" else ", an engine on rank 0"
-    return (f"CPU budget: {cpus} CPU{'s' * (cpus != 1)} over {n} rank{'s' * (n != 1)}{owner}: "
-            + "; ".join(b.describe() for b in budgets))
+    # Consecutive ranks with the same budget in one entry ("ranks 0-7: ... each").
+    runs: list[list[RankBudget]] = []
+    for budget in budgets:
+        if runs and runs[-1][-1].describe() == budget.describe():
+            runs[-1].append(budget)
+        else:
+            runs.append([budget])
+    entries = [f"rank {run[0].rank}: {run[0].describe()}" if len(run) == 1 else
+               f"ranks {run[0].rank}-{run[-1].rank}: {run[0].describe()} each" for run in runs]
+    return f"CPU budget: {cpus} CPU{'s' * (cpus != 1)} over {n} rank{'s' * (n != 1)}{owner}: " + "; ".join(entries)
 
 
 def core_list(cores: Sequence[int]) -> str:

@@ -6,15 +6,15 @@ ranks (trainer/rank_shares.py, printed at start), and on every rank that owns on
 rank, or rank 0 alone) starts the sandbox (`sandbox.Executor` + `sandbox.Grader`) and the vLLM rollout engine
 (trainer/rollout.py), on the rank's own GPU or CPU cores; every rank builds the student (trainer/student.py,
 DeepSpeed) and its EMA self-teacher (trainer/teacher.py). Leaving the context closes the engine and the
-sandbox.
+sandbox. `opsd_step` (trainer/trial.py) and `evaluate` (trainer/evaluate.py) work on the runtime; neither
+builds anything.
 
 An engine per rank is one "mp" `LLM` in each rank's process, not vLLM's `external_launcher` executor: that one
 runs the engine inside the trainer's process group (its construction is a collective, closing it destroys the
 trainer's default group, one engine fits per process, and on CPU it binds no cores), where separate engine
 processes keep the CPU and GPU code paths and the tests' open/close cycles unchanged. What an mp engine per
 rank needs is done here and in RolloutEngine: its worker on the rank's GPU (`device_ids`), its threads on the
-rank's cores (`VLLM_CPU_OMP_THREADS_BIND`), distinct ports, and seeds from each sample's global index. `opsd_step` (trainer/trial.py) and `evaluate`
-(trainer/evaluate.py) work on the runtime; neither builds anything.
+rank's cores (`VLLM_CPU_OMP_THREADS_BIND`), distinct ports, and seeds from each sample's global index.
 """
 
 from __future__ import annotations

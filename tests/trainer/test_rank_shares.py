@@ -53,6 +53,10 @@ def test_budget_line():
         "CPU budget: 2 CPUs over 2 ranks, an engine on every rank: rank 0: cores 0, 1 torch thread, vLLM engine "
         "bound to the same cores, 1 sandbox worker; rank 1: cores 1, 1 torch thread, vLLM engine bound to the "
         "same cores, 1 sandbox worker")
+    gpu = rank_budgets(128, world_size=8, engines="every_rank", sandbox_workers=96, device="cuda")
+    assert budget_line(gpu, cpus=128, engines="every_rank") == (
+        "CPU budget: 128 CPUs over 8 ranks, an engine on every rank: ranks 0-7: not pinned, 16 torch threads, "
+        "vLLM engine, 12 sandbox workers each")
     main = rank_budgets(16, world_size=2, engines="main", sandbox_workers=12, device="cuda")
     assert budget_line(main, cpus=16, engines="main") == (
         "CPU budget: 16 CPUs over 2 ranks, an engine on rank 0: rank 0: not pinned, 8 torch threads, vLLM engine, "
