@@ -98,7 +98,7 @@ def main() -> None:
     print(f"{'':<26}{'1 rank':>9}{'2 ranks':>9}{'rank 0':>9}{'rank 1':>9}{'2 / 1':>8}")
 
     def line(name: str, one: float, two: float, each: list[float]) -> None:
-        ratio = f"{two / one:.2f}" if one > 0 else "-"
+        ratio = f"{two / one:.2f}" if one >= 0.01 else "-"  # a ratio of milliseconds says nothing
         print(f"{name:<26}{one:>9.2f}{two:>9.2f}" + "".join(f"{v:>9.2f}" for v in each) + f"{ratio:>8}")
 
     for phase in phases:
