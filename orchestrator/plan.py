@@ -46,8 +46,10 @@ fewer engines than ranks (`main`: rank 0 alone) the generated tokens (the rollou
 evaluations' samples) keep the N ranks for N / E times as long, the other ranks waiting:
 
     device-seconds per trial = (tokens + generated tokens x (N / E - 1)) x size_b x SECONDS_PER_TOKEN_BILLION
-                               + STARTUP_SECONDS x devices The evaluations' problems are counted from the data when it is on this machine
-(orchestrator/plan_data.py), else assumed; the plan prints which.
+                               + STARTUP_SECONDS x devices
+
+The evaluations' problems are counted from the data when it is on this machine (orchestrator/plan_data.py),
+else assumed; the plan prints which.
 
 On GPUs the plan ends with each model's memory per GPU by phase (orchestrator/gpu_memory.py), and refuses a
 sweep a trial of which cannot fit (`check_memory`, which `opsd sweep run` calls too).

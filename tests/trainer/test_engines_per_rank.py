@@ -148,7 +148,8 @@ def test_killed_two_rank_trial_resumes_with_identical_metrics(copy_setup, two_ra
     for got, want in zip(resumed, reference):
         for key in ("loss", "kl", "reward", "grad_norm", "response_tokens_mean", "teacher_student_l2"):
             assert got[key] == want[key], (got["step"], key, got[key], want[key])
-    assert [r["student_acc"] for r in rows(out, "eval")] == [r["student_acc"] for r in rows(two_rank_run["out"], "eval")]
+    assert [r["student_acc"] for r in rows(out, "eval")] == \
+        [r["student_acc"] for r in rows(two_rank_run["out"], "eval")]
     for step in range(1, STEPS + 1):
         name = f"step-{step:06d}.jsonl"
         assert (out / "rollouts" / name).read_text() == (two_rank_run["out"] / "rollouts" / name).read_text()

@@ -154,7 +154,8 @@ def _evaluate_split(tiny_model_dir, world_size: int, **eval_settings):
 
     def rank_main(rank: int) -> None:
         trial = SimpleNamespace(
-            cfg=cfg, split=SimpleNamespace(val=problems), prompt_ids={p.id: [10 + i, 2] for i, p in enumerate(problems)},
+            cfg=cfg, split=SimpleNamespace(val=problems),
+            prompt_ids={p.id: [10 + i, 2] for i, p in enumerate(problems)},
             sampling_seed=lambda step, purpose: 7, engine=engines[rank], grader=LuckyGrader(),
             tokenizer=load_tokenizer(tiny_model_dir), hints={}, push_teacher_weights=dict,
             share=lambda n: contiguous_share(n, rank, world_size), gather_from_engines=lambda part: gather(rank, part))
