@@ -2,8 +2,9 @@
 
 No weights are read and nothing here imports torch: `opsd sweep plan` and `opsd sweep run` call it on the
 driver before any GPU-hour is spent, and a run on a GPU compares each phase's measured peak with it.
-Every figure is bytes on one GPU. Rank 0's GPU also holds the vLLM engine (trainer/runtime.py builds it on
-rank 0 only), so it is the fullest; ranks 1..N-1 hold only their trainer process.
+Every figure is bytes on one GPU. Rank 0's GPU also holds a vLLM engine, so it is the fullest; ranks 1..N-1
+hold their trainer process and, with `rollout.engines: every_rank` (the default), an engine of their own
+(trainer/runtime.py): then every GPU holds what rank 0's does.
 
 What each part is, and where its formula comes from:
 
@@ -19,8 +20,8 @@ What each part is, and where its formula comes from:
   master (when that dtype is not float32) lives in host memory on a GPU trial, not on the GPU. With
   `teacher.offload` the weights live on the host too; they come to the GPU for each teacher forward, and a
   copy of the LM head for the fused loss.
-- **vLLM** (rank 0): its share is `gpu_memory_utilization x` the GPU's memory (vllm/v1/worker/utils.py,
-  `request_memory`). Inside it: the weights in model.dtype, its profiling run's working memory (the larger of
+- **vLLM** (rank 0, and every rank with `rollout.engines: every_rank`): its share is `gpu_memory_utilization x`
+  the GPU's memory (vllm/v1/worker/utils.py, `request_memory`). Inside it: the weights in model.dtype, its profiling run's working memory (the larger of
   a forward of `max_num_batched_tokens` tokens and a sampler pass over `max_num_seqs` rows of V logits: vLLM's
   defaults for the LLM class, 16,384 and 1,024 on GPUs of 70 GiB and more, else 8,192 and 256,
   vllm/engine/arg_utils.py), and the KV cache in the rest. One sequence of `max_model_len` tokens
@@ -240,6 +241,7 @@ class TrialMemory:
     ema_update: int
     vllm: VllmMemory
     sleep: bool
+    engines_everywhere: bool  # rollout.engines every_rank: the other ranks hold an engine too
     rank0: dict[str, int] = field(default_factory=dict)  # PHASES -> bytes on rank 0's GPU
     other_ranks: dict[str, int] = field(default_factory=dict)  # PHASES -> bytes on each other rank's; {} for one
 
@@ -266,7 +268,8 @@ class TrialMemory:
 
 
 def estimate_trial_memory(shape: ModelShape, cfg: TrialConfig, *, gpu_bytes: int) -> TrialMemory:
-    """Each phase's peak bytes on rank 0's GPU (trainer + vLLM) and on the other ranks' (trainer alone)."""
+    """Each phase's peak bytes on rank 0's GPU (trainer + vLLM) and on the other ranks' (trainer, and vLLM
+    with an engine on every rank)."""
     p = DTYPE_BYTES[cfg.model.dtype]
     mixed = cfg.deepspeed.bf16
     states = model_states(shape.parameters, shape.largest_layer, zero_stage=cfg.deepspeed.zero_stage,
@@ -283,7 +286,8 @@ def estimate_trial_memory(shape: ModelShape, cfg: TrialConfig, *, gpu_bytes: int
     parts = TrialMemory(model=cfg.model.path, shape=shape, gpu_bytes=gpu_bytes, world_size=cfg.deepspeed.world_size,
                         zero_stage=cfg.deepspeed.zero_stage, states=states, teacher=teacher,
                         teacher_loaded=teacher_loaded, activations=acts, ema_update=ema, vllm=vllm,
-                        sleep=cfg.rollout.sleep_between_phases)
+                        sleep=cfg.rollout.sleep_between_phases,
+                        engines_everywhere=cfg.rollout.engines == "every_rank")
     resident = parts.trainer_resident
     trainer = {"rollout": resident,
                "teacher_forward": resident + teacher_loaded + acts.no_grad_forward,
@@ -293,8 +297,9 @@ def estimate_trial_memory(shape: ModelShape, cfg: TrialConfig, *, gpu_bytes: int
     training_engine = parts.vllm_asleep if parts.sleep else parts.vllm_awake
     engine = {"rollout": parts.vllm_awake, "teacher_forward": training_engine,
               "student_forward_backward": training_engine, "push_and_ema": parts.vllm_awake}
-    return dataclasses.replace(parts, rank0={phase: trainer[phase] + engine[phase] for phase in PHASES},
-                               other_ranks=trainer if parts.world_size > 1 else {})
+    with_engine = {phase: trainer[phase] + engine[phase] for phase in PHASES}
+    others = with_engine if parts.engines_everywhere else trainer
+    return dataclasses.replace(parts, rank0=with_engine, other_ranks=others if parts.world_size > 1 else {})
 
 
 def trial_memory(cfg: TrialConfig, *, gpu_bytes: int) -> TrialMemory:
@@ -346,7 +351,7 @@ def _phase_parts(memory: TrialMemory, phase: str, rank0: bool) -> list[tuple[str
         parts.append(("loss", acts.loss, "loss.chunk_size"))
     elif phase == "push_and_ema":
         parts.append(("EMA update", memory.ema_update, "teacher.offload"))
-    if rank0:
+    if rank0 or memory.engines_everywhere:
         awake = phase in ("rollout", "push_and_ema") or not memory.sleep
         vllm = memory.vllm_awake if awake else memory.vllm_asleep
         setting = "rollout.gpu_memory_utilization" + ("" if memory.sleep else ", rollout.sleep_between_phases")

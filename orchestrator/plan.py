@@ -12,13 +12,19 @@ step's wall time (`step_seconds`). From them, per reference trial (`MeasuredRate
 - outside the steps (start-up, evaluations, checkpoints): trial.json's wall time minus the steps', per
   evaluation token.
 
-A trial of the sweep then costs, in wall seconds, with R = steps x prompts per step x samples its rollouts
-and r its mean response (its maximum times the reference's measured fill):
+A trial of the sweep then costs, in wall seconds, with R = steps x prompts per step x samples its rollouts,
+r its mean response (its maximum times the reference's measured fill), and E its engine ranks (the ranks
+that sample and evaluate: every rank with `rollout.engines: every_rank`, else 1), E_ref the reference's:
 
-    rollout           s/token x R x r
+    rollout           s/token x R x r x E_ref / E
     each forward      s/token x R x (prompt tokens per rollout + r)
     rest of step      s/rollout x R + s/step x steps
-    outside steps     s/eval token x evaluation tokens
+    outside steps     s/eval token x evaluation tokens x E_ref / E
+
+The rollout's and the evaluations' seconds divide by the engines that share them (each engine samples its
+share at once); the start-up and checkpoints counted among "outside steps" do not, but evaluations dominate
+that part at any size worth planning. The sandbox's time (rest of step) stays: its workers are the trial's,
+split over the engine ranks, as many in all.
 
 times its devices (GPUs, else CPUs), in hours; the reference must be of the same model (its rates are also
 printed per token x billion parameters, the unit of the constants below). Without one, a stated per-token
@@ -34,8 +40,16 @@ trial's fixed cost, which dominates small trials. The GPU constants are set so t
 (Qwen3-8B, 50 steps of 32 x 8 rollouts up to 32,768 tokens, evaluations every 5 steps on 100 validation
 problems) gives their ~20 B200-hours per run (METHOD.md section 5); the CPU ones were measured with
 SmolLM2-135M on the 2-core machine of the README (sweeps/first.yaml and the demo's trials). Either is a rough
-guide, and says so. The evaluations' problems are counted from the data when it is on this machine
-(orchestrator/plan_data.py), else assumed; the plan prints which.
+guide, and says so. The papers' runs (verl) had an inference engine on every GPU, as `rollout.engines:
+every_rank` has, so every device works on every token: that is what a device-second per token assumes. With
+fewer engines than ranks (`main`: rank 0 alone) the generated tokens (the rollouts' responses and the
+evaluations' samples) keep the N ranks for N / E times as long, the other ranks waiting:
+
+    device-seconds per trial = (tokens + generated tokens x (N / E - 1)) x size_b x SECONDS_PER_TOKEN_BILLION
+                               + STARTUP_SECONDS x devices
+
+The evaluations' problems are counted from the data when it is on this machine (orchestrator/plan_data.py),
+else assumed; the plan prints which.
 
 On GPUs the plan ends with each model's memory per GPU by phase (orchestrator/gpu_memory.py), and refuses a
 sweep a trial of which cannot fit (`check_memory`, which `opsd sweep run` calls too).
@@ -116,6 +130,7 @@ class MeasuredRates:
     seconds_per_rollout: float  # sandbox and teacher contexts
     seconds_per_step: float  # the rest of a step
     seconds_per_eval_token: float  # start-up, evaluations and checkpoints
+    engine_ranks: int = 1  # the ranks that sampled and evaluated (trainer.runtime.TrialRuntime.engine_ranks)
 
 
 def model_size_b(point: GridPoint) -> float | None:
@@ -144,6 +159,18 @@ def eval_tokens(point: GridPoint, val_problems: int | None = None) -> float:
     val_problems = val_problems or problem_counts(cfg).val_for_estimate(cfg)
     eval_response = (cfg.eval.max_response_tokens or cfg.rollout.max_response_tokens) / 2
     return evals * val_problems * (cfg.eval.n_samples + 1 + cfg.eval.teacher_n_samples) * eval_response
+
+
+def engine_ranks(cfg) -> int:
+    """The ranks of a trial (TrialConfig) that own an engine and share its sampling and evaluation."""
+    return cfg.deepspeed.world_size if cfg.rollout.engines == "every_rank" else 1
+
+
+def generated_tokens(point: GridPoint) -> float:
+    """The tokens the trial's engines generate: its rollouts' responses (half their maximum each) and its
+    evaluations' samples."""
+    cfg = point.config
+    return trial_rollouts(point) * cfg.rollout.max_response_tokens / 2 + eval_tokens(point)
 
 
 def trial_tokens(point: GridPoint) -> float:
@@ -200,7 +227,8 @@ def measured_rates(folder: Path) -> MeasuredRates | None:
         seconds_per_token=per_token, prompt_tokens_per_rollout=prompt_per_rollout,
         response_fill=generated / rollouts / ref.rollout.max_response_tokens, seconds_per_rollout=per_rollout,
         seconds_per_step=(step_seconds - phase_seconds) / len(train),
-        seconds_per_eval_token=outside / max(eval_tokens(ref_point, _val_problems(folder)), 1.0))
+        seconds_per_eval_token=outside / max(eval_tokens(ref_point, _val_problems(folder)), 1.0),
+        engine_ranks=engine_ranks(ref))
 
 
 def _val_problems(folder: Path) -> int | None:
@@ -225,12 +253,14 @@ def measured_seconds(point: GridPoint, rates: MeasuredRates) -> dict[str, float]
     cfg = point.config
     rollouts = trial_rollouts(point)
     response = cfg.rollout.max_response_tokens * rates.response_fill
+    # The reference's engines shared its sampling; this trial's share theirs.
+    engines = rates.engine_ranks / engine_ranks(cfg)
     seconds = {}
     for phase, per_token in rates.seconds_per_token.items():
         tokens = rollouts * (rates.prompt_tokens_per_rollout.get(phase, 0.0) + response)
-        seconds[phase] = per_token * tokens
+        seconds[phase] = per_token * tokens * (engines if phase == "rollout" else 1.0)
     seconds["rest_of_step"] = rates.seconds_per_rollout * rollouts + rates.seconds_per_step * cfg.steps
-    seconds["outside_steps"] = rates.seconds_per_eval_token * eval_tokens(point)
+    seconds["outside_steps"] = rates.seconds_per_eval_token * eval_tokens(point) * engines
     return seconds
 
 
@@ -248,8 +278,10 @@ def estimate(sweep: SweepFile, points: list[GridPoint], references: list[Measure
             hours = {part: s * devices / 3600 for part, s in measured_seconds(point, ref).items()}
             out.append(TrialEstimate(point, size, tokens, sum(hours.values()), f"measured: {ref.folder}", hours))
         elif size is not None:
-            seconds = tokens * SECONDS_PER_TOKEN_BILLION[point.config.device] * size \
-                + STARTUP_SECONDS[point.config.device] * devices
+            # Generated tokens keep every rank busy N / E times as long (module docstring).
+            waiting = point.config.deepspeed.world_size / engine_ranks(point.config) - 1
+            seconds = (tokens + generated_tokens(point) * waiting) * SECONDS_PER_TOKEN_BILLION[point.config.device] \
+                * size + STARTUP_SECONDS[point.config.device] * devices
             out.append(TrialEstimate(point, size, tokens, seconds / 3600, "per-token model"))
         else:
             out.append(TrialEstimate(point, None, tokens, None, "unknown size: give models[].size_b"))
@@ -264,10 +296,25 @@ def rates_lines(references: list[MeasuredRates]) -> list[str]:
         rates = ", ".join(
             f"{PART_TITLES[p]} {s:.3g} s/token" + (f" ({s / r.size_b:.3g} per token x B)" if r.size_b else "")
             for p, s in r.seconds_per_token.items())
-        lines.append(f"measured on {r.folder} ({r.model}{size}): {rates}; rest of step "
+        engines = f", {r.engine_ranks} engines" if r.engine_ranks > 1 else ""
+        lines.append(f"measured on {r.folder} ({r.model}{size}{engines}): {rates}; rest of step "
                      f"{r.seconds_per_rollout:.3g} s/rollout + {r.seconds_per_step:.3g} s/step; outside the steps "
                      f"{r.seconds_per_eval_token:.3g} s per evaluation token")
     return lines
+
+
+def budget_lines(sweep: SweepFile, points: list[GridPoint]) -> list[str]:
+    """Each distinct per-rank CPU budget of the sweep's trials (trainer/rank_shares.py), from its resources."""
+    from trainer.rank_shares import budget_line, rank_budgets
+
+    cpus = sweep.trial_resources.cpus
+    lines = []
+    for point in points:
+        cfg = point.config
+        budgets = rank_budgets(cpus, world_size=cfg.deepspeed.world_size, engines=cfg.rollout.engines,
+                               sandbox_workers=cfg.sandbox.workers or cpus, device=cfg.device)
+        lines.append(budget_line(budgets, cpus=cpus, engines=cfg.rollout.engines))
+    return list(dict.fromkeys(lines))
 
 
 def checkpoint_bytes(sweep: SweepFile, estimates: list[TrialEstimate]) -> tuple[float, float]:
@@ -411,11 +458,12 @@ def memory_table(sweep: SweepFile, m: ModelMemory) -> Table:
     row("optimizer states", states.optimizer, states.optimizer, "deepspeed.zero_stage")
     row("self-teacher" + (" (on the host)" if mem.teacher_loaded else ""), mem.teacher, mem.teacher,
         "teacher.offload")
-    row("process overhead (CUDA, NCCL)", PROCESS_OVERHEAD_BYTES * 2, PROCESS_OVERHEAD_BYTES, "")
-    row("vLLM share: weights", vllm.weights, None, "model.dtype")
-    row("vLLM share: working memory", vllm.working, None, "")
-    row(f"vLLM share: KV cache, {vllm.sequences:.1f} x {vllm.max_model_len:,} tokens", vllm.kv_cache, None,
-        "rollout.gpu_memory_utilization")
+    everywhere = mem.engines_everywhere
+    row("process overhead (CUDA, NCCL)", PROCESS_OVERHEAD_BYTES * 2, PROCESS_OVERHEAD_BYTES * (1 + everywhere), "")
+    row("vLLM share: weights", vllm.weights, vllm.weights if everywhere else None, "model.dtype, rollout.engines")
+    row("vLLM share: working memory", vllm.working, vllm.working if everywhere else None, "")
+    row(f"vLLM share: KV cache, {vllm.sequences:.1f} x {vllm.max_model_len:,} tokens", vllm.kv_cache,
+        vllm.kv_cache if everywhere else None, "rollout.gpu_memory_utilization")
     row(f"forward without gradient ({acts.tokens_teacher:,} tokens)", acts.no_grad_forward + mem.teacher_loaded,
         acts.no_grad_forward + mem.teacher_loaded, "optim.micro_batch_size, context.max_teacher_prompt_tokens")
     row(f"student forward+backward ({acts.tokens_student:,} tokens)", acts.student_forward_backward,

@@ -279,6 +279,7 @@ def _plan_one(path: Path, sweep, points, together: dict[str, str], args: argpars
               console) -> tuple[int, float]:
     """One sweep's plan; returns (trials it trains, their device-hours)."""
     from orchestrator.plan import (
+        budget_lines,
         checkpoint_bytes,
         estimate,
         find_references,
@@ -305,6 +306,8 @@ def _plan_one(path: Path, sweep, points, together: dict[str, str], args: argpars
     for line in dict.fromkeys(recipe_line(p.config) for p in points):
         console.print(line, soft_wrap=True)
     for line in data_lines(points):
+        console.print(line, soft_wrap=True)
+    for line in budget_lines(sweep, points):
         console.print(line, soft_wrap=True)
     res = sweep.trial_resources
     devices, kind = (res.gpus, "GPU") if res.gpus else (res.cpus, "CPU")

@@ -258,7 +258,7 @@ def grid(sweep: SweepFile) -> list[GridPoint]:
                 trial_id = f"{label}-{context.name}-s{seed}"
                 raw = _deep_merge(copy.deepcopy(sweep.trial), model.overrides)
                 raw.setdefault("device", "cuda" if resources.gpus else "cpu")
-                # Every GPU of the trial is a trainer rank (vLLM is colocated with rank 0).
+                # Every GPU of the trial is a trainer rank, with a vLLM engine beside it (rollout.engines).
                 raw.setdefault("deepspeed", {}).setdefault("world_size", max(resources.gpus, 1))
                 raw.setdefault("sandbox", {}).setdefault("workers", resources.sandbox_workers)
                 shared_context = raw.get("context") or {}

@@ -10,7 +10,9 @@
 # 4. `opsd trial`, 2 steps of a random model with Qwen3's architecture (head_dim 128) in bf16, so vLLM takes its
 #    FlashAttention/FlashInfer path: with the default GPU settings (shared-file push, vLLM awake, ZeRO-0, CUDA
 #    graphs), with sleep mode, with CUDA IPC, with ZeRO-3; each phase's measured GPU memory beside the estimate
-#    of `opsd sweep plan` for the same settings.
+#    of `opsd sweep plan` for the same settings. The default run goes through the per-rank engine path
+#    (`rollout.engines: every_rank` at world size 1: the engine on the rank's own GPU through vLLM's
+#    `device_ids`, the rank's share of the prompts and of the evaluation, the gathers, records naming the rank).
 # It prints each check as it passes and stops with a non-zero exit at the first failure. docs/GPU.md shows the
 # expected output. Without a CUDA GPU it says so in one line and exits 2.
 set -euo pipefail
@@ -146,6 +148,20 @@ if grep -q "Sleep mode freed" "$WORK/defaults.log"; then
     echo "the default run put vLLM to sleep" >&2
     exit 1
 fi
+# The per-rank engine path at world size 1: the CPU budget printed, every rollout record naming rank 0.
+grep -q "^CPU budget: " "$WORK/defaults.log" || { echo "the default run printed no CPU budget" >&2; exit 1; }
+"$PY" - "$WORK/defaults" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+records = [json.loads(line) for path in sorted((Path(sys.argv[1]) / "rollouts").glob("step-*.jsonl"))
+           for line in path.read_text().splitlines()]
+ranks = {r.get("rank") for r in records}
+if not records or ranks != {0}:
+    sys.exit(f"{len(records)} rollout records naming ranks {ranks}: expected every one to name rank 0")
+print(f"ok: the per-rank engine path at world size 1: {len(records)} rollout records, each sampled by rank 0")
+EOF
 
 run_trial sleep-mode --set rollout.sleep_between_phases=true
 # vLLM 0.32's own log lines: one sleep per training step, each woken (weights first) by the step's push.

@@ -24,6 +24,7 @@ from trainer.options import (
     Device,
     Divergence,
     Dtype,
+    Engines,
     Isolation,
     SplitKind,
     Support,
@@ -139,6 +140,11 @@ class RolloutConfig(_Section):
     max_prompt_tokens: int = Field(
         2048, gt=0, description="Problems whose chat-templated student prompt is longer are dropped, and counted in "
         "the trial's data summary (Table 2: 2,048; verl's filter_overlong_prompts).")
+    engines: Engines = Field(
+        "every_rank", description="Which trainer ranks own a vLLM engine and sandbox workers. 'every_rank': each "
+        "rank samples, grades and builds the teacher prompts of its contiguous share of a step's prompts and of "
+        "the validation problems, on its own GPU (or its own CPU cores), and the samples are gathered so that "
+        "training is unchanged; 'main': rank 0 does all of it while the other ranks wait. One rank: the same.")
     gpu_memory_utilization: float = Field(0.45, gt=0, lt=1, description="vLLM's share of a GPU when colocated.")
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE).")
     weight_sync: WeightSync = Field(

@@ -10,7 +10,8 @@ Two process groups, two timeouts. The default group (NCCL on GPU) carries the tr
 lets the NCCL watchdog end a rank whose peer hangs. But rank 0 also works alone for long stretches (starting
 vLLM, sampling and grading a step's rollouts, an evaluation: tens of minutes at 32k tokens; writing and
 fsyncing a checkpoint) while the other ranks wait for it. Those waits go through a second group, gloo over
-TCP with `main_wait_timeout_s` (default a day): `broadcast_from_main` and `wait_for_main` use it, so a long
+TCP with `main_wait_timeout_s` (default a day): `broadcast_from_main`, `wait_for_main` and
+`all_gather_from_ranks` (with an engine on every rank, each rank's share of the rollouts) use it, so a long
 rank-0 phase never sits inside an NCCL collective, and the next training collective starts only when every
 rank has arrived. A rank that dies still ends the others' wait at once (gloo sees its sockets close).
 """
@@ -145,6 +146,18 @@ def broadcast_from_main(obj: Any) -> Any:
     box = [obj]
     torch_dist.broadcast_object_list(box, src=0, group=_main_wait_group)
     return box[0]
+
+
+def all_gather_from_ranks(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank, through the wait group: a rank that finishes its share
+    of the rollouts or of an evaluation first waits here for the slowest ([obj] in a single process)."""
+    import torch.distributed as torch_dist
+
+    if _main_wait_group is None:
+        return [obj]
+    out: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj, group=_main_wait_group)
+    return out
 
 
 def get_rank() -> int:

@@ -121,52 +121,30 @@ def validation_is_train_time_decoding(cfg: TrialConfig) -> bool:
 
 
 def evaluate(trial: TrialRuntime) -> dict[str, Any]:
-    """Student and self-teacher accuracy on the validation problems (rank 0).
+    """Student and self-teacher accuracy on the validation problems (every rank with an engine calls it).
 
-    The engine holds the student's weights when called; the self-teacher's turn comes last and leaves its
-    weights there, for the caller to push the student's back (every rank: under ZeRO-3 that read is
-    collective, and no rank keeps a copy of the student during the evaluation)."""
-    cfg = trial.cfg
+    Each such rank evaluates its contiguous share of the problems (`trial.share`), every sample seeded from
+    its global index (problem, sample) rather than from its place in the rank's call, and the per-problem
+    results are gathered in problem order (`trial.gather_from_engines`): the metrics do not depend on how many
+    ranks ran it (up to vLLM's logits, which are not batch-invariant in their last bits). The engine holds
+    the student's weights when called; the self-teacher's turn comes last and leaves its weights there, for
+    the caller to push the student's back (every rank: under ZeRO-3 that read is collective, and no rank
+    keeps a copy of the student during the evaluation)."""
     problems = list(trial.split.val)
-    prompts = [trial.prompt_ids[p.id] for p in problems]
-    # Every evaluation draws the same random numbers (common random numbers): an improvement, the difference of
-    # two evaluations, then measures the change of the model rather than a fresh draw of sampling noise, and a
-    # model that has not changed scores exactly what it scored before.
-    seed = trial.sampling_seed(0, "eval")
+    mine = trial.share(len(problems))
+    # Decided for the whole set, so that every rank scores the reference solutions or none does.
+    with_ref = all((p.solution or "").strip() for p in problems)
+    parts = trial.gather_from_engines(_evaluate_share(trial, problems[mine.start:mine.stop], mine.start, with_ref))
+    merged = {key: [item for part in parts for item in part[key]] for key in parts[0]}
 
-    # Student at train-time decoding: graded on all tests (its accuracy) and on the train tests (feedback).
-    attempts = sample_student_attempts(trial.engine, trial.grader, cfg, problems, prompts, seed=seed + 1)
-    student_acc_t1, student_frac_t1 = _scores(attempts.verdicts)
-
-    # Student at the validation decoding, graded on every test; when that decoding is the train-time one, the
-    # attempts above are already such a sample, and a second would only cost time.
-    if validation_is_train_time_decoding(cfg):
+    student_acc_t1, student_frac_t1 = _scores(merged["attempts"])
+    if validation_is_train_time_decoding(trial.cfg):
         student_acc, student_frac = student_acc_t1, student_frac_t1
     else:
-        groups = trial.engine.generate(prompts, n=cfg.eval.n_samples, temperature=cfg.eval.temperature,
-                                       top_p=cfg.eval.top_p, max_tokens=eval_max_tokens(cfg), seed=seed)
-        verdicts = grade_on_all_tests(trial.grader, [p for p in problems for _ in range(cfg.eval.n_samples)],
-                                      [r for group in groups for r in group])
-        student_acc, student_frac = _scores(verdicts)
-
-    ref_logp = {}
-    if all((p.solution or "").strip() for p in problems):
-        solutions = hints_from_reference_solutions(problems)
-        scored = trial.engine.score([
-            (trial.prompt_ids[p.id], trial.tokenizer(solutions[p.id], add_special_tokens=False)["input_ids"])
-            for p in problems])
-        ref_logp = {"student_ref_logp": mean_or_zero([mean_or_zero(logps) for logps in scored])}
-
-    # The self-teacher answers once per context built from the student's graded attempt.
-    teacher_prompts, _ = teacher_prompts_for_attempts(trial.tokenizer, attempts, context=cfg.context,
-                                                      hints=trial.hints, thinking=cfg.model.thinking)
-    trial.push_teacher_weights()
-    teacher_rollouts = sample_teacher(trial.engine, cfg, teacher_prompts, seed=seed + 2)
-    teacher_verdicts = grade_on_all_tests(trial.grader, attempts.response_problems(), teacher_rollouts)
-    teacher_acc, teacher_frac = _scores(teacher_verdicts)
-
+        student_acc, student_frac = _scores(merged["validation"])
+    teacher_acc, teacher_frac = _scores(merged["teacher"])
     return {
-        **ref_logp,
+        **({"student_ref_logp": mean_or_zero(merged["ref_logp"])} if with_ref else {}),
         "student_acc": student_acc,
         "student_test_frac": student_frac,
         "student_acc_t1": student_acc_t1,
@@ -177,3 +155,49 @@ def evaluate(trial: TrialRuntime) -> dict[str, Any]:
         "gap_test_frac": teacher_frac - student_frac_t1,
         "val_problems": len(problems),
     }
+
+
+def _evaluate_share(trial: TrialRuntime, problems: list[Problem], first: int, with_ref: bool) -> dict[str, list]:
+    """The verdicts of the validation problems `problems` (the first is problem `first` of the whole set), in
+    problem order, flat: `attempts` (teacher_n_samples per problem, all tests), `validation` (n_samples per
+    problem; empty when the attempts serve), `teacher` (one per attempt), and `ref_logp` (the student's mean
+    log-prob per token of each reference solution, with `with_ref`)."""
+    cfg = trial.cfg
+    prompts = [trial.prompt_ids[p.id] for p in problems]
+    # Every evaluation draws the same random numbers (common random numbers): an improvement, the difference of
+    # two evaluations, then measures the change of the model rather than a fresh draw of sampling noise, and a
+    # model that has not changed scores exactly what it scored before. Sample j of problem i of the whole set
+    # has seed + i * n + j whichever rank samples it (RolloutEngine.generate).
+    seed = trial.sampling_seed(0, "eval")
+    attempts_n, validation_n = cfg.eval.teacher_n_samples, cfg.eval.n_samples
+
+    # Student at train-time decoding: graded on all tests (its accuracy) and on the train tests (feedback).
+    attempts = sample_student_attempts(trial.engine, trial.grader, cfg, problems, prompts,
+                                       seed=seed + 1 + first * attempts_n)
+
+    # Student at the validation decoding, graded on every test; when that decoding is the train-time one, the
+    # attempts above are already such a sample, and a second would only cost time.
+    validation = []
+    if not validation_is_train_time_decoding(cfg):
+        groups = trial.engine.generate(prompts, n=validation_n, temperature=cfg.eval.temperature,
+                                       top_p=cfg.eval.top_p, max_tokens=eval_max_tokens(cfg),
+                                       seed=seed + first * validation_n)
+        validation = grade_on_all_tests(trial.grader, [p for p in problems for _ in range(validation_n)],
+                                        [r for group in groups for r in group])
+
+    ref_logp = []
+    if with_ref and problems:
+        solutions = hints_from_reference_solutions(problems)
+        scored = trial.engine.score([
+            (trial.prompt_ids[p.id], trial.tokenizer(solutions[p.id], add_special_tokens=False)["input_ids"])
+            for p in problems])
+        ref_logp = [mean_or_zero(logps) for logps in scored]
+
+    # The self-teacher answers once per context built from the student's graded attempt (attempt k of the
+    # whole set is teacher prompt k).
+    teacher_prompts, _ = teacher_prompts_for_attempts(trial.tokenizer, attempts, context=cfg.context,
+                                                      hints=trial.hints, thinking=cfg.model.thinking)
+    trial.push_teacher_weights()
+    teacher_rollouts = sample_teacher(trial.engine, cfg, teacher_prompts, seed=seed + 2 + first * attempts_n)
+    teacher = grade_on_all_tests(trial.grader, attempts.response_problems(), teacher_rollouts)
+    return {"attempts": attempts.verdicts, "validation": validation, "teacher": teacher, "ref_logp": ref_logp}

@@ -13,6 +13,9 @@ ZeroStage = Literal[0, 1, 2, 3]
 # How the trainer's weights reach vLLM: a safetensors file in shared memory (every device; the tested path) or
 # CUDA IPC handles of the trainer's GPU tensors (GPU only, same node).
 WeightSync = Literal["shared_file", "cuda_ipc"]
+# Which trainer ranks own a vLLM engine (and sandbox workers): rank 0 alone, or every rank (its own share of the
+# rollouts and of the evaluation).
+Engines = Literal["main", "every_rank"]
 
 DataSource = Literal["humaneval", "livecodebench", "jsonl"]
 SplitKind = Literal["tests", "problems"]

@@ -221,7 +221,8 @@ class Progress:
     Fields: `status` ("running", "completed" or "failed"), `step` (the step running, 0 during the initial
     evaluation), `steps` (the trial's total), `phase` (the phase running: "setup" (loading data and models,
     starting vLLM and the sandbox), "resume" (loading a checkpoint), "initial_eval", then each step's phases
-    as its PhaseTimer names them: "rollout", "sandbox" (grading), "teacher_context", "old_logps",
+    as its PhaseTimer names them: "rollout", "sandbox" (grading), "teacher_context", "rollout_gather" (waiting
+    for every engine's share of the rollouts), "old_logps",
     "teacher_forward", "student_forward_backward", "optimizer", "weight_push", "ema_update"; then "eval" and
     "checkpoint"), `phase_started`, `started` (this attempt), `updated` (all unix times), and `error` (one
     line) when failed. Only rank 0 keeps one; other ranks pass `path=None` and every call is a no-op.

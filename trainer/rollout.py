@@ -22,12 +22,13 @@ temperature-scales: it returns log_softmax(logits) at T = 1.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,6 +38,7 @@ import torch
 
 from trainer.errors import RolloutError
 from trainer.options import Device, Dtype, WeightSync
+from trainer.rank_shares import core_list
 from trainer.weight_push import push_buckets
 
 WORKER_EXTENSION = "trainer.vllm_worker.WeightSyncExtension"
@@ -59,7 +61,8 @@ class RolloutEngine:
                  max_model_len: int = 4096, device: Device = "cpu", kv_cache_gib: float = 1.0,
                  gpu_memory_utilization: float = 0.45, enforce_eager: bool | None = None,
                  push_bucket_gib: float = 1.0, weight_sync: WeightSync = "shared_file",
-                 sleep_mode: bool = False) -> None:
+                 sleep_mode: bool = False, device_index: int | None = None,
+                 cpu_cores: Sequence[int] | None = None) -> None:
         """Start the engine (tens of seconds on CPU).
 
         kv_cache_gib: KV cache on CPU; vLLM's CPU backend reads it as whole GiB (`VLLM_CPU_KVCACHE_SPACE`,
@@ -72,6 +75,11 @@ class RolloutEngine:
             memory a 'shared_file' push costs.
         weight_sync: 'shared_file' (any device) or 'cuda_ipc' (GPU only; host tensors still go by file).
         sleep_mode: let `sleep` free the engine's GPU memory between phases (GPU only).
+        device_index: on GPU, which of this process's visible GPUs the engine's worker uses (vLLM's
+            `device_ids`; an "mp" engine's worker is otherwise local rank 0 of its own world, i.e. the first
+            visible GPU, whichever trainer rank started it). None: the first.
+        cpu_cores: on CPU, the cores the engine's worker threads are bound to (`VLLM_CPU_OMP_THREADS_BIND`);
+            None: vLLM's automatic binding (the first NUMA node of this process's CPUs, minus a reserved core).
         max_model_len is capped at the model's own `max_position_embeddings` (vLLM refuses a longer one).
         """
         from vllm import LLM
@@ -107,14 +115,20 @@ class RolloutEngine:
         elif device == "cuda":
             # Sleep mode puts the engine's memory under vLLM's own allocator; only asked for when it is used.
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep_mode)
+            if device_index is not None:
+                kwargs.update(device_ids=[device_index])
         children_before = {p.pid for p in psutil.Process().children(recursive=True)}
         started = time.perf_counter()
-        self.llm = LLM(
-            model=str(self.model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
-            enforce_eager=enforce_eager, worker_extension_cls=WORKER_EXTENSION,
-            # Inside a Ray Tune trial vLLM would otherwise pick its Ray backend (a placement group is current)
-            # and refuse a bundle of several GPUs (vllm#3190); the engine's workers are the trial's own processes.
-            distributed_executor_backend="mp", logprobs_mode="processed_logprobs", **kwargs)
+        # The engine's processes read the binding when they start; later engines of this process get their own.
+        bind = {"VLLM_CPU_OMP_THREADS_BIND": core_list(cpu_cores)} if device == "cpu" and cpu_cores else {}
+        with _environment(bind):
+            self.llm = LLM(
+                model=str(self.model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
+                enforce_eager=enforce_eager, worker_extension_cls=WORKER_EXTENSION,
+                # Inside a Ray Tune trial vLLM would otherwise pick its Ray backend (a placement group is current)
+                # and refuse a bundle of several GPUs (vllm#3190); the engine's workers are the trial's own
+                # processes.
+                distributed_executor_backend="mp", logprobs_mode="processed_logprobs", **kwargs)
         self.startup_seconds = time.perf_counter() - started
         # The engine's own processes (engine core, workers), so close() can wait for them; multiprocessing's
         # resource tracker is shared by the whole interpreter and outlives any one engine.
@@ -129,7 +143,9 @@ class RolloutEngine:
                  max_tokens: int, seed: int | None = None) -> list[list[Rollout]]:
         """n samples for each prompt (token ids), in one batched engine call; result[i][j] is prompt i's j-th.
 
-        With `seed`, sample j of prompt i uses seed + i * n + j: the same call gives the same rollouts.
+        With `seed`, sample j of prompt i uses seed + i * n + j: the same call gives the same rollouts, and a
+        share of a larger call's prompts, from its prompt `first` on, draws what that call would draw when given
+        seed + first * n (each seed is per request, so the rest of the batch does not change the draw).
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -278,6 +294,21 @@ class RolloutEngine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """`values` in os.environ for the duration, the previous values (or their absence) restored after."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _is_resource_tracker(process: psutil.Process) -> bool:

@@ -59,34 +59,59 @@ class Sample:
     has_context: bool
 
 
+@dataclass
+class RolloutShare:
+    """What steps 1-3 made of one engine's share of a step's prompts; every rank gets every share, in rank
+    order, which is prompt order."""
+
+    samples: list[Sample]
+    records: list[dict[str, Any]]  # one per rollout, for OUT/rollouts/step-N.jsonl
+    context_rows: list[dict[str, float]]  # one per prompt
+    passed: list[bool]  # per rollout
+    train_test_fractions: list[float]
+    truncated: list[bool]
+    prompt_tokens: int  # the engine's prompt tokens (a prompt sampled n times counts n times)
+    generated_tokens: int
+
+
 def opsd_step(trial: TrialRuntime, step: int, timer: PhaseTimer | None = None) -> tuple[dict[str, Any], list[dict]]:
     """One OPSD training step (METHOD.md section 1); every rank runs it, `timer` times its phases.
 
-    Rank 0 samples, grades and builds the contexts (1-3) and hands the samples to every rank; every rank
-    trains on its share of each mini-batch (4-7), then pushes its weights and updates its EMA teacher (8).
-    Returns (metrics, records) on rank 0: the step's metrics and one record per rollout (response, verdict,
-    feedback, teacher prompt), for the caller to log; the other ranks return empty ones."""
+    Every rank with an engine samples, grades and builds the contexts (1-3) of its share of the prompts, and
+    every rank gets all of the step's samples; every rank trains on its share of each mini-batch (4-7), then
+    pushes its weights and updates its EMA teacher (8). Returns (metrics, records) on rank 0: the step's
+    metrics and one record per rollout (response, verdict, feedback, teacher prompt, the rank that sampled
+    it), for the caller to log; the other ranks return empty ones."""
     cfg, timer = trial.cfg, timer or PhaseTimer()
     batch = trial.sampler.next_batch(cfg.rollout.prompts_per_step)  # every rank keeps the data order
-    samples, groups, verdicts, context_rows, records = None, [], [], [], []
-    if trial.is_main:
+    shares = None
+    if trial.engine is not None:
+        # This engine's contiguous share of the prompts (all of them with one engine). Each sample's seed comes
+        # from its place in the whole step, so the shares together draw what one engine would.
+        mine = trial.share(len(batch))
+        problems = [batch[i] for i in mine]
         # 1. Rollouts: n samples per prompt from the student, whose current weights the engine holds.
         with timer("rollout"):
             groups = trial.engine.generate(
-                [trial.prompt_ids[tp.id] for tp in batch], n=cfg.rollout.n_samples,
+                [trial.prompt_ids[tp.id] for tp in problems], n=cfg.rollout.n_samples,
                 temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                max_tokens=cfg.rollout.max_response_tokens, seed=trial.sampling_seed(step, "rollout"))
-        timer.add_tokens(rollout_prompt=sum(len(trial.prompt_ids[tp.id]) for tp in batch) * cfg.rollout.n_samples,
-                         rollout_generated=sum(len(r.token_ids) for group in groups for r in group))
+                max_tokens=cfg.rollout.max_response_tokens,
+                seed=trial.sampling_seed(step, "rollout") + mine.start * cfg.rollout.n_samples)
         # 2. Grade every rollout on its problem's train tests: reward 1 when all pass, world feedback otherwise.
         with timer("sandbox"):
             verdicts = trial.grader.grade_many([
                 GradeRequest(tp.problem, r.text, tp.train_tests, r.finish_reason == "length")
-                for tp, group in zip(batch, groups) for r in group])
+                for tp, group in zip(problems, groups) for r in group])
         # 3. The self-teacher's privileged context for each rollout, chat-templated and truncated.
         with timer("teacher_context"):
-            samples, context_rows, records = _with_teacher_prompts(trial, batch, groups, verdicts)
-    samples = broadcast_from_main(samples)
+            share = _with_teacher_prompts(trial, problems, groups, verdicts)
+        # Every engine's share, in prompt order: the slowest engine sets when training starts.
+        with timer("rollout_gather"):
+            shares = trial.gather_from_engines(share)
+    shares = trial.share_with_all(shares)
+    samples = [sample for share in shares for sample in share.samples]
+    timer.add_tokens(rollout_prompt=sum(share.prompt_tokens for share in shares),
+                     rollout_generated=sum(share.generated_tokens for share in shares))
     trial.sleep_engine()  # with rollout.sleep_between_phases, vLLM's GPU memory is the trainer's until step 8
 
     # 4-7. Mini-batches of the samples (one AdamW step each), micro-batches of each for this rank; the
@@ -147,23 +172,24 @@ def opsd_step(trial: TrialRuntime, step: int, timer: PhaseTimer | None = None) -
 
     if not trial.is_main:
         return {}, []
+    context_rows = [row for share in shares for row in share.context_rows]
     metrics = {
-        "reward": mean_or_zero([float(v.passed) for v in verdicts]),
-        "train_test_frac": mean_or_zero([v.fraction_passed for v in verdicts]),
+        "reward": mean_or_zero([float(passed) for share in shares for passed in share.passed]),
+        "train_test_frac": mean_or_zero([f for share in shares for f in share.train_test_fractions]),
         "rollouts": len(samples),
         "response_tokens_mean": mean_or_zero([len(s.response_ids) for s in samples]),
-        "truncated_fraction": mean_or_zero([float(r.finish_reason == "length") for g in groups for r in g]),
+        "truncated_fraction": mean_or_zero([float(t) for share in shares for t in share.truncated]),
         **{key: mean_or_zero([row[key] for row in context_rows]) for key in context_rows[0]},
         **_loss_metrics(micro_rows), "loss": mean_or_zero(mini_losses), "grad_norm": mean_or_zero(grad_norms),
         "optimizer_steps": len(minibatches), "lr": optim_metrics["lr"],
         **ema_metrics, "push_seconds": push_metrics["push/seconds"], **timer.metrics(),
     }
-    return metrics, records
+    return metrics, [record for share in shares for record in share.records]
 
 
 def _with_teacher_prompts(trial: TrialRuntime, batch: Sequence[TrainProblem], groups: list[list[Rollout]],
-                          verdicts: list) -> tuple[list[Sample], list[dict[str, float]], list[dict[str, Any]]]:
-    """Step 3 for a step's prompt groups: (a Sample per rollout, context metrics per group, a record per rollout)."""
+                          verdicts: list) -> RolloutShare:
+    """Step 3 for prompt groups: a Sample per rollout, context metrics per group, a record per rollout."""
     cfg = trial.cfg
     graded = GradedRollout.groups([[r.text for r in group] for group in groups], verdicts)
     flat_verdicts = iter(verdicts)
@@ -175,11 +201,18 @@ def _with_teacher_prompts(trial: TrialRuntime, batch: Sequence[TrainProblem], gr
         context_rows.append(context_metrics)
         for r, t_ids, keep, v in zip(group, teacher_ids, has_context, flat_verdicts):
             samples.append(Sample(trial.prompt_ids[tp.id], t_ids, r.token_ids, r.logps, keep))
-            records.append({"problem_id": tp.id, "response": r.text, "verdict": v.verdict, "feedback": v.feedback,
-                            "has_context": keep, "teacher_prompt": trial.tokenizer.decode(t_ids),
+            records.append({"problem_id": tp.id, "rank": trial.rank, "response": r.text, "verdict": v.verdict,
+                            "feedback": v.feedback, "has_context": keep,
+                            "teacher_prompt": trial.tokenizer.decode(t_ids),
                             "prompt_tokens": len(trial.prompt_ids[tp.id]), "response_tokens": len(r.token_ids),
                             "teacher_prompt_tokens": len(t_ids)})
-    return samples, context_rows, records
+    rollouts = [r for group in groups for r in group]
+    return RolloutShare(
+        samples, records, context_rows, passed=[v.passed for v in verdicts],
+        train_test_fractions=[v.fraction_passed for v in verdicts],
+        truncated=[r.finish_reason == "length" for r in rollouts],
+        prompt_tokens=sum(len(trial.prompt_ids[tp.id]) * len(group) for tp, group in zip(batch, groups)),
+        generated_tokens=sum(len(r.token_ids) for r in rollouts))
 
 
 def _minibatches(trial: TrialRuntime, n_samples: int, step: int) -> list[tuple[list[int], list[list[int]]]]:
@@ -269,7 +302,8 @@ def run_trial(cfg: TrialConfig, out_dir: Path) -> dict[str, Any]:
     """Run (or resume) the trial into `out_dir`; returns the summary also written to trial.json.
 
     With `deepspeed.world_size` N > 1 and no launcher around this process, N local ranks are started
-    (gloo on CPU, NCCL on GPU); rank 0 holds the rollout engine and the sandbox, every rank trains.
+    (gloo on CPU, NCCL on GPU); each rank (or rank 0 alone, `rollout.engines: main`) holds a rollout engine
+    and sandbox workers, and every rank trains.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     claim_out_dir(cfg, out_dir)
@@ -325,7 +359,7 @@ def _run_steps(cfg: TrialConfig, out_dir: Path, progress: Progress) -> dict[str,
         else:
             first_step = 1
             with around("initial_eval"):
-                initial = latest_eval = _evaluate_on_main(trial)
+                initial = latest_eval = _evaluate(trial)
             if main:
                 log.append(0, "eval", initial)
                 log.flush()
@@ -346,7 +380,7 @@ def _run_steps(cfg: TrialConfig, out_dir: Path, progress: Progress) -> dict[str,
                       f"({sum(v for k, v in metrics.items() if k.startswith('time/')):.1f}s)", flush=True)
             if step % cfg.eval.every_steps == 0 or step == cfg.steps:
                 with around("eval"):
-                    latest_eval = _evaluate_on_main(trial)
+                    latest_eval = _evaluate(trial)
                 if main:
                     log.append(step, "eval", latest_eval)
                     _print_eval(step, latest_eval)
@@ -363,11 +397,12 @@ def _run_steps(cfg: TrialConfig, out_dir: Path, progress: Progress) -> dict[str,
     return summary
 
 
-def _evaluate_on_main(trial: TrialRuntime) -> dict[str, Any]:
-    """Rank 0 evaluates, which leaves the self-teacher's weights in the engine; then every rank pushes the
-    student's back (collective under ZeRO-3, a bucket at a time) and gets the metrics. The other ranks wait
-    for the evaluation (tens of minutes at the paper's lengths) in `wait_for_main`, not in the push's gathers."""
-    metrics = evaluate(trial) if trial.is_main else None
+def _evaluate(trial: TrialRuntime) -> dict[str, Any]:
+    """Every rank with an engine evaluates its share of the validation problems (`evaluate` gathers them),
+    which leaves the self-teacher's weights in its engine; then every rank pushes the student's back
+    (collective under ZeRO-3, a bucket at a time) and gets the metrics. A rank without an engine waits for the
+    evaluation (tens of minutes at the paper's lengths) in `wait_for_main`, not in the push's gathers."""
+    metrics = evaluate(trial) if trial.engine is not None else None
     wait_for_main()
     trial.push_student_weights()
     return broadcast_from_main(metrics)

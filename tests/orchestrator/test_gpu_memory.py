@@ -119,12 +119,17 @@ def test_qwen3_8b_on_b200s_by_hand():
     # stream per token (241,664 + 8,192 bytes), and the response's hidden states kept.
     assert mem.activations.no_grad_forward == 43_008 * 249_856 + 268_435_456
     assert mem.ema_update == 0  # a bf16 teacher is updated on its fp32 master, on the host
-    # The phases on rank 0 (vLLM awake throughout: sleep_between_phases is off) and on ranks 1-7.
+    # The phases on rank 0 (vLLM awake throughout: sleep_between_phases is off) and on ranks 1-7: with an
+    # engine on every rank (the default) each holds what rank 0 holds, with rank 0's engine alone only the trainer.
     trainer = 16_381_470_720 + 6_143_051_520 + 12_286_103_040 + 16_381_470_720 + GiB
     student = 27_095_203_840 + 4_270_850_048
-    assert mem.other_ranks == {"rollout": trainer, "teacher_forward": trainer + 11_014_242_304,
-                               "student_forward_backward": trainer + student,
-                               "push_and_ema": trainer}
+    trainer_phases = {"rollout": trainer, "teacher_forward": trainer + 11_014_242_304,
+                      "student_forward_backward": trainer + student, "push_and_ema": trainer}
+    engine = 0.45 * B200 + GiB
+    assert mem.rank0 == pytest.approx({phase: b + engine for phase, b in trainer_phases.items()}, abs=1)
+    assert mem.other_ranks == mem.rank0
+    one_engine = estimate_trial_memory(shape, paper_trial("Qwen/Qwen3-8B", engines="main"), gpu_bytes=B200)
+    assert (one_engine.rank0, one_engine.other_ranks) == (mem.rank0, trainer_phases)
     assert mem.rank0["student_forward_backward"] == pytest.approx(trainer + student + 0.45 * B200 + GiB, abs=1)
     assert mem.peak() == ("student_forward_backward", mem.rank0["student_forward_backward"])
     assert mem.rank0["student_forward_backward"] / GiB == pytest.approx(159.15, abs=0.01)

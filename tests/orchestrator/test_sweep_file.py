@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -187,6 +188,28 @@ def test_plan_per_token_model_matches_the_papers_cost():
         pytest.approx((qwen8.device_hours - startup) / 2)
 
 
+def test_plan_per_token_model_charges_waiting_ranks_when_rank_0_alone_samples():
+    """The papers' runs had an engine on every GPU (the default); with rank 0's alone, each generated token
+    (rollout responses, evaluation samples) keeps the 8 GPUs 8 times as long."""
+    from orchestrator.plan import STARTUP_SECONDS, estimate, eval_tokens
+    from orchestrator.sweep_file import GridPoint
+
+    sweep, points = load_sweep(SWEEPS / "paper_fig3.yaml")
+    point = next(p for p in points if p.trial_id == "qwen3-8b-peer_solution_feedback-s0")
+    assert point.config.rollout.engines == "every_rank" and point.config.deepspeed.world_size == 8
+    cfg = point.config
+    one_engine = GridPoint("one-engine", point.model, point.context, 0, cfg.model_copy(
+        update={"rollout": cfg.rollout.model_copy(update={"engines": "main"})}))
+    every, main = estimate(sweep, [point, one_engine], [])
+    startup = STARTUP_SECONDS["cuda"] * 8 / 3600
+    # 50 steps x 256 rollouts of (32,768 + 2,048 + 10,240) / 2 tokens, and the evaluations' samples.
+    tokens = 50 * 256 * (32_768 + 2_048 + 10_240) / 2 + eval_tokens(point)
+    generated = 50 * 256 * 32_768 / 2 + eval_tokens(point)
+    assert every.tokens == main.tokens == tokens
+    assert (main.device_hours - startup) / (every.device_hours - startup) == pytest.approx(
+        (tokens + 7 * generated) / tokens)
+
+
 def test_plan_per_token_model_on_small_cpu_trials_counts_prompts_and_start_up():
     """A trial of 2 steps of 4 rollouts of 128 tokens, small evaluations: its forwards read the prompts (up to
     768 and 2048 tokens), and start-up is most of it; sweeps/first.yaml's trials took 6.5 to 10 min on this
@@ -215,7 +238,7 @@ def test_plan_uses_a_finished_trial_of_the_same_model(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from orchestrator.plan import estimate, eval_tokens, find_references
+    from orchestrator.plan import estimate, eval_tokens, find_references, measured_seconds
     from orchestrator.sweep_file import GridPoint
 
     sweep_file = write(tmp_path, base(tmp_path).replace("resources: b200-1", "resources: cpu"))
@@ -266,6 +289,19 @@ def test_plan_uses_a_finished_trial_of_the_same_model(tmp_path):
     assert estimates[-1].device_hours == pytest.approx(sum(want.values()) * cpus / 3600)
     # Another model has no finished trial: the per-token model, said so, without a phase split.
     assert estimates[-2].source == "per-token model" and estimates[-2].phase_hours == {}
+    # Two ranks, each with an engine: the rollout and the evaluations take half the reference's time (it had
+    # one engine), the forwards and the rest what they took; with rank 0's engine alone, all as measured.
+    (ref,) = find_references([tmp_path / "store"])
+    two_ranks = {engines: GridPoint(engines, ref_point.model, ref_point.context, 0, cfg.model_copy(update={
+        "deepspeed": cfg.deepspeed.model_copy(update={"world_size": 2}),
+        "rollout": cfg.rollout.model_copy(update={"engines": engines})})) for engines in ("every_rank", "main")}
+    own = measured_seconds(ref_point, ref)
+    assert measured_seconds(two_ranks["every_rank"], ref) == pytest.approx(
+        {**own, "rollout": own["rollout"] / 2, "outside_steps": own["outside_steps"] / 2})
+    assert measured_seconds(two_ranks["main"], ref) == pytest.approx(own)
+    # A reference whose 2 engines shared the work: one engine takes twice its time.
+    assert measured_seconds(ref_point, dataclasses.replace(ref, engine_ranks=2)) == pytest.approx(
+        {**own, "rollout": own["rollout"] * 2, "outside_steps": own["outside_steps"] * 2})
     result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "plan", str(sweep_file)],
                             capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "250"})
     assert result.returncode == 0, result.stderr

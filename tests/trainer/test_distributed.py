@@ -10,7 +10,7 @@ import torch
 
 from trainer import runtime
 from trainer.config import TrialConfig
-from trainer.distributed import rank_device, run_local_ranks
+from trainer.distributed import DistInfo, all_gather_from_ranks, rank_device, run_local_ranks
 
 
 def test_a_ranks_device_is_its_own_gpu(monkeypatch):
@@ -21,7 +21,8 @@ def test_a_ranks_device_is_its_own_gpu(monkeypatch):
 
 def test_the_process_groups_exist_before_the_model_is_loaded_onto_the_ranks_gpu(tiny_model_dir, monkeypatch):
     """Under torchrun or Ray (RANK set), rank 3 must select cuda:3 (init_distributed does) before the model is
-    loaded, and load it there: loading onto "cuda" first puts every rank's copy on GPU 0."""
+    loaded, and load it there: loading onto "cuda" first puts every rank's copy on GPU 0. Its vLLM engine
+    (one on every rank) starts before, on the same GPU: an "mp" engine's worker would otherwise use the first."""
     calls = []
 
     class Loaded(Exception):
@@ -29,7 +30,11 @@ def test_the_process_groups_exist_before_the_model_is_loaded_onto_the_ranks_gpu(
 
     def init(device, **timeouts):
         calls.append(("init", device, timeouts))
-        return type("Info", (), {"rank": 1})()
+        return DistInfo(rank=3, world_size=4, local_rank=3, backend="nccl")
+
+    def engine(cfg, model_path, stack, **kwargs):
+        calls.append(("engine", kwargs["device_index"], kwargs["cpu_cores"]))
+        return None, None
 
     def load(path, *, dtype, device):
         calls.append(("load", device))
@@ -39,13 +44,14 @@ def test_the_process_groups_exist_before_the_model_is_loaded_onto_the_ranks_gpu(
     monkeypatch.setattr(runtime, "init_distributed", init)
     monkeypatch.setattr(runtime, "load_causal_lm", load)
     monkeypatch.setattr(runtime, "wait_for_main", lambda: calls.append(("wait",)))
+    monkeypatch.setattr(runtime, "start_sandbox_and_rollout_engine", engine)
     cfg = TrialConfig.model_validate({"model": {"path": str(tiny_model_dir)}, "data": {"max_problems": 2},
                                       "deepspeed": {"collective_timeout_s": 60, "main_wait_timeout_s": 7200}})
     cfg = cfg.model_copy(update={"device": "cuda"})  # the config refuses nothing here; no GPU is touched
     with pytest.raises(Loaded), runtime.start_runtime(cfg):
         pass
-    assert calls == [("init", "cuda", {"collective_timeout_s": 60, "main_wait_timeout_s": 7200}), ("wait",),
-                     ("load", torch.device("cuda", 3))]
+    assert calls == [("init", "cuda", {"collective_timeout_s": 60, "main_wait_timeout_s": 7200}),
+                     ("engine", 3, None), ("wait",), ("load", torch.device("cuda", 3))]
 
 
 def _sleep_on_rank_0_then_train(rank: int, seconds: float) -> float:
@@ -91,3 +97,22 @@ def test_the_training_timeout_applies_to_the_default_group():
 
     with pytest.raises(DistributedError, match="(?i)timed out|timeout"):
         run_local_ranks(_broadcast_in_default_group, 2, 6.0, collective_timeout_s=2.0, timeout_s=120)
+
+
+def _gather_after(rank: int, seconds: float) -> list:
+    """Rank 1 finishes its share `seconds` later than rank 0 (past the training timeout); both gather."""
+    import time
+
+    from trainer.distributed import all_gather_from_ranks
+
+    if rank == 1:
+        time.sleep(seconds)
+    return all_gather_from_ranks({"rank": rank, "items": list(range(rank + 2))})
+
+
+def test_every_rank_gets_every_ranks_share_in_rank_order():
+    """The gather of each engine's share goes through the wait group: a slower rank is waited for beyond the
+    training timeout; a single process gets its own share alone."""
+    gathered = run_local_ranks(_gather_after, 2, 3.0, collective_timeout_s=1.0, timeout_s=120)
+    assert gathered == [[{"rank": 0, "items": [0, 1]}, {"rank": 1, "items": [0, 1, 2]}]] * 2
+    assert all_gather_from_ranks("alone") == ["alone"]

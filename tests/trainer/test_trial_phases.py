@@ -20,7 +20,7 @@ from trainer.rollout import Rollout
 from trainer.runtime import TrialRuntime
 from trainer.student import Student
 from trainer.teacher import EmaTeacher
-from trainer.trial import _evaluate_on_main, opsd_step
+from trainer.trial import _evaluate, opsd_step
 
 
 class RecordingEngine:
@@ -119,7 +119,7 @@ def test_engine_sleeps_from_after_the_rollouts_until_the_push_of_the_new_weights
 
 def test_evaluation_gives_the_teacher_its_turn_last_and_restores_the_student(tiny_model_dir):
     trial = runtime(tiny_model_dir, sleep_between_phases=True)
-    metrics = _evaluate_on_main(trial)
+    metrics = _evaluate(trial)
     # validation decoding, train-time decoding, the reference solutions' log-probs: all the student's;
     # then the teacher's answers; then every rank pushes the student back (no copy was kept meanwhile)
     assert trial.engine.events == [("generate", "student"), ("generate", "student"), ("score", "student"),
