@@ -36,6 +36,10 @@ the same line (precision-weighted coefficients); before a family's own fit exist
 
 Decisions depend only on the sets of outcomes and running trials, never on their order, so that a sweep
 killed and resumed decides as one that was not (ties go to the candidate listed first).
+
+Why one module of ~600 lines: the steps above are one decision, read top to bottom as listed; the plan, the
+noise and the stop share the family fit and the configuration records at every step, and the parts that stand
+alone (the line's fit, predictions, the law's file) are their own modules already.
 """
 
 from __future__ import annotations
