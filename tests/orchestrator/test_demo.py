@@ -18,7 +18,7 @@ import yaml
 
 from tests.orchestrator.test_sweep_run import trial_env
 from tests.orchestrator.test_wandb_log import WANDB, history
-from tests.trainer.copy_task import copy_problems, prefit_copier, write_problems
+from tests.trainer.copy_task import copy_task
 
 ROOT = Path(__file__).resolve().parents[2]
 SIX = ["none", "expert_preamble", "feedback", "llm_peer_hints", "own_solution_feedback", "peer_solution_feedback"]
@@ -26,9 +26,7 @@ SIX = ["none", "expert_preamble", "feedback", "llm_peer_hints", "own_solution_fe
 
 @pytest.mark.slow
 def test_demo_screens_sweeps_and_fits(tmp_path, tiny_model_dir):
-    problems = copy_problems(8)
-    data = write_problems(tmp_path / "problems.jsonl", problems)
-    model = prefit_copier(tiny_model_dir, tmp_path / "copier", problems)
+    data, model = copy_task(tmp_path, tiny_model_dir)
     demo = yaml.safe_load((ROOT / "sweeps" / "demo.yaml").read_text())
     demo.update(name="tiny-demo", models=[{"path": str(model), "label": "copier", "family": "tiny", "size_b": 0.001}],
                 data={"source": "jsonl", "path": str(data)},

@@ -28,7 +28,7 @@ from orchestrator.guided_search import candidates_and_outcomes
 from orchestrator.guided_screen import screened_gaps
 from orchestrator.sweep_state import SweepState, read_guided
 from tests.orchestrator.test_sweep_run import OPSD, attempts, trial_env
-from tests.trainer.copy_task import copy_problems, prefit_copier, write_problems
+from tests.trainer.copy_task import copy_task
 
 # Each real trial takes minutes here (an engine and DeepSpeed start): well past the default 900 s in all.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -68,9 +68,7 @@ def completed(sweep_dir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def guided_sweep(tmp_path_factory, tiny_model_dir) -> dict:
     root = tmp_path_factory.mktemp("guided")
-    problems = copy_problems(8)
-    data = write_problems(root / "problems.jsonl", problems)
-    model = prefit_copier(tiny_model_dir, root / "copier", problems)
+    data, model = copy_task(root, tiny_model_dir)
     path = sweep_file(root, model, data)
     sweep_dir = root / "storage" / SWEEP
     started = time.monotonic()

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.trainer.copy_task import copy_problems, prefit_copier, write_problems
+from tests.trainer.copy_task import copy_task
 
 OPSD = [sys.executable, "-m", "orchestrator.cli"]
 SECRET = "wandb-key-that-must-not-reach-trials-0123456789"
@@ -91,9 +91,7 @@ def attempts(trial_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def faulted_sweep(tmp_path_factory, tiny_model_dir) -> dict:
     root = tmp_path_factory.mktemp("sweep")
-    problems = copy_problems(8)
-    data = write_problems(root / "problems.jsonl", problems)
-    model = prefit_copier(tiny_model_dir, root / "copier", problems)
+    data, model = copy_task(root, tiny_model_dir)
     path = sweep_file(root, model, data)
     sweep_dir = root / "storage" / SWEEP
     trials = sweep_dir / "trials"

@@ -39,6 +39,13 @@ def write_problems(path: Path, problems: list[Problem]) -> Path:
     return path
 
 
+def copy_task(root: Path, base_model: Path, n: int = 8) -> tuple[Path, Path]:
+    """The copy task in `root`: `n` problems written to problems.jsonl and `base_model` fitted to copy their
+    hints into copier/; returns (the problems file, the model folder)."""
+    problems = copy_problems(n)
+    return write_problems(root / "problems.jsonl", problems), prefit_copier(base_model, root / "copier", problems)
+
+
 def prefit_copier(base_model: Path, out_dir: Path, problems: list[Problem], *, steps: int = 60,
                   lr: float = 3e-3, seed: int = 0) -> Path:
     """Copy `base_model` to `out_dir` and fit it to answer the hint-bearing teacher prompt with the hint."""

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.trainer.copy_task import copy_problems, prefit_copier, write_problems
+from tests.trainer.copy_task import copy_task
 from tests.trainer.test_trial import OPSD, STEPS, clean_env, rows, run_opsd, trial_file
 from trainer.rank_shares import budget_line, rank_budgets
 
@@ -31,9 +31,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def copy_setup(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("copy-task-ranks")
-    problems = copy_problems(8)
-    data = write_problems(root / "problems.jsonl", problems)
-    model = prefit_copier(tiny_model_dir, root / "copier", problems)
+    data, model = copy_task(root, tiny_model_dir)
     return {"root": root, "data": data, "model": model}
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.trainer.copy_task import copy_problems, prefit_copier, write_problems
+from tests.trainer.copy_task import copy_task
 from tests.trainer.test_trial import clean_env, trial_file
 
 OPSD = [sys.executable, "-m", "orchestrator.cli"]
@@ -31,9 +31,7 @@ SIZES = ["--set", "eval.teacher_n_samples=2"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("screen")
-    problems = copy_problems(8)
-    data = write_problems(root / "problems.jsonl", problems)
-    model = prefit_copier(tiny_model_dir, root / "copier", problems)
+    data, model = copy_task(root, tiny_model_dir)
     setup = {"root": root, "data": data, "model": model}
     setup["trial"] = trial_file(setup, "llm_peer_hints")
     return setup

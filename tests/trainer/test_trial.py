@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.trainer.copy_task import copy_problems, prefit_copier, write_problems
+from tests.trainer.copy_task import copy_task
 
 OPSD = [sys.executable, "-m", "orchestrator.cli"]
 STEPS = 4
@@ -28,9 +28,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def copy_setup(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("copy-task")
-    problems = copy_problems(8)
-    data = write_problems(root / "problems.jsonl", problems)
-    model = prefit_copier(tiny_model_dir, root / "copier", problems)
+    data, model = copy_task(root, tiny_model_dir)
     return {"root": root, "data": data, "model": model}
 
 
