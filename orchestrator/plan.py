@@ -81,6 +81,7 @@ from orchestrator.plan_data import problem_counts
 from orchestrator.sweep_file import GridPoint, SweepFile, model_label
 from orchestrator.sweep_state import read_step_rows
 from trainer.layout import SUMMARY, TrialFolder
+from trainer.rank_shares import budget_line, engine_ranks, rank_budgets
 
 # Device-seconds per (token x billion parameters), calibrated as the module docstring says.
 SECONDS_PER_TOKEN_BILLION = {"cuda": 1.9e-5, "cpu": 0.25}
@@ -161,11 +162,6 @@ def eval_tokens(point: GridPoint, val_problems: int | None = None) -> float:
     return evals * val_problems * (cfg.eval.n_samples + 1 + cfg.eval.teacher_n_samples) * eval_response
 
 
-def engine_ranks(cfg) -> int:
-    """The ranks of a trial (TrialConfig) that own an engine and share its sampling and evaluation."""
-    return cfg.deepspeed.world_size if cfg.rollout.engines == "every_rank" else 1
-
-
 def generated_tokens(point: GridPoint) -> float:
     """The tokens the trial's engines generate: its rollouts' responses (half their maximum each) and its
     evaluations' samples."""
@@ -228,7 +224,7 @@ def measured_rates(folder: Path) -> MeasuredRates | None:
         response_fill=generated / rollouts / ref.rollout.max_response_tokens, seconds_per_rollout=per_rollout,
         seconds_per_step=(step_seconds - phase_seconds) / len(train),
         seconds_per_eval_token=outside / max(eval_tokens(ref_point, _val_problems(folder)), 1.0),
-        engine_ranks=engine_ranks(ref))
+        engine_ranks=engine_ranks(ref.deepspeed.world_size, ref.rollout.engines))
 
 
 def _val_problems(folder: Path) -> int | None:
@@ -254,7 +250,7 @@ def measured_seconds(point: GridPoint, rates: MeasuredRates) -> dict[str, float]
     rollouts = trial_rollouts(point)
     response = cfg.rollout.max_response_tokens * rates.response_fill
     # The reference's engines shared its sampling; this trial's share theirs.
-    engines = rates.engine_ranks / engine_ranks(cfg)
+    engines = rates.engine_ranks / engine_ranks(cfg.deepspeed.world_size, cfg.rollout.engines)
     seconds = {}
     for phase, per_token in rates.seconds_per_token.items():
         tokens = rollouts * (rates.prompt_tokens_per_rollout.get(phase, 0.0) + response)
@@ -279,7 +275,8 @@ def estimate(sweep: SweepFile, points: list[GridPoint], references: list[Measure
             out.append(TrialEstimate(point, size, tokens, sum(hours.values()), f"measured: {ref.folder}", hours))
         elif size is not None:
             # Generated tokens keep every rank busy N / E times as long (module docstring).
-            waiting = point.config.deepspeed.world_size / engine_ranks(point.config) - 1
+            ranks = point.config.deepspeed.world_size
+            waiting = ranks / engine_ranks(ranks, point.config.rollout.engines) - 1
             seconds = (tokens + generated_tokens(point) * waiting) * SECONDS_PER_TOKEN_BILLION[point.config.device] \
                 * size + STARTUP_SECONDS[point.config.device] * devices
             out.append(TrialEstimate(point, size, tokens, seconds / 3600, "per-token model"))
@@ -305,8 +302,6 @@ def rates_lines(references: list[MeasuredRates]) -> list[str]:
 
 def budget_lines(sweep: SweepFile, points: list[GridPoint]) -> list[str]:
     """Each distinct per-rank CPU budget of the sweep's trials (trainer/rank_shares.py), from its resources."""
-    from trainer.rank_shares import budget_line, rank_budgets
-
     cpus = sweep.trial_resources.cpus
     lines = []
     for point in points:

@@ -3,6 +3,7 @@
 - `contiguous_share(n, rank, world_size)`: the items a rank takes of n (a step's prompts, the validation
   problems): contiguous runs in rank order, so concatenating every rank's results gives item order whatever
   the number of ranks.
+- `engine_ranks(world_size, engines)`: how many ranks own a vLLM engine (every rank, or rank 0 alone).
 - `rank_budgets(...)`: each rank's torch threads, whether it owns a vLLM engine, its sandbox workers, and on
   a CPU trial with an engine per rank the cores it is pinned to (trainer, engine and sandbox). vLLM's CPU
   backend otherwise binds every engine to the first cores of the machine (`VLLM_CPU_OMP_THREADS_BIND=auto`:
@@ -27,6 +28,11 @@ def contiguous_share(n: int, rank: int, world_size: int) -> range:
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (rank < extra))
+
+
+def engine_ranks(world_size: int, engines: Engines) -> int:
+    """How many of a trial's ranks own an engine and share its sampling, grading and evaluation."""
+    return world_size if engines == "every_rank" else 1
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,7 @@ def rank_budgets(cpus: int | Sequence[int], *, world_size: int, engines: Engines
         if pin:
             cores = tuple(ids[i] for i in contiguous_share(len(ids), rank, world_size)) or (ids[rank % len(ids)],)
         threads = len(cores) if cores is not None else max(1, len(ids) // world_size)
-        engine = every or rank == 0
+        engine = rank < engine_ranks(world_size, engines)
         if not engine:
             workers = 0
         elif every:

@@ -44,7 +44,7 @@ from trainer.errors import TrialConfigError
 from trainer.hints import load_hints
 from trainer.models import load_causal_lm, load_tokenizer, resolve_model
 from trainer.prompts import drop_long_prompts, student_prompt_ids
-from trainer.rank_shares import budget_line, contiguous_share, rank_budgets
+from trainer.rank_shares import budget_line, contiguous_share, engine_ranks, rank_budgets
 from trainer.rollout import RolloutEngine
 from trainer.student import Student
 from trainer.teacher import EmaTeacher
@@ -90,7 +90,7 @@ class TrialRuntime:
     @property
     def engine_ranks(self) -> int:
         """How many ranks own an engine and share the sampling, grading and evaluation."""
-        return self.world_size if self.cfg.rollout.engines == "every_rank" else 1
+        return engine_ranks(self.world_size, self.cfg.rollout.engines)
 
     def share(self, n: int) -> range:
         """This rank's contiguous share of n items to sample (prompts, validation problems); empty on a rank
