@@ -15,7 +15,8 @@ examples:
   opsd analyze runs/sweep --out report/                      configuration means, 1000 bootstrap resamples
   opsd analyze runs/sweep/trials.parquet --out report/ --seed-level --bootstrap 0
   opsd analyze runs/sweep --out report/ --weighted --bootstrap 2000 --seed 7
-  opsd analyze runs/guided-sweep --out report/ --by-seeds    unequal seeds per configuration
+  opsd analyze runs/sweep --out report/ --by-seeds          unequal seeds per configuration
+  opsd analyze runs/guided-sweep --out report/ --unweighted  a guided sweep fitted by OLS, not by its seeds
   opsd analyze /shared/opsd-sweeps/paper-fig1 /shared/opsd-sweeps/paper-fig3 --out report/
 
 RESULTS is a folder holding trials.parquet (and optionally steps.parquet for Fig. 2) or the trials file; give
@@ -35,11 +36,14 @@ def register(subparsers) -> None:
     analyze.add_argument("--out", required=True, metavar="DIR", help="folder for law.json, figures, report.md")
     analyze.add_argument("--seed-level", action="store_true",
                          help="fit every seed as a point instead of configuration means")
-    analyze.add_argument("--weighted", action="store_true",
+    weights = analyze.add_mutually_exclusive_group()
+    weights.add_argument("--weighted", action="store_true",
                          help="weight configurations by the inverse variance of their mean over seeds")
-    analyze.add_argument("--by-seeds", action="store_true",
-                         help="weight configurations by their seed counts (for unequal seeds, as a guided sweep "
-                              "trains them)")
+    weights.add_argument("--by-seeds", dest="by_seeds", action="store_const", const=True, default=None,
+                         help="weight configurations by their seed counts (for unequal seeds; the default for a "
+                              "guided sweep's results, whose searcher trains seeds unequally and fits them so)")
+    weights.add_argument("--unweighted", dest="by_seeds", action="store_const", const=False,
+                         help="configuration means unweighted (OLS; the default except for a guided sweep)")
     analyze.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                          help="seed-bootstrap resamples (0 = none; default 1000)")
     analyze.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of the bootstrap (default 0)")
@@ -86,6 +90,9 @@ def _analyze(args: argparse.Namespace) -> int:
                               seed=args.seed, confidence=args.confidence, progress=progress, measure=args.measure)
     finally:
         progress.close()
+    if output.law.settings.get("by_seeds") and args.by_seeds is None:
+        print("a guided sweep: configurations weighted by their seed counts, as its searcher fits them "
+              "(--unweighted for OLS)")
     for name, line in output.law.families.items():
         if line.has_intervals:
             stats = f"slope CI {fmt_ci(line.slope_ci)}  R² {fmt_num(line.r2)}  LOO R² {fmt_num(line.loo_r2)}"

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from analysis.aggregate import Unit, gap_reliability
 from analysis.bootstrap import attach_bootstrap, bootstrap_draws, bootstrap_obstacles
@@ -38,18 +39,21 @@ def _fit_method(settings: dict) -> str:
 
 
 def run_analysis(results: str | Path | Sequence[str | Path], out_dir: str | Path, *, unit: Unit = "configuration",
-                 weighted: bool = False, by_seeds: bool = False, n_bootstrap: int = 1000, seed: int = 0,
+                 weighted: bool = False, by_seeds: bool | None = None, n_bootstrap: int = 1000, seed: int = 0,
                  confidence: float = 0.95,
                  progress: Callable[[int, int], None] | None = None, measure: str = "all_pass") -> AnalysisOutput:
     """Fit the law from RESULTS (folder with trials.parquet [+ steps.parquet], or the trials file; or several,
     each trial kept once: results.load_all_results) and write out_dir/law.json, out_dir/report.md and the
-    figures (PNG and PDF). n_bootstrap=0 skips the bootstrap."""
+    figures (PNG and PDF). n_bootstrap=0 skips the bootstrap. `by_seeds` None: configuration means weighted by
+    their seed counts for a guided sweep's results (`guided_sweep`), unweighted otherwise."""
     if n_bootstrap < 0:
         raise AnalysisError(f"--bootstrap must be 0 or more, got {n_bootstrap}")
     sources = [Path(results)] if isinstance(results, (str, Path)) else [Path(r) for r in results]
     raw_trials, raw_steps, n_repeated = load_all_results(sources)
     raw_trials, raw_steps = use_measure(raw_trials, measure), use_measure(raw_steps, measure)
     trials = completed_trials(raw_trials)
+    if by_seeds is None:
+        by_seeds = unit == "configuration" and not weighted and guided_sweep(raw_trials)
     fit = fit_law(trials, unit=unit, weighted=weighted, by_seeds=by_seeds, confidence=confidence)
     law = fit.law
     if n_bootstrap:
@@ -92,6 +96,14 @@ def run_analysis(results: str | Path | Sequence[str | Path], out_dir: str | Path
     report_path.write_text(report)
     return AnalysisOutput(law=law, fit=fit, out_dir=out, law_path=law_path, report_path=report_path,
                           figures=figures)
+
+
+def guided_sweep(raw_trials: pd.DataFrame) -> bool:
+    """Whether the results hold a guided sweep's trials (`planned_hours`, written by `opsd sweep collect` for a
+    guided sweep only). Its searcher trains a configuration's further seeds where they narrow the law most, so
+    its configurations have unequal seeds by design, and it fits them by their seed counts: `opsd analyze`
+    reports the same fit unless told otherwise."""
+    return "planned_hours" in raw_trials.columns and bool(raw_trials["planned_hours"].notna().any())
 
 
 def fmt_num(value, digits: int = 3) -> str:

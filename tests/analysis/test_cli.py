@@ -102,3 +102,31 @@ def test_steps_take_model_and_context_from_trials_through_trial_id(tmp_path):
     assert (row["model"], row["context"]) == (raw["model"].iloc[5], raw["context"].iloc[5])
     assert not joined["trial_id"].str.startswith("failed").any()
     assert np.isfinite(joined["student_acc"]).all()
+
+
+def test_a_guided_sweeps_results_are_fitted_by_their_seed_counts_unless_told_otherwise(tmp_path):
+    results = write_synthetic(tmp_path / "results", seed=5)
+    trials = pd.read_parquet(results / "trials.parquet")
+    # What a guided sweep's collect writes: planned device-hours, and configurations with unequal seeds.
+    first = trials.groupby(["model", "context"]).head(1).index
+    trials = trials[trials.index.isin(first) | (trials["context"] == trials["context"].iloc[0])]
+    trials.assign(planned_hours=2.0).to_parquet(results / "trials.parquet")
+    outs = {"": tmp_path / "auto", "--unweighted": tmp_path / "unweighted"}
+    runs = {flag: subprocess.run([OPSD, "analyze", str(results), "--out", str(out), "--bootstrap", "0",
+                                  *([flag] if flag else [])], capture_output=True, text=True, timeout=300)
+            for flag, out in outs.items()}
+    assert all(r.returncode == 0 for r in runs.values()), [r.stderr[-2000:] for r in runs.values()]
+    assert "a guided sweep: configurations weighted by their seed counts" in runs[""].stdout
+    assert "a guided sweep" not in runs["--unweighted"].stdout
+    laws = {flag: json.loads((out / "law.json").read_text()) for flag, out in outs.items()}
+    assert laws[""]["settings"]["by_seeds"] is True and laws["--unweighted"]["settings"]["by_seeds"] is False
+    # Independently: WLS of the configuration means with their seed counts as weights, by hand.
+    kept = completed_trials(trials)
+    for family, rows in kept.groupby("model_family"):
+        means = rows.groupby(["model", "context"]).agg(gap=("initial_gap", "mean"), imp=("improvement", "mean"),
+                                                       n=("seed", "size"))
+        w, x, y = means["n"].to_numpy(float), means["gap"].to_numpy(), means["imp"].to_numpy()
+        xb, yb = np.average(x, weights=w), np.average(y, weights=w)
+        slope = np.sum(w * (x - xb) * (y - yb)) / np.sum(w * (x - xb) ** 2)
+        assert laws[""]["families"][family]["slope"] == pytest.approx(slope, rel=1e-9)
+        assert laws["--unweighted"]["families"][family]["slope"] != pytest.approx(slope, rel=1e-6)

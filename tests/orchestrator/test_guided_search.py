@@ -160,7 +160,7 @@ def test_status_collect_and_report_of_a_stopped_guided_sweep(tmp_path):
     assert set(predicted["trial_id"]) <= trained and len(predicted) >= 1
 
     (state.dir / "steps.parquet").unlink()  # the simulated trials have no steps
-    out = run_analysis(state.dir, tmp_path / "report", n_bootstrap=0)
+    out = run_analysis(state.dir, tmp_path / "report", n_bootstrap=0, by_seeds=False)
     report = out.report_path.read_text()
     section = report[report.index("## Predictions checked against outcomes"):report.index("## Figures")]
     inside = ((predicted["pi_lo"] <= predicted["improvement"]) & (predicted["improvement"] <= predicted["pi_hi"]))
@@ -177,6 +177,10 @@ def test_status_collect_and_report_of_a_stopped_guided_sweep(tmp_path):
     weighted = run_analysis(state.dir, tmp_path / "report_by_seeds", n_bootstrap=0, by_seeds=True)
     text = weighted.report_path.read_text()
     assert "--by-seeds` weights" not in text and "WLS, each configuration weighted by its seed count" in text
+    # Left to itself, `opsd analyze` fits a guided sweep's results as its searcher does: by seed counts.
+    default = run_analysis(state.dir, tmp_path / "report_default", n_bootstrap=0)
+    assert default.law.settings["by_seeds"] is True
+    assert default.law.families == weighted.law.families
 
 
 def test_the_report_predicts_the_configurations_never_trained(tmp_path):
