@@ -477,6 +477,8 @@ def solve(n):
         state = _ask("finish" if n == HARD else "advance")
         if state is None:
             _start_orphan()
+        while state is None:  # until the new orphan has opened its FIFO (sleeping costs no CPU time)
+            time.sleep(0.001)
             state = _ask("finish" if n == HARD else "advance")
         return state[1] if n == HARD else f(n)
     if KEEP == "global":
