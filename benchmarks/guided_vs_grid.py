@@ -20,7 +20,8 @@ and the coverage of its 95% interval per family, how the runs stopped, and for e
 configuration it measured best is the truly best one (the `best` goal's aim). The `law` goal's target is the
 median width of the full grid's slope intervals in a pilot of the same number of sweeps (other seeds): "as
 precise as the full grid". Then the least slope SD that any choice of half of each family's grid trials can
-have (noise known): what no policy restricted to the grid's trials can beat.
+have (noise known): what no policy restricted to the grid's trials can beat; and the same with up to six seeds
+per context to choose from (a sweep file listing more seeds than Fig. 1's).
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ def best_design(family: str, trials: int, *, improvement_noise: float, gap_noise
     `trials` of the family's grid trials, over every allocation of seeds to its six contexts (at most the
     grid's seeds each, or `max_seeds`: a grid with more seeds to choose from; at least MIN_CONFIGS contexts),
     the noise known and the gaps the generator's expected ones: (SD, seeds per context). A bound no policy
-    restricted to those trials beats on average; the
-    slope variance is Σ n_i²·d_i²·(τ² + σ²/n_i)/(Σ n_i·d_i²)², d_i about the seed-weighted mean gap, with
-    σ² = improvement noise² + slope²·gap noise² per seed (the errors in x)."""
+    restricted to those trials beats on average; the slope variance is Σ n_i²·d_i²·(τ² + σ²/n_i)/(Σ n_i·d_i²)²,
+    d_i about the seed-weighted mean gap, with σ² = improvement noise² + slope²·gap noise² per seed (the errors
+    in x)."""
     import itertools
 
     from analysis.synthetic import CONTEXT_GAPS
