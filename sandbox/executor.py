@@ -44,7 +44,7 @@ from sandbox import isolation as _isolation
 from sandbox.codec import PlainDataError, decode_value, encode_value
 from sandbox.feedback import as_text
 from sandbox.pool import Pool, Worker, WorkerDied
-from sandbox.wire import STATUSES, WALL_FACTOR, capped
+from sandbox.wire import WALL_FACTOR, capped, known_status
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class Session:
             return outcomes
         outcomes = []
         for i, result in enumerate(results):
-            status = result.get("status") if result.get("status") in STATUSES else "runtime_error"
+            status = known_status(result.get("status"))
             code = result.get("exit_code")
             code = code if type(code) is int else None
             error = _text(result.get("error"))
@@ -272,7 +272,7 @@ class Session:
                                           WALL_FACTOR * shared.timeout_s)
         if reply is None:
             return self._fail(CallOutcome("runtime_error", None, b"", b"", 0.0, "the sandbox worker died during the call"))
-        status = reply.get("status") if reply.get("status") in STATUSES else "runtime_error"
+        status = known_status(reply.get("status"))
         error = _text(reply.get("error"))
         if oom_killed:
             status, error = "memory_limit", _OOM_ERROR
@@ -327,7 +327,7 @@ class Session:
         """The outcome of one call from the worker's result; a program now gone fails the session."""
         wall = _wall(result, self._limits.wall_s)
         self._call_wall_s += wall
-        status = result.get("status") if result.get("status") in STATUSES else "runtime_error"
+        status = known_status(result.get("status"))
         out, err = capped(*blobs, self._limits.output_bytes)
         error, value = _text(result.get("error")), None
         if status == "ok":

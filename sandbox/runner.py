@@ -54,6 +54,7 @@ from sandbox.wire import (
     WALL_FACTOR,
     FrameReader,
     capped,
+    known_status,
     pack_frame,
     read_frame,
     write_all,
@@ -550,7 +551,7 @@ class ForkServer:
         if not prog.alone and shared is None:  # B reaps every process of the call before it reports: never, unless it failed
             return "runtime_error", "the program's processes outlived its call", None, True
         if "status" in final:  # B's own report on the code (it does not compile)
-            status = final["status"] if final["status"] in STATUSES else "runtime_error"
+            status = known_status(final["status"])
             return status, final.get("error"), None, True
         if "ended" in final or answer is None:  # the call's process ended without a whole answer
             code = final.get("ended")
@@ -564,7 +565,7 @@ class ForkServer:
             return status, error, None, True
         if used > timeout:  # answered, but spent more than its time on it
             return "time_limit", None, None, True
-        status = answer.get("status") if answer.get("status") in STATUSES else "runtime_error"
+        status = known_status(answer.get("status"))
         return status, answer.get("error"), answer.get("value"), bool(answer.get("fatal"))
 
     def do_end_test(self, req):

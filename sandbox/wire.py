@@ -18,6 +18,13 @@ MAX_PROGRAM_FRAME = (16 << 20) + (64 << 10)
 # A run or call is stopped at its CPU-time limit; its wall clock only backs that up (a program that waits
 # instead of computing, or whose child processes compute) at this multiple of the limit.
 WALL_FACTOR = 2.0
+
+
+def known_status(status):
+    """A status read from a report that is not trusted: itself if one of STATUSES, else ``runtime_error``."""
+    return status if status in STATUSES else "runtime_error"
+
+
 _FRAME_ENCODER = json.JSONEncoder(separators=(",", ":"))  # (made once: json.dumps with options makes one per call)
 
 
