@@ -223,17 +223,12 @@ class _Call:
                     poller.unregister(fd)
         if state.whole and self.call_w is not None and not exited:
             # Kept for the test's next call: what C wrote before its answer is in the pipes already.
-            for fd, sink in sinks.items():
+            for fd in sinks:
                 os.set_blocking(fd, False)
-                try:
-                    while True:
-                        n = os.readv(fd, [view])
-                        if not n:
-                            break
-                        write_all(sink, view[:n])
-                except BlockingIOError:
-                    pass
-                finally:
+            try:
+                self._drain(sinks)
+            finally:
+                for fd in sinks:
                     os.set_blocking(fd, True)
             return {"done": 1}
         report = {"done": 1}
@@ -262,14 +257,21 @@ class _Call:
     def _end_all(self, sinks):
         _end_all_below(self.pidns)
         self.alive = False
-        # Every writer has ended: what is left in the pipes is all there is.
+        self._drain(sinks)  # every writer has ended: what is left in the pipes is all there is
+
+    def _drain(self, sinks):
+        """Relay what is in each pipe to its sink, until its end (or, on a pipe set non-blocking, until it is
+        empty for now)."""
         view = self.buf.view
         for fd, sink in sinks.items():
-            while True:
-                n = os.readv(fd, [view])
-                if not n:
-                    break
-                write_all(sink, view[:n])
+            try:
+                while True:
+                    n = os.readv(fd, [view])
+                    if not n:
+                        break
+                    write_all(sink, view[:n])
+            except BlockingIOError:
+                pass
 
     def _close(self):
         for fd in (self.pidfd, self.out_r, self.err_r, self.resp_r, self.call_w):
