@@ -51,14 +51,14 @@ def predictions_section(raw_trials: pd.DataFrame, law: Law) -> str | None:
         parts.append(f"A guided sweep: its searcher chose each trial after a screen of every configuration, and "
                      f"stopped: {stopped.iloc[0]}.")
     status = raw_trials["status"].astype(str).str.lower()
-    seeds = raw_trials[status.eq("completed")].groupby(["model", "context"]).size()
+    completed = raw_trials[status.eq("completed")]
+    seeds = completed.groupby(["model", "context"]).size()
     if seeds.nunique() > 1 and not law.settings.get("by_seeds") and not law.settings.get("weighted"):
         parts.append("Its configurations have unequal seeds: the unweighted fit above gives a configuration of one "
                      "seed the weight of one of several, and its intervals then misstate the slope's uncertainty. "
                      "`opsd analyze --by-seeds` weights each configuration by its seeds, as the guided policy "
                      "fits.")
     check = check_predictions(raw_trials, confidence=confidence)
-    completed = raw_trials[status.eq("completed")]
     if check is None:
         parts.append("No trained trial had a prediction before it trained (no line could predict yet).")
     else:
