@@ -344,10 +344,10 @@ def decide(candidates: Sequence[Candidate], outcomes: Mapping[str, Outcome], in_
     # The law goal's interval, as planned from the seed noise (see config_scatter for why not from the fit's
     # own residual variance): the expected width of the completed configurations' interval.
     noise = _noises(families, members, fits) if policy.goal == "law" else {}
-    tau2 = {f: config_scatter(fits[f], [c for c in members[f] if c.done], noise[f], policy.confidence)
-            for f in noise}
-    expected = {f: expected_width([c.x for c in members[f] if c.done], [len(c.done) for c in members[f] if c.done],
-                                  tau2=tau2[f], s2=noise[f][0] if noise[f] else 0.0, confidence=policy.confidence,
+    trained = {f: [c for c in members[f] if c.done] for f in noise}
+    tau2 = {f: config_scatter(fits[f], trained[f], noise[f], policy.confidence) for f in noise}
+    expected = {f: expected_width([c.x for c in trained[f]], [len(c.done) for c in trained[f]], tau2=tau2[f],
+                                  s2=noise[f][0] if noise[f] else 0.0, confidence=policy.confidence,
                                   prior=_prior_slope(_prior_line(prior, f)))
                 for f in noise}
     # Without seed noise, or with none and no scatter (configurations that improved alike, e.g. equal
