@@ -25,6 +25,12 @@ CONTEXT_GAPS = {"none": 0.0, "expert_preamble": 0.04, "feedback": 0.08, "llm_pee
 LAWS = {"qwen3": (-0.003, 0.8), "olmo3": (0.005, 0.6)}  # family: (intercept, slope)
 
 
+def expected_gap(context: str, size: float) -> float:
+    """A configuration's gap before its own draw and the seeds' measurement noise: the context's lift, larger
+    for larger models."""
+    return CONTEXT_GAPS.get(context, 0.1) * (1 + 0.1 * np.log2(size + 1))
+
+
 def make_trials(rng: np.random.Generator, *, models=MODELS, contexts=tuple(CONTEXT_GAPS), n_seeds: int = 3,
                 laws=LAWS, gap_noise: float = 0.01, improvement_noise: float = 0.015,
                 n_failed: int = 1) -> pd.DataFrame:
@@ -36,7 +42,7 @@ def make_trials(rng: np.random.Generator, *, models=MODELS, contexts=tuple(CONTE
         intercept, slope = laws[family]
         base = 0.15 + 0.05 * np.log2(size + 1)  # larger models start stronger
         for context in contexts:
-            true_gap = CONTEXT_GAPS.get(context, 0.1) * (1 + 0.1 * np.log2(size + 1)) + rng.normal(0, 0.01)
+            true_gap = expected_gap(context, size) + rng.normal(0, 0.01)
             for seed in range(n_seeds):
                 student = float(np.clip(base + rng.normal(0, 0.01), 0, 1))
                 gap = true_gap + rng.normal(0, gap_noise)

@@ -41,9 +41,10 @@ from analysis.aggregate import aggregate_configs  # noqa: E402
 from analysis.fit import fit_line  # noqa: E402
 from analysis.guided import Candidate, Outcome, Policy, run_sequential  # noqa: E402
 from analysis.law import MIN_CONFIGS  # noqa: E402
-from analysis.synthetic import LAWS, MODELS, make_trials  # noqa: E402
+from analysis.synthetic import CONTEXT_GAPS, LAWS, MODELS, expected_gap, make_trials  # noqa: E402
 
 FAMILIES = ("qwen3", "olmo3")
+FIG1_MODELS = [m for m in MODELS if m[0] in ("Qwen3-8B", "Olmo-3-7B-Instruct")]  # (model, family, size)
 SEEDS = {"qwen3": 3, "olmo3": 2}  # METHOD.md section 5 / sweeps/paper_fig1.yaml
 
 
@@ -62,8 +63,7 @@ def plan_costs() -> dict[str, float]:
 
 def draw_grid(rng: np.random.Generator, costs: dict[str, float], *, config_scatter: float = 0.0,
               **noise) -> tuple[pd.DataFrame, list[Candidate]]:
-    models = [m for m in MODELS if m[0] in ("Qwen3-8B", "Olmo-3-7B-Instruct")]
-    trials = make_trials(rng, models=models, n_seeds=max(SEEDS.values()), n_failed=0, **noise)
+    trials = make_trials(rng, models=FIG1_MODELS, n_seeds=max(SEEDS.values()), n_failed=0, **noise)
     trials = trials[trials["seed"] < trials["model_family"].map(SEEDS)].reset_index(drop=True)
     # Configurations that miss the law by their own amount (every seed alike): the scatter a fit on
     # configuration means carries in its residual variance, and seeds cannot average away.
@@ -88,10 +88,8 @@ def best_design(family: str, trials: int, *, improvement_noise: float, gap_noise
     in x)."""
     import itertools
 
-    from analysis.synthetic import CONTEXT_GAPS
-
-    size = next(m[2] for m in MODELS if m[1] == family and m[0] in ("Qwen3-8B", "Olmo-3-7B-Instruct"))
-    gaps = np.array([g * (1 + 0.1 * np.log2(size + 1)) for g in CONTEXT_GAPS.values()])
+    size = next(m[2] for m in FIG1_MODELS if m[1] == family)
+    gaps = np.array([expected_gap(context, size) for context in CONTEXT_GAPS])
     sigma2 = improvement_noise ** 2 + LAWS[family][1] ** 2 * gap_noise ** 2
     best = (np.inf, ())
     for n in itertools.product(range((max_seeds or SEEDS[family]) + 1), repeat=len(gaps)):
