@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
           "least at the same trials: " + " / ".join(
               f"{f} {wider[f][0]:.3f} = {wider[f][0] / full[f]:.2f}x the full grid's (seeds per context "
               f"{wider[f][1]})" for f in FAMILIES)
-          + ": even chosen in hindsight, half the hours reach the full grid's precision only with every trial "
-            "at the ends of the gap range and three contexts, one residual degree of freedom.")
+          + ": even chosen in hindsight, half the hours reach the full grid's precision only with all but one "
+            "trial at the two ends of the gap range (three contexts, one residual degree of freedom).")
     if args.by_stop:
         for f in FAMILIES:
             by = results.groupby(["policy", "stop"], sort=False)[f"{f}_cover"].agg(["mean", "count"])
