@@ -23,7 +23,6 @@ import argparse
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,32 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sandbox.executor import Executor, Limits  # noqa: E402
-from sandbox.runner import PRELOAD  # noqa: E402
+from sandbox_throughput import Forker  # noqa: E402
 
 PROGRAM = "from typing import List\n\n\ndef f(xs: List[int]) -> int:\n    return sum(xs)\n"
 _TICKS = os.sysconf("SC_CLK_TCK")
-
-_FLOOR = r"""
-import os, sys, time
-for name in sys.argv[1].split():
-    __import__(name)
-code = compile(sys.argv[2], "<program>", "exec")
-n = int(sys.argv[3])
-t = time.perf_counter()
-c0 = os.times()
-for _ in range(n):
-    pid = os.fork()
-    if pid == 0:
-        g = {"__name__": "__main__"}
-        exec(code, g)
-        g["f"]([1, 2, 3])
-        os._exit(0)
-    os.waitpid(pid, 0)
-c1 = os.times()
-print(time.perf_counter() - t, c1.user + c1.system - c0.user - c0.system,
-      c1.children_user + c1.children_system - c0.children_user - c0.children_system)
-"""
-
 
 def _children(pid: int) -> list[int]:
     try:
@@ -121,9 +98,11 @@ def measure(session, server: int, b: int, n: int, shared: bool) -> dict:
 
 
 def floor(n: int) -> dict:
-    done = subprocess.run([sys.executable, "-I", "-S", "-c", _FLOOR, " ".join(PRELOAD), PROGRAM, str(n)],
-                          capture_output=True, text=True, check=True)
-    wall, parent, child = (float(x) for x in done.stdout.split())
+    forker = Forker(PROGRAM + "\nf([1, 2, 3])\n")  # each child defines the function and calls it
+    try:
+        wall, parent, child = forker.fork(n)
+    finally:
+        forker.close()
     return {"wall": wall * 1000 / n, "C": child * 1000 / n, "B": parent * 1000 / n, "server": 0.0, "trusted": 0.0}
 
 
