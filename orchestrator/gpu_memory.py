@@ -21,8 +21,8 @@ What each part is, and where its formula comes from:
   `teacher.offload` the weights live on the host too; they come to the GPU for each teacher forward, and a
   copy of the LM head for the fused loss.
 - **vLLM** (rank 0, and every rank with `rollout.engines: every_rank`): its share is `gpu_memory_utilization x`
-  the GPU's memory (vllm/v1/worker/utils.py, `request_memory`). Inside it: the weights in model.dtype, its profiling run's working memory (the larger of
-  a forward of `max_num_batched_tokens` tokens and a sampler pass over `max_num_seqs` rows of V logits: vLLM's
+  the GPU's memory (vllm/v1/worker/utils.py, `request_memory`). Inside it: the weights in model.dtype, its
+  profiling run's working memory (the larger of a forward of `max_num_batched_tokens` tokens and a sampler pass over `max_num_seqs` rows of V logits: vLLM's
   defaults for the LLM class, 16,384 and 1,024 on GPUs of 70 GiB and more, else 8,192 and 256,
   vllm/engine/arg_utils.py), and the KV cache in the rest. One sequence of `max_model_len` tokens
   (the longest prompt, student or teacher, plus the longest response, capped at the model's

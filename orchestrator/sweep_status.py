@@ -213,8 +213,8 @@ _STYLE = {"completed": "green", "running": "cyan", "retrying": "yellow", "failed
           "interrupted": "magenta", "skipped": "dim"}
 # Phases as the table shows them (trainer/records.py `Progress` names them); at most 11 characters.
 _PHASES = {"setup": "setup", "resume": "resume", "initial_eval": "eval", "rollout": "rollout", "sandbox": "grading",
-           "teacher_context": "contexts", "rollout_gather": "gather", "old_logps": "old logps", "teacher_forward": "teacher fwd",
-           "student_forward_backward": "student f+b", "optimizer": "optimizer", "weight_push": "weight push",
+           "teacher_context": "contexts", "rollout_gather": "gather", "old_logps": "old logps",
+           "teacher_forward": "teacher fwd", "student_forward_backward": "student f+b", "optimizer": "optimizer", "weight_push": "weight push",
            "ema_update": "ema update", "eval": "eval", "checkpoint": "checkpoint", "starting": "starting"}
 # Columns from the first to go when the terminal is narrow to the last; trial and state always stay.
 _DROP_ORDER = ("node", "kl", "teacher", "loss", "time", "student", "phase", "gap", "left", "step")
