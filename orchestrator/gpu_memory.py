@@ -22,15 +22,15 @@ What each part is, and where its formula comes from:
   copy of the LM head for the fused loss.
 - **vLLM** (rank 0, and every rank with `rollout.engines: every_rank`): its share is `gpu_memory_utilization x`
   the GPU's memory (vllm/v1/worker/utils.py, `request_memory`). Inside it: the weights in model.dtype, its
-  profiling run's working memory (the larger of a forward of `max_num_batched_tokens` tokens and a sampler pass over `max_num_seqs` rows of V logits: vLLM's
-  defaults for the LLM class, 16,384 and 1,024 on GPUs of 70 GiB and more, else 8,192 and 256,
-  vllm/engine/arg_utils.py), and the KV cache in the rest. One sequence of `max_model_len` tokens
-  (the longest prompt, student or teacher, plus the longest response, capped at the model's
-  `max_position_embeddings`, as trainer/runtime.py asks) needs `2 x kv_heads x head_dim x dtype bytes`
+  profiling run's working memory (the larger of a forward of `max_num_batched_tokens` tokens and a sampler pass
+  over `max_num_seqs` rows of V logits: vLLM's defaults for the LLM class, 16,384 and 1,024 on GPUs of 70 GiB and
+  more, else 8,192 and 256, vllm/engine/arg_utils.py), and the KV cache in the rest. One sequence of
+  `max_model_len` tokens (the longest prompt, student or teacher, plus the longest response, capped at the
+  model's `max_position_embeddings`, as trainer/runtime.py asks) needs `2 x kv_heads x head_dim x dtype bytes`
   per token in every full-attention layer, and in a sliding-window layer at most
   `window - 1 + max_num_batched_tokens` tokens (vllm/v1/kv_cache_interface.py); the engine refuses to start
-  when its cache cannot hold one. Asleep (`rollout.sleep_between_phases`) it keeps its process's CUDA
-  context and, counted here, its working memory.
+  when its cache cannot hold one. Asleep (`rollout.sleep_between_phases`) it keeps its process's CUDA context
+  and, counted here, its working memory.
 - **Activations** of one micro-batch of `optim.micro_batch_size` rows at the longest response, after the
   longest prompt. Per decoder layer and token the forward keeps (model.dtype) its input, two norm outputs,
   q/k/v, the q/k norms' and rotary outputs, the attention output, o_proj's output, the residual, the MLP's
