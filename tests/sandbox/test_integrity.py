@@ -87,10 +87,12 @@ def test_no_other_programs_source_input_or_arguments_in_a_programs_memory(ex):
 # --------------------------------------------------------------------------------------- the future, time pooling
 def _calibrated(ex, hard: int) -> float:
     """A time limit the honest solution misses on ``hard`` by a wide margin (0.6 of its CPU time here): its
-    fastest of three runs, since a run slowed by another process would set a limit the honest solution meets."""
+    fastest of five runs, since a run slowed by another process would set a limit the honest solution meets (on
+    two shared cores the CPU time of the same work varies by up to 1.5 times; three runs once all came out slow
+    enough in a full suite that the honest solution met 0.6 of their fastest)."""
     timed = A.HONEST_F + "import time\ndef cpu(n):\n    t = time.process_time()\n    f(n)\n    return time.process_time() - t\n"
     with ex.session(timed) as s:
-        took = [s.call("cpu", [hard], timeout_s=30) for _ in range(3)]
+        took = [s.call("cpu", [hard], timeout_s=30) for _ in range(5)]
     assert all(t.status == "ok" for t in took), took
     return min(t.value for t in took) * 0.6
 
